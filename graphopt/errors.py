@@ -1,0 +1,54 @@
+"""Every error graphopt raises: one base class, one subclass per kind of failure.
+
+Each message says what failed, where (pass, node, user source line) and what to do next.
+"""
+from __future__ import annotations
+
+
+class GraphoptError(Exception):
+    """Base class of all graphopt errors."""
+
+
+class CaptureError(GraphoptError):
+    """The model could not be captured into a canonical FX graph."""
+
+
+class InputError(GraphoptError):
+    """Example inputs are missing, of the wrong type, or do not fit the model."""
+
+
+class PipelineError(GraphoptError):
+    """A pipeline names an unknown pass, option or preset, or breaks an ordering constraint."""
+
+
+class OptionError(PipelineError):
+    """A pass option is unknown or has a value of the wrong type."""
+
+
+class PassError(GraphoptError):
+    """A pass raised, left an invalid graph, or broke the rules passes must follow."""
+
+    def __init__(self, message: str, *, pass_name: str | None = None):
+        super().__init__(message)
+        self.pass_name = pass_name
+
+
+class VerificationError(GraphoptError):
+    """A transformed graph does not keep its pass's contract (outputs diverge)."""
+
+    def __init__(self, message: str, *, pass_name: str | None = None, verdict=None):
+        super().__init__(message)
+        self.pass_name = pass_name
+        self.verdict = verdict
+
+
+class LoweringError(GraphoptError):
+    """A graph could not be lowered to, or does not run correctly in, a backend."""
+
+
+class UnknownBackendError(LoweringError):
+    """No backend is registered under the requested name."""
+
+
+class ModelLoadError(GraphoptError):
+    """A model reference or a saved file could not be loaded (missing, corrupted or untrusted)."""

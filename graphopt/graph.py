@@ -1,0 +1,135 @@
+"""Small helpers over torch.fx graph modules shared by capture, passes and backends.
+
+Metadata conventions on canonical graphs:
+
+- ``node.meta["tensor_meta"]``: torch.fx ``TensorMetadata`` (shape, dtype, stride, ...) from
+  :func:`propagate_shapes`, or a tuple/list of them for multi-output nodes.
+- ``node.meta["provenance"]``: where the value came from in the user's model, as a string: the
+  module path for inlined layers (``"layer1.0.conv1"``), else the original node name. Rewrites
+  keep it with :func:`copy_provenance`.
+- ``node.meta["stack_trace"]``: the user's source line, recorded by capture.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Iterable
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+
+from .errors import InputError
+
+
+def as_input_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
+    """Normalize example inputs: a tensor becomes a 1-tuple; lists become tuples."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (list, tuple)):
+        return tuple(example_inputs)
+    raise InputError(
+        f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}; "
+        "pass e.g. (torch.randn(1, 3, 224, 224),)"
+    )
+
+
+def propagate_shapes(gm: fx.GraphModule, example_inputs: Iterable[Any]) -> None:
+    """Run ``gm`` once on ``example_inputs`` and record ``tensor_meta`` on every node."""
+    with torch.no_grad():
+        ShapeProp(gm).propagate(*as_input_tuple(tuple(example_inputs)))
+
+
+def tensor_meta(node: fx.Node) -> TensorMetadata | None:
+    """Shape/dtype metadata of a single-tensor node, or None when unknown."""
+    tm = node.meta.get("tensor_meta")
+    return tm if isinstance(tm, TensorMetadata) else None
+
+
+def shape_of(node: fx.Node) -> torch.Size | None:
+    tm = tensor_meta(node)
+    return tm.shape if tm is not None else None
+
+
+def copy_provenance(dst: fx.Node, src: fx.Node) -> None:
+    """Give ``dst`` the provenance and source line of ``src`` (for nodes a rewrite creates)."""
+    for key in ("provenance", "stack_trace", "nn_module_stack"):
+        if key in src.meta and key not in dst.meta:
+            dst.meta[key] = src.meta[key]
+
+
+def provenance(node: fx.Node) -> str:
+    return str(node.meta.get("provenance", node.name))
+
+
+def source_line(node: fx.Node) -> str | None:
+    """The user's source line ``file:line`` (last frame of the stack trace), if recorded."""
+    trace = node.meta.get("stack_trace")
+    if not trace:
+        return None
+    frames = re.findall(r'File "([^"]+)", line (\d+)', trace)
+    if not frames:
+        return None
+    file, line = frames[-1]
+    return f"{file}:{line}"
+
+
+def get_attr_value(gm: fx.GraphModule, node_or_target: fx.Node | str) -> Any:
+    """The object a ``get_attr`` node (or dotted target) refers to."""
+    target = node_or_target.target if isinstance(node_or_target, fx.Node) else node_or_target
+    obj: Any = gm
+    for part in str(target).split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def unique_attr_name(gm: fx.GraphModule, hint: str) -> str:
+    """A free attribute name on ``gm`` derived from ``hint`` (dots become underscores)."""
+    base = re.sub(r"[^0-9a-zA-Z_]", "_", hint) or "const"
+    if base[0].isdigit():
+        base = "_" + base
+    name, i = base, 1
+    while hasattr(gm, name):
+        name = f"{base}_{i}"
+        i += 1
+    return name
+
+
+def add_constant(gm: fx.GraphModule, hint: str, value: torch.Tensor) -> str:
+    """Register ``value`` as a (non-trainable) buffer of ``gm``; returns its attribute name."""
+    name = unique_attr_name(gm, hint)
+    gm.register_buffer(name, value.detach())
+    return name
+
+
+def add_parameter(gm: fx.GraphModule, hint: str, value: torch.Tensor, requires_grad: bool = True) -> str:
+    """Register ``value`` as a parameter of ``gm``; returns its attribute name."""
+    name = unique_attr_name(gm, hint)
+    gm.register_parameter(name, torch.nn.Parameter(value.detach(), requires_grad=requires_grad))
+    return name
+
+
+def param_bytes(module: torch.nn.Module) -> int:
+    """Bytes held by the module's parameters and buffers (each storage counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        key = t.untyped_storage().data_ptr() if t.numel() else id(t)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.numel() * t.element_size()
+    return total
+
+
+def count_nodes(gm: fx.GraphModule) -> int:
+    """Nodes that compute something (placeholders, get_attr and output excluded)."""
+    return sum(1 for n in gm.graph.nodes if n.op in ("call_function", "call_method", "call_module"))
+
+
+def attr_users(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
+    """Map attribute target -> the get_attr nodes reading it (more than one means sharing)."""
+    out: dict[str, list[fx.Node]] = {}
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            out.setdefault(str(n.target), []).append(n)
+    return out
