@@ -1,8 +1,63 @@
 """graphopt: capture a PyTorch model into canonical torch.fx, optimize it with verified passes,
-lower it to TorchScript mobile (.ptl) or ONNX."""
+lower it to TorchScript mobile (.ptl) or ONNX.
+
+    import graphopt
+    result = graphopt.optimize(model, (torch.randn(1, 3, 224, 224),), pipeline="mobile-fp32")
+    print(result.report)
+    graphopt.lower(result.module, example_inputs, backend="onnx", path="model.onnx")
+"""
 from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from . import errors, graph, ops
 from .errors import *  # noqa: F401,F403
+from .pass_infra import (
+    Contract,
+    Exact,
+    Invocation,
+    Lossy,
+    Pass,
+    PassContext,
+    available_passes,
+    available_presets,
+    get_pass,
+    register_pass,
+    register_preset,
+    unregister_pass,
+)
+from .pass_manager import Hook, PassManager, PassRecord, PrintGraph, Report, Result, Timing, bisect, optimize
 
 __version__ = "0.1.0"
+
+# Imported on first use: they pull in exporters/runtimes a pass author does not need.
+_LAZY = {
+    "capture": ("graphopt.capture", "capture"),
+    "verify": ("graphopt.verify", None),
+    "lower": ("graphopt.lowering", "lower"),
+    "register_backend": ("graphopt.lowering", "register_backend"),
+    "available_backends": ("graphopt.lowering", "available_backends"),
+    "Backend": ("graphopt.lowering", "Backend"),
+    "Artifact": ("graphopt.lowering", "Artifact"),
+    "examples": ("graphopt.examples", None),
+    "testing": ("graphopt.testing", None),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'graphopt' has no attribute {name!r}")
+    module_name, attr = _LAZY[name]
+    module = importlib.import_module(module_name)
+    value = module if attr is None else getattr(module, attr)
+    globals()[name] = value
+    return value
+
+
+__all__ = [
+    "Contract", "Exact", "Lossy", "Pass", "PassContext", "Invocation", "PassManager", "PassRecord",
+    "Report", "Result", "Hook", "PrintGraph", "Timing", "available_passes", "available_presets",
+    "get_pass", "register_pass", "register_preset", "unregister_pass", "optimize", "bisect",
+    *_LAZY,
+]

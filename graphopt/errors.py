@@ -52,3 +52,27 @@ class UnknownBackendError(LoweringError):
 
 class ModelLoadError(GraphoptError):
     """A model reference or a saved file could not be loaded (missing, corrupted or untrusted)."""
+
+
+class ModelRunError(GraphoptError):
+    """A model, graph or runtime session raised, or returned something that is not tensors,
+    while graphopt ran it on an input (verification, calibration)."""
+
+
+class PropertyTestError(GraphoptError):
+    """The testing kit (graphopt.testing) was asked for something it cannot do: an unknown op
+    kind or profile, impossible strategy bounds, or case code that does not define a model."""
+
+
+class UnsupportedNodesError(LoweringError):
+    """A backend cannot take some nodes of the graph. ``nodes`` lists them
+    (``graphopt.lowering.OffendingNode``: node name, op, user source line, reason)."""
+
+    def __init__(self, message: str, *, nodes=()):
+        super().__init__(message)
+        self.nodes = list(nodes)
+
+
+class QuantizationError(GraphoptError):
+    """Quantization could not be done as asked: bad calibration data (NaN/inf, none at all, wrong
+    arity), an unknown configuration, or a quantized graph that breaks a backend's rules."""

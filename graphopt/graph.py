@@ -11,6 +11,8 @@ Metadata conventions on canonical graphs:
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 from typing import Any, Iterable
 
@@ -33,10 +35,25 @@ def as_input_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
     )
 
 
+@contextlib.contextmanager
+def preserved_state(module: torch.nn.Module):
+    """Run code that calls ``module`` without keeping the buffer updates it makes (running
+    statistics, counters): analysis and verification runs must not change the model."""
+    saved = [(b, b.detach().clone()) for b in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buf, value in saved:
+                if not torch.equal(buf, value):
+                    buf.copy_(value)
+
+
 def propagate_shapes(gm: fx.GraphModule, example_inputs: Iterable[Any]) -> None:
     """Run ``gm`` once on ``example_inputs`` and record ``tensor_meta`` on every node."""
-    with torch.no_grad():
-        ShapeProp(gm).propagate(*as_input_tuple(tuple(example_inputs)))
+    inputs = as_input_tuple(tuple(example_inputs))
+    with torch.no_grad(), preserved_state(gm):
+        ShapeProp(gm).propagate(*[t.clone() if isinstance(t, torch.Tensor) else t for t in inputs])
 
 
 def tensor_meta(node: fx.Node) -> TensorMetadata | None:
@@ -61,15 +78,21 @@ def provenance(node: fx.Node) -> str:
     return str(node.meta.get("provenance", node.name))
 
 
+_LIBRARY_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
+
+
 def source_line(node: fx.Node) -> str | None:
     """The user's source line ``file:line`` (last frame of the stack trace), if recorded."""
     trace = node.meta.get("stack_trace")
     if not trace:
         return None
     frames = re.findall(r'File "([^"]+)", line (\d+)', trace)
-    if not frames:
+    # the recorded trace ends in torch's own frames (fx proxies); the user's line is the last
+    # frame outside torch and graphopt
+    user = [(f, l) for f, l in frames if not f.startswith(_LIBRARY_DIRS)]
+    if not user:
         return None
-    file, line = frames[-1]
+    file, line = user[-1]
     return f"{file}:{line}"
 
 

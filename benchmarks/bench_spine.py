@@ -1,0 +1,124 @@
+"""Spine scaling: capture + canonicalize + dead-code elimination + final verification on deep
+synthetic models, against bare ``torch.fx.symbolic_trace`` of the same model in the same process.
+
+    python -m benchmarks.bench_spine [--quick] [--sizes 2000,20000,50000]
+
+Each size runs in its own subprocess so peak memory (max RSS) is that size's alone. Reported:
+nodes, symbolic_trace seconds, capture seconds and their ratio, pipeline seconds (capture
+included), peak RSS growth during capture+pipeline, parameter bytes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn as nn
+
+
+class Block(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x))) + x
+
+
+def deep_model(blocks: int, channels: int = 4) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(*[Block(channels) for _ in range(blocks)]).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+            if isinstance(m, nn.Conv2d):
+                m.weight.mul_(0.3)
+    return model
+
+
+def _rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measure_one(target_nodes: int) -> dict:
+    import graphopt
+    from graphopt import graph as G
+
+    sys.setrecursionlimit(max(10000, 4 * target_nodes))
+    blocks = max(1, target_nodes // 4)  # conv, bn, relu, add per block
+    model = deep_model(blocks)
+    x = (torch.randn(1, 4, 4, 4),)
+    t0 = time.perf_counter()
+    traced = torch.fx.symbolic_trace(model)
+    t_trace = time.perf_counter() - t0
+    del traced
+    rss0 = _rss_bytes()
+    t0 = time.perf_counter()
+    gm = graphopt.capture(model, x)
+    t_capture = time.perf_counter() - t0
+    nodes = len(gm.graph.nodes)
+    t1 = time.perf_counter()
+    result = graphopt.PassManager("canonicalize,eliminate-dead-code", verify="final").run(gm, x)
+    t_pipeline = time.perf_counter() - t1
+    peak = _rss_bytes() - rss0
+    assert result.report.final_verdict.ok, result.report.final_verdict
+    return {
+        "target_nodes": target_nodes, "nodes": nodes, "compute_nodes": G.count_nodes(gm),
+        "symbolic_trace_s": t_trace, "capture_s": t_capture, "capture_vs_trace": t_capture / t_trace,
+        "pipeline_s": t_pipeline, "total_s": t_capture + t_pipeline,
+        "param_bytes": G.param_bytes(gm), "peak_rss_growth_bytes": peak,
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="small sizes only (CI)")
+    ap.add_argument("--sizes", default=None)
+    ap.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args(argv)
+    if args.one is not None:
+        print(json.dumps(measure_one(args.one)))
+        return 0
+    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else ([500, 2000] if args.quick else [2000, 20000, 50000])
+    rows = []
+    for n in sizes:
+        out = subprocess.run([sys.executable, "-m", "benchmarks.bench_spine", "--one", str(n)],
+                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if out.returncode != 0:
+            rows.append({"target_nodes": n, "error": out.stderr.strip().splitlines()[-1:]})
+            continue
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    base = next((r for r in rows if "total_s" in r), None)
+    lines = ["| nodes | symbolic_trace s | capture s | capture/trace | pipeline s | total s | total vs smallest | peak RSS growth | param bytes |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['target_nodes']} | failed: {r['error']} |")
+            continue
+        lines.append(
+            f"| {r['nodes']} | {r['symbolic_trace_s']:.2f} | {r['capture_s']:.2f} | {r['capture_vs_trace']:.2f}x | "
+            f"{r['pipeline_s']:.2f} | {r['total_s']:.2f} | {r['total_s'] / base['total_s']:.1f}x | "
+            f"{r['peak_rss_growth_bytes'] / 2**20:.0f} MiB | {r['param_bytes'] / 2**20:.2f} MiB |")
+    table = "\n".join(lines)
+    print(table)
+    os.makedirs(args.out, exist_ok=True)
+    name = "spine_quick" if args.quick else "spine"
+    with open(os.path.join(args.out, f"{name}.json"), "w") as f:
+        json.dump({"rows": rows, "torch": torch.__version__}, f, indent=2)
+    with open(os.path.join(args.out, f"{name}.md"), "w") as f:
+        f.write(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

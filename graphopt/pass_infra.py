@@ -1,0 +1,562 @@
+"""Pass infrastructure: contracts, pass definitions, options, the registry and pipelines.
+
+A pass is a named transformation of a canonical ``fx.GraphModule`` with a declared contract::
+
+    @graphopt.register_pass("fold-mul-one", contract=graphopt.Exact())
+    def fold_mul_one(gm, ctx, *, keep_last: bool = False) -> int:
+        '''Replace ``x * 1`` by ``x``.'''
+        ...
+        return rewrites
+
+Options are the keyword-only parameters of the function (or the dataclass fields of a class
+pass with a ``run(self, gm, ctx)`` method); pipeline strings set them by name.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import math
+import re
+import typing
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+
+from .errors import OptionError, PipelineError
+
+# --------------------------------------------------------------------------- contracts
+
+
+class Contract:
+    """What equivalence a pass keeps between the graph before and after it."""
+
+    lossy: bool = False
+
+    def check(self, verdict) -> str | None:
+        """Reason the verdict breaks the contract, or None if it holds."""
+        raise NotImplementedError
+
+    def tolerance(self, dtype: torch.dtype):
+        from . import verify
+
+        return verify.Tolerance.for_dtype(dtype)
+
+
+@dataclass(frozen=True)
+class Exact(Contract):
+    """Same outputs up to floating-point reassociation.
+
+    ``rtol``/``atol`` override the per-dtype defaults of ``graphopt.verify.Tolerance.for_dtype``
+    (the rule is ``|a - b| <= atol + rtol * max|ref|`` per output).
+    """
+
+    rtol: float | None = None
+    atol: float | None = None
+
+    def tolerance(self, dtype: torch.dtype):
+        from . import verify
+
+        if self.rtol is None and self.atol is None:
+            return None  # each output gets the default of its own dtype
+        base = verify.Tolerance.for_dtype(dtype)
+        return verify.Tolerance(
+            rtol=base.rtol if self.rtol is None else self.rtol,
+            atol=base.atol if self.atol is None else self.atol,
+        )
+
+    def check(self, verdict) -> str | None:
+        return None if verdict.ok else (verdict.reason or "outputs differ beyond tolerance")
+
+    def __str__(self) -> str:
+        return "exact"
+
+
+@dataclass(frozen=True)
+class Lossy(Contract):
+    """Outputs may change within a budget.
+
+    ``min_sqnr_db``: signal-to-quantization-noise ratio of every output against the graph
+    before the pass; ``max_rel_error``: max |a-b| / max|ref| per output. Unset figures are not
+    checked. Shapes and dtypes must still match.
+    """
+
+    min_sqnr_db: float | None = 20.0
+    max_rel_error: float | None = None
+    lossy: bool = dataclasses.field(default=True, init=False)
+
+    def tolerance(self, dtype: torch.dtype):
+        from . import verify
+
+        return verify.Tolerance(rtol=math.inf, atol=math.inf)
+
+    def check(self, verdict) -> str | None:
+        if not verdict.ok:  # with an infinite tolerance only shape, NaN/inf or crashes fail
+            return verdict.reason
+        for out in verdict.outputs:
+            if self.min_sqnr_db is not None and out.sqnr_db < self.min_sqnr_db:
+                return f"output {out.index}: SQNR {out.sqnr_db:.1f} dB < budget {self.min_sqnr_db} dB"
+            if self.max_rel_error is not None and out.max_rel > self.max_rel_error:
+                return f"output {out.index}: relative error {out.max_rel:.3g} > budget {self.max_rel_error}"
+        return None
+
+    def __str__(self) -> str:
+        parts = []
+        if self.min_sqnr_db is not None:
+            parts.append(f"sqnr>={self.min_sqnr_db:g}dB")
+        if self.max_rel_error is not None:
+            parts.append(f"rel<={self.max_rel_error:g}")
+        return "lossy(" + ",".join(parts) + ")"
+
+
+# --------------------------------------------------------------------------- options
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    type: Any
+    default: Any
+    doc: str = ""
+
+    def parse(self, text: str, pass_name: str) -> Any:
+        """Convert a pipeline-string value to the option's type."""
+        return _convert(text, self.type, self.default, f"{pass_name}{{{self.name}=...}}")
+
+    def coerce(self, value: Any, pass_name: str) -> Any:
+        if isinstance(value, str) and self.type is not str and not _accepts_str(self.type):
+            return self.parse(value, pass_name)
+        return value
+
+
+def _accepts_str(tp: Any) -> bool:
+    if tp is str or tp is Any:
+        return True
+    return str in typing.get_args(tp) or any(
+        typing.get_origin(a) is typing.Literal for a in typing.get_args(tp)
+    ) or typing.get_origin(tp) is typing.Literal
+
+
+def _convert(text: str, tp: Any, default: Any, where: str) -> Any:
+    text = text.strip()
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any or tp is inspect.Parameter.empty:
+        tp = type(default) if default is not None else str
+        origin, args = None, ()
+    if origin is typing.Literal:
+        if text in [str(a) for a in args]:
+            return next(a for a in args if str(a) == text)
+        raise OptionError(f"{where}: {text!r} is not one of {', '.join(map(str, args))}")
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if text.lower() in ("none", "null") and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(text, a, default, where)
+            except OptionError as e:
+                errors.append(str(e))
+        raise OptionError(errors[0] if errors else f"{where}: cannot parse {text!r}")
+    if origin in (tuple, list) or tp in (tuple, list):
+        inner = args[0] if args else str
+        body = text[1:-1] if text[:1] in "[(" and text[-1:] in "])" else text
+        items = [s for s in re.split(r"[;|]|,(?![^\[]*\])", body) if s.strip()] if body else []
+        return tuple(_convert(s, inner, None, where) for s in items)
+    if tp is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise OptionError(f"{where}: expected true or false, got {text!r}")
+    if tp in (int, float):
+        try:
+            return tp(text) if tp is float or not re.fullmatch(r"-?\d+\.0*", text) else int(float(text))
+        except ValueError:
+            raise OptionError(f"{where}: expected {tp.__name__}, got {text!r}") from None
+    if tp is str:
+        return text.strip("'\"")
+    raise OptionError(f"{where}: options of type {tp} cannot be set from a pipeline string; pass it from Python")
+
+
+# --------------------------------------------------------------------------- passes
+
+
+@dataclass
+class Pass:
+    """A registered pass: a callable plus its name, contract, options and constraints."""
+
+    name: str
+    fn: Callable[..., int]
+    contract: Contract
+    options: dict[str, Option]
+    after: tuple[str, ...] = ()
+    before: tuple[str, ...] = ()
+    idempotent: bool = True
+    doc: str = ""
+    is_class: bool = False
+
+    @property
+    def summary(self) -> str:
+        return self.doc.strip().splitlines()[0] if self.doc.strip() else ""
+
+    def resolve_options(self, given: dict[str, Any]) -> dict[str, Any]:
+        """Defaults overlaid with ``given``; unknown names are errors with suggestions."""
+        out = {n: o.default for n, o in self.options.items()}
+        for key, value in given.items():
+            if key not in self.options:
+                hint = difflib.get_close_matches(key, list(self.options), n=1)
+                known = ", ".join(self.options) or "none"
+                raise OptionError(
+                    f"pass {self.name!r} has no option {key!r}"
+                    + (f"; did you mean {hint[0]!r}?" if hint else "")
+                    + f" (its options: {known})"
+                )
+            out[key] = self.options[key].coerce(value, self.name)
+        return out
+
+    def __call__(self, gm: fx.GraphModule, ctx: "PassContext") -> int:
+        options = ctx.options
+        if self.is_class:
+            result = self.fn(**options).run(gm, ctx)
+        else:
+            result = self.fn(gm, ctx, **options)
+        return int(result or 0)
+
+
+@dataclass
+class Invocation:
+    """One element of a pipeline: a pass with its options."""
+
+    pass_: Pass
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.pass_.name
+
+    def __str__(self) -> str:
+        changed = {k: v for k, v in self.options.items() if v != self.pass_.options[k].default}
+        if not changed:
+            return self.name
+        return self.name + "{" + ",".join(f"{k}={v}" for k, v in changed.items()) + "}"
+
+
+class RewriteBudget:
+    """Counts rewrites across a whole pipeline run; limits them for bisection."""
+
+    def __init__(self, limit: int | None = None):
+        self.limit = limit
+        self.granted: list[tuple[str, str]] = []  # (pass name, description)
+
+    def take(self, pass_name: str, where: str) -> bool:
+        if self.limit is not None and len(self.granted) >= self.limit:
+            return False
+        self.granted.append((pass_name, where))
+        return True
+
+
+@dataclass
+class PassContext:
+    """What a pass sees besides the graph: options, inputs, budget, and a place to report."""
+
+    pass_name: str
+    options: dict[str, Any]
+    example_inputs: tuple[Any, ...]
+    calibration_data: Iterable[Any] | None = None
+    budget: RewriteBudget = field(default_factory=RewriteBudget)
+    declines: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    figures: dict[str, Any] = field(default_factory=dict)
+    analyses: dict[str, Any] = field(default_factory=dict)
+    rewrites_granted: int = 0
+
+    def may_rewrite(self, where: str = "") -> bool:
+        """Ask before each rewrite; False means skip it (the budget used by bisection ran out)."""
+        if self.budget.take(self.pass_name, where):
+            self.rewrites_granted += 1
+            return True
+        return False
+
+    def decline(self, node: fx.Node | str, reason: str) -> None:
+        """Record why a candidate at ``node`` was not rewritten (shown in the report)."""
+        self.declines.append((node.name if isinstance(node, fx.Node) else str(node), reason))
+
+    def note(self, message: str) -> None:
+        self.notes.append(message)
+
+    def record(self, key: str, value: Any) -> None:
+        self.figures[key] = value
+
+
+# --------------------------------------------------------------------------- registry
+
+_PASSES: dict[str, Pass] = {}
+_PRESETS: dict[str, str] = {}
+_DISCOVERED = False
+ENTRY_POINT_GROUP = "graphopt.passes"
+
+
+def _options_from_function(fn: Callable) -> dict[str, Option]:
+    sig = inspect.signature(fn)
+    hints = typing.get_type_hints(fn) if fn.__annotations__ else {}
+    opts = {}
+    for p in sig.parameters.values():
+        if p.kind is inspect.Parameter.KEYWORD_ONLY:
+            if p.default is inspect.Parameter.empty:
+                raise TypeError(f"option {p.name!r} of pass {fn.__name__} needs a default value")
+            opts[p.name] = Option(p.name, hints.get(p.name, type(p.default)), p.default)
+    return opts
+
+
+def _options_from_class(cls: type) -> dict[str, Option]:
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"class pass {cls.__name__} must be a dataclass (its fields are its options)")
+    hints = typing.get_type_hints(cls)
+    opts = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            raise TypeError(f"option {f.name!r} of pass {cls.__name__} needs a default value")
+        opts[f.name] = Option(f.name, hints.get(f.name, type(default)), default, f.metadata.get("doc", ""))
+    return opts
+
+
+def register_pass(
+    name: str,
+    *,
+    contract: Contract | None = None,
+    after: Sequence[str] = (),
+    before: Sequence[str] = (),
+    idempotent: bool = True,
+    replace: bool = False,
+):
+    """Decorator registering a function ``fn(gm, ctx, *, **options) -> int`` or a dataclass with
+    ``run(self, gm, ctx) -> int`` as pass ``name``.
+
+    ``after``/``before`` declare ordering constraints checked against every pipeline.
+    ``idempotent=True`` says a second run finds nothing left to do.
+    """
+    if not re.fullmatch(r"[a-z][a-z0-9]*(-[a-z0-9]+)*", name):
+        raise PipelineError(f"pass name {name!r} must be kebab-case (lowercase words joined by '-')")
+
+    def decorate(obj):
+        is_class = inspect.isclass(obj)
+        if is_class and not hasattr(obj, "run"):
+            raise TypeError(f"class pass {obj.__name__} needs a run(self, gm, ctx) method")
+        opts = _options_from_class(obj) if is_class else _options_from_function(obj)
+        if name in _PASSES and not replace and _PASSES[name].fn is not obj:
+            raise PipelineError(
+                f"a pass named {name!r} is already registered ({_PASSES[name].fn.__module__}); "
+                "choose another name or pass replace=True"
+            )
+        _PASSES[name] = Pass(
+            name=name,
+            fn=obj,
+            contract=contract or Exact(),
+            options=opts,
+            after=tuple(after),
+            before=tuple(before),
+            idempotent=idempotent,
+            doc=inspect.getdoc(obj) or "",
+            is_class=is_class,
+        )
+        return obj
+
+    return decorate
+
+
+def unregister_pass(name: str) -> None:
+    _PASSES.pop(name, None)
+
+
+def register_preset(name: str, pipeline: str) -> None:
+    """Name a pipeline string so it can be used wherever a pass name can."""
+    _PRESETS[name] = pipeline
+
+
+def _discover() -> None:
+    """Import the built-in passes and every entry point in group ``graphopt.passes`` once."""
+    global _DISCOVERED
+    if _DISCOVERED:
+        return
+    _DISCOVERED = True
+    import graphopt.passes  # noqa: F401  (registers the built-ins)
+
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            ep.load()
+        except Exception as exc:  # a broken plug-in must not take graphopt down
+            import warnings
+
+            warnings.warn(f"graphopt: could not load pass plug-in {ep.name!r} ({ep.value}): {exc}")
+
+
+def available_passes() -> dict[str, Pass]:
+    """Every registered pass by name (built-ins, plug-ins, and user registrations)."""
+    _discover()
+    return dict(sorted(_PASSES.items()))
+
+
+def available_presets() -> dict[str, str]:
+    _discover()
+    return dict(_PRESETS)
+
+
+def get_pass(name: str) -> Pass:
+    _discover()
+    if name in _PASSES:
+        return _PASSES[name]
+    choices = list(_PASSES) + list(_PRESETS)
+    hint = difflib.get_close_matches(name, choices, n=3)
+    raise PipelineError(
+        f"unknown pass {name!r}"
+        + (f"; did you mean {', '.join(repr(h) for h in hint)}?" if hint else "")
+        + " Run `graphopt passes` to list them."
+    )
+
+
+# --------------------------------------------------------------------------- pipelines
+
+_ITEM = re.compile(r"\s*([A-Za-z0-9_.\-]+)\s*(?:\{([^{}]*)\})?\s*(?:,|$)")
+
+
+def parse_pipeline_string(text: str) -> list[tuple[str, dict[str, str]]]:
+    """``"a,b{x=1,y=two},c"`` -> ``[("a", {}), ("b", {"x": "1", "y": "two"}), ("c", {})]``."""
+    items: list[tuple[str, dict[str, str]]] = []
+    pos = 0
+    text = text.strip()
+    while pos < len(text):
+        m = _ITEM.match(text, pos)
+        if not m or m.end() == pos:
+            raise PipelineError(
+                f"cannot parse pipeline {text!r} at column {pos}: {text[pos:pos + 20]!r}; "
+                "expected name or name{option=value,...} separated by commas"
+            )
+        opts: dict[str, str] = {}
+        if m.group(2):
+            for part in _split_options(m.group(2)):
+                if "=" not in part:
+                    raise PipelineError(f"option {part!r} of {m.group(1)!r} needs the form name=value")
+                k, v = part.split("=", 1)
+                opts[k.strip().replace("-", "_")] = v.strip()
+        items.append((m.group(1), opts))
+        pos = m.end()
+    if not items:
+        raise PipelineError("empty pipeline: name at least one pass or preset")
+    return items
+
+
+def _split_options(body: str) -> list[str]:
+    parts, depth, cur = [], 0, ""
+    for ch in body:
+        if ch in "[(":
+            depth += 1
+        elif ch in "])":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    if cur.strip():
+        parts.append(cur)
+    return [p.strip() for p in parts if p.strip()]
+
+
+PipelineSpec = "str | Pass | Invocation | Callable | Sequence[str | Pass | Invocation | Callable]"
+
+
+def build_pipeline(spec: Any, overrides: dict[str, dict[str, Any]] | None = None) -> list[Invocation]:
+    """Resolve a pipeline spec into invocations; every name and option is checked here,
+    before anything runs. ``overrides`` maps pass name -> options set from Python."""
+    _discover()
+    invocations: list[Invocation] = []
+    _expand(spec, invocations, depth=0)
+    for name in overrides or {}:
+        if not any(inv.name == name for inv in invocations):
+            raise PipelineError(f"options given for pass {name!r}, which is not in the pipeline")
+    for inv in invocations:
+        extra = (overrides or {}).get(inv.name, {})
+        inv.options = inv.pass_.resolve_options({**inv.options, **extra})
+    check_ordering(invocations)
+    return invocations
+
+
+def _expand(spec: Any, out: list[Invocation], depth: int) -> None:
+    if depth > 8:
+        raise PipelineError("presets nest more than 8 deep; is a preset referring to itself?")
+    if isinstance(spec, str):
+        for name, opts in parse_pipeline_string(spec):
+            if name in _PRESETS and name not in _PASSES:
+                if opts:
+                    raise PipelineError(f"preset {name!r} takes no options; set them on its passes")
+                _expand(_PRESETS[name], out, depth + 1)
+            else:
+                p = get_pass(name)
+                p.resolve_options(opts)  # unknown options fail here, before anything runs
+                out.append(Invocation(p, dict(opts)))
+        return
+    if isinstance(spec, Invocation):
+        out.append(Invocation(spec.pass_, dict(spec.options)))
+        return
+    if isinstance(spec, Pass):
+        out.append(Invocation(spec, {}))
+        return
+    if callable(spec) and not isinstance(spec, (list, tuple)):
+        for p in _PASSES.values():
+            if p.fn is spec:
+                out.append(Invocation(p, {}))
+                return
+        name = getattr(spec, "__name__", "anonymous").replace("_", "-").lower()
+        adhoc = Pass(name=f"{name}", fn=spec, contract=Exact(), options=_options_from_function(spec),
+                     doc=inspect.getdoc(spec) or "")
+        out.append(Invocation(adhoc, {}))
+        return
+    if isinstance(spec, (list, tuple)):
+        if not spec:
+            raise PipelineError("empty pipeline: name at least one pass or preset")
+        for item in spec:
+            _expand(item, out, depth)
+        return
+    raise PipelineError(f"cannot build a pipeline from {type(spec).__name__}: use a string, a pass or a list")
+
+
+def check_ordering(invocations: list[Invocation]) -> None:
+    """Raise PipelineError listing every declared ordering constraint the pipeline breaks.
+
+    Constraints are never fixed by reordering: the user's order is what runs.
+    """
+    import networkx as nx
+
+    position: dict[str, list[int]] = {}
+    for i, inv in enumerate(invocations):
+        position.setdefault(inv.name, []).append(i)
+    g = nx.DiGraph()
+    for inv in invocations:
+        for earlier in inv.pass_.after:
+            g.add_edge(earlier, inv.name)
+        for later in inv.pass_.before:
+            g.add_edge(inv.name, later)
+    problems = []
+    try:
+        cycle = nx.find_cycle(g)
+        problems.append("declared constraints form a cycle: " + " -> ".join(a for a, _ in cycle))
+    except nx.NetworkXNoCycle:
+        pass
+    for a, b in g.edges:
+        if a in position and b in position and min(position[b]) < min(position[a]):
+            problems.append(f"{b!r} (step {min(position[b]) + 1}) must run after {a!r} (step {min(position[a]) + 1})")
+    if problems:
+        raise PipelineError(
+            "pipeline order breaks declared constraints: " + "; ".join(problems)
+            + ". Reorder the pipeline (graphopt never reorders it for you)."
+        )

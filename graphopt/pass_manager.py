@@ -1,0 +1,531 @@
+"""The PassManager: runs a pipeline of passes with lint, shape propagation, verification of
+each pass's contract, rollback of failing passes, instrumentation hooks and a report.
+
+Rollback is cheap: before each pass the manager takes a *snapshot* (a new GraphModule over a
+copy of the graph that shares the tensors). Passes must therefore never modify a tensor in
+place; the manager checks tensor version counters and names a pass that does.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Literal, Sequence
+
+import torch
+import torch.fx as fx
+
+from . import graph as G
+from .errors import GraphoptError, PassError, PipelineError, VerificationError
+from .pass_infra import Invocation, PassContext, RewriteBudget, build_pipeline
+
+VerifyMode = Literal["each", "final", "none"]
+
+
+class _LazyVerify:
+    """graphopt.verify, imported on first use (keeps `import graphopt` light)."""
+
+    def __getattr__(self, name: str):
+        from . import verify as module
+
+        return getattr(module, name)
+
+
+verify = _LazyVerify()
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass
+class PassRecord:
+    """What one pass did: status, timing, sizes, rewrites, error figures."""
+
+    name: str
+    status: str  # "changed" | "unchanged" | "rolled-back" | "failed"
+    seconds: float
+    nodes_before: int
+    nodes_after: int
+    rewrites: int
+    param_bytes_before: int
+    param_bytes_after: int
+    changed: bool
+    contract: str
+    options: dict[str, Any] = field(default_factory=dict)
+    max_abs_error: float | None = None
+    min_sqnr_db: float | None = None
+    error: str | None = None
+    declines: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    figures: dict[str, Any] = field(default_factory=dict)
+    iteration: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["declines"] = [{"node": n, "reason": r} for n, r in self.declines]
+        d["options"] = {k: _jsonable(v) for k, v in self.options.items()}
+        d["figures"] = {k: _jsonable(v) for k, v in self.figures.items()}
+        for k in ("max_abs_error", "min_sqnr_db"):
+            d[k] = _jsonable(d[k])
+        return d
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, float) and (v != v or v in (float("inf"), float("-inf"))):
+        return str(v)
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if hasattr(v, "to_dict"):
+        return v.to_dict()
+    return str(v)
+
+
+@dataclass
+class Report:
+    """Per-pass records plus the final verdict; ``str()`` is a table, ``to_dict()`` is JSON-able."""
+
+    pipeline: str
+    records: list[PassRecord] = field(default_factory=list)
+    final_verdict: Any = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "pipeline": self.pipeline,
+            "seconds": self.seconds,
+            "passes": [r.to_dict() for r in self.records],
+            "final_verdict": self.final_verdict.to_dict() if self.final_verdict is not None else None,
+        }
+
+    @property
+    def failed(self) -> list[PassRecord]:
+        return [r for r in self.records if r.status in ("rolled-back", "failed")]
+
+    def table(self):
+        from rich.table import Table
+
+        t = Table(title=f"graphopt pipeline: {self.pipeline}", title_justify="left")
+        for col, just in [("pass", "left"), ("status", "left"), ("rewrites", "right"), ("nodes", "right"),
+                          ("param bytes", "right"), ("max abs err", "right"), ("SQNR dB", "right"),
+                          ("ms", "right")]:
+            t.add_column(col, justify=just)
+        for r in self.records:
+            status = {"changed": "[green]changed", "unchanged": "unchanged",
+                      "rolled-back": "[red]rolled back", "failed": "[red]failed"}.get(r.status, r.status)
+            t.add_row(
+                r.name, status, str(r.rewrites), f"{r.nodes_before} -> {r.nodes_after}",
+                f"{_fmt_bytes(r.param_bytes_before)} -> {_fmt_bytes(r.param_bytes_after)}",
+                "-" if r.max_abs_error is None else f"{r.max_abs_error:.2e}",
+                "-" if r.min_sqnr_db is None else ("inf" if r.min_sqnr_db == float("inf") else f"{r.min_sqnr_db:.1f}"),
+                f"{r.seconds * 1e3:.1f}",
+            )
+        return t
+
+    def details(self) -> list[str]:
+        lines = []
+        for r in self.records:
+            if r.error:
+                lines.append(f"{r.name}: {r.error}")
+            for node, reason in r.declines:
+                lines.append(f"{r.name}: declined at {node}: {reason}")
+            for note in r.notes:
+                lines.append(f"{r.name}: {note}")
+        if self.final_verdict is not None:
+            lines.append(f"final check against the captured model: {self.final_verdict}")
+        return lines
+
+    def __str__(self) -> str:
+        from rich.console import Console
+
+        console = Console(width=120, record=True, file=open("/dev/null", "w"), color_system=None)
+        console.print(self.table())
+        for line in self.details():
+            console.print(line, markup=False, highlight=False)
+        return console.export_text()
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@dataclass
+class Result:
+    """What a pipeline run returns."""
+
+    module: fx.GraphModule
+    report: Report
+
+    def __iter__(self):  # allows `gm, report = pm.run(...)`
+        return iter((self.module, self.report))
+
+
+# --------------------------------------------------------------------------- hooks
+
+
+class Hook:
+    """Instrumentation: subclass and override what you need."""
+
+    def before_pass(self, inv: Invocation, gm: fx.GraphModule, ctx: PassContext) -> None: ...
+
+    def after_pass(self, inv: Invocation, gm: fx.GraphModule, record: PassRecord) -> None: ...
+
+    def on_failure(self, inv: Invocation, gm: fx.GraphModule, record: PassRecord, error: BaseException) -> None: ...
+
+
+class PrintGraph(Hook):
+    """Print the graph (or a unified diff of its code) after each pass that changed it."""
+
+    def __init__(self, diff: bool = True, only_changed: bool = True, file=None):
+        self.diff, self.only_changed, self.file = diff, only_changed, file
+        self._before = ""
+
+    def before_pass(self, inv, gm, ctx):
+        self._before = gm.code
+
+    def after_pass(self, inv, gm, record):
+        if self.only_changed and not record.changed:
+            return
+        print(f"--- after {inv} ({record.status}) ---", file=self.file)
+        if self.diff:
+            lines = difflib.unified_diff(self._before.splitlines(), gm.code.splitlines(), "before", "after", lineterm="")
+            print("\n".join(lines), file=self.file)
+        else:
+            print(gm.code, file=self.file)
+
+
+class Timing(Hook):
+    """Collect wall time per pass name across runs (``.totals``)."""
+
+    def __init__(self):
+        self.totals: dict[str, float] = {}
+
+    def after_pass(self, inv, gm, record):
+        self.totals[inv.name] = self.totals.get(inv.name, 0.0) + record.seconds
+
+
+# --------------------------------------------------------------------------- manager
+
+
+def _snapshot(gm: fx.GraphModule) -> fx.GraphModule:
+    """A runnable copy of ``gm`` with its own graph and module containers, sharing tensors."""
+    snap = fx.GraphModule(gm, copy.deepcopy(gm.graph), gm.__class__.__name__)
+    snap.meta = dict(getattr(gm, "meta", {}))
+    snap.train(gm.training)
+    return snap
+
+
+def _tensor_versions(gm: fx.GraphModule) -> dict[str, tuple[int, int]]:
+    out = {}
+    for name, t in list(gm.named_parameters()) + list(gm.named_buffers()):
+        out[name] = (id(t), t._version)
+    return out
+
+
+def _fingerprint(gm: fx.GraphModule) -> tuple[str, frozenset]:
+    return gm.code, frozenset((k, i) for k, (i, _) in _tensor_versions(gm).items())
+
+
+def _run_all(gm: torch.nn.Module, inputs: list[tuple]) -> list[list[torch.Tensor]]:
+    """Outputs on every verification input, leaving buffers as they were."""
+    with G.preserved_state(gm):
+        return [verify.run(gm, i) for i in inputs]
+
+
+def _ref_dtype(outs: list[torch.Tensor]) -> torch.dtype:
+    for o in outs:
+        if isinstance(o, torch.Tensor) and o.is_floating_point():
+            return o.dtype
+    return torch.float32
+
+
+class PassManager:
+    """Run a pipeline of passes over a canonical graph module.
+
+    pipeline: a preset name, a pipeline string (``"fold-constants,quantize{calibration=minmax}"``),
+    or a list of names, Pass objects or callables. ``verify``: ``"each"`` checks every pass's
+    contract, ``"final"`` only the end result against the captured model, ``"none"`` skips checks.
+    ``on_failure``: ``"rollback"`` undoes a failing pass and goes on (named in the report),
+    ``"raise"`` raises PassError / VerificationError. ``fixed_point=True`` repeats the pipeline
+    until no pass changes the graph (at most ``max_iterations`` times). ``options`` sets pass
+    options from Python: ``{"quantize": {"calibration": "histogram"}}``.
+    """
+
+    def __init__(
+        self,
+        pipeline: Any,
+        *,
+        verify: VerifyMode = "each",
+        on_failure: Literal["rollback", "raise"] = "rollback",
+        fixed_point: bool = False,
+        max_iterations: int = 8,
+        hooks: Sequence[Hook] = (),
+        options: dict[str, dict[str, Any]] | None = None,
+        synthesize: int = 2,
+        seed: int = 0,
+    ):
+        if verify not in ("each", "final", "none"):
+            raise PipelineError(f"verify must be 'each', 'final' or 'none', not {verify!r}")
+        if on_failure not in ("rollback", "raise"):
+            raise PipelineError(f"on_failure must be 'rollback' or 'raise', not {on_failure!r}")
+        self.invocations = build_pipeline(pipeline, options)
+        self.verify_mode = verify
+        self.on_failure = on_failure
+        self.fixed_point = fixed_point
+        self.max_iterations = max_iterations
+        self.hooks = list(hooks)
+        self.synthesize = synthesize
+        self.seed = seed
+
+    @property
+    def pipeline_string(self) -> str:
+        return ",".join(str(inv) for inv in self.invocations)
+
+    def run(
+        self,
+        model: Any,
+        example_inputs: Any,
+        *,
+        calibration_data: Iterable[Any] | None = None,
+        budget: RewriteBudget | None = None,
+    ) -> Result:
+        """Capture ``model`` if needed (on a copy), run the pipeline, return module + report."""
+        from .capture import capture
+
+        inputs = G.as_input_tuple(example_inputs)
+        if isinstance(model, fx.GraphModule):
+            gm = copy.deepcopy(model)  # never mutate the caller's graph module or its state
+            if any("tensor_meta" not in n.meta for n in gm.graph.nodes if n.op != "output"):
+                G.propagate_shapes(gm, inputs)
+        else:
+            gm = capture(model, inputs)
+        budget = budget or RewriteBudget()
+        report = Report(self.pipeline_string)
+        start = time.perf_counter()
+        check_inputs = verify.verification_inputs(inputs, synthesize=self.synthesize, seed=self.seed) \
+            if self.verify_mode != "none" else [inputs]
+        reference = _run_all(gm, check_inputs) if self.verify_mode != "none" else None
+        current_outs = reference
+
+        lossy = False
+        for iteration in range(self.max_iterations if self.fixed_point else 1):
+            any_change = False
+            for inv in self.invocations:
+                gm, current_outs, record = self._run_one(
+                    inv, gm, inputs, check_inputs, current_outs, calibration_data, budget, iteration
+                )
+                report.records.append(record)
+                any_change |= record.changed
+                lossy |= record.changed and inv.pass_.contract.lossy
+            if not any_change:
+                break
+
+        if self.verify_mode != "none":
+            tol = verify.Tolerance(float("inf"), float("inf")) if lossy else None
+            final = _run_all(gm, check_inputs)
+            report.final_verdict = verify.compare_outputs(reference, final, tol,
+                                                          input_labels=verify.input_labels(len(check_inputs)))
+            if not report.final_verdict.ok and self.on_failure == "raise":
+                raise VerificationError(
+                    f"the optimized graph no longer matches the captured model: {report.final_verdict}",
+                    verdict=report.final_verdict,
+                )
+        report.seconds = time.perf_counter() - start
+        return Result(gm, report)
+
+    # ------------------------------------------------------------------ one pass
+
+    def _run_one(self, inv, gm, inputs, check_inputs, current_outs, calibration_data, budget, iteration):
+        p = inv.pass_
+        snapshot = _snapshot(gm)
+        versions = _tensor_versions(gm)
+        before_fp = _fingerprint(gm)
+        ctx = PassContext(
+            pass_name=p.name, options=dict(inv.options), example_inputs=inputs,
+            calibration_data=calibration_data, budget=budget,
+        )
+        nodes_before, bytes_before = G.count_nodes(gm), G.param_bytes(gm)
+        for h in self.hooks:
+            h.before_pass(inv, gm, ctx)
+        t0 = time.perf_counter()
+        error: BaseException | None = None
+        verdict = None
+        rewrites = 0
+        try:
+            rewrites = p(gm, ctx)
+            self._check_no_inplace(p.name, gm, versions)
+            gm.graph.lint()
+            gm.recompile()
+            G.propagate_shapes(gm, inputs)
+        except GraphoptError as exc:
+            error = exc
+        except Exception as exc:  # a user pass may raise anything: name it, roll back
+            error = PassError(
+                f"pass {p.name!r} raised {type(exc).__name__}: {exc}\n"
+                f"  at {_last_frame(exc)}\n  the graph was rolled back to its state before the pass",
+                pass_name=p.name,
+            )
+            error.__cause__ = exc
+        new_outs = current_outs
+        if error is None and self.verify_mode == "each":
+            new_outs = _run_all(gm, check_inputs)
+            tol = p.contract.tolerance(_ref_dtype(current_outs[0]))
+            verdict = verify.compare_outputs(current_outs, new_outs, tol,
+                                             input_labels=verify.input_labels(len(check_inputs)))
+            reason = p.contract.check(verdict)
+            if reason is not None:
+                where = ""
+                try:
+                    failed = check_inputs[verdict.failed_input or 0]
+                    div = verify.localize(snapshot, gm, failed, tol)
+                    if div is not None:
+                        where = f"; first divergent node: {div}"
+                        verdict.divergence = div
+                except Exception:  # localization is best effort; the verdict stands
+                    pass
+                error = VerificationError(
+                    f"pass {p.name!r} broke its {p.contract} contract: {reason}{where}. "
+                    "The pass was rolled back; run graphopt.bisect to find the rewrite at fault.",
+                    pass_name=p.name, verdict=verdict,
+                )
+        seconds = time.perf_counter() - t0
+        if error is None:
+            after_fp = _fingerprint(gm)
+            changed = after_fp != before_fp
+            status = "changed" if changed else "unchanged"
+        else:
+            changed, status = False, "rolled-back" if self.on_failure == "rollback" else "failed"
+        record = PassRecord(
+            name=p.name, status=status, seconds=seconds, nodes_before=nodes_before,
+            nodes_after=G.count_nodes(gm) if error is None else nodes_before,
+            rewrites=max(rewrites, ctx.rewrites_granted) if error is None else 0,
+            param_bytes_before=bytes_before,
+            param_bytes_after=G.param_bytes(gm) if error is None else bytes_before,
+            changed=changed, contract=str(p.contract), options=dict(inv.options),
+            max_abs_error=verdict.max_abs if verdict is not None else None,
+            min_sqnr_db=verdict.min_sqnr_db if verdict is not None else None,
+            error=str(error) if error else None, declines=ctx.declines, notes=ctx.notes,
+            figures=ctx.figures, iteration=iteration,
+        )
+        if error is not None:
+            for h in self.hooks:
+                h.on_failure(inv, gm, record, error)
+            if self.on_failure == "raise":
+                raise error
+            return snapshot, current_outs, record
+        for h in self.hooks:
+            h.after_pass(inv, gm, record)
+        return gm, new_outs, record
+
+    @staticmethod
+    def _check_no_inplace(name: str, gm: fx.GraphModule, versions: dict[str, tuple[int, int]]) -> None:
+        now = {n: (id(t), t._version) for n, t in list(gm.named_parameters()) + list(gm.named_buffers())}
+        for key, (tid, ver) in versions.items():
+            if key in now and now[key][0] == tid and now[key][1] != ver:
+                raise PassError(
+                    f"pass {name!r} modified tensor {key!r} in place; passes must register new tensors "
+                    "(graphopt.graph.add_constant/add_parameter) so a failing pass can be rolled back. "
+                    "The shared tensor is now changed and cannot be restored: re-capture the model.",
+                    pass_name=name,
+                )
+
+
+def _last_frame(exc: BaseException) -> str:
+    tb = traceback.extract_tb(exc.__traceback__)
+    if not tb:
+        return "<unknown>"
+    f = tb[-1]
+    return f"{f.filename}:{f.lineno} in {f.name}"
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def optimize(
+    model: Any,
+    example_inputs: Any,
+    pipeline: Any = "mobile-fp32",
+    *,
+    verify: VerifyMode = "each",
+    on_failure: Literal["rollback", "raise"] = "rollback",
+    calibration_data: Iterable[Any] | None = None,
+    options: dict[str, dict[str, Any]] | None = None,
+    hooks: Sequence[Hook] = (),
+    fixed_point: bool = False,
+) -> Result:
+    """Capture (if needed) and optimize ``model`` with ``pipeline``; returns ``Result``."""
+    pm = PassManager(pipeline, verify=verify, on_failure=on_failure, options=options, hooks=hooks,
+                     fixed_point=fixed_point)
+    return pm.run(model, example_inputs, calibration_data=calibration_data)
+
+
+@dataclass
+class BisectResult:
+    """The first rewrite that breaks equivalence (``None`` fields when nothing breaks)."""
+
+    total_rewrites: int
+    first_bad: int | None  # 1-based index over all rewrites of the pipeline
+    pass_name: str | None
+    rewrite_in_pass: int | None  # 1-based within that pass
+    description: str | None
+    verdict: Any = None
+
+    def __str__(self) -> str:
+        if self.first_bad is None:
+            return f"no rewrite breaks equivalence ({self.total_rewrites} rewrites checked)"
+        return (f"rewrite {self.first_bad} of {self.total_rewrites} breaks equivalence: pass {self.pass_name!r}, "
+                f"its rewrite #{self.rewrite_in_pass}: {self.description or '(no description)'}; {self.verdict}")
+
+
+def bisect(model: Any, example_inputs: Any, pipeline: Any, *, tolerance: Any = None,
+           calibration_data: Iterable[Any] | None = None) -> BisectResult:
+    """Find the first rewrite of ``pipeline`` after which the graph stops matching ``model``.
+
+    Like LLVM's opt-bisect: the pipeline is re-run with a global rewrite budget (passes ask
+    ``ctx.may_rewrite`` before each rewrite) and the budget is binary-searched.
+    """
+    from .capture import capture
+
+    inputs = G.as_input_tuple(example_inputs)
+    base = model if isinstance(model, fx.GraphModule) else capture(model, inputs)
+    check_inputs = verify.verification_inputs(inputs, synthesize=2, seed=0)
+    reference = _run_all(base, check_inputs)
+    tol = tolerance
+    pm = PassManager(pipeline, verify="none", on_failure="raise")
+
+    def attempt(limit: int | None):
+        budget = RewriteBudget(limit)
+        gm = pm.run(base, inputs, calibration_data=calibration_data, budget=budget).module
+        verdict = verify.compare_outputs(reference, _run_all(gm, check_inputs), tol)
+        return verdict, budget
+
+    verdict, budget = attempt(None)
+    total = len(budget.granted)
+    if verdict.ok:
+        return BisectResult(total, None, None, None, None, verdict)
+    zero_verdict, _ = attempt(0)
+    if not zero_verdict.ok:
+        return BisectResult(total, 0, None, None,
+                            "the graph breaks with no rewrite granted: a pass changes it without asking "
+                            "ctx.may_rewrite(), so bisection cannot narrow it down", zero_verdict)
+    lo, hi = 0, total  # invariant: budget lo is good, budget hi is bad
+    bad_verdict = verdict
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        v, _ = attempt(mid)
+        if v.ok:
+            lo = mid
+        else:
+            hi, bad_verdict = mid, v
+    pass_name, description = budget.granted[hi - 1]
+    within = sum(1 for n, _ in budget.granted[:hi] if n == pass_name)
+    return BisectResult(total, hi, pass_name, within, description, bad_verdict)

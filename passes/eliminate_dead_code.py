@@ -1,0 +1,75 @@
+"""``eliminate-dead-code``: remove computations nothing reads, then the parameters, buffers and
+submodules nothing reads.
+
+Sound for graphs with side effects: a node is removed only if it has no users *and*
+``graphopt.purity`` says it is pure. In-place and ``out=`` ops, ``setitem``, random ops (whose
+removal would shift the random stream), asserts and opaque modules not known to be pure are
+kept. Placeholders and the output are never touched, so the signature is unchanged.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+import graphopt
+from graphopt import graph as G
+from graphopt.purity import is_impure
+
+
+@graphopt.register_pass("eliminate-dead-code", contract=graphopt.Exact())
+def eliminate_dead_code(gm: fx.GraphModule, ctx: graphopt.PassContext, *, remove_attributes: bool = True) -> int:
+    """Remove unused pure nodes, then parameters, buffers and submodules nothing reads."""
+    removed = 0
+    for node in reversed(list(gm.graph.nodes)):
+        if node.op in ("placeholder", "output") or node.users:
+            continue
+        reason = is_impure(node, gm)
+        if reason is not None:
+            continue
+        if not ctx.may_rewrite(f"remove {node.name}"):
+            continue
+        gm.graph.erase_node(node)
+        removed += 1
+    if remove_attributes:
+        removed += _remove_unread_attributes(gm, ctx)
+    return removed
+
+
+def _remove_unread_attributes(gm: fx.GraphModule, ctx: graphopt.PassContext) -> int:
+    read = {str(n.target) for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
+
+    def is_read(qualname: str) -> bool:
+        # reading a module (call_module / get_attr of a module) reads everything inside it
+        parts = qualname.split(".")
+        return any(".".join(parts[:i]) in read for i in range(1, len(parts) + 1))
+
+    bytes_before = G.param_bytes(gm)
+    removed = 0
+    tensors = [(n, t) for n, t in gm.named_parameters(remove_duplicate=False)] + \
+              [(n, t) for n, t in gm.named_buffers(remove_duplicate=False)]
+    for qualname, _ in tensors:
+        if is_read(qualname) or not ctx.may_rewrite(f"drop attribute {qualname}"):
+            continue
+        owner_name, _, field = qualname.rpartition(".")
+        owner = gm.get_submodule(owner_name) if owner_name else gm
+        if field in owner._parameters:
+            del owner._parameters[field]
+        elif field in owner._buffers:
+            del owner._buffers[field]
+        removed += 1
+    for name, module in sorted(gm.named_modules(remove_duplicate=False), key=lambda kv: -kv[0].count(".")):
+        if not name or is_read(name) or any(True for _ in module.parameters()) or any(True for _ in module.buffers()):
+            continue
+        if any(t.startswith(name + ".") for t in read):
+            continue
+        if not ctx.may_rewrite(f"drop submodule {name}"):
+            continue
+        parent_name, _, field = name.rpartition(".")
+        parent = gm.get_submodule(parent_name) if parent_name else gm
+        if field in parent._modules:
+            del parent._modules[field]
+            removed += 1
+    saved = bytes_before - G.param_bytes(gm)
+    if saved:
+        ctx.record("bytes_removed", saved)
+    return removed

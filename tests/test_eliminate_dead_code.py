@@ -1,0 +1,209 @@
+"""eliminate-dead-code: removes what nothing reads, never what has an effect (HARD-CASES C)."""
+from __future__ import annotations
+
+import operator
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+import graphopt
+
+
+def trace(model):
+    # buffers become graph values, so mutations of them are recorded rather than run at trace time
+    tracer = fx.Tracer()
+    tracer.proxy_buffer_attributes = True
+    return fx.GraphModule(model, tracer.trace(model))
+
+
+def run_dce(model, *inputs):
+    gm = trace(model)
+    result = graphopt.PassManager("eliminate-dead-code", on_failure="raise").run(gm, inputs)
+    return gm, result.module, result.report.records[0]
+
+
+def calls(gm):
+    return [n for n in gm.graph.nodes if n.op in ("call_function", "call_method", "call_module")]
+
+
+class UnusedPure(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.used = nn.Linear(4, 4)
+        self.unused = nn.Linear(4, 400)  # 6.4 KB of weights nothing reads
+
+    def forward(self, x):
+        dead = torch.sigmoid(x) * 3
+        _ = self.unused.weight.t()
+        return self.used(x)
+
+
+def test_removes_unused_pure_nodes_and_unread_parameters():
+    x = torch.randn(2, 4)
+    gm, out, rec = run_dce(UnusedPure(), x)
+    names = [str(n.target) for n in calls(out)]
+    assert "sigmoid" not in " ".join(names) and "t" not in names
+    assert not hasattr(out, "unused") or not list(out.unused.parameters())
+    assert rec.figures["bytes_removed"] == 400 * 4 * 4  # the traced graph module holds only the weight it read
+    assert rec.param_bytes_after == rec.param_bytes_before - rec.figures["bytes_removed"]
+    assert torch.equal(out(x), gm(x))
+
+
+def test_is_idempotent():
+    x = torch.randn(2, 4)
+    _, once, _ = run_dce(UnusedPure(), x)
+    again = graphopt.PassManager("eliminate-dead-code").run(once, (x,)).report.records[0]
+    assert again.rewrites == 0 and not again.changed
+
+
+def test_keeps_placeholders_and_outputs():
+    class Ignores(nn.Module):
+        def forward(self, x, unused):
+            return x + 1, x
+
+    x = torch.randn(3)
+    _, out, _ = run_dce(Ignores(), x, torch.randn(3))
+    assert [n.name for n in out.graph.nodes if n.op == "placeholder"] == ["x", "unused"]
+    a, b = out(x, torch.randn(3))
+    assert torch.equal(a, x + 1) and torch.equal(b, x)
+
+
+class InPlaceMethod(nn.Module):
+    def forward(self, x):
+        y = x * 2
+        y.add_(1)  # result unused: the mutation is the effect
+        return y
+
+
+class InPlaceFunction(nn.Module):
+    def forward(self, x):
+        y = x * 2
+        torch.relu_(y)
+        return y
+
+
+class InPlaceKwarg(nn.Module):
+    def forward(self, x):
+        y = x * 2
+        F.relu(y, inplace=True)
+        return y
+
+
+class OutKwarg(nn.Module):
+    def forward(self, x):
+        y = torch.zeros_like(x)
+        torch.add(x, 1, out=y)
+        return y
+
+
+class Copy(nn.Module):
+    def forward(self, x):
+        y = torch.zeros_like(x)
+        y.copy_(x)
+        return y
+
+
+class BufferUpdate(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("count", torch.zeros(1))
+
+    def forward(self, x):
+        self.count.add_(1)
+        return x + self.count
+
+
+@pytest.mark.parametrize("model", [InPlaceMethod, InPlaceFunction, InPlaceKwarg, OutKwarg, Copy, BufferUpdate])
+def test_never_removes_mutations_whose_result_is_unused(model):
+    x = torch.randn(4, 3)
+    eager = model()
+    gm, out, rec = run_dce(model(), x)
+    assert len(calls(out)) == len(calls(gm)), rec
+    for _ in range(3):  # repeated calls still agree (buffer updates accumulate alike)
+        assert torch.equal(out(x), eager(x))
+
+
+def test_never_removes_setitem():
+    # symbolic tracing cannot record `y[0] = 5.0`; export-mode and hand-built graphs hold it
+    g = fx.Graph()
+    x = g.placeholder("x")
+    y = g.call_method("clone", (x,))
+    g.call_function(operator.setitem, (y, 0, 5.0))
+    g.output(y)
+    gm = fx.GraphModule(nn.Module(), g)
+    out = graphopt.PassManager("eliminate-dead-code").run(gm, (torch.zeros(2, 2),)).module
+    assert torch.equal(out(torch.zeros(2, 2)), torch.tensor([[5.0, 5.0], [0.0, 0.0]]))
+
+
+def test_keeps_unused_random_ops_so_the_random_stream_is_unchanged():
+    class Rng(nn.Module):
+        def forward(self, x):
+            torch.rand(3)  # unused, but consumes random numbers
+            return x + torch.randn(3)
+
+    gm, out, _ = run_dce(Rng(), torch.zeros(3))
+    torch.manual_seed(0)
+    a = gm(torch.zeros(3))
+    torch.manual_seed(0)
+    b = out(torch.zeros(3))
+    assert torch.equal(a, b)
+
+
+def test_keeps_asserts():
+    class Checks(nn.Module):
+        def forward(self, x):
+            torch._assert(x.sum() > -1e9, "sane")
+            return x
+
+    gm, out, _ = run_dce(Checks(), torch.zeros(2))
+    assert any(n.target is torch._assert for n in out.graph.nodes)
+
+
+def test_keeps_opaque_modules_not_known_to_be_pure():
+    class Counter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("n", torch.zeros(()))
+
+        def forward(self, x):
+            self.n += 1
+            return x
+
+    class Uses(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.counter = Counter()
+
+        def forward(self, x):
+            self.counter(x)  # output unused; the side effect matters
+            return x * 2
+
+    class Tracer(fx.Tracer):
+        def is_leaf_module(self, m, qualname):
+            return isinstance(m, Counter) or super().is_leaf_module(m, qualname)
+
+    model = Uses()
+    gm = fx.GraphModule(model, Tracer().trace(model))
+    out = graphopt.PassManager("eliminate-dead-code").run(gm, (torch.ones(2),)).module
+    assert any(n.op == "call_module" for n in out.graph.nodes)
+    assert hasattr(out, "counter") and hasattr(out.counter, "n")
+
+
+def test_training_mode_batch_norm_with_unused_output_is_kept():
+    class TrainBN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm1d(3)
+
+        def forward(self, x):
+            self.bn(x)  # updates running statistics
+            return x
+
+    model = TrainBN().train()
+    gm = trace(model)
+    out = graphopt.PassManager("eliminate-dead-code", verify="none").run(gm, (torch.randn(4, 3),)).module
+    out(torch.randn(4, 3) + 5)
+    assert out.bn.running_mean.abs().sum() > 0  # the statistics update still happened

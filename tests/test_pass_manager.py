@@ -1,0 +1,336 @@
+"""PassManager, registry and pipelines: what users rely on when they write and run passes."""
+from __future__ import annotations
+
+import io
+import json
+import operator
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+import graphopt
+from graphopt import pass_infra
+from graphopt.errors import OptionError, PassError, PipelineError, VerificationError
+
+
+class Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x):
+        y = x @ self.w
+        return torch.relu(y * 1.0) + 0.0
+
+
+@pytest.fixture
+def gm():
+    torch.manual_seed(0)
+    g = fx.symbolic_trace(Small())
+    return g
+
+
+@pytest.fixture
+def x():
+    return (torch.randn(2, 4),)
+
+
+@pytest.fixture
+def registry():
+    """Register throwaway passes and remove them afterwards."""
+    names = []
+
+    def register(name, **kw):
+        names.append(name)
+        return graphopt.register_pass(name, replace=True, **kw)
+
+    yield register
+    for n in names:
+        graphopt.unregister_pass(n)
+
+
+def _mul_one_nodes(gm):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is operator.mul and n.args[1] == 1.0]
+
+
+def test_function_pass_options_come_from_keyword_only_parameters(registry, gm, x):
+    seen = {}
+
+    @registry("t-remember")
+    def remember(gm, ctx, *, factor: int = 2, label: str = "a", on: bool = False):
+        seen.update(factor=factor, label=label, on=on)
+        return 0
+
+    graphopt.PassManager("t-remember{factor=5,label=hello,on=true}").run(gm, x)
+    assert seen == {"factor": 5, "label": "hello", "on": True}
+    assert set(graphopt.get_pass("t-remember").options) == {"factor", "label", "on"}
+
+
+def test_class_pass_options_are_dataclass_fields(registry, gm, x):
+    from dataclasses import dataclass
+
+    @registry("t-class")
+    @dataclass
+    class Count:
+        threshold: float = 0.5
+
+        def run(self, gm, ctx):
+            ctx.record("threshold", self.threshold)
+            return 0
+
+    result = graphopt.PassManager("t-class{threshold=0.25}").run(gm, x)
+    assert result.report.records[0].figures["threshold"] == 0.25
+
+
+def test_fold_mul_one_rewrites_are_counted_and_outputs_kept(registry, gm, x):
+    @registry("t-fold-mul-one", contract=graphopt.Exact())
+    def fold_mul_one(gm, ctx):
+        n = 0
+        for node in _mul_one_nodes(gm):
+            if ctx.may_rewrite(node.name):
+                node.replace_all_uses_with(node.args[0])
+                gm.graph.erase_node(node)
+                n += 1
+        return n
+
+    result = graphopt.PassManager("t-fold-mul-one").run(gm, x)
+    rec = result.report.records[0]
+    assert (rec.status, rec.rewrites, rec.changed) == ("changed", 1, True)
+    assert rec.nodes_after == rec.nodes_before - 1
+    assert not _mul_one_nodes(result.module)
+    assert torch.equal(result.module(*x), gm(*x))
+    assert result.report.final_verdict.ok
+
+
+def test_changed_is_computed_not_trusted(registry, gm, x):
+    @registry("t-liar")
+    def liar(gm, ctx):
+        return 7  # claims rewrites, changes nothing
+
+    rec = graphopt.PassManager("t-liar").run(gm, x).report.records[0]
+    assert rec.changed is False and rec.status == "unchanged"
+
+
+def test_users_graph_module_is_never_mutated(registry, gm, x):
+    @registry("t-erase-mul")
+    def erase(gm, ctx):
+        for node in _mul_one_nodes(gm):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+        return 1
+
+    code_before = gm.code
+    graphopt.PassManager("t-erase-mul").run(gm, x)
+    assert gm.code == code_before and _mul_one_nodes(gm)
+
+
+def test_raising_pass_is_rolled_back_and_named(registry, gm, x):
+    @registry("t-crash")
+    def crash(gm, ctx):
+        for node in list(gm.graph.nodes):
+            if node.op == "call_function":
+                node.target = torch.sigmoid  # damage first, then fail
+        raise RuntimeError("boom")
+
+    result = graphopt.PassManager("t-crash").run(gm, x)
+    rec = result.report.records[0]
+    assert rec.status == "rolled-back" and "boom" in rec.error and "t-crash" in rec.error
+    assert torch.equal(result.module(*x), gm(*x))
+    assert "t-crash" in str(result.report) and "rolled back" in str(result.report)
+
+
+def test_contract_breaking_pass_is_rolled_back_with_the_divergent_node(registry, gm, x):
+    @registry("t-break", contract=graphopt.Exact())
+    def brk(gm, ctx):
+        for node in gm.graph.nodes:
+            if node.target is torch.relu:
+                node.target = torch.sigmoid
+        return 1
+
+    result = graphopt.PassManager("t-break").run(gm, x)
+    rec = result.report.records[0]
+    assert rec.status == "rolled-back"
+    assert "relu" in rec.error  # names the first divergent node
+    assert torch.equal(result.module(*x), gm(*x))
+    with pytest.raises(VerificationError, match="t-break"):
+        graphopt.PassManager("t-break", on_failure="raise").run(gm, x)
+
+
+def test_on_failure_raise_gives_pass_error(registry, gm, x):
+    @registry("t-crash2")
+    def crash(gm, ctx):
+        raise ValueError("bad")
+
+    with pytest.raises(PassError, match="t-crash2.*ValueError: bad"):
+        graphopt.PassManager("t-crash2", on_failure="raise").run(gm, x)
+
+
+def test_in_place_tensor_mutation_is_named(registry, gm, x):
+    @registry("t-inplace")
+    def inplace(gm, ctx):
+        with torch.no_grad():
+            gm.w.mul_(2)
+        return 1
+
+    with pytest.raises(PassError, match="modified tensor 'w' in place"):
+        graphopt.PassManager("t-inplace", on_failure="raise").run(gm, x)
+
+
+def test_lossy_contract_checks_its_budget(registry, gm, x):
+    @registry("t-noise", contract=graphopt.Lossy(min_sqnr_db=20.0))
+    def noise(gm, ctx, *, scale: float = 1e-4):
+        name = graphopt.graph.add_parameter(gm, "w_noisy", gm.w + scale * torch.randn_like(gm.w))
+        for node in gm.graph.nodes:
+            if node.op == "get_attr" and node.target == "w":
+                node.target = name
+        return 1
+
+    ok = graphopt.PassManager("t-noise").run(gm, x).report.records[0]
+    assert ok.status == "changed" and ok.min_sqnr_db > 20
+    bad = graphopt.PassManager("t-noise{scale=10.0}").run(gm, x).report.records[0]
+    assert bad.status == "rolled-back" and "SQNR" in bad.error
+
+
+def test_unknown_pass_and_option_fail_before_running_with_suggestions(registry, gm, x):
+    ran = []
+
+    @registry("t-ran")
+    def r(gm, ctx, *, level: int = 1):
+        ran.append(1)
+        return 0
+
+    with pytest.raises(PipelineError, match="did you mean 't-ran'"):
+        graphopt.PassManager("t-ran,t-rna")
+    with pytest.raises(OptionError, match="did you mean 'level'"):
+        graphopt.PassManager("t-ran{levle=2}")
+    with pytest.raises(OptionError, match="expected int"):
+        graphopt.PassManager("t-ran{level=high}")
+    with pytest.raises(PipelineError, match="cannot parse"):
+        graphopt.PassManager("t-ran{level=2")
+    assert not ran
+
+
+def test_ordering_constraints_are_reported_not_reordered(registry):
+    registry("t-first")(lambda gm, ctx: 0)
+    registry("t-second", after=("t-first",))(lambda gm, ctx: 0)
+    with pytest.raises(PipelineError, match="'t-second'.*must run after 't-first'.*never reorders"):
+        graphopt.PassManager("t-second,t-first")
+    assert [i.name for i in graphopt.PassManager("t-first,t-second").invocations] == ["t-first", "t-second"]
+    # a constraint on a pass absent from the pipeline does not apply
+    graphopt.PassManager("t-second")
+
+
+def test_presets_expand_inside_pipeline_strings(registry):
+    registry("t-a")(lambda gm, ctx: 0)
+    registry("t-b")(lambda gm, ctx: 0)
+    graphopt.register_preset("t-preset", "t-a,t-b")
+    pm = graphopt.PassManager("t-preset,t-a{}")
+    assert [i.name for i in pm.invocations] == ["t-a", "t-b", "t-a"]
+
+
+def test_pipeline_accepts_lists_of_names_passes_and_callables(registry, gm, x):
+    registry("t-n")(lambda gm, ctx: 0)
+
+    def my_callable(gm, ctx):
+        return 0
+
+    pm = graphopt.PassManager(["t-n", graphopt.get_pass("t-n"), my_callable])
+    assert [i.name for i in pm.invocations] == ["t-n", "t-n", "my-callable"]
+    assert len(pm.run(gm, x).report.records) == 3
+
+
+def test_report_is_a_table_and_json(registry, gm, x):
+    @registry("t-decline")
+    def decline(gm, ctx):
+        ctx.decline("mul", "because it is a test")
+        return 0
+
+    report = graphopt.PassManager("t-decline").run(gm, x).report
+    text = str(report)
+    assert "t-decline" in text and "declined at mul: because it is a test" in text
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["passes"][0]["declines"] == [{"node": "mul", "reason": "because it is a test"}]
+
+
+def test_print_graph_hook_prints_a_diff_after_changing_passes(registry, gm, x):
+    @registry("t-fold")
+    def fold(gm, ctx):
+        for node in _mul_one_nodes(gm):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+        return 1
+
+    registry("t-noop")(lambda gm, ctx: 0)
+    out = io.StringIO()
+    graphopt.PassManager("t-fold,t-noop", hooks=[graphopt.PrintGraph(file=out)]).run(gm, x)
+    text = out.getvalue()
+    assert "after t-fold" in text and "-    mul = " in text and "after t-noop" not in text
+
+
+def test_fixed_point_repeats_until_nothing_changes(registry, gm, x):
+    @registry("t-one-at-a-time")
+    def one(gm, ctx):
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and node.target in (operator.mul, operator.add) and node.args[1] in (0.0, 1.0):
+                node.replace_all_uses_with(node.args[0])
+                gm.graph.erase_node(node)
+                return 1
+        return 0
+
+    result = graphopt.PassManager("t-one-at-a-time", fixed_point=True).run(gm, x)
+    assert [r.changed for r in result.report.records] == [True, True, False]
+
+
+def test_bisect_finds_the_first_bad_rewrite(registry):
+    class Chain(nn.Module):
+        def forward(self, x):
+            return torch.relu(torch.relu(torch.relu(x) - 0.5) + 0.25)
+
+    @registry("t-bad-third")
+    def bad(gm, ctx):
+        n = 0
+        for i, node in enumerate([n for n in gm.graph.nodes if n.target is torch.relu]):
+            if not ctx.may_rewrite(f"relu #{i}"):
+                continue
+            n += 1
+            if i == 1:  # the second relu is not redundant: removing it is wrong
+                node.replace_all_uses_with(node.args[0])
+                gm.graph.erase_node(node)
+        return n
+
+    found = graphopt.bisect(Chain(), (torch.randn(8, 8),), "t-bad-third")
+    assert (found.pass_name, found.first_bad, found.rewrite_in_pass, found.description) == ("t-bad-third", 2, 2, "relu #1")
+    assert found.total_rewrites == 3
+
+
+def test_entry_point_passes_are_discovered(tmp_path, monkeypatch):
+    pkg = tmp_path / "graphopt_dummy_plugin.py"
+    pkg.write_text(textwrap.dedent('''
+        import graphopt
+        @graphopt.register_pass("dummy-plugin-pass")
+        def dummy(gm, ctx):
+            """A pass shipped by a third-party distribution."""
+            return 0
+    '''))
+    dist = tmp_path / "graphopt_dummy_plugin-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: graphopt-dummy-plugin\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[graphopt.passes]\ndummy = graphopt_dummy_plugin\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(pass_infra, "_DISCOVERED", False)
+    try:
+        passes = graphopt.available_passes()
+        assert "dummy-plugin-pass" in passes
+        assert passes["dummy-plugin-pass"].summary == "A pass shipped by a third-party distribution."
+    finally:
+        graphopt.unregister_pass("dummy-plugin-pass")
+        sys.modules.pop("graphopt_dummy_plugin", None)
+
+
+def test_pass_names_must_be_kebab_case():
+    with pytest.raises(PipelineError, match="kebab-case"):
+        graphopt.register_pass("Bad_Name")
