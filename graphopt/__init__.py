@@ -27,17 +27,18 @@ from .pass_infra import (
     register_preset,
     unregister_pass,
 )
+from .capture import capture  # eager: the submodule of the same name must not shadow the function
 from .pass_manager import Hook, PassManager, PassRecord, PrintGraph, Report, Result, Timing, bisect, optimize
 
 __version__ = "0.1.0"
 
 # Imported on first use: they pull in exporters/runtimes a pass author does not need.
 _LAZY = {
-    "capture": ("graphopt.capture", "capture"),
     "verify": ("graphopt.verify", None),
     "lower": ("graphopt.lowering", "lower"),
     "register_backend": ("graphopt.lowering", "register_backend"),
     "available_backends": ("graphopt.lowering", "available_backends"),
+    "unregister_backend": ("graphopt.lowering", "unregister_backend"),
     "Backend": ("graphopt.lowering", "Backend"),
     "Artifact": ("graphopt.lowering", "Artifact"),
     "examples": ("graphopt.examples", None),
@@ -58,6 +59,6 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "Contract", "Exact", "Lossy", "Pass", "PassContext", "Invocation", "PassManager", "PassRecord",
     "Report", "Result", "Hook", "PrintGraph", "Timing", "available_passes", "available_presets",
-    "get_pass", "register_pass", "register_preset", "unregister_pass", "optimize", "bisect",
+    "capture", "get_pass", "register_pass", "register_preset", "unregister_pass", "optimize", "bisect",
     *_LAZY,
 ]

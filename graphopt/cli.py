@@ -95,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _console():
     from rich.console import Console
 
-    return Console()
+    return Console(width=None if sys.stdout.isatty() else 120)
 
 
 def cmd_passes(args) -> int:

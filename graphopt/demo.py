@@ -7,6 +7,7 @@ node count, latency in each runtime, max error against the original model.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ def run_demo(model_name: str = "resnet_cnn", out_dir: str = "out/demo") -> int:
     from .lowering import available_backends, lower
     from .timing import round_robin_ms
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 120)
     torch.set_num_threads(1)
     model, inputs = examples.get_example(model_name)
     console.print(f"[bold]graphopt demo[/bold]: {model_name} ({examples.EXAMPLES[model_name].description}), "
@@ -40,7 +41,7 @@ def run_demo(model_name: str = "resnet_cnn", out_dir: str = "out/demo") -> int:
         path = os.path.join(out_dir, f"{model_name}{getattr(backend, 'suffix', suffix.get(name, ''))}")
         with console.status(f"lowering to {name}, reloading and verifying in its runtime"):
             artifacts[name] = lower(result.module, inputs, backend=name, path=path)
-        console.print(f"  {name}: {artifacts[name]}", markup=False, highlight=False)
+        console.print(f"  {artifacts[name]}", markup=False, highlight=False)
 
     runners = {"eager, original": lambda: model(*inputs), "eager, optimized": lambda: result.module(*inputs)}
     for name, art in artifacts.items():

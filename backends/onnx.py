@@ -1,0 +1,229 @@
+"""``onnx``: an ``.onnx`` file, checked with ``onnx.checker`` and run in ONNX Runtime.
+
+Two exporters ship with torch: the TorchScript-based one (``torch.onnx.export(dynamo=False)``,
+deprecated but fast) and the torch.export-based one (``dynamo=True``, onnxscript). Measured on
+the test models here (torch 2.13, 2 vCPU; warm process) the dynamo exporter takes 1.5-5 s per
+small model against 0.01-0.2 s, and PEERS.md reports 8-15x on torchvision models, with the same
+ONNX operators in the result. So ``exporter="auto"`` (the default) uses the TorchScript exporter
+and falls back to the dynamo exporter when it raises *or* when tracing read tensor values into
+Python (a ``TracerWarning``: the file would hold the example's values as constants); the report
+says which exporter wrote the file and why the first was not used.
+
+Weights go into the one ``.onnx`` file; only a model over the 2 GB protobuf limit gets external
+data files, which land next to it. ``dynamic_batch=True`` makes dimension 0 of every input and
+output symbolic and verifies the file at another batch size too.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import ctypes
+import io
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from graphopt import graph as G
+from graphopt.errors import LoweringError
+from graphopt.lowering import Backend, exception_summary, recording_warnings, register_backend, tracer_warning
+
+_EXPORTERS = ("auto", "torchscript", "dynamo")
+#: opsets both exporters write well (dynamo needs >= 18; the TorchScript one stops at 20)
+_OPSETS = range(18, 21)
+#: protobuf's 2 GiB limit, less room for the graph itself
+_SINGLE_FILE_LIMIT = 2**31 - 2**26
+
+
+@register_backend("onnx")
+@dataclass
+class Onnx(Backend):
+    """ONNX (.onnx), checked with onnx.checker and verified in ONNX Runtime (CPU)."""
+
+    suffix = ".onnx"
+    runtime = "ONNX Runtime"
+    unsupported_advice = (
+        "replace these operations with ones ONNX has (see the reasons above), keep them out of the exported "
+        "graph, or lower with backend='torchscript-mobile'"
+    )
+
+    #: "torchscript" (fast, deprecated by torch), "dynamo" (torch.export + onnxscript, slow),
+    #: or "auto": torchscript, falling back to dynamo when it fails or traces unsoundly
+    exporter: str = "auto"
+    #: ONNX opset of the default domain
+    opset: int = 18
+    #: symbolic dimension 0 ("batch") on every input and output
+    dynamic_batch: bool = False
+
+    def __post_init__(self) -> None:
+        if self.exporter not in _EXPORTERS:
+            raise LoweringError(f"onnx: exporter must be one of {', '.join(_EXPORTERS)}, not {self.exporter!r}")
+        if not isinstance(self.opset, int) or self.opset not in _OPSETS:
+            raise LoweringError(f"onnx: opset must be an int from {_OPSETS.start} to {_OPSETS.stop - 1}, not {self.opset!r}")
+        if not isinstance(self.dynamic_batch, bool):
+            raise LoweringError(f"onnx: dynamic_batch must be True or False, not {self.dynamic_batch!r}")
+        self._tried: list[str] = []
+
+    # ----------------------------------------------------------------------- export + load
+
+    def export(self, gm: fx.GraphModule, example_inputs: tuple[Any, ...], path: Path, report: dict[str, Any]) -> None:
+        external_data = G.param_bytes(gm) > _SINGLE_FILE_LIMIT
+        report.update(opset=self.opset, external_data=external_data, dynamic_batch=self.dynamic_batch)
+        failures = []
+        existing = set(path.parent.iterdir())
+        for exporter in ("torchscript", "dynamo") if self.exporter == "auto" else (self.exporter,):
+            self._tried.append(exporter)
+            try:
+                self._export_with(exporter, gm, example_inputs, path, external_data, report)
+            except Exception as exc:
+                failures.append(f"the {exporter} exporter failed: {exception_summary(exc)}")
+                for leftover in set(path.parent.iterdir()) - existing:  # so the next exporter starts clean
+                    leftover.unlink()
+                continue
+            report["exporter"] = exporter
+            if failures:
+                report["exporter_fallback"] = "; ".join(failures)
+            break
+        else:
+            raise LoweringError("torch.onnx.export could not export the graph: " + "; ".join(failures))
+        self._check_and_count(path, report)
+
+    def load(self, path: Path, report: dict[str, Any]) -> Callable[..., Any]:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise here
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        names = [i.name for i in session.get_inputs()]
+        report["onnxruntime"] = {"version": ort.__version__, "providers": session.get_providers()}
+
+        def run(*inputs: Any) -> list[Any]:
+            tensors = [x for x in inputs if isinstance(x, torch.Tensor)]  # other inputs were baked in
+            return session.run(None, {name: x.detach().cpu().numpy() for name, x in zip(names, tensors)})
+
+        return run
+
+    def verification_inputs(self, example_inputs: tuple[Any, ...]) -> list[tuple[str, tuple[Any, ...]]]:
+        sets = [("example inputs", example_inputs)]
+        if self.dynamic_batch:
+            batch = _batch_size(example_inputs) + 2
+            sets.append((f"inputs at batch size {batch}", tuple(_rebatch(x, batch) for x in example_inputs)))
+        return sets
+
+    # ------------------------------------------------------------------------------ probes
+
+    def probe(self, module: fx.GraphModule, inputs: tuple[Any, ...]) -> str | None:
+        """Rejected when every exporter this lowering tried rejects the node.
+
+        Every node is screened with the TorchScript exporter (milliseconds); only nodes it
+        rejects are offered to the dynamo exporter (seconds each). A node the TorchScript
+        exporter takes counts as supported by both: the dynamo exporter covers more operators.
+        """
+        tried = self._tried or ["torchscript"]
+        screened = self._probe_with("torchscript", module, inputs)
+        if screened is None:
+            return None
+        reasons = [f"torchscript exporter: {screened}"] if "torchscript" in tried else []
+        if "dynamo" in tried:
+            reason = self._probe_with("dynamo", module, inputs)
+            if reason is None:
+                return None
+            reasons.append(f"dynamo exporter: {reason}")
+        return "; ".join(reasons)
+
+    def _probe_with(self, exporter: str, module: fx.GraphModule, inputs: tuple[Any, ...]) -> str | None:
+        with recording_warnings() as caught:
+            try:
+                if exporter == "torchscript":
+                    with _native_stdout_discarded():
+                        torch.onnx.export(module.eval(), inputs, io.BytesIO(), dynamo=False, opset_version=self.opset)
+                else:
+                    torch.onnx.export(module.eval(), inputs, dynamo=True, opset_version=self.opset, verbose=False)
+            except Exception as exc:
+                return exception_summary(exc)
+        return tracer_warning(caught)
+
+    # ----------------------------------------------------------------------------- helpers
+
+    def _export_with(
+        self, exporter: str, gm: fx.GraphModule, inputs: tuple[Any, ...], path: Path, external_data: bool,
+        report: dict[str, Any],
+    ) -> None:
+        input_names = [n.name for n in gm.graph.nodes if n.op == "placeholder"][: len(inputs)]
+        input_names = [name for name, x in zip(input_names, inputs) if isinstance(x, torch.Tensor)]
+        outputs = pytree.tree_leaves(gm(*inputs))
+        output_names = ["output"] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))]
+        common = dict(opset_version=self.opset, input_names=input_names, output_names=output_names)
+        if exporter == "dynamo":
+            dynamic_shapes = None
+            if self.dynamic_batch:
+                batch = torch.export.Dim("batch")
+                dynamic_shapes = tuple({0: batch} if isinstance(x, torch.Tensor) and x.dim() else None for x in inputs)
+            torch.onnx.export(gm, inputs, str(path), dynamo=True, external_data=external_data, verbose=False,
+                              dynamic_shapes=dynamic_shapes, **common)
+            return
+        dynamic_axes = {name: {0: "batch"} for name in input_names + output_names} if self.dynamic_batch else None
+        with recording_warnings() as caught, _native_stdout_discarded():
+            torch.onnx.export(gm, inputs, str(path), dynamo=False, dynamic_axes=dynamic_axes, **common)
+        unsound = tracer_warning(caught)
+        if unsound is not None:
+            raise LoweringError(f"the trace is only right for the example values: {unsound}")
+
+    @staticmethod
+    def _check_and_count(path: Path, report: dict[str, Any]) -> None:
+        import onnx
+
+        onnx.checker.check_model(str(path), full_check=True)
+        model = onnx.load(str(path), load_external_data=False)
+        counts = collections.Counter(node.op_type for node in model.graph.node)
+        report["op_counts"] = dict(counts.most_common())
+        report["node_count"] = sum(counts.values())
+        report["summary"] = f"{report['exporter']} exporter, opset {report['opset']}" + (
+            f" (fell back: {report['exporter_fallback']})" if "exporter_fallback" in report else ""
+        )
+
+
+@contextlib.contextmanager
+def _native_stdout_discarded() -> Iterator[None]:
+    """Discard what C++ prints to stdout in the block.
+
+    When the TorchScript exporter fails it prints its whole IR graph from C++ (torch 2.13 leaves
+    its ONNX log switched on); the exception says what matters.
+    """
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 1)
+            try:
+                yield
+            finally:
+                _libc_fflush()
+                os.dup2(saved, 1)
+    finally:
+        os.close(saved)
+
+
+def _libc_fflush() -> None:
+    """Flush C stdio buffers, so text buffered in the block is not written after it."""
+    try:
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):  # no C library to flush (not POSIX)
+        pass
+
+
+def _batch_size(inputs: tuple[Any, ...]) -> int:
+    return next((x.shape[0] for x in inputs if isinstance(x, torch.Tensor) and x.dim()), 1)
+
+
+def _rebatch(x: Any, batch: int) -> Any:
+    """``x`` with dimension 0 of size ``batch``, its rows repeated (verification varies the values)."""
+    if not isinstance(x, torch.Tensor) or not x.dim():
+        return x
+    reps = -(-batch // x.shape[0])
+    return x.repeat(reps, *([1] * (x.dim() - 1)))[:batch].contiguous()

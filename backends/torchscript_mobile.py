@@ -1,0 +1,160 @@
+"""``torchscript-mobile``: a ``.ptl`` file for PyTorch's lite interpreter.
+
+Steps: ``torch.jit.script`` the graph module (``torch.jit.trace`` on the example inputs when
+scripting fails, with the reason in the report), ``torch.jit.freeze`` in eval mode,
+``torch.utils.mobile_optimizer.optimize_for_mobile`` when this torch build has XNNPACK (the PyPI
+CPU wheels do not; the report then says it was skipped), save with
+``_save_for_lite_interpreter``, reload with ``torch.jit.mobile._load_for_lite_interpreter``.
+
+Freezing runs without torch's numerics-changing optimizations by default
+(``freeze_optimizations=False``): graphopt's own passes fuse and fold with verified contracts,
+while freeze's folding has known silent bugs (Linear followed by BatchNorm1d on 3-D inputs,
+HARD-CASES A3).
+"""
+from __future__ import annotations
+
+import collections
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.backends.xnnpack
+import torch.fx as fx
+
+from graphopt.errors import LoweringError
+from graphopt.lowering import Backend, exception_summary, recording_warnings, register_backend, tracer_warning
+
+_METHODS = ("auto", "script", "trace")
+
+
+@register_backend("torchscript-mobile")
+@dataclass
+class TorchScriptMobile(Backend):
+    """PyTorch lite interpreter (.ptl): TorchScript, frozen, optimized for mobile where XNNPACK exists."""
+
+    suffix = ".ptl"
+    runtime = "the lite interpreter"
+    unsupported_advice = (
+        "make these nodes scriptable (plain torch operations, no numpy or Python-only code in forward), "
+        "or lower with backend='onnx'"
+    )
+
+    #: "script" (fails on non-scriptable code), "trace" (records one run on the example inputs),
+    #: or "auto": script, and trace when scripting fails
+    method: str = "auto"
+    #: run optimize_for_mobile when this torch build has XNNPACK
+    mobile_optimize: bool = True
+    #: let torch.jit.freeze fold and fuse on its own (unverified rewrites; see the module docstring)
+    freeze_optimizations: bool = False
+
+    def __post_init__(self) -> None:
+        if self.method not in _METHODS:
+            raise LoweringError(f"torchscript-mobile: method must be one of {', '.join(_METHODS)}, not {self.method!r}")
+        for name in ("mobile_optimize", "freeze_optimizations"):
+            if not isinstance(getattr(self, name), bool):
+                raise LoweringError(f"torchscript-mobile: {name} must be True or False, not {getattr(self, name)!r}")
+        self._script_error: str | None = None
+
+    def export(self, gm: fx.GraphModule, example_inputs: tuple[Any, ...], path: Path, report: dict[str, Any]) -> None:
+        scripted = self._to_torchscript(gm, example_inputs, report)
+        frozen = torch.jit.freeze(scripted.eval(), optimize_numerics=self.freeze_optimizations)
+        report["xnnpack"] = has_xnnpack()
+        frozen = self._optimize_for_mobile(frozen, report)
+        counts = collections.Counter(n.kind() for n in frozen.graph.nodes() if not n.kind().startswith("prim::"))
+        report["op_counts"] = dict(counts.most_common())
+        report["node_count"] = sum(counts.values())
+        frozen._save_for_lite_interpreter(str(path))
+        report["summary"] = f"{report['converter']}, frozen, optimize_for_mobile {report['optimize_for_mobile'].split(':')[0]}"
+
+    def load(self, path: Path, report: dict[str, Any]) -> Callable[..., Any]:
+        from torch.jit.mobile import _export_operator_list, _load_for_lite_interpreter
+
+        module = _load_for_lite_interpreter(str(path))
+        # the root operators a selective (size-reduced) build of the mobile runtime must keep
+        report["operators"] = sorted(_export_operator_list(module))
+        return module
+
+    def probe(self, module: fx.GraphModule, inputs: tuple[Any, ...]) -> str | None:
+        reasons = []
+        if self.method in ("auto", "script"):
+            try:
+                torch.jit.script(_without_annotations(module))
+                return None
+            except Exception as exc:
+                reason = exception_summary(exc)
+                if "Can't redefine method" in reason and self._script_error:
+                    # TorchScript keeps half-compiled classes from the failed whole-graph attempt;
+                    # that attempt's error is the real one
+                    reason = self._script_error
+                reasons.append(f"script: {reason}")
+        if self.method in ("auto", "trace"):
+            with recording_warnings() as caught:
+                try:
+                    torch.jit.trace(module, inputs, check_trace=False)
+                except Exception as exc:
+                    reasons.append(f"trace: {exception_summary(exc)}")
+                    return "; ".join(reasons)
+            problem = tracer_warning(caught)
+            if problem is None:
+                return None
+            reasons.append(f"trace: {problem}")
+        return "; ".join(reasons)
+
+    def _to_torchscript(self, gm: fx.GraphModule, inputs: tuple[Any, ...], report: dict[str, Any]) -> torch.jit.ScriptModule:
+        if self.method in ("auto", "script"):
+            try:
+                scripted = torch.jit.script(_without_annotations(gm))
+                report["converter"] = "script"
+                return scripted
+            except Exception as exc:
+                self._script_error = exception_summary(exc)
+                if self.method == "script":
+                    raise LoweringError(f"torch.jit.script failed: {self._script_error}") from exc
+                report["converter_fallback"] = f"torch.jit.script failed ({self._script_error}); traced instead"
+        report["converter"] = "trace"
+        with recording_warnings() as caught:
+            traced = torch.jit.trace(gm, inputs, check_trace=False)
+        unsound = tracer_warning(caught)
+        if unsound is not None:
+            # only right for the example values: verification on other inputs decides
+            report["trace_warning"] = unsound
+        return traced
+
+    def _optimize_for_mobile(self, frozen: torch.jit.ScriptModule, report: dict[str, Any]) -> torch.jit.ScriptModule:
+        if not self.mobile_optimize:
+            report["optimize_for_mobile"] = "skipped: mobile_optimize=False"
+            return frozen
+        if not report["xnnpack"]:
+            report["optimize_for_mobile"] = "skipped: this torch build has no XNNPACK"
+            return frozen
+        from torch.utils.mobile_optimizer import optimize_for_mobile
+
+        try:
+            optimized = optimize_for_mobile(frozen)
+        except Exception as exc:
+            report["optimize_for_mobile"] = f"failed, kept the frozen module: {exception_summary(exc)}"
+            return frozen
+        report["optimize_for_mobile"] = "applied"
+        return optimized
+
+
+def has_xnnpack() -> bool:
+    """Whether this torch build has XNNPACK, which optimize_for_mobile's rewrites target."""
+    return bool(torch.backends.xnnpack.enabled)
+
+
+def _without_annotations(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm`` without type annotations, sharing its parameters and submodules.
+
+    FX writes an annotated input as ``x : _torch_Tensor_``, an alias defined only for its
+    generated code, which ``torch.jit.script`` cannot resolve; capture keeps the annotations of
+    the user's ``forward``.
+    """
+    if all(node.type is None for node in gm.graph.nodes):
+        return gm
+    graph = copy.deepcopy(gm.graph)  # copies nodes with shallow copies of their meta: cheap
+    for node in graph.nodes:
+        node.type = None
+    return fx.GraphModule(gm, graph)

@@ -1,0 +1,342 @@
+"""Rewrite an FX graph into the canonical form passes match on.
+
+:func:`canonicalize` is what capture runs after tracing and what the ``canonicalize`` pass
+runs on any GraphModule:
+
+1. Standard ``nn`` layers called as ``call_module`` become the functional calls their forward
+   makes (:data:`graphopt.ops.MODULE_LOWERINGS`), reading parameters through ``get_attr`` nodes
+   with qualified names. A node whose ``meta["keep_module"]`` is true (a user leaf) stays.
+2. aten ``convolution`` and ``addmm(bias, x, w.t())`` become conv/conv-transpose and ``linear``.
+3. Every spelling in :data:`graphopt.ops.ALL_ALIASES` becomes the canonical callable with all
+   parameters positional, values normalized (:func:`graphopt.ops.normalize_value`), string
+   conv padding resolved to numbers where it is symmetric.
+4. Dropout with ``training=False`` is removed.
+
+In-place spellings become out-of-place only where nobody can observe the difference: the
+written tensor is not (a view of) a graph input, a parameter/buffer or an opaque module's
+output, and no other node reads it, or a view of it, afterwards. Otherwise the in-place node
+is left as it is, a side effect (see :func:`graphopt.purity.mutated_values`).
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from . import ops
+from .graph import get_attr_value, tensor_meta
+from .purity import may_alias_input
+
+aten = torch.ops.aten
+
+MayRewrite = Callable[[str], bool]
+Decline = Callable[[fx.Node, str], None]
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+def canonicalize(
+    gm: fx.GraphModule,
+    *,
+    may_rewrite: MayRewrite | None = None,
+    decline: Decline | None = None,
+) -> int:
+    """Rewrite ``gm`` in place into canonical form; returns the number of rewrites made.
+
+    ``may_rewrite(where)`` is asked before each rewrite (False skips it: the pass manager's
+    rewrite budget); ``decline(node, reason)`` hears about spellings left alone on purpose.
+    Running it twice changes nothing the second time.
+    """
+    rewriter = _Rewriter(gm, may_rewrite or (lambda where: True), decline or (lambda node, reason: None))
+    count = rewriter.lower_modules()
+    count += rewriter.rewrite_aten_structures()
+    count += rewriter.collapse_aliases()
+    ensure_provenance(gm)
+    if count:
+        gm.graph.lint()
+        gm.recompile()
+    return count
+
+
+def ensure_provenance(gm: fx.GraphModule) -> None:
+    """Give every node without provenance its own: the attribute path or the node's name."""
+    for node in gm.graph.nodes:
+        if "provenance" not in node.meta:
+            node.meta["provenance"] = str(node.target) if node.op == "get_attr" else node.name
+
+
+class _Rewriter:
+    def __init__(self, gm: fx.GraphModule, may_rewrite: MayRewrite, decline: Decline):
+        self.gm = gm
+        self.graph = gm.graph
+        self.may_rewrite = may_rewrite
+        self.decline = decline
+
+    def _allowed(self, node: fx.Node, what: str) -> bool:
+        where = node.meta.get("provenance", node.name)
+        return self.may_rewrite(f"{what} at {node.name} ({where})")
+
+    # -- 1. modules ---------------------------------------------------------------------------
+
+    def lower_modules(self) -> int:
+        count = 0
+        for node in list(self.graph.nodes):
+            if node.op != "call_module" or node.meta.get("keep_module"):
+                continue
+            if len(node.args) != 1 or node.kwargs:
+                continue  # every lowerable layer takes exactly one input
+            steps = ops.lowering_for(self.gm.get_submodule(node.target))
+            if steps is None or not self._allowed(node, f"inline {node.target}"):
+                continue
+            self._inline(node, steps)
+            count += 1
+        return count
+
+    def _inline(self, node: fx.Node, steps: tuple[ops.Step, ...]) -> None:
+        path = str(node.target)
+        value = node.args[0]
+        with self.graph.inserting_before(node):
+            for step in steps:
+                args = tuple(self._materialize(a, value, path, node) for a in step.args)
+                kind = "call_method" if isinstance(step.target, str) else "call_function"
+                new = self.graph.create_node(kind, step.target, args, {})
+                _inherit_meta(new, node, path)
+                if not step.effect_only:
+                    value = new
+        node.replace_all_uses_with(value)
+        self.graph.erase_node(node)
+
+    def _materialize(self, a: Any, value: Any, path: str, origin: fx.Node) -> Any:
+        if a is ops.INPUT:
+            return value
+        if isinstance(a, ops.Attr):
+            getter = self.graph.get_attr(f"{path}.{a.name}")
+            _inherit_meta(getter, origin, getter.target)
+            return getter
+        return a
+
+    # -- 2. aten structures -------------------------------------------------------------------
+
+    def rewrite_aten_structures(self) -> int:
+        count = 0
+        for node in list(self.graph.nodes):
+            if node.op != "call_function":
+                continue
+            if node.target is aten.convolution.default:
+                count += self._convolution(node)
+            elif node.target is aten.addmm.default:
+                count += self._addmm_as_linear(node)
+        return count
+
+    def _convolution(self, node: fx.Node) -> int:
+        bound = _bind_schema(node)
+        rank = _rank(self.gm, bound.get("weight"))
+        if rank not in (3, 4, 5) or not isinstance(bound.get("transposed"), bool):
+            return 0
+        if not self._allowed(node, "aten.convolution -> conv"):
+            return 0
+        n = rank - 2
+        b = bound
+        if b["transposed"]:
+            node.target = _CONV_TRANSPOSE[n]
+            node.args = (b["input"], b["weight"], b["bias"], b["stride"], b["padding"], b["output_padding"],
+                         b["groups"], b["dilation"])
+        else:
+            node.target = _CONV[n]
+            node.args = (b["input"], b["weight"], b["bias"], b["stride"], b["padding"], b["dilation"], b["groups"])
+        node.kwargs = {}
+        return 1
+
+    def _addmm_as_linear(self, node: fx.Node) -> int:
+        """``addmm(b, x, w.t())`` with unit scales is ``linear(x, w, b)`` (the same kernel)."""
+        b = _bind_schema(node)
+        transposed = b.get("mat2")
+        if b.get("beta", 1) != 1 or b.get("alpha", 1) != 1 or not isinstance(transposed, fx.Node):
+            return 0
+        is_t = transposed.target is aten.t.default or (
+            transposed.target is aten.permute.default and list(transposed.args[1]) in ([1, 0], [-1, -2]))
+        if transposed.op != "call_function" or not is_t:
+            return 0
+        weight = transposed.args[0]
+        if _rank(self.gm, weight) != 2 or _rank(self.gm, b["self"]) != 1:
+            return 0
+        if not self._allowed(node, "aten.addmm -> linear"):
+            return 0
+        node.target, node.args, node.kwargs = F.linear, (b["mat1"], weight, b["self"]), {}
+        if not transposed.users:
+            self.graph.erase_node(transposed)
+        return 1
+
+    # -- 3./4. aliases, values, no-ops --------------------------------------------------------
+
+    def collapse_aliases(self) -> int:
+        count = 0
+        order = {n: i for i, n in enumerate(self.graph.nodes)}
+        for node in list(self.graph.nodes):
+            alias = ops.alias_of(node)
+            if alias is None:
+                continue
+            bound = ops.bind_alias(alias, node.args, dict(node.kwargs))
+            args = ops.canonical_args(alias, bound) if bound is not None else None
+            if args is None:
+                continue
+            args = self._normalize(alias.op, args)
+            if alias.op == "dropout" and args[alias.spec.index["training"]] is False:
+                count += self._remove_noop(node, bound[alias.params[0]])
+                continue
+            if node.op == "call_function" and node.target is alias.spec.target and not node.kwargs \
+                    and _same(node.args, args):
+                continue
+            if alias.first_output and not _only_first_output_used(node):
+                continue
+            writes = ops.writes_input(alias, bound)
+            if writes is None:
+                self.decline(node, "in-place flag is not a constant; left as written")
+                continue
+            if writes:
+                reason = _why_mutation_is_visible(self.graph, node, bound[alias.params[0]], order)
+                if reason:
+                    self.decline(node, f"in-place {node.target} kept: {reason}")
+                    continue
+            if not self._allowed(node, f"{node.target} -> {alias.op}"):
+                continue
+            self._rewrite(node, alias, args)
+            count += 1
+        return count
+
+    def _normalize(self, op: str, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        spec = ops.SPECS[op]
+        out = [ops.normalize_value(op, name, value) for (name, _), value in zip(spec.params, args)]
+        if op in ("conv1d", "conv2d", "conv3d") and isinstance(out[spec.index["padding"]], str):
+            out[spec.index["padding"]] = self._numeric_padding(out, spec)
+        return tuple(out)
+
+    def _numeric_padding(self, args: list[Any], spec: ops.OpSpec) -> Any:
+        """'valid' is zero padding; 'same' is ``dilation*(k-1)/2`` per side when that is whole."""
+        padding = args[spec.index["padding"]]
+        n = ops.TUPLE_PARAMS[spec.name][0]
+        if padding == "valid":
+            return (0,) * n
+        shape = _shape(self.gm, args[spec.index["weight"]])
+        dilation = args[spec.index["dilation"]]
+        if padding != "same" or shape is None or not isinstance(dilation, tuple):
+            return padding
+        totals = [d * (k - 1) for d, k in zip(dilation, shape[2:])]
+        if any(t % 2 for t in totals):
+            return padding  # asymmetric: only the string says it
+        return tuple(t // 2 for t in totals)
+
+    def _rewrite(self, node: fx.Node, alias: ops.Alias, args: tuple[Any, ...]) -> None:
+        if alias.first_output:
+            for user in list(node.users):
+                user.replace_all_uses_with(node)
+                self.graph.erase_node(user)
+        node.op = "call_function"
+        node.target = alias.spec.target
+        node.args = args
+        node.kwargs = {}
+
+    def _remove_noop(self, node: fx.Node, value: Any) -> int:
+        if not self._allowed(node, "remove eval-mode dropout"):
+            return 0
+        node.replace_all_uses_with(value)
+        self.graph.erase_node(node)
+        return 1
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+def _inherit_meta(new: fx.Node, origin: fx.Node, provenance: str) -> None:
+    new.meta["provenance"] = provenance
+    for key in ("stack_trace", "nn_module_stack"):
+        if key in origin.meta:
+            new.meta[key] = origin.meta[key]
+
+
+def _bind_schema(node: fx.Node) -> dict[str, Any]:
+    names = [a.name for a in node.target._schema.arguments]
+    return {**dict(zip(names, node.args)), **node.kwargs}
+
+
+def _shape(gm: fx.GraphModule, value: Any) -> tuple[int, ...] | None:
+    if not isinstance(value, fx.Node):
+        return None
+    if value.op == "get_attr":
+        obj = get_attr_value(gm, value)
+        return tuple(obj.shape) if isinstance(obj, torch.Tensor) else None
+    tm = tensor_meta(value)
+    return tuple(tm.shape) if tm is not None else None
+
+
+def _rank(gm: fx.GraphModule, value: Any) -> int | None:
+    shape = _shape(gm, value)
+    return len(shape) if shape is not None else None
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Structural equality of args that never compares tensors elementwise."""
+    if isinstance(a, (fx.Node, torch.Tensor)) or isinstance(b, (fx.Node, torch.Tensor)):
+        return a is b
+    if isinstance(a, (tuple, list)) or isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
+def _only_first_output_used(node: fx.Node) -> bool:
+    return all(u.op == "call_function" and u.target is operator.getitem and u.args[1] == 0 for u in node.users)
+
+
+def _holds_tensor(node: fx.Node) -> bool:
+    # after shape propagation "type" is always recorded and "tensor_meta" only for tensors
+    return "tensor_meta" in node.meta or "type" not in node.meta
+
+
+def _storage_groups(graph: fx.Graph, skip: fx.Node) -> dict[fx.Node, fx.Node]:
+    """Union-find of nodes that may share storage, treating ``skip`` as if it were pure."""
+    parent: dict[fx.Node, fx.Node] = {}
+
+    def find(n: fx.Node) -> fx.Node:
+        parent.setdefault(n, n)
+        while parent[n] is not n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+
+    for node in graph.nodes:
+        find(node)
+        if node is skip or node.op not in ("call_function", "call_method", "call_module"):
+            continue
+        if not may_alias_input(node) or not _holds_tensor(node):
+            continue
+        for source in node.all_input_nodes:
+            if _holds_tensor(source):
+                parent[find(source)] = find(node)
+    return {n: find(n) for n in parent}
+
+
+def _why_mutation_is_visible(graph: fx.Graph, node: fx.Node, written: Any, order: dict[fx.Node, int]) -> str:
+    """Why rewriting in-place ``node`` out-of-place could change what someone sees ('' if safe)."""
+    if not isinstance(written, fx.Node):
+        return "it writes into a value that is not a graph node"
+    groups = _storage_groups(graph, skip=node)
+    root = groups[written]
+    members = [n for n, r in groups.items() if r is root]
+    for member in members:
+        if member.op in ("placeholder", "get_attr"):
+            return f"{written.name} is (a view of) {member.op} {member.target}, visible to the caller"
+        if member.op == "call_module":
+            return f"{written.name} may alias the state of module {member.target}"
+    later = _later_users(members, node, order)
+    if later:
+        return f"{written.name} (or a view of it) is read afterwards by {later[0].name}"
+    return ""
+
+
+def _later_users(members: Iterable[fx.Node], node: fx.Node, order: dict[fx.Node, int]) -> list[fx.Node]:
+    here = order[node]
+    return [u for m in members for u in m.users if u is not node and order.get(u, here + 1) > here]

@@ -1,0 +1,521 @@
+"""Capture an ``nn.Module`` into a canonical ``torch.fx.GraphModule``.
+
+Two front ends end in the same canonical form (see :mod:`graphopt.canonical`):
+
+- ``mode="symbolic"`` (default): ``torch.fx`` symbolic tracing. Standard layers are kept as
+  leaves while tracing and then inlined from :data:`graphopt.ops.MODULE_LOWERINGS`; user
+  ``leaf_modules`` stay opaque ``call_module`` nodes; ``concrete_args`` fix Python arguments.
+- ``mode="export"``: ``torch.export.export``; parameters and buffers become ``get_attr`` nodes
+  with their qualified names and aten ops are mapped through the alias table. For models that
+  branch on shapes, which symbolic tracing cannot follow.
+
+Capture works on a deep copy (the user's model, its state, training flags and hooks are never
+touched), keeps every module's own training flag, leaves the global RNG as it found it, and
+checks that the captured graph reproduces the model's outputs on the example inputs.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import os
+import re
+import sysconfig
+import traceback
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.utils._pytree as pytree
+from torch.export.graph_signature import InputKind, OutputKind
+from torch.fx.passes.shape_prop import ShapeProp
+
+from . import canonical, ops
+from .errors import CaptureError, GraphoptError, InputError
+from .graph import as_input_tuple, get_attr_value, unique_attr_name
+
+MODES = ("symbolic", "export")
+
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_OWN_FILES = {os.path.abspath(__file__), os.path.abspath(canonical.__file__)}
+_STDLIB_DIR = sysconfig.get_paths()["stdlib"] + os.sep
+_SITE_DIRS = tuple({sysconfig.get_paths()[k] + os.sep for k in ("purelib", "platlib")})
+_WAYS_OUT = (
+    "Ways out: keep the submodule that contains this line opaque with leaf_modules=(ThatModule,) "
+    "or its qualified name; fix Python-level arguments with concrete_args={'name': value}; "
+    'or capture with mode="export", which follows control flow on shapes.'
+)
+
+
+def capture(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    mode: str = "symbolic",
+    leaf_modules: Sequence[type[nn.Module] | str] = (),
+    concrete_args: dict[str, Any] | None = None,
+) -> fx.GraphModule:
+    """Capture ``model`` into a canonical GraphModule, run on ``example_inputs`` to record shapes.
+
+    ``example_inputs`` is a tensor or a tuple of tensors, passed positionally. ``leaf_modules``
+    (symbolic mode) lists module types (instances of them and of their subclasses) or qualified
+    names to keep as opaque calls. ``concrete_args`` (symbolic mode) maps forward parameter
+    names to fixed values, as in ``torch.fx.symbolic_trace``; the captured graph then takes only
+    the remaining inputs.
+
+    Raises :class:`CaptureError` when the model cannot be captured (naming the user's line and
+    the ways out) and :class:`InputError` when the model does not run on ``example_inputs``.
+    """
+    _check_model(model)
+    inputs = _check_inputs(example_inputs)
+    leaf_types, leaf_names = _check_options(mode, leaf_modules, concrete_args)
+    fixed_kwargs = _fixed_kwargs(concrete_args)
+    root = _deepcopy(model)
+    reference = _reference_outputs(root, inputs, fixed_kwargs)
+    if mode == "symbolic":
+        gm = _trace_symbolic(root, leaf_types, leaf_names, concrete_args, fixed_kwargs)
+    else:
+        gm = _trace_export(root, inputs)
+    _copy_training_flags(root, gm)
+    canonical.ensure_provenance(gm)
+    _propagate(gm, inputs)  # shapes let canonicalization see which values are tensors
+    _canonicalize(gm)
+    _check_reproduces(gm, reference, _propagate(gm, inputs))
+    return gm
+
+
+# -- checks on what the user passed -------------------------------------------------------------
+
+
+def _check_model(model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise CaptureError(
+            f"capture expects a torch.nn.Module instance, got {type(model).__name__}. "
+            "Pass the model object (e.g. MyNet()), not its class or a function; wrap a plain "
+            "function in an nn.Module whose forward calls it."
+        )
+    if ops.has_hooks(model):
+        raise CaptureError(
+            f"{type(model).__name__} has hooks on the model itself, which a graph cannot hold (hooks on "
+            "submodules are fine: those stay opaque calls). Remove them before capture, or capture a "
+            "wrapper module that calls this model, which then stays one opaque call."
+        )
+
+
+def _check_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
+    inputs = as_input_tuple(example_inputs)
+    for i, value in enumerate(inputs):
+        if not isinstance(value, torch.Tensor):
+            raise InputError(
+                f"example_inputs[{i}] is a {type(value).__name__}, not a tensor. example_inputs are "
+                "tensors passed positionally to forward; fix non-tensor arguments with "
+                "concrete_args={'name': value}."
+            )
+    return inputs
+
+
+def _check_options(
+    mode: str, leaf_modules: Sequence[Any], concrete_args: dict[str, Any] | None
+) -> tuple[tuple[type[nn.Module], ...], frozenset[str]]:
+    if mode not in MODES:
+        raise CaptureError(f"unknown capture mode {mode!r}; use one of {', '.join(map(repr, MODES))}.")
+    if mode == "export" and (leaf_modules or concrete_args):
+        raise CaptureError(
+            'leaf_modules and concrete_args apply to mode="symbolic" only; torch.export traces '
+            "every module and specializes Python arguments itself."
+        )
+    if concrete_args is not None and not isinstance(concrete_args, dict):
+        raise CaptureError(f"concrete_args must be a dict of parameter name -> value, got {type(concrete_args).__name__}.")
+    types, names = [], []
+    for leaf in leaf_modules:
+        if isinstance(leaf, str):
+            names.append(leaf)
+        elif isinstance(leaf, type) and issubclass(leaf, nn.Module):
+            types.append(leaf)
+        else:
+            raise CaptureError(
+                f"leaf_modules entries must be nn.Module subclasses or qualified names, got {leaf!r}."
+            )
+    return tuple(types), frozenset(names)
+
+
+def _fixed_kwargs(concrete_args: dict[str, Any] | None) -> dict[str, Any]:
+    """Concrete args that are values (not ``fx.PH`` placeholders), passed by name when running."""
+    return {k: v for k, v in (concrete_args or {}).items() if v is not fx.PH}
+
+
+def _describe(inputs: tuple[torch.Tensor, ...]) -> str:
+    return ", ".join(f"{'x'.join(map(str, t.shape)) or 'scalar'} {str(t.dtype).replace('torch.', '')}" for t in inputs)
+
+
+def _deepcopy(model: nn.Module) -> nn.Module:
+    # Tensors a hook computes from parameters (old-style weight_norm's ``weight``) refuse to be
+    # deep-copied; the copy gets a detached clone, which its hook recomputes on every call.
+    memo = {id(v): v.detach().clone() for m in model.modules() for v in vars(m).values()
+            if isinstance(v, torch.Tensor) and not v.is_leaf}
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception as exc:  # noqa: BLE001 - any failure means the same thing to the user
+        raise CaptureError(
+            f"could not copy {type(model).__name__} ({type(exc).__name__}: {_first_line(exc)}); capture "
+            "works on a deep copy so your model is never changed. Make the model deep-copyable "
+            "(no open files, locks or generators as attributes)."
+        ) from None
+
+
+# -- running modules without side effects ---------------------------------------------------------
+
+
+def _fresh(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Copies of the example inputs, so a model that writes into its input cannot change them."""
+    return tuple(t.clone() for t in inputs)
+
+
+@contextmanager
+def _isolated(module: nn.Module) -> Iterator[None]:
+    """Run inside: no grad, a fixed seed, and the module's tensors and the global RNG restored."""
+    state = [(t, t.detach().clone()) for t in list(module.parameters()) + list(module.buffers())]
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        try:
+            yield
+        finally:
+            for tensor, saved in state:
+                tensor.copy_(saved)
+
+
+def _reference_outputs(model: nn.Module, inputs: tuple[torch.Tensor, ...], kwargs: dict[str, Any]) -> Any:
+    try:
+        with _isolated(model):
+            return model(*_fresh(inputs), **kwargs)
+    except Exception as exc:  # noqa: BLE001 - the user's code may raise anything
+        raise InputError(
+            f"{type(model).__name__} raised {type(exc).__name__} when run on the example inputs "
+            f"({_describe(inputs)}){_where(exc)}: {_first_line(exc)}\n"
+            "Check that example_inputs have the number, shape and dtype forward expects."
+        ) from None
+
+
+def _propagate(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> Any:
+    """Record ``tensor_meta`` on every node (as graph.propagate_shapes) and return the outputs."""
+    try:
+        with _isolated(gm):
+            return ShapeProp(gm).propagate(*_fresh(inputs))
+    except GraphoptError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise CaptureError(
+            f"the captured graph of {gm.__class__.__name__} does not run on the example inputs "
+            f"({_describe(inputs)}): {type(exc).__name__}: {_first_line(exc)}\n{_WAYS_OUT}"
+        ) from None
+
+
+def _canonicalize(gm: fx.GraphModule) -> None:
+    try:
+        canonical.canonicalize(gm)
+    except Exception as exc:  # noqa: BLE001 - a bug here must still reach the user as a CaptureError
+        raise CaptureError(
+            f"graphopt could not canonicalize the graph of {gm.__class__.__name__} ({type(exc).__name__}: "
+            f"{_first_line(exc)}); this is a graphopt bug, please report it. Meanwhile keep the layer "
+            "involved opaque with leaf_modules=, or try the other capture mode."
+        ) from None
+
+
+def _plain(value: Any) -> Any:
+    """fx's interpreter returns immutable_dict/immutable_list: compare them as dict/list."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if type(value) is tuple:
+        return tuple(_plain(v) for v in value)
+    return value
+
+
+def _check_reproduces(gm: fx.GraphModule, reference: Any, got: Any) -> None:
+    want_leaves, want_spec = pytree.tree_flatten(reference)
+    got_leaves, got_spec = pytree.tree_flatten(_plain(got))
+    problem = ""
+    if want_spec != got_spec:
+        problem = f"the graph returns {got_spec} where the model returns {want_spec}"
+    else:
+        for i, (w, g) in enumerate(zip(want_leaves, got_leaves)):
+            problem = _difference(w, g)
+            if problem:
+                problem = f"output {i}: {problem}"
+                break
+    if problem:
+        raise CaptureError(
+            f"the captured graph of {gm.__class__.__name__} does not reproduce the model on the example "
+            f"inputs ({problem}). The model probably depends on something the trace cannot see "
+            "(Python state, a branch taken at trace time, an in-place write to an input).\n" + _WAYS_OUT
+        )
+
+
+def _difference(want: Any, got: Any) -> str:
+    if not isinstance(want, torch.Tensor):
+        return "" if type(want) is type(got) and want == got else f"{got!r} instead of {want!r}"
+    if not isinstance(got, torch.Tensor) or got.shape != want.shape or got.dtype != want.dtype:
+        return f"{_spec(got)} instead of {_spec(want)}"
+    if not want.is_floating_point():
+        return "" if torch.equal(want, got) else "different values"
+    diff = (want.double() - got.double()).abs().nan_to_num(0.0)
+    both_nan = torch.isnan(want) == torch.isnan(got)
+    scale = want.double().abs().nan_to_num(0.0, 0.0, 0.0).max().item() if want.numel() else 0.0
+    if bool(both_nan.all()) and (not diff.numel() or diff.max().item() <= 1e-5 + 1e-4 * scale):
+        return ""
+    return f"max abs difference {diff.max().item():.3g}"
+
+
+def _spec(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"tensor {tuple(value.shape)} {value.dtype}"
+    return type(value).__name__
+
+
+# -- symbolic front end ---------------------------------------------------------------------------
+
+
+class _CaptureTracer(fx.Tracer):
+    """fx tracer that keeps standard layers, hooked, parametrized and user-chosen modules as leaves."""
+
+    def __init__(self, leaf_types: tuple[type[nn.Module], ...], leaf_names: frozenset[str]):
+        super().__init__()
+        # buffers become graph values, so ``self.buf.add_(1)`` is recorded, not run while tracing
+        self.proxy_buffer_attributes = True
+        self.leaf_types = leaf_types
+        self.leaf_names = leaf_names
+        self.user_leaves: set[str] = set()
+
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None) -> fx.Node:  # noqa: ANN001
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        if kind not in ("placeholder", "output"):
+            node.meta["stack_trace"] = _user_stack()
+        return node
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.leaf_names or isinstance(m, self.leaf_types):
+            self.user_leaves.add(module_qualified_name)
+            return True
+        if isinstance(m, ops.LOWERABLE_TYPES) or ops.is_opaque(m):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def _trace_symbolic(
+    root: nn.Module,
+    leaf_types: tuple[type[nn.Module], ...],
+    leaf_names: frozenset[str],
+    concrete_args: dict[str, Any] | None,
+    fixed_kwargs: dict[str, Any],
+) -> fx.GraphModule:
+    tracer = _CaptureTracer(leaf_types, leaf_names)
+    try:
+        graph = tracer.trace(root, concrete_args=concrete_args)
+    except Exception as exc:  # noqa: BLE001 - fx raises many kinds
+        raise CaptureError(
+            f"could not trace {type(root).__name__} symbolically{_where(exc)}: "
+            f"{type(exc).__name__}: {_first_line(exc)}\n{_WAYS_OUT}"
+        ) from None
+    gm = fx.GraphModule(root, graph, class_name=type(root).__name__)
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target in tracer.user_leaves:
+            node.meta["keep_module"] = True
+    _drop_specialized_arguments(gm, root, fixed_kwargs)
+    return gm
+
+
+def _drop_specialized_arguments(gm: fx.GraphModule, root: nn.Module, fixed: dict[str, Any]) -> None:
+    """Remove the placeholders fx keeps for concrete args, with the asserts that guard them."""
+    if not fixed:
+        return
+    params = [p for p in inspect.signature(root.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for param, node in zip(params, placeholders):
+        if param.name in fixed:
+            _erase_guard_cone(gm.graph, node)
+    gm.recompile()
+
+
+def _erase_guard_cone(graph: fx.Graph, placeholder: fx.Node) -> None:
+    """Erase ``placeholder`` and everything computed from it, if all of that only feeds asserts."""
+    cone: list[fx.Node] = []
+    frontier = [placeholder]
+    while frontier:
+        node = frontier.pop()
+        if node in cone:
+            continue
+        cone.append(node)
+        frontier.extend(node.users)
+    if any(n.op == "output" for n in cone):
+        return
+    if any(u not in cone for n in cone for u in n.users):
+        return
+    if not all(n is placeholder or n.target is torch._assert or n.users for n in cone):
+        return
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for node in sorted(cone, key=order.__getitem__, reverse=True):
+        graph.erase_node(node)
+
+
+# -- export front end -----------------------------------------------------------------------------
+
+
+def _trace_export(root: nn.Module, inputs: tuple[torch.Tensor, ...]) -> fx.GraphModule:
+    try:
+        program = torch.export.export(root, inputs)
+    except Exception as exc:  # noqa: BLE001 - export raises many kinds
+        raise CaptureError(
+            f"torch.export could not capture {type(root).__name__}{_where(exc)}: "
+            f"{type(exc).__name__}: {_first_line(exc)}\n"
+            'Ways out: mode="symbolic" with leaf_modules=/concrete_args=, or express data-dependent '
+            "branches with torch.cond."
+        ) from None
+    return _unlift(program, root)
+
+
+def _unlift(program: torch.export.ExportedProgram, root: nn.Module) -> fx.GraphModule:
+    """The exported graph with parameters/buffers as ``get_attr`` of their qualified names."""
+    signature = program.graph_signature
+    input_specs = {s.arg.name: s for s in signature.input_specs}
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    getters: dict[str, fx.Node] = {}
+    for node in program.graph.nodes:
+        if node.op == "placeholder":
+            spec = input_specs[node.name]
+            if spec.kind == InputKind.USER_INPUT:
+                env[node] = graph.placeholder(node.name)
+            elif spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
+                target = _constant_target(root, spec.target, program) if spec.kind == InputKind.CONSTANT_TENSOR \
+                    else spec.target
+                env[node] = getters[spec.target] = graph.get_attr(target)
+            else:
+                raise CaptureError(f"exported graph input {node.name} is a {spec.kind.name}, which capture does "
+                                   'not support; use mode="symbolic".')
+        elif node.op == "output":
+            graph.output(_outputs(program, graph, node, env, getters))
+        else:
+            new = graph.node_copy(node, env.__getitem__)
+            new.meta = {"provenance": _export_provenance(node)}
+            if "nn_module_stack" in node.meta:
+                new.meta["nn_module_stack"] = node.meta["nn_module_stack"]
+            if node.meta.get("stack_trace"):
+                new.meta["stack_trace"] = _user_frames(node.meta["stack_trace"])
+            env[node] = new
+    for getter in getters.values():
+        if not getter.users:  # export lists every buffer, used or not
+            graph.erase_node(getter)
+    return fx.GraphModule(root, graph, class_name=type(root).__name__)
+
+
+def _constant_target(root: nn.Module, name: str, program: torch.export.ExportedProgram) -> str:
+    """Attribute path of a lifted tensor constant, registering it on ``root`` if it has none."""
+    try:
+        if isinstance(get_attr_value(root, name), torch.Tensor):
+            return name
+    except AttributeError:
+        pass
+    attr = unique_attr_name(root, name)
+    root.register_buffer(attr, program.constants[name], persistent=False)
+    return attr
+
+
+def _outputs(
+    program: torch.export.ExportedProgram,
+    graph: fx.Graph,
+    output: fx.Node,
+    env: dict[fx.Node, fx.Node],
+    getters: dict[str, fx.Node],
+) -> Any:
+    """The user's outputs in the model's own structure; buffer and input updates the exported
+    program returns become explicit ``copy_`` writes."""
+    user_outputs = []
+    for spec, value in zip(program.graph_signature.output_specs, output.args[0]):
+        if spec.kind == OutputKind.USER_OUTPUT:
+            user_outputs.append(env[value] if isinstance(value, fx.Node) else value)
+        elif spec.kind == OutputKind.BUFFER_MUTATION:
+            graph.call_method("copy_", (getters[spec.target], env[value]))
+        elif spec.kind == OutputKind.USER_INPUT_MUTATION:
+            placeholder = next(n for n in graph.nodes if n.op == "placeholder" and n.name == spec.target)
+            graph.call_method("copy_", (placeholder, env[value]))
+        else:
+            raise CaptureError(f"exported graph output kind {spec.kind.name} is not supported by capture; "
+                               'use mode="symbolic".')
+    out_spec = program.call_spec.out_spec
+    return pytree.tree_unflatten(user_outputs, out_spec) if out_spec is not None else tuple(user_outputs)
+
+
+_LOWERABLE_NAMES = {f"{t.__module__}.{t.__qualname__}" for t in ops.LOWERABLE_TYPES}
+
+
+def _export_provenance(node: fx.Node) -> str:
+    """The layer's path for ops a standard layer produced (as symbolic capture records), else the name."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if stack:
+        path, type_name = list(stack.values())[-1]
+        if type_name in _LOWERABLE_NAMES and path:
+            return path
+    return node.name
+
+
+def _copy_training_flags(source: nn.Module, gm: fx.GraphModule) -> None:
+    """Containers fx recreates start in training mode: give each the flag of its original."""
+    originals = dict(source.named_modules())
+    for name, module in gm.named_modules():
+        if name in originals:
+            module.training = originals[name].training
+
+
+# -- pointing at the user's code ------------------------------------------------------------------
+
+
+_FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<fn>[^\n]*)(?:\n(?P<code>    [^\n]*))?')
+
+
+def _is_library_file(path: str) -> bool:
+    path = os.path.abspath(path) if not path.startswith("<") else path
+    if path.startswith(_TORCH_DIR) or path in _OWN_FILES:
+        return True
+    return path.startswith(_STDLIB_DIR) and not path.startswith(_SITE_DIRS)
+
+
+def _user_frames(trace: str) -> str:
+    """A formatted stack trace without torch's frames, so its last frame is the user's line."""
+    frames = [m for m in _FRAME.finditer(trace) if not _is_library_file(m["file"])]
+    return "".join(
+        f'  File "{m["file"]}", line {m["line"]}, in {m["fn"]}\n' + (f"{m['code']}\n" if m["code"] else "")
+        for m in frames
+    )
+
+
+def _user_stack() -> str:
+    """The current stack, user frames only, outermost first, formatted like fx's stack traces.
+
+    (fx's own ``record_stack_traces`` symbolizes through torch._inductor, a multi-second import.)
+    """
+    inside_trace = []
+    for frame, line in traceback.walk_stack(None):
+        if frame.f_code is _trace_symbolic.__code__:
+            break  # frames further out are the caller of capture, not the model
+        inside_trace.append((frame, line))
+    frames = traceback.StackSummary.extract(iter(inside_trace), lookup_lines=False)
+    mine = [f for f in frames if not _is_library_file(f.filename)]
+    return "".join(traceback.StackSummary.from_list(mine[::-1]).format())
+
+
+def _where(exc: BaseException) -> str:
+    """' at file:line (`code`)' for the innermost frame of ``exc`` in the user's code, or ''."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not _is_library_file(f.filename)]
+    if not frames:
+        return ""
+    frame = frames[-1]
+    code = f" `{frame.line.strip()}`" if frame.line else ""
+    return f" at {frame.filename}:{frame.lineno} in {frame.name}{code}"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "(no message)"

@@ -1,0 +1,660 @@
+"""Lowering: write a graph to a mobile runtime's file format, reload it there, verify it.
+
+    artifact = graphopt.lower(gm, example_inputs, backend="onnx", path="model.onnx")
+    artifact.verdict.ok, artifact.size_bytes, artifact.report["op_counts"], artifact.run(x)
+
+:func:`lower` is the same for every backend: it stages the output file next to ``path``
+(:func:`graphopt.fileio.atomic_write`), asks the backend to write it and to load it back in the
+backend's own runtime, compares that runtime's outputs with the graph's
+(:func:`graphopt.verify.compare`), and only then moves the file into place. A failure at any
+step, wrong results included, raises :class:`~graphopt.errors.LoweringError` and leaves ``path``
+as it was. The error names every node the backend cannot take, with the user's source line,
+found by offering the backend each node alone (:meth:`Backend.probe`).
+
+A backend is a dataclass subclass of :class:`Backend` whose fields are its options, registered
+by name::
+
+    @graphopt.register_backend("my-runtime")
+    @dataclass
+    class MyRuntime(Backend):
+        '''One line shown by `graphopt backends`.'''
+        suffix = ".bin"
+        fast_math: bool = False                       # lower(..., fast_math=True)
+
+        def export(self, gm, example_inputs, path, report): ...   # write the file at ``path``
+        def load(self, path, report): ...                         # -> callable(*inputs)
+
+This module never imports a particular backend. The built-ins register themselves when the
+package ``graphopt.backends`` is imported; third-party packages declare theirs as Python entry
+points in the group ``graphopt.backends``, naming a module that registers its backends or a
+Backend class (registered under the entry point's name)::
+
+    [project.entry-points."graphopt.backends"]
+    my-runtime = "my_package.backend:MyRuntime"
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import inspect
+import logging
+import re
+import time
+import warnings
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from . import graph as G
+from .errors import GraphoptError, InputError, LoweringError, ModelRunError, UnknownBackendError, UnsupportedNodesError
+from .fileio import atomic_write
+
+if TYPE_CHECKING:
+    from .verify import Tolerance, Verdict
+
+__all__ = [
+    "Artifact",
+    "Backend",
+    "OffendingNode",
+    "available_backends",
+    "collect_warnings",
+    "exception_summary",
+    "get_backend",
+    "lower",
+    "offending_nodes",
+    "recording_warnings",
+    "register_backend",
+    "tracer_warning",
+    "unregister_backend",
+]
+
+ENTRY_POINT_GROUP = "graphopt.backends"
+
+# ----------------------------------------------------------------------------------- backends
+
+
+class Backend:
+    """Base class of lowering backends.
+
+    Subclasses are dataclasses: their fields are the options :func:`lower` accepts as keyword
+    arguments (validate values in ``__post_init__`` and raise :class:`LoweringError`). One
+    instance serves one call of :func:`lower`, so it may keep state between the calls below.
+    The class docstring's first line is what ``graphopt backends`` shows.
+    """
+
+    #: registry name, set by :func:`register_backend`
+    name: ClassVar[str] = ""
+    #: file suffix :func:`lower` appends to a ``path`` that has none
+    suffix: ClassVar[str] = ""
+    #: what runs the file, for messages ("ONNX Runtime")
+    runtime: ClassVar[str] = "the backend's runtime"
+    #: what to tell the user whose graph holds nodes this backend cannot take
+    unsupported_advice: ClassVar[str] = (
+        "rewrite these nodes with operations the backend supports, or lower with another backend"
+    )
+
+    def export(self, gm: fx.GraphModule, example_inputs: tuple[Any, ...], path: Path, report: dict[str, Any]) -> None:
+        """Write ``gm`` to ``path`` (a staged path; side files may be written next to it).
+
+        Record what happened in ``report`` (which exporter, fallbacks and why, op counts). The
+        graph module must not be modified. Any exception means the export failed: :func:`lower`
+        turns it into a :class:`LoweringError` naming the nodes :meth:`probe` rejects.
+        """
+        raise NotImplementedError(f"backend {self.name!r} does not implement export()")
+
+    def load(self, path: Path, report: dict[str, Any]) -> Callable[..., Any]:
+        """Load ``path`` in the backend's runtime; return a callable taking the example inputs
+        positionally and returning tensors or numpy arrays (nested in tuples/lists/dicts)."""
+        raise NotImplementedError(f"backend {self.name!r} does not implement load()")
+
+    def verification_inputs(self, example_inputs: tuple[Any, ...]) -> list[tuple[str, tuple[Any, ...]]]:
+        """``(label, inputs)`` sets the loaded artifact must match the graph on (each one is
+        also varied by :func:`graphopt.verify.compare`). Override to check more, e.g. another
+        batch size for a file exported with a dynamic batch dimension."""
+        return [("example inputs", example_inputs)]
+
+    def probe(self, module: fx.GraphModule, inputs: tuple[Any, ...]) -> str | None:
+        """Why this backend cannot take ``module``, a graph of one node of the lowered graph
+        fed with that node's example values, or None when it can. The default cannot tell."""
+        return None
+
+    @classmethod
+    def options(cls) -> dict[str, Any]:
+        """Option name -> default value."""
+        return {
+            f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+        } if dataclasses.is_dataclass(cls) else {}
+
+
+_BACKENDS: dict[str, type[Backend]] = {}
+_PLUGIN_ERRORS: dict[str, str] = {}
+_DISCOVERED = False
+_NAME = re.compile(r"[a-z][a-z0-9]*(-[a-z0-9]+)*")
+
+
+def register_backend(name: str, *, replace: bool = False) -> Callable[[type[Backend]], type[Backend]]:
+    """Class decorator registering a :class:`Backend` subclass under ``name`` (kebab-case)."""
+    if not _NAME.fullmatch(name):
+        raise LoweringError(f"backend name {name!r} must be kebab-case (lowercase words joined by '-')")
+
+    def decorate(cls: type[Backend]) -> type[Backend]:
+        if not (inspect.isclass(cls) and issubclass(cls, Backend)):
+            raise LoweringError(f"@register_backend({name!r}) decorates a subclass of graphopt.Backend, not {cls!r}")
+        if dataclasses.is_dataclass(cls):
+            required = [f.name for f in dataclasses.fields(cls)
+                        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+            if required:
+                raise LoweringError(f"backend {name!r}: every option needs a default value; {required} have none")
+        known = _BACKENDS.get(name)
+        if known is not None and not replace and known.__qualname__ != cls.__qualname__:
+            raise LoweringError(
+                f"a backend named {name!r} is already registered ({known.__module__}.{known.__qualname__}); "
+                "choose another name or pass replace=True"
+            )
+        cls.name = name
+        _BACKENDS[name] = cls
+        return cls
+
+    return decorate
+
+
+def unregister_backend(name: str) -> None:
+    """Forget the backend registered as ``name`` (no error if there is none)."""
+    _BACKENDS.pop(name, None)
+
+
+def _discover() -> None:
+    """Import the built-in backends and every entry point of group ``graphopt.backends`` once."""
+    global _DISCOVERED
+    if _DISCOVERED:
+        return
+    _DISCOVERED = True
+    import graphopt.backends  # noqa: F401  (its __init__ imports the built-ins, which register)
+
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            loaded = ep.load()
+            if inspect.isclass(loaded) and issubclass(loaded, Backend) and loaded not in _BACKENDS.values():
+                register_backend(ep.name)(loaded)
+        except Exception as exc:  # a broken plug-in must not take the other backends down
+            _PLUGIN_ERRORS[ep.name] = f"{ep.value}: {exception_summary(exc)}"
+
+
+def available_backends() -> dict[str, type[Backend]]:
+    """Every registered backend class by name: built-ins, plug-ins and user registrations."""
+    _discover()
+    return dict(sorted(_BACKENDS.items()))
+
+
+def get_backend(name: str) -> type[Backend]:
+    """The backend class registered as ``name``; :class:`UnknownBackendError` with suggestions."""
+    _discover()
+    if name in _BACKENDS:
+        return _BACKENDS[name]
+    if name in _PLUGIN_ERRORS:
+        raise UnknownBackendError(
+            f"backend plug-in {name!r} failed to load ({_PLUGIN_ERRORS[name]}); fix or reinstall the "
+            "package that provides it"
+        )
+    hints = difflib.get_close_matches(name, list(_BACKENDS), n=3, cutoff=0.4)
+    raise UnknownBackendError(
+        f"unknown backend {name!r}"
+        + (f"; did you mean {', '.join(repr(h) for h in hints)}?" if hints else "")
+        + f" Available: {', '.join(sorted(_BACKENDS)) or 'none'} (`graphopt backends` lists them)."
+    )
+
+
+def _instantiate(cls: type[Backend], options: dict[str, Any]) -> Backend:
+    known = cls.options()
+    unknown = [key for key in options if key not in known]
+    if unknown:
+        key = unknown[0]
+        hints = difflib.get_close_matches(key, list(known), n=1)
+        raise LoweringError(
+            f"backend {cls.name!r} has no option {key!r}"
+            + (f"; did you mean {hints[0]!r}?" if hints else "")
+            + f" Its options: {', '.join(f'{k}={v!r}' for k, v in known.items()) or 'none'}."
+        )
+    return cls(**options)
+
+# ------------------------------------------------------------------------------ the artifact
+
+
+@dataclass
+class Artifact:
+    """A lowered model on disk, verified in its runtime (``verdict`` is None with verify=False).
+
+    ``report`` is JSON-serializable: ``wall_time_s``, ``timings_s`` per step, ``warnings``
+    collected from torch and the exporters (not printed), ``op_counts`` and ``node_count`` of
+    the written graph, ``verification`` (one verdict dict per input set) and what the backend
+    adds (exporter used and why it fell back, XNNPACK availability, ...).
+    """
+
+    path: Path
+    backend: str
+    size_bytes: int
+    verdict: Verdict | None
+    report: dict[str, Any]
+    _runner: Callable[..., Any] = field(repr=False)
+    _output_spec: pytree.TreeSpec = field(repr=False)
+
+    def run(self, *inputs: Any) -> Any:
+        """Run the artifact in its runtime (the session that was verified); outputs are tensors
+        arranged like the graph's outputs."""
+        leaves = [torch.from_numpy(np.asarray(v)) if isinstance(v, (np.ndarray, np.generic)) else v
+                  for v in pytree.tree_leaves(self._runner(*inputs))]
+        if len(leaves) != self._output_spec.num_leaves:
+            return leaves
+        return pytree.tree_unflatten(leaves, self._output_spec)
+
+    def __str__(self) -> str:
+        verification = "not verified (verify=False)" if self.verdict is None else f"verified in its runtime: {self.verdict}"
+        summary = self.report.get("summary")
+        return (
+            f"{self.backend}: {self.path} ({self.size_bytes / 1024:.1f} KiB, {self.report.get('node_count', '?')} ops, "
+            f"{self.report.get('wall_time_s', 0.0):.2f} s)"
+            + (f"; {summary}" if summary else "")
+            + f"\n  {verification}"
+        )
+
+# --------------------------------------------------------------------------------- lowering
+
+
+def lower(
+    module: torch.nn.Module,
+    example_inputs: Any,
+    backend: str = "onnx",
+    path: str | Path | None = None,
+    verify: bool = True,
+    tolerance: Tolerance | None = None,
+    **options: Any,
+) -> Artifact:
+    """Lower ``module`` with ``backend`` to ``path``, reload it in the backend's runtime and
+    check it against ``module`` on ``example_inputs`` and synthesized inputs.
+
+    ``module`` is a canonical ``fx.GraphModule`` (used as is) or any ``nn.Module`` (captured
+    first with :func:`graphopt.capture`). It runs in eval mode while it is lowered; its
+    training flags are restored afterwards. ``path`` without a suffix gets the backend's
+    (``.onnx``, ``.ptl``). ``options`` are the backend's (``Backend.options()``).
+
+    A runtime whose outputs differ from the graph's beyond ``tolerance`` (default: the
+    per-dtype one of :meth:`graphopt.verify.Tolerance.for_dtype`; pass a looser one where the
+    runtime legitimately computes differently, e.g. its own int8 kernels) is a failed lowering:
+    :class:`LoweringError` with the verdict, and ``path`` is left as it was. ``verify=False``
+    skips the comparison (``artifact.verdict`` is then None) but still loads the file once in
+    the runtime.
+
+    Raises :class:`UnknownBackendError` (with close names), :class:`InputError` when the
+    inputs do not fit the module, and :class:`LoweringError` for bad options, an unwritable
+    path, nodes the backend cannot take (each named with its source line) and wrong results.
+    """
+    started = time.perf_counter()
+    backend_cls = get_backend(backend)
+    lowering = _instantiate(backend_cls, options)
+    if path is None:
+        raise LoweringError(f"lower(..., backend={backend!r}) needs path=, e.g. path='model{backend_cls.suffix}'")
+    target = Path(path)
+    if target.is_dir():
+        raise LoweringError(
+            f"{backend}: cannot write {target}: it is a directory; give a file path such as "
+            f"{target / ('model' + backend_cls.suffix)}"
+        )
+    if not target.suffix:
+        target = target.with_name(target.name + backend_cls.suffix)
+    inputs = G.as_input_tuple(example_inputs)
+    gm = module if isinstance(module, fx.GraphModule) else _capture(module, inputs)
+
+    report: dict[str, Any] = {
+        "backend": backend, "path": str(target), "options": {**backend_cls.options(), **options},
+        "warnings": [], "timings_s": {},
+    }
+    if backend_cls.suffix and target.suffix != backend_cls.suffix:
+        report["warnings"].append(f"path {target} does not end in {backend_cls.suffix}, the usual suffix for {backend}")
+
+    with _eval_mode(gm):
+        output_spec = _check_inputs(gm, inputs)
+        with _staged_output(target, backend) as staged:
+            try:
+                with collect_warnings(report["warnings"]):
+                    with _timed(report, "export"):
+                        lowering.export(gm, inputs, staged, report)
+                    with _timed(report, "load"):
+                        runner = lowering.load(staged, report)
+            except LoweringError as exc:  # the backend's own account of the failure
+                raise _failure(lowering, gm, inputs, str(exc).removeprefix(f"{backend}: ")) from exc
+            except GraphoptError:
+                raise
+            except Exception as exc:  # exporters/runtimes raise anything: it becomes a LoweringError
+                raise _failure(lowering, gm, inputs, f"writing or loading the file failed: {exception_summary(exc)}") from exc
+            size = sum(f.stat().st_size for f in staged.parent.iterdir())
+            verdict = _verify(lowering, gm, runner, inputs, tolerance, report) if verify else None
+
+    report["wall_time_s"] = round(time.perf_counter() - started, 3)
+    return Artifact(target, backend, size, verdict, report, runner, output_spec)
+
+
+def _capture(module: torch.nn.Module, inputs: tuple[Any, ...]) -> fx.GraphModule:
+    if not isinstance(module, torch.nn.Module):
+        raise InputError(f"lower() takes an nn.Module or fx.GraphModule, not {type(module).__name__}")
+    from .capture import capture
+
+    return capture(module, inputs)
+
+
+@contextlib.contextmanager
+def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    """Run ``module`` in eval mode inside the block and restore every submodule's flag."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+def _check_inputs(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> pytree.TreeSpec:
+    """Run the graph once on the inputs (InputError if it cannot); the structure of its outputs."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    required = [n for n in placeholders if not n.args]  # a placeholder's args hold its default
+    if not len(required) <= len(inputs) <= len(placeholders):
+        raise InputError(
+            f"the graph takes {len(required)} input(s) ({', '.join(n.name for n in placeholders)}) but "
+            f"{len(inputs)} example input(s) were given; pass one per forward argument, in order"
+        )
+    try:
+        with torch.no_grad():
+            outputs = gm(*inputs)
+    except Exception as exc:
+        raise InputError(
+            f"the graph raised on the example inputs ({_describe_inputs(inputs)}): {exception_summary(exc)}; "
+            "pass inputs of the shapes and dtypes the model was captured with"
+        ) from exc
+    return pytree.tree_flatten(outputs)[1]
+
+
+@contextlib.contextmanager
+def _staged_output(target: Path, backend: str) -> Iterator[Path]:
+    """:func:`atomic_write` whose own file-system failures become a :class:`LoweringError`."""
+    try:
+        with atomic_write(target) as staged:
+            yield staged
+    except OSError as exc:
+        raise LoweringError(
+            f"{backend}: cannot write {target}: {exc.strerror or exc}. Choose a path in an existing "
+            "directory you may write to."
+        ) from exc
+
+
+@contextlib.contextmanager
+def _timed(report: dict[str, Any], step: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        report["timings_s"][step] = round(time.perf_counter() - start, 3)
+
+
+def _verify(
+    lowering: Backend, gm: fx.GraphModule, runner: Callable[..., Any], inputs: tuple[Any, ...],
+    tolerance: Tolerance | None, report: dict[str, Any],
+) -> Verdict:
+    """Compare the runtime with the graph on every input set of the backend; the first verdict."""
+    from . import verify
+
+    verdicts = {}
+    with _timed(report, "verify"):
+        for label, check_inputs in lowering.verification_inputs(inputs):
+            try:
+                verify.run(gm, check_inputs)
+            except ModelRunError as exc:
+                raise LoweringError(
+                    f"{lowering.name}: the graph itself fails on the {label}, so the options "
+                    f"{report['options']} cannot be honoured: {exc}"
+                ) from exc
+            verdict = verify.compare(gm, runner, check_inputs, tolerance=tolerance, localize=False)
+            verdicts[label] = verdict
+            report.setdefault("verification", {})[label] = verdict.to_dict()
+            if not verdict.ok:
+                raise _failure(
+                    lowering, gm, inputs,
+                    f"{lowering.runtime} gives different results from the graph on the {label}: {verdict}",
+                )
+    return next(iter(verdicts.values()))
+
+# ------------------------------------------------------------------- naming offending nodes
+
+
+@dataclass(frozen=True)
+class OffendingNode:
+    """A node the backend cannot take, and why."""
+
+    node: str
+    op: str
+    source_line: str | None
+    reason: str
+
+    def __str__(self) -> str:
+        where = f"at {self.source_line}" if self.source_line else "(source line unknown)"
+        return f"node {self.node!r} ({self.op}) {where}: {self.reason}"
+
+
+def _failure(lowering: Backend, gm: fx.GraphModule, inputs: tuple[Any, ...], headline: str) -> LoweringError:
+    """What failed, every node the backend rejects when offered alone, and what to do:
+    :class:`UnsupportedNodesError` when such nodes exist, else :class:`LoweringError`."""
+    offenders = offending_nodes(lowering, gm, inputs)
+    if not offenders:
+        return LoweringError(
+            f"{lowering.name}: {headline}\nNo node is rejected when offered to the backend alone, so the "
+            "failure comes from the graph as a whole or from an option: try other options or another backend, "
+            "and report the model if it should lower."
+        )
+    lines = [f"{lowering.name}: {headline}", f"{len(offenders)} node(s) this backend cannot take:"]
+    lines += [f"  - {o}" for o in offenders]
+    lines.append(f"What to do: {lowering.unsupported_advice}.")
+    return UnsupportedNodesError("\n".join(lines), nodes=offenders)
+
+
+def offending_nodes(lowering: Backend, gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> list[OffendingNode]:
+    """Every computing node of ``gm`` that ``lowering.probe`` rejects when offered alone.
+
+    Nodes whose inputs or output are not tensors (``getitem`` of a tuple, ``size()``) are not
+    offered. Identical nodes (same op, constant arguments and input shapes) are probed once.
+    """
+    with collect_warnings([]):  # what the probes make torch say is noise for the user
+        return _probe_nodes(lowering, gm, example_inputs)
+
+
+def _probe_nodes(lowering: Backend, gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> list[OffendingNode]:
+    values = _node_values(gm, example_inputs)
+    verdicts: dict[Any, str | None] = {}
+    offenders = []
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method", "call_module") or node not in values:
+            continue
+        try:
+            probe = _one_node_module(gm, node, values)
+        except Exception:  # a node FX cannot copy alone is not offered
+            probe = None
+        if probe is None:
+            continue
+        module, inputs, key = probe
+        if key not in verdicts:
+            try:
+                verdicts[key] = lowering.probe(module, inputs)
+            except Exception as exc:  # a probe that crashes is itself a rejection
+                verdicts[key] = exception_summary(exc)
+        if verdicts[key] is not None:
+            offenders.append(OffendingNode(node.name, _describe_node(gm, node), G.source_line(node), verdicts[key]))
+    return offenders
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.values: dict[fx.Node, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        self.values[n] = result = super().run_node(n)
+        return result
+
+
+def _node_values(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> dict[fx.Node, Any]:
+    """The value of every node on ``inputs``."""
+    recorder = _Recorder(gm)
+    with torch.no_grad():
+        recorder.run(*inputs)
+    return recorder.values
+
+
+def _is_literal(value: Any) -> bool:
+    """Values FX can write into generated code as constants."""
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device, torch.memory_format)):
+        return True
+    return isinstance(value, (tuple, list)) and all(_is_literal(v) for v in value)
+
+
+def _is_tensors(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    return isinstance(value, (tuple, list)) and bool(value) and all(isinstance(v, torch.Tensor) for v in value)
+
+
+def _one_node_module(
+    gm: fx.GraphModule, node: fx.Node, values: dict[fx.Node, Any]
+) -> tuple[fx.GraphModule, tuple[Any, ...], Any] | None:
+    """A graph module computing only ``node`` from placeholders, its inputs, and a dedup key."""
+    if not _is_tensors(values.get(node)):
+        return None
+    graph = fx.Graph()
+    env: dict[fx.Node, Any] = {}
+    inputs, shapes = [], []
+    for source in node.all_input_nodes:
+        value = values.get(source)
+        if source.op == "get_attr":
+            env[source] = graph.get_attr(source.target)
+        elif isinstance(value, torch.Tensor):
+            env[source] = graph.placeholder(source.name)
+            inputs.append(value)
+        elif _is_literal(value):
+            env[source] = value
+        else:
+            return None
+        shapes.append((tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) else repr(value))
+    copy = graph.node_copy(node, lambda n: env[n])
+    graph.output(copy)
+    module = fx.GraphModule(gm, graph)
+    target = repr(gm.get_submodule(node.target)) if node.op == "call_module" else str(node.target)
+    constants = repr(fx.node.map_arg((node.args, node.kwargs), lambda n: "%"))
+    return module, tuple(inputs), (node.op, target, constants, tuple(shapes))
+
+
+def _describe_node(gm: fx.GraphModule, node: fx.Node) -> str:
+    if node.op == "call_module":
+        return f"call_module {node.target}: {type(gm.get_submodule(node.target)).__name__}"
+    if node.op == "call_method":
+        return f"call_method .{node.target}()"
+    module = getattr(node.target, "__module__", None) or ""
+    name = getattr(node.target, "__name__", str(node.target))
+    return f"call_function {module + '.' if module and module != 'builtins' else ''}{name}"
+
+
+def _describe_inputs(inputs: tuple[Any, ...]) -> str:
+    return ", ".join(
+        f"{str(x.dtype).removeprefix('torch.')}{list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        for x in inputs
+    )
+
+# ---------------------------------------------------------------------- helpers for backends
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def exception_summary(exc: BaseException, limit: int = 300) -> str:
+    """``Type: first meaningful line`` of an exception, without colour codes or tracebacks.
+
+    The dynamo ONNX exporter puts generic advice first and the cause under "## Exception
+    summary"; that cause is preferred.
+    """
+    text = _ANSI.sub("", str(exc))
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    cause = next((ln for ln in lines if ln.startswith("<class '")), None)
+    if cause is not None:  # "<class 'pkg.DispatchError'>: message" -> "DispatchError: message"
+        return re.sub(r"<class '(?:[\w.]*\.)?(\w+)'>", r"\1", cause)[:limit]
+    return f"{type(exc).__name__}: {lines[0] if lines else 'no message'}"[:limit]
+
+
+class _WarningRecords(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(f"{record.name}: {record.getMessage()}")
+
+
+#: loggers whose warnings exporters print while they run; collected instead
+_NOISY_LOGGERS: Sequence[str] = ("torch.onnx", "torch.export", "torch._export", "torch.jit", "onnxscript")
+
+
+@contextlib.contextmanager
+def collect_warnings(sink: list[str]) -> Iterator[None]:
+    """Record Python warnings and exporter log warnings raised in the block into ``sink``
+    (first line of each, once) instead of printing them."""
+    handler = _WarningRecords()
+    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+    saved = [(lg, lg.handlers, lg.propagate) for lg in loggers]
+    for lg in loggers:  # torch gives some of these loggers their own stderr handler: swap it out
+        lg.handlers = [handler]
+        lg.propagate = False
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        for lg, handlers, propagate in saved:
+            lg.handlers = handlers
+            lg.propagate = propagate
+        messages = [f"{w.category.__name__}: {w.message}" for w in caught] + handler.messages
+        for message in messages:
+            text = _ANSI.sub("", message).strip()
+            first = " ".join(text.splitlines()[0].split()) if text else message
+            if first not in sink:
+                sink.append(first)
+
+
+@contextlib.contextmanager
+def recording_warnings() -> Iterator[list[warnings.WarningMessage]]:
+    """Record the warnings raised in the block into the yielded list for the caller to inspect,
+    then warn them again (also when the block raises) so an enclosing :func:`collect_warnings`
+    keeps them too."""
+    seen: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                yield caught
+            finally:
+                seen = list(caught)
+    finally:
+        for w in seen:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def tracer_warning(caught: Sequence[warnings.WarningMessage]) -> str | None:
+    """The first ``TracerWarning`` among ``caught``, as a reason: ``torch.jit.trace`` (also
+    under the TorchScript ONNX exporter) read a tensor's value into Python, so the traced
+    graph holds the example's value as a constant and is wrong for other inputs."""
+    tracer = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+    if not tracer:
+        return None
+    first_sentence = str(tracer[0].message).splitlines()[0].split(". ")[0]
+    return f"recorded a tensor value as a constant ({first_sentence[:200]})"

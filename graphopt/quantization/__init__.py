@@ -1,0 +1,16 @@
+"""Static int8 quantization support: backend configurations, observers, parameter math, QDQ
+helpers, placement and calibration. The ``quantize`` and ``fold-weight-quantization`` passes
+(``graphopt.passes``) are built on it; so is lowering of quantized graphs.
+"""
+from __future__ import annotations
+
+from .configs import BackendConfig, FixedQParams, IntegerType, available_configs, get_config, register_config
+from .observers import METHODS, make_observer
+from .qdq import has_qdq
+from .qparams import TensorQParams, affine_qparams, guard_bias_scales, symmetric_per_channel_scales
+
+__all__ = [
+    "BackendConfig", "FixedQParams", "IntegerType", "METHODS", "TensorQParams", "affine_qparams",
+    "available_configs", "get_config", "guard_bias_scales", "has_qdq", "make_observer", "register_config",
+    "symmetric_per_channel_scales",
+]

@@ -1,0 +1,125 @@
+"""Calibration: run the float graph on representative inputs and let observers watch values.
+
+Data comes from the user (``calibration_data``: an iterable of input tuples, or of single
+tensors for one-input models). Without it, the example inputs plus synthesized inputs of the
+in-distribution kinds (``uniform`` over the example's range and ``normal``) are used, with a
+warning: ranges from made-up data are rarely the ranges of real data. The kinds that
+verification uses to probe edge cases (x100, x1e-3, {-1, 0, 1}) would set absurd ranges and
+are not used.
+"""
+from __future__ import annotations
+
+import itertools
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+import torch.fx as fx
+
+from .. import graph as G
+from ..errors import QuantizationError
+from .observers import Observer
+
+#: synthesized kinds that look like data (see graphopt.verify.DISTRIBUTIONS)
+_IN_DISTRIBUTION = ("uniform", "normal")
+
+
+@dataclass
+class CalibrationData:
+    """Batches used to choose ranges, and batches held out to measure the error."""
+
+    batches: list[tuple[Any, ...]]
+    held_out: list[tuple[Any, ...]]
+    synthesized: bool
+    description: str
+
+
+def _as_batch(item: Any, arity: int, index: int) -> tuple[Any, ...]:
+    batch = G.as_input_tuple(item) if isinstance(item, (torch.Tensor, list, tuple)) else None
+    if batch is None or len(batch) != arity:
+        got = "a " + type(item).__name__ if batch is None else f"{len(batch)} value(s)"
+        raise QuantizationError(
+            f"calibration batch #{index} holds {got} but the model takes {arity} input(s); "
+            "calibration_data must yield input tuples (drop labels: e.g. (x,) for x, y in loader)"
+        )
+    return batch
+
+
+def collect(example_inputs: tuple[Any, ...], calibration_data: Iterable[Any] | None, *,
+            max_batches: int, held_out: int) -> CalibrationData:
+    """Take up to ``max_batches + held_out`` batches; the last ``held_out`` are kept for
+    measuring error when more than ``held_out`` batches exist (else the example inputs are)."""
+    arity = len(example_inputs)
+    if calibration_data is None:
+        from .. import verify
+
+        count = 2 * len(verify.DISTRIBUTIONS)
+        synthesized = [b for k, b in enumerate(verify.synthesize_inputs(example_inputs, count=count, seed=17))
+                       if verify.DISTRIBUTIONS[k % len(verify.DISTRIBUTIONS)] in _IN_DISTRIBUTION]
+        warnings.warn(
+            "quantize: no calibration data given, calibrating on the example inputs plus "
+            f"{len(synthesized)} synthesized ones; ranges may be poor for real data. Pass "
+            "calibration_data=[(x,), ...] (a few hundred representative samples) to optimize()/PassManager.run()",
+            stacklevel=2,
+        )
+        return CalibrationData([example_inputs, *synthesized], [example_inputs], True,
+                               f"example inputs + {len(synthesized)} synthesized batches (no calibration data)")
+    if isinstance(calibration_data, torch.Tensor):
+        raise QuantizationError("calibration_data is one tensor; pass an iterable of input tuples, e.g. [(x,)]")
+    taken = [_as_batch(item, arity, i) for i, item in enumerate(itertools.islice(calibration_data, max_batches + held_out))]
+    if not taken:
+        raise QuantizationError("calibration_data yielded no batches; pass at least one input tuple")
+    if len(taken) > held_out > 0:
+        batches, kept = taken[:-held_out], taken[-held_out:]
+        where = f"{len(kept)} held-out batch(es)"
+    else:
+        batches, kept = taken, [example_inputs]
+        where = "the example inputs (too few batches to hold any out)"
+    return CalibrationData(batches, kept, False, f"{len(batches)} calibration batch(es); error measured on {where}")
+
+
+class _Watching(fx.Interpreter):
+    """Runs the graph and hands the values of watched nodes to their observers."""
+
+    def __init__(self, gm: fx.GraphModule, watch: dict[fx.Node, Observer], label: str):
+        super().__init__(gm)
+        self.watch, self.label = watch, label
+
+    def run_node(self, n: fx.Node) -> Any:
+        value = super().run_node(n)
+        observer = self.watch.get(n)
+        if observer is not None and isinstance(value, torch.Tensor):
+            observer.observe(value, f"{_describe(n)}, {self.label}")
+        return value
+
+
+def _describe(node: fx.Node) -> str:
+    prov = node.meta.get("provenance")
+    line = G.source_line(node)
+    where = f"value {node.name!r}" + (f" (from {prov})" if prov and prov != node.name else "")
+    return where + (f" at {line}" if line else "")
+
+
+def _progress(total: int):
+    """A rich progress bar over calibration batches, quiet when stderr is not a terminal."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    transient=True, disable=not sys.stderr.isatty())
+
+
+def calibrate(gm: fx.GraphModule, watch: dict[fx.Node, Observer], batches: list[tuple[Any, ...]]) -> None:
+    """Run ``gm`` on every batch; observers in ``watch`` see their node's value each time."""
+    with torch.no_grad(), _progress(len(batches)) as progress:
+        task = progress.add_task("calibrating", total=len(batches))
+        for i, batch in enumerate(batches):
+            for k, x in enumerate(batch):
+                if isinstance(x, torch.Tensor) and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+                    raise QuantizationError(
+                        f"calibration batch #{i}, input {k}: {int((~torch.isfinite(x)).sum())} non-finite value(s) "
+                        "(NaN/inf); remove or clean that batch"
+                    )
+            _Watching(gm, watch, f"calibration batch #{i}").run(*batch)
+            progress.advance(task)

@@ -1,0 +1,50 @@
+"""Hypothesis settings profiles for graphopt's property tests, chosen by an environment variable.
+
+- ``ci`` (default): deterministic (``derandomize``), no deadline, few examples per test so the
+  whole property suite runs in a few minutes on two cores; failures print a reproduction blob.
+- ``dev``: random, 100 examples per test, example database on, for working on a pass.
+- ``campaign``: random, 5,000 examples per test, for long bug hunts (nightly or by hand).
+
+Select one with ``GRAPHOPT_HYPOTHESIS_PROFILE=campaign pytest tests/``; ``tests/conftest.py``
+calls :func:`load_profile`. Profiles only set defaults: ``@settings(...)`` on a test still wins.
+They are registered with hypothesis as ``graphopt-ci``, ``graphopt-dev`` and ``graphopt-campaign``
+so that they never replace a project's own profiles of the same short name.
+"""
+from __future__ import annotations
+
+import os
+
+from hypothesis import HealthCheck, settings
+
+from ..errors import PropertyTestError
+
+ENV_VAR = "GRAPHOPT_HYPOTHESIS_PROFILE"
+DEFAULT_PROFILE = "ci"
+
+# Generated models take milliseconds to build and a pass run plus verification tens of
+# milliseconds: "too slow" is expected, not a problem with the strategy.
+_SLOW_IS_FINE = [HealthCheck.too_slow]
+
+PROFILES: dict[str, settings] = {
+    "ci": settings(max_examples=25, derandomize=True, deadline=None, print_blob=True, database=None,
+                   suppress_health_check=_SLOW_IS_FINE),
+    "dev": settings(max_examples=100, deadline=None, print_blob=True, suppress_health_check=_SLOW_IS_FINE),
+    "campaign": settings(max_examples=5000, deadline=None, print_blob=True, suppress_health_check=_SLOW_IS_FINE),
+}
+
+for _name, _profile in PROFILES.items():
+    settings.register_profile(f"graphopt-{_name}", _profile)
+
+
+def load_profile(name: str | None = None) -> str:
+    """Make profile ``name`` (default: ``$GRAPHOPT_HYPOTHESIS_PROFILE``, else ``ci``) hypothesis's
+    current settings; returns the name loaded."""
+    source = "load_profile()" if name else ENV_VAR
+    name = name or os.environ.get(ENV_VAR) or DEFAULT_PROFILE
+    if name not in PROFILES:
+        raise PropertyTestError(
+            f"unknown hypothesis profile {name!r} (given by {source}); "
+            f"choose one of {', '.join(PROFILES)}, e.g. {ENV_VAR}=dev"
+        )
+    settings.load_profile(f"graphopt-{name}")
+    return name

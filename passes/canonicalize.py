@@ -1,0 +1,23 @@
+"""``canonicalize``: rewrite a graph into graphopt's canonical form.
+
+Standard layers called as modules become their functional calls on ``get_attr`` parameters,
+every alias collapses to one callable with all arguments positional, eval-mode dropout goes,
+and in-place ops become out-of-place where no one can see the difference. Capture already
+leaves graphs canonical; run this after a pass or a hand edit that introduced other spellings.
+See :mod:`graphopt.canonical` for the rules.
+"""
+from __future__ import annotations
+
+import torch.fx as fx
+
+import graphopt
+from graphopt.canonical import canonicalize
+
+
+@graphopt.register_pass("canonicalize", contract=graphopt.Exact())
+def canonicalize_pass(gm: fx.GraphModule, ctx: graphopt.PassContext) -> int:
+    """Inline standard layers, collapse aliases to one spelling, drop eval-mode dropout.
+
+    In-place spellings whose write another node or the caller could observe are kept and
+    listed as declined, with the reason."""
+    return canonicalize(gm, may_rewrite=ctx.may_rewrite, decline=ctx.decline)

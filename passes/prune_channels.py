@@ -1,0 +1,314 @@
+"""``prune-channels``: structural channel pruning. The result is a smaller dense graph, not a mask.
+
+The coupling structure comes from :mod:`graphopt.channels`: channels that must go together
+(a residual stage, a concatenation's consumers, depthwise pairs, a flatten into a linear
+layer, ...) form a group, and every group is cut under one ratio. Per group:
+
+1. **How many channels stay** (:func:`units_to_keep`). ``ratio`` is the fraction of channels
+   removed; the group keeps ``channels * (1 - ratio)`` rounded to the *nearest* multiple of
+   ``round_to`` (ties round up), and never fewer than one multiple of ``round_to`` nor fewer
+   than ``min_channels`` (rounded up to a multiple). So 12 channels at ratio 0.5 with
+   ``round_to=8`` keep 8 (6 rounds to 8), at ratio 0.2 keep 8 (9.6 rounds to 8), and a layer
+   never rounds down to nothing. When the rounded count reaches the group's size the group is
+   left whole (a group smaller than ``round_to`` is never cut). ``ratio=0`` cuts no live
+   channel. In groups whose units span several channels (whole conv groups, group-norm
+   groups) the counts are in channels and move in whole units.
+2. **Which channels go.** Exactly dead channels first (:func:`graphopt.channels.dead_units`:
+   zero weights in every producer; a non-zero bias is folded into the next layer's bias,
+   ``b_next += act(bias) * W_next``), then the least important. Importance: ``l1`` / ``l2``
+   norms of each channel's weights in every conv/linear of the group (output rows of producers,
+   input columns of consumers), each layer's scores divided by their mean so large layers do
+   not drown small ones, then combined across the group with ``aggregation`` (``mean`` and
+   ``sum`` rank alike; ``max`` keeps a channel any layer relies on); ``bn_scale``: ``|gamma|``
+   of the group's batch norms (network slimming), L1 where a group has none; or a callable
+   ``importance(group, gm) -> scores`` (one score per unit of
+   :class:`graphopt.channels.ChannelGroup`, higher is kept) from Python. Ties keep the lower
+   index.
+3. **The cut**: tensors are sliced into new ones under the same names (``requires_grad``
+   kept, so the module can be fine-tuned), op arguments that count channels are rewritten
+   (``groups``, ``num_groups``, ``normalized_shape``, split sections, view/reshape sizes).
+
+Per-layer ratios: ``ratios="layer1.*=0.3;layer4.*=0.6"`` (``fnmatch`` patterns on layer names,
+i.e. module paths; ``;`` separates entries so the option fits in a pipeline string). A group's
+ratio is that of the first pattern, in the order written, matching one of the layers whose
+output channels it holds; otherwise ``ratio``. ``skip="fc;head.*"`` leaves every group touching a
+matching layer (its inputs or outputs) whole.
+
+Frozen groups (graph outputs, graph inputs, opaque modules, ops without a channel rule) are
+left whole and reported with the reason. Figures recorded: ``groups`` (per group: layers,
+channels before/after, dead channels removed, exact or not), and ``parameters``, ``macs`` and
+``bytes`` before and after.
+
+Contract: lossy with no numeric budget (pruning live channels changes outputs until the model
+is fine-tuned); shapes and dtypes of the outputs never change. Removing dead channels alone
+(``ratio=0``) is exact, which the tests check.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+from typing import Any, Callable, Literal
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+import graphopt
+from graphopt import channels as C
+from graphopt import ops
+from graphopt.costs import costs
+from graphopt.errors import OptionError, PassError
+from graphopt.graph import get_attr_value, propagate_shapes
+
+Importance = Callable[[C.ChannelGroup, fx.GraphModule], Any]
+
+
+@graphopt.register_pass("prune-channels", contract=graphopt.Lossy(min_sqnr_db=None), after=("canonicalize",),
+                        idempotent=False)
+def prune_channels(
+    gm: fx.GraphModule,
+    ctx: graphopt.PassContext,
+    *,
+    ratio: float = 0.3,
+    ratios: str | dict[str, float] = "",
+    importance: Literal["l1", "l2", "bn_scale"] | Importance = "l1",
+    aggregation: Literal["mean", "sum", "max"] = "mean",
+    round_to: int = 1,
+    min_channels: int = 1,
+    skip: str | tuple[str, ...] = "",
+    prune_dead: bool = True,
+) -> int:
+    """Remove whole channels (dead ones exactly, then the least important) from coupled groups.
+
+    ratio: fraction of channels removed per group; ratios: per-layer overrides
+    "pattern=ratio;..."; importance: l1, l2, bn_scale or a callable(group, gm); aggregation
+    across a group: mean, sum, max; round_to: kept counts are multiples of it; min_channels:
+    floor per group; skip: layer patterns left whole "a;b.*"; prune_dead: remove exactly dead
+    channels even at ratio 0. Rewrites counted: one per group cut.
+    """
+    per_layer = _parse_ratios(ratio, ratios)
+    skipped = _parse_patterns(skip)
+    score = _importance_function(importance, aggregation)
+    if round_to < 1 or min_channels < 1:
+        raise OptionError(f"prune-channels: round_to and min_channels must be >= 1 (got {round_to}, {min_channels})")
+
+    if not _shapes_recorded(gm, ctx.example_inputs):
+        propagate_shapes(gm, ctx.example_inputs)
+    outputs_before = _output_shapes(gm)
+    before = costs(gm)
+    analysis = C.analyze(gm)
+    dead = C.dead_units(analysis, ctx.example_inputs) if prune_dead else {}
+
+    drop: list[int] = []
+    bias_deltas: dict[fx.Node, torch.Tensor] = {}
+    report = []
+    for group in analysis.groups:
+        if len(group.units) < 2 or not (group.producers or group.consumers):
+            continue
+        if group.frozen:
+            _decline(ctx, group, "; ".join(f"{reason} (at {node})" for node, reason in group.frozen[:3]))
+            continue
+        names = [layer.name for layer in group.producers + group.consumers]
+        hit = next((p for p in skipped if any(fnmatch.fnmatchcase(n, p) for n in names)), None)
+        if hit is not None:
+            _decline(ctx, group, f"skipped: a layer matches skip pattern {hit!r}")
+            continue
+        group_ratio = _ratio_for(group, ratio, per_layer)
+        dead_here = [i for i, u in enumerate(group.units.tolist()) if u in dead]
+        keep = units_to_keep(len(group.units), group.width, group_ratio, round_to, min_channels, len(dead_here))
+        if keep >= len(group.units):
+            continue
+        scores = np.asarray(score(group, gm), dtype=np.float64)
+        if scores.shape != (len(group.units),):
+            raise PassError(f"prune-channels: importance returned {scores.shape} scores for group {group.name}, "
+                            f"which has {len(group.units)} units; return one score per unit", pass_name=ctx.pass_name)
+        scores[dead_here] = -np.inf
+        order = np.lexsort((np.arange(len(scores)), -scores))  # best first; ties keep the lower index
+        removed = np.sort(order[keep:])
+        exact = all(i in dead_here for i in removed.tolist())
+        before_ch, after_ch = group.channels, keep * group.width
+        if not ctx.may_rewrite(f"prune {group.name}: {before_ch} -> {after_ch} channels"):
+            continue
+        for i in removed.tolist():
+            unit = int(group.units[i])
+            drop.append(unit)
+            for node, delta in (dead[unit].bias_deltas.items() if unit in dead else ()):
+                bias_deltas[node] = bias_deltas.get(node, 0) + delta
+        n_dead = sum(1 for i in removed.tolist() if i in dead_here)
+        report.append({"group": group.name, "layers": group.layer_names, "channels": [before_ch, after_ch],
+                       "ratio": group_ratio, "dead_removed": n_dead * group.width, "exact": exact})
+        ctx.note(f"{group.name}: {before_ch} -> {after_ch} channels"
+                 + (f" ({n_dead * group.width} dead, removed exactly)" if n_dead else "")
+                 + ("" if exact else f" at ratio {group_ratio:g}"))
+
+    if drop:
+        C.prune(gm, analysis, drop, bias_deltas)
+        propagate_shapes(gm, ctx.example_inputs)
+        if _output_shapes(gm) != outputs_before:
+            raise PassError(f"prune-channels changed the output shapes {outputs_before} -> {_output_shapes(gm)}: "
+                            "a bug in the channel analysis; please report it with the model",
+                            pass_name=ctx.pass_name)
+    after = costs(gm)
+    ctx.record("groups", report)
+    for key in ("parameters", "macs", "bytes"):
+        ctx.record(key, [getattr(before, key), getattr(after, key)])
+    if drop:
+        ratios_now = after.ratio(before)
+        ctx.note(f"model: parameters {before.parameters} -> {after.parameters} ({ratios_now['parameters']:.2f}x), "
+                 f"MACs {before.macs} -> {after.macs} ({ratios_now['macs']:.2f}x), "
+                 f"bytes {before.bytes} -> {after.bytes}")
+    return len(report)
+
+
+def units_to_keep(units: int, width: int, ratio: float, round_to: int = 1, min_channels: int = 1,
+                  dead: int = 0) -> int:
+    """Units a group of ``units`` units of ``width`` channels keeps (see the module docstring).
+
+    >>> units_to_keep(12, 1, 0.5, round_to=8), units_to_keep(12, 1, 0.2, round_to=8)
+    (8, 8)
+    >>> units_to_keep(6, 1, 0.9, round_to=8)   # smaller than round_to: left whole
+    6
+    """
+    step = round_to // math.gcd(round_to, width)  # units per multiple of round_to channels
+    floor = _ceil_to(max(1, math.ceil(min_channels / width)), step)
+    keep = units
+    if ratio > 0:
+        keep = max(math.floor(units * (1 - ratio) / step + 0.5) * step, floor)
+    if dead:
+        keep = min(keep, max(_ceil_to(units - dead, step), floor))
+    return min(keep, units)
+
+
+def _ceil_to(value: int, step: int) -> int:
+    return -(-value // step) * step
+
+
+def _decline(ctx: graphopt.PassContext, group: C.ChannelGroup, reason: str) -> None:
+    layers = group.producers or group.consumers
+    ctx.decline(layers[0].node, f"channels of {group.name} ({group.channels}) left whole: {reason}")
+
+
+def _shapes_recorded(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> bool:
+    """Whether shape metadata is present for these inputs (the manager keeps it fresh)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, value in zip(placeholders, inputs):
+        tm = node.meta.get("tensor_meta")
+        if isinstance(value, torch.Tensor) and (tm is None or tuple(tm.shape) != tuple(value.shape)):
+            return False
+    return all("tensor_meta" in n.meta for n in gm.graph.nodes if ops.spec_of(n) is not None)
+
+
+def _output_shapes(gm: fx.GraphModule) -> list[tuple[int, ...] | None]:
+    out = []
+    for node in gm.graph.output_node().all_input_nodes:
+        tm = node.meta.get("tensor_meta")
+        out.append(tuple(tm.shape) if hasattr(tm, "shape") else None)
+    return out
+
+
+# --------------------------------------------------------------------------- options
+
+
+def _parse_ratios(ratio: float, ratios: str | dict[str, float]) -> list[tuple[str, float]]:
+    _check_ratio("ratio", ratio)
+    if isinstance(ratios, dict):
+        entries = list(ratios.items())
+    else:
+        entries = []
+        for item in (s.strip() for s in str(ratios).split(";")):
+            if not item:
+                continue
+            pattern, sep, value = item.rpartition("=")
+            if not sep or not pattern.strip():
+                raise OptionError(f"prune-channels{{ratios=...}}: entry {item!r} needs the form pattern=ratio, "
+                                  "entries separated by ';' (e.g. ratios=layer1.*=0.3;layer4.*=0.6)")
+            try:
+                entries.append((pattern.strip(), float(value)))
+            except ValueError:
+                raise OptionError(f"prune-channels{{ratios=...}}: {value!r} in {item!r} is not a number") from None
+    for pattern, value in entries:
+        _check_ratio(f"ratios[{pattern}]", value)
+    return [(p, float(v)) for p, v in entries]
+
+
+def _check_ratio(what: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise OptionError(f"prune-channels: {what} must be in [0, 1) (the fraction of channels removed), got {value!r}")
+
+
+def _parse_patterns(skip: str | tuple[str, ...]) -> list[str]:
+    items = skip.split(";") if isinstance(skip, str) else list(skip)
+    return [s.strip() for s in items if s and s.strip()]
+
+
+def _ratio_for(group: C.ChannelGroup, ratio: float, per_layer: list[tuple[str, float]]) -> float:
+    for pattern, value in per_layer:
+        if any(fnmatch.fnmatchcase(name, pattern) for name in group.layer_names):
+            return value
+    return ratio
+
+
+# --------------------------------------------------------------------------- importance
+
+
+_AGGREGATE = {"mean": np.mean, "sum": np.sum, "max": np.max}
+
+
+def _importance_function(importance: Any, aggregation: str) -> Callable[[C.ChannelGroup, fx.GraphModule], Any]:
+    if aggregation not in _AGGREGATE:
+        raise OptionError(f"prune-channels: aggregation must be one of {', '.join(_AGGREGATE)}, got {aggregation!r}")
+    if callable(importance):
+        return importance
+    if importance not in ("l1", "l2", "bn_scale"):
+        raise OptionError(f"prune-channels: importance must be l1, l2, bn_scale or a callable(group, gm) -> "
+                          f"scores, got {importance!r}")
+    reduce = _AGGREGATE[aggregation]
+
+    def score(group: C.ChannelGroup, gm: fx.GraphModule) -> np.ndarray:
+        if importance == "bn_scale":
+            per_dim = _bn_scores(group, gm)
+            if per_dim:
+                return reduce(np.stack(per_dim), axis=0)
+        per_dim = _magnitude_scores(group, gm, squared=importance == "l2")
+        if not per_dim:  # a group without conv/linear weights: every unit alike, lower index kept
+            return np.zeros(len(group.units))
+        return reduce(np.stack(per_dim), axis=0)
+
+    return score
+
+
+def _normalized(scores: np.ndarray) -> np.ndarray:
+    mean = scores.mean()
+    return scores / mean if mean > 0 else scores
+
+
+def _per_unit(tensor: torch.Tensor, dim: C.ParamDim, squared: bool) -> np.ndarray:
+    t = tensor.detach()
+    others = [d for d in range(t.dim()) if d != dim.dim]
+    norms = torch.linalg.vector_norm(t, 2 if squared else 1, dim=others) if others else t.abs()
+    per_index = norms.double().numpy()
+    if squared:
+        return np.sqrt((per_index ** 2)[dim.positions].sum(1))
+    return per_index[dim.positions].sum(1)
+
+
+def _magnitude_scores(group: C.ChannelGroup, gm: fx.GraphModule, squared: bool) -> list[np.ndarray]:
+    weight_dims = set()
+    for layer in group.producers + group.consumers:
+        if layer.weight.op == "get_attr":
+            weight_dims |= {(str(layer.weight.target), layer.out_dim), (str(layer.weight.target), layer.in_dim)}
+    return [_normalized(_per_unit(get_attr_value(gm, d.names[0]), d, squared))
+            for d in group.dims if any((name, d.dim) in weight_dims for name in d.names)]
+
+
+def _bn_scores(group: C.ChannelGroup, gm: fx.GraphModule) -> list[np.ndarray]:
+    gammas = set()
+    for node in gm.graph.nodes:
+        weight = ops.arg(node, "weight") if ops.is_op(node, "batch_norm") else None
+        if isinstance(weight, fx.Node) and weight.op == "get_attr":
+            gammas.add(str(weight.target))
+    return [_normalized(_per_unit(get_attr_value(gm, d.names[0]), d, squared=False))
+            for d in group.dims if d.dim == 0 and gammas.intersection(d.names)]
+
+
+graphopt.register_preset("mobile-pruned", "canonicalize,prune-channels,mobile-fp32")

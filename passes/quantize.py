@@ -1,0 +1,281 @@
+"""``quantize``: static int8 quantization, calibrated, as quantize/dequantize pairs in the graph.
+
+What it does, in order:
+
+1. Plans which ops run in int8 from a backend configuration (``config=x86`` by default: uint8
+   activations, 7-bit symmetric per-channel int8 weights, right for ONNX Runtime's U8S8 kernels
+   and torch's x86 engine on CPUs without VNNI; ``config=xnnpack`` for ARM phones). Fusion
+   units marked by ``fuse-conv-bn-relu`` stay whole. See ``graphopt.quantization.placement``.
+2. Calibrates: runs the float graph on ``ctx.calibration_data`` (or synthesized inputs, with a
+   warning) and picks each activation range with the chosen method (``minmax``,
+   ``moving_average``, ``histogram`` with ``percentile``, ``mse``). NaN/inf stops it with a
+   QuantizationError naming the value.
+3. Inserts ``quantize_per_tensor``/``dequantize_per_tensor`` after every int8 value (one
+   dequantize per consumer) and ``quantize_per_channel``/``dequantize_per_channel`` on each
+   weight (axis 0, axis 1 for transposed convs). Biases stay float: backends store them as
+   int32 at scale ``s_in * s_w``, and weight scales are raised where that would overflow.
+   ``fold-weight-quantization`` then stores the weights as int8 constants.
+4. Measures output SQNR against the float graph on held-out batches and refuses (rolls back)
+   below the contract's budget, naming the layers that lose the most.
+
+Options: ``skip`` (glob patterns on node names, module paths or weight names) and
+``keep_float_worst=N`` (the N weighted layers with the worst isolated SQNR) keep layers float;
+``per_layer_report=true`` records per-layer SQNR in the report.
+
+Budget: outputs must keep an SQNR of at least 15 dB (noise power 3% of the signal, about 18% RMS
+relative error) on in-distribution held-out inputs. Measured int8 SQNR with good calibration
+is 25-35 dB on trained CNNs and 18-25 dB on randomly initialized ResNet/MobileNet shapes; under
+15 dB top-1 agreement with float drops visibly, which is a quantization bug or a layer that
+must stay float, not something to ship silently.
+"""
+from __future__ import annotations
+
+import copy
+import fnmatch
+import math
+from collections import Counter
+from typing import Literal
+
+import torch
+import torch.fx as fx
+
+import graphopt
+from graphopt import ops
+from graphopt.errors import QuantizationError
+from graphopt.graph import add_constant, copy_provenance, get_attr_value, provenance
+from graphopt.quantization import calibration as calib
+from graphopt.quantization import evaluation, qdq
+from graphopt.quantization.configs import BackendConfig, get_config
+from graphopt.quantization.observers import Observer, make_observer
+from graphopt.quantization.placement import Plan, Unit, plan_quantization, weight_axis
+from graphopt.quantization.qparams import (
+    TensorQParams,
+    affine_qparams,
+    guard_bias_scales,
+    symmetric_per_channel_scales,
+)
+
+CONTRACT = graphopt.Lossy(min_sqnr_db=15.0)
+
+
+@graphopt.register_pass("quantize", contract=CONTRACT, after=("fuse-conv-bn-relu",))
+def quantize(
+    gm: fx.GraphModule,
+    ctx: graphopt.PassContext,
+    *,
+    config: str = "x86",
+    calibration: Literal["minmax", "moving_average", "histogram", "mse"] = "histogram",
+    percentile: float = 99.99,
+    bins: int = 2048,
+    max_calibration_batches: int = 64,
+    held_out_batches: int = 1,
+    skip: tuple[str, ...] = (),
+    keep_float_worst: int = 0,
+    per_layer_report: bool = False,
+) -> int:
+    """Static int8 quantization: calibrate, then insert quantize/dequantize pairs (QDQ).
+
+    Options: config (x86 | xnnpack), calibration (minmax | moving_average | histogram |
+    mse), percentile (histogram), skip (glob patterns), keep_float_worst (N layers),
+    per_layer_report, max_calibration_batches, held_out_batches.
+    """
+    if qdq.has_qdq(gm):
+        ctx.note("the graph already holds quantize/dequantize nodes; left as it is")
+        return 0
+    cfg = get_config(config)
+    data = calib.collect(ctx.example_inputs, ctx.calibration_data,
+                         max_batches=max_calibration_batches, held_out=held_out_batches)
+    measure = _Calibrator(gm, cfg, calibration, bins, percentile, data.batches)
+    veto = _Veto(ctx, skip)
+
+    if keep_float_worst > 0:
+        probe = plan_quantization(gm, cfg, veto.without_budget, lambda n, r: None)
+        params, scales, _ = measure.params(probe)
+        isolated = evaluation.isolated_layer_sqnr(gm, probe, params, scales, data.held_out)
+        worst_first = sorted(isolated, key=isolated.get)[:keep_float_worst]
+        veto.kept_float = {name: isolated[name] for name in worst_first}
+
+    plan = plan_quantization(gm, cfg, veto, ctx.decline)
+    params, scales, missing = measure.params(plan)
+    if missing:  # values no calibration batch reached: their units stay float
+        veto.no_data = missing
+        plan = plan_quantization(gm, cfg, veto, ctx.decline)
+        params, scales, _ = measure.params(plan)
+    if not plan.units:
+        ctx.note(f"nothing to quantize under config {cfg.name}")
+        return 0
+
+    isolated = evaluation.isolated_layer_sqnr(gm, plan, params, scales, data.held_out)
+    reference = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    _insert(gm, plan, params, scales)
+    gm.graph.lint()
+    gm.recompile()
+
+    sqnr = evaluation.output_sqnr(reference, gm, data.held_out)
+    _report(ctx, cfg, plan, data, calibration, percentile, sqnr, measure.raised, veto)
+    if per_layer_report:
+        cumulative = evaluation.cumulative_layer_sqnr(reference, gm, plan, data.held_out)
+        ctx.record("per_layer", [
+            {"layer": u.node.name, "op": u.op, "provenance": provenance(u.node),
+             "isolated_sqnr_db": isolated.get(u.node.name), "cumulative_sqnr_db": cumulative[u.node.name]}
+            for u in plan.units if u.kind != "shared"
+        ])
+    worst = min(sqnr) if sqnr else math.inf
+    if CONTRACT.min_sqnr_db is not None and worst < CONTRACT.min_sqnr_db:
+        culprits = ", ".join(f"{n} ({v:.1f} dB)" for n, v in sorted(isolated.items(), key=lambda kv: kv[1])[:3])
+        raise QuantizationError(
+            f"int8 output SQNR {worst:.1f} dB on held-out inputs is below the {CONTRACT.min_sqnr_db:g} dB budget; "
+            f"layers losing the most alone: {culprits or 'none measured'}. Try calibration=mse or "
+            "histogram, more representative calibration data, skip=[...] or keep_float_worst=N"
+        )
+    return len(plan.units)
+
+
+# ------------------------------------------------------------------------- vetoes
+
+
+class _Veto:
+    """Why a unit stays float: skip patterns, worst layers kept float, values calibration never
+    reached, and the rewrite budget (asked once per node so re-planning does not re-ask)."""
+
+    def __init__(self, ctx: graphopt.PassContext, skip: tuple[str, ...]):
+        self.ctx, self.skip = ctx, tuple(skip)
+        self.kept_float: dict[str, float] = {}
+        self.no_data: set[fx.Node] = set()
+        self.granted: dict[fx.Node, bool] = {}
+
+    def without_budget(self, unit: Unit) -> str | None:
+        names = [unit.node.name, provenance(unit.node)]
+        weight = unit.node.args[1] if unit.kind == "weighted" else None
+        if isinstance(weight, fx.Node) and weight.op == "get_attr":
+            names += [str(weight.target), str(weight.target).rpartition(".")[0]]
+        for pattern in self.skip:
+            if any(fnmatch.fnmatchcase(n, pattern) for n in names if n):
+                return f"skipped by pattern {pattern!r}"
+        if unit.node.name in self.kept_float:
+            return f"kept float: one of the worst layers (isolated SQNR {self.kept_float[unit.node.name]:.1f} dB)"
+        untouched = [v.name for v in (unit.output, *unit.inputs) if v in self.no_data]
+        if untouched:
+            return f"no calibration data reached {', '.join(untouched)}; left float"
+        return None
+
+    def __call__(self, unit: Unit) -> str | None:
+        reason = self.without_budget(unit)
+        if reason is not None:
+            return reason
+        if unit.node not in self.granted:
+            self.granted[unit.node] = self.ctx.may_rewrite(f"quantize {unit.kind} {unit.node.name} ({unit.op})")
+        return None if self.granted[unit.node] else "rewrite budget exhausted (bisection)"
+
+
+# ------------------------------------------------------------------------- calibration
+
+
+class _Calibrator:
+    """Observers per group, calibration runs, and the resulting parameters."""
+
+    def __init__(self, gm: fx.GraphModule, cfg: BackendConfig, method: str, bins: int, percentile: float,
+                 batches: list):
+        self.gm, self.cfg, self.method, self.bins, self.percentile, self.batches = gm, cfg, method, bins, percentile, batches
+        self.raised = 0  # weight channels whose scale the int32 bias guard raised, last plan
+        qlevels = cfg.activation.qmax - cfg.activation.qmin + 1
+        make_observer(method, bins=bins, percentile=percentile, qlevels=qlevels)  # validate options early
+
+    def params(self, plan: Plan) -> tuple[dict[fx.Node, TensorQParams], dict[fx.Node, torch.Tensor], set[fx.Node]]:
+        """Activation parameters per value, weight scales per weighted unit, and the values
+        calibration never reached."""
+        act = self.cfg.activation
+        observers: dict[fx.Node, Observer] = {}
+        watch: dict[fx.Node, Observer] = {}
+        for root, members in plan.groups.roots().items():
+            if plan.groups.fixed_of(root) is None:
+                observers[root] = make_observer(self.method, bins=self.bins, percentile=self.percentile,
+                                                qlevels=act.qmax - act.qmin + 1)
+                watch.update({m: observers[root] for m in members})
+        calib.calibrate(self.gm, watch, self.batches)
+
+        params: dict[fx.Node, TensorQParams] = {}
+        missing: set[fx.Node] = set()
+        for root, members in plan.groups.roots().items():
+            fixed = plan.groups.fixed_of(root)
+            if fixed is not None:
+                qp = TensorQParams(fixed.scale, fixed.zero_point, act.qmin, act.qmax, act.dtype)
+            else:
+                seen = observers[root].range()
+                if seen is None:
+                    missing.update(members)
+                    continue
+                qp = affine_qparams(*seen, act.qmin, act.qmax, act.dtype, self.cfg.activation_scale_min)
+            params.update({m: qp for m in members})
+
+        scales: dict[fx.Node, torch.Tensor] = {}
+        raised: dict[fx.Node, int] = {}
+        for unit in plan.units:
+            if unit.kind == "weighted" and unit.inputs[0] in params:
+                weight = get_attr_value(self.gm, unit.node.args[1])
+                s = symmetric_per_channel_scales(weight, weight_axis(unit.node), self.cfg.weight.qmax,
+                                                 self.cfg.weight_scale_min)
+                bias = ops.arg(unit.node, "bias")
+                bias_value = get_attr_value(self.gm, bias) if isinstance(bias, fx.Node) and bias.op == "get_attr" else None
+                scales[unit.node], raised[unit.node] = guard_bias_scales(s, bias_value, params[unit.inputs[0]].scale)
+        self.raised = sum(raised.values())
+        return params, scales, missing
+
+
+# ------------------------------------------------------------------------- insertion
+
+
+def _insert(gm: fx.GraphModule, plan: Plan, params: dict[fx.Node, TensorQParams],
+            scales: dict[fx.Node, torch.Tensor]) -> None:
+    """Put the QDQ nodes of ``plan`` into ``gm``."""
+    graph = gm.graph
+    for value, qv in plan.values.items():
+        readers = qv.readers()
+        q = qdq.insert_quantize(graph, value, params[value])
+        copy_provenance(q, value)
+        for reader in readers:
+            dq = qdq.insert_dequantize(graph, q, before=reader)
+            copy_provenance(dq, value)
+            reader.replace_input_with(value, dq)
+
+    attrs: dict[tuple[str, bytes], tuple[str, str]] = {}
+    wq = plan.config.weight
+    for unit in plan.units:
+        if unit.kind != "weighted":
+            continue
+        node = unit.node
+        w_node = ops.arg(node, "weight")
+        s = scales[node]
+        key = (str(w_node.target), s.numpy().tobytes())
+        if key not in attrs:
+            axis_len = s.numel()
+            attrs[key] = (add_constant(gm, f"{w_node.target}_scale", s),
+                          add_constant(gm, f"{w_node.target}_zero_point", torch.zeros(axis_len, dtype=wq.dtype)))
+        scale_name, zp_name = attrs[key]
+        axis = weight_axis(node)
+        with graph.inserting_before(node):
+            s_node, z_node = graph.get_attr(scale_name), graph.get_attr(zp_name)
+            q = graph.call_function(qdq.QUANTIZE_PER_CHANNEL, (w_node, s_node, z_node, axis, wq.qmin, wq.qmax, wq.dtype))
+            dq = graph.call_function(qdq.DEQUANTIZE_PER_CHANNEL, (q, s_node, z_node, axis, wq.qmin, wq.qmax, wq.dtype))
+        for new in (s_node, z_node, q, dq):
+            copy_provenance(new, w_node)
+        ops.set_arg(node, "weight", dq)
+
+
+# ------------------------------------------------------------------------- report
+
+
+def _report(ctx: graphopt.PassContext, cfg: BackendConfig, plan: Plan, data: calib.CalibrationData,
+            method: str, percentile: float, sqnr: list[float], raised: int, veto: _Veto) -> None:
+    ctx.note(cfg.summary())
+    how = f"{method} (percentile {percentile:g})" if method == "histogram" else method
+    ctx.note(f"calibration: {how} over {data.description}")
+    if raised:
+        ctx.note(f"{raised} weight channel(s) got a larger scale so their bias fits int32 at s_in * s_w")
+    ctx.record("config", cfg.name)
+    ctx.record("units_by_op", dict(Counter(u.op for u in plan.units)))
+    ctx.record("quantized_values", len(plan.values))
+    ctx.record("held_out_sqnr_db", sqnr)
+    ctx.record("bias_guard_raised_channels", raised)
+    if veto.kept_float:
+        ctx.record("kept_float", dict(veto.kept_float))

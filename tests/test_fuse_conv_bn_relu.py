@@ -1,0 +1,546 @@
+"""fuse-conv-bn-relu: batch-norm folding into conv/linear and conv+activation fusion units.
+
+Every batch norm gets random running statistics and affine parameters (a fresh one is an
+identity and would hide a wrong fold). Outputs are compared with the eager model.
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+import graphopt
+import graphopt.passes.fuse_conv_bn_relu  # noqa: F401  (registers the pass)
+from graphopt import ops
+from graphopt.capture import capture
+from graphopt.graph import propagate_shapes
+from graphopt.pass_infra import RewriteBudget
+
+PASS = "fuse-conv-bn-relu"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def randomize(bn: nn.modules.batchnorm._BatchNorm, *, min_var: float = 0.2) -> nn.Module:
+    """Give ``bn`` random statistics (and affine parameters, when it has them)."""
+    with torch.no_grad():
+        if bn.track_running_stats:
+            bn.running_mean.copy_(torch.randn_like(bn.running_mean))
+            bn.running_var.copy_(torch.rand_like(bn.running_var) * 2 + min_var)
+        if bn.affine:
+            bn.weight.copy_(torch.randn_like(bn.weight))
+            bn.bias.copy_(torch.randn_like(bn.bias))
+    return bn
+
+
+def run_pass(model: nn.Module | fx.GraphModule, inputs: tuple, *, verify: str = "each",
+             budget: RewriteBudget | None = None, **options):
+    """Capture ``model`` (unless captured already) and run only this pass; returns (graph
+    module, the pass's record)."""
+    manager = graphopt.PassManager([PASS], verify=verify, on_failure="raise",
+                                   options={PASS: options} if options else None)
+    result = manager.run(model, inputs, budget=budget)
+    return result.module, result.report.records[0]
+
+
+def count_op(gm: fx.GraphModule, name: str) -> int:
+    return sum(1 for n in gm.graph.nodes if ops.is_op(n, name))
+
+
+def rel_error(got, want) -> float:
+    got, want = torch.as_tensor(got).double(), torch.as_tensor(want).double()
+    return ((got - want).abs().max() / want.abs().max()).item()
+
+
+def assert_same_outputs(gm, model, inputs, rtol: float = 1e-5):
+    got, want = gm(*inputs), model(*inputs)
+    got, want = (got if isinstance(got, tuple) else (got,)), (want if isinstance(want, tuple) else (want,))
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want)):
+        error = rel_error(g, w)
+        assert error <= rtol, f"output {i}: relative error {error:.3g} > {rtol:g}"
+
+
+def conv_node(gm: fx.GraphModule) -> fx.Node:
+    (node,) = [n for n in gm.graph.nodes if ops.spec_of(n) and ops.spec_of(n).name.startswith(("conv", "linear"))]
+    return node
+
+
+def fused_weight_and_bias(gm: fx.GraphModule) -> tuple[torch.Tensor, torch.Tensor]:
+    conv = conv_node(gm)
+    return gm.get_parameter(ops.arg(conv, "weight").target), gm.get_parameter(ops.arg(conv, "bias").target)
+
+
+def declines(record) -> str:
+    return " | ".join(reason for _, reason in record.declines)
+
+
+class Seq(nn.Sequential):
+    """A layer stack whose batch-norm output is scaled before it leaves the graph: a BN output that
+    is a graph output is declined on purpose (tested separately)."""
+
+    def forward(self, x):
+        return super().forward(x) * 2.0
+
+
+# --------------------------------------------------------------------------- folding is exact
+
+
+CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+C = 4
+
+
+@pytest.mark.parametrize(
+    "dims,transposed,bias,groups,affine",
+    list(itertools.product((1, 2, 3), (False, True), (True, False), (1, 2, C), (True, False))),
+)
+def test_fold_matches_eager_for_every_conv_kind(dims, transposed, bias, groups, affine):
+    torch.manual_seed(dims * 100 + groups * 10 + transposed * 2 + bias + affine * 5)
+    layer = (CONV_T if transposed else CONV)[dims](C, C, 3, stride=1 + transposed, groups=groups, bias=bias)
+    model = Seq(layer, randomize(BN[dims](C, affine=affine))).eval()
+    x = (torch.randn(2, C, *(5,) * dims),)
+
+    gm, record = run_pass(model, x, verify="none")  # compared below, more tightly than the manager does
+    assert record.rewrites == 1 and record.figures["batch_norms_folded"] == 1
+    assert count_op(gm, "batch_norm") == 0
+    assert_same_outputs(gm, model, x, rtol=1e-5)
+
+    model64, x64 = model.double(), (x[0].double(),)
+    gm64, _ = run_pass(model64, x64, verify="none")
+    assert count_op(gm64, "batch_norm") == 0
+    assert_same_outputs(gm64, model64, x64, rtol=1e-12)
+
+
+def test_conv_transpose_groups_scale_each_groups_own_output_channels():
+    # groups=2, Cin=4, Cout=6: weight (4, 3, k); rows 0-1 feed channels 0-2, rows 2-3 channels 3-5
+    torch.manual_seed(1)
+    model = Seq(nn.ConvTranspose2d(4, 6, 3, groups=2, bias=False), randomize(nn.BatchNorm2d(6))).eval()
+    x = (torch.randn(1, 4, 5, 5),)
+    gm, record = run_pass(model, x)
+    assert record.rewrites == 1
+    weight, _ = fused_weight_and_bias(gm)
+    assert weight.shape == model[0].weight.shape
+    assert_same_outputs(gm, model, x)
+
+
+def test_linear_then_batchnorm1d_on_2d_input_folds():
+    torch.manual_seed(2)
+    model = Seq(nn.Linear(5, 4), randomize(nn.BatchNorm1d(4))).eval()
+    x = (torch.randn(8, 5),)
+    gm, record = run_pass(model, x)
+    assert record.rewrites == 1 and count_op(gm, "batch_norm") == 0
+    assert_same_outputs(gm, model, x)
+
+
+def test_stacked_batch_norms_both_fold_in_one_run():
+    torch.manual_seed(23)
+    model = Seq(nn.Conv2d(3, 4, 3), randomize(nn.BatchNorm2d(4)), randomize(nn.BatchNorm2d(4))).eval()
+    x = (torch.randn(1, 3, 6, 6),)
+    gm, record = run_pass(model, x)
+    assert record.rewrites == 2 and count_op(gm, "batch_norm") == 0
+    assert conv_node(gm).meta["folded_from"] == ["0", "1", "2"]
+    assert_same_outputs(gm, model, x)
+
+
+def test_mixed_dtypes_fold_in_float64_and_take_the_conv_dtype():
+    torch.manual_seed(3)
+    model = Seq(nn.Conv2d(4, 4, 3).to(torch.bfloat16), randomize(nn.BatchNorm2d(4))).eval()  # BN stays fp32
+    x = (torch.randn(1, 4, 6, 6, dtype=torch.bfloat16),)
+    gm, record = run_pass(model, x)
+    assert record.rewrites == 1
+    weight, bias = fused_weight_and_bias(gm)
+    assert weight.dtype == bias.dtype == torch.bfloat16
+    reference = Seq(nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)).eval().double()
+    reference.load_state_dict(model.state_dict())
+    want = reference(x[0].double())
+    assert rel_error(gm(*x), want) <= 2 * rel_error(model(*x), want) + 1e-3
+
+
+# --------------------------------------------------------------------------- declines
+
+
+def assert_declined(model, inputs, reason: str, **options):
+    gm, record = run_pass(model, inputs, **options)
+    assert record.rewrites == 0, record
+    assert reason in declines(record), declines(record)
+    assert count_op(gm, "batch_norm") == 1
+    assert_same_outputs(gm, model, inputs)
+    return gm, record
+
+
+class TwoOutputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), randomize(nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y), y
+
+
+class BNLast(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), randomize(nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+class SubclassedConv(nn.Conv2d):
+    pass
+
+
+def test_conv_output_with_other_users_is_declined():
+    torch.manual_seed(4)
+    assert_declined(TwoOutputs().eval(), (torch.randn(1, 3, 6, 6),), "also read by")
+
+
+def test_batch_norm_output_that_is_a_graph_output_is_declined():
+    torch.manual_seed(5)
+    assert_declined(BNLast().eval(), (torch.randn(1, 3, 6, 6),), "graph output")
+
+
+def test_linear_then_batchnorm1d_on_3d_input_is_declined_even_when_sizes_agree():
+    # (N, C=4, L=4): BN normalizes dim 1, linear acts on the last dim; folding would be wrong
+    torch.manual_seed(6)
+    model = Seq(nn.Linear(4, 4), randomize(nn.BatchNorm1d(4))).eval()
+    assert_declined(model, (torch.randn(2, 4, 4),), "linear output is 3-D")
+
+
+def test_unbatched_conv_then_batch_norm_is_declined():
+    # unbatched conv2d output (C, H, W): BatchNorm1d reads it as (N=C, C=H, L=W)
+    torch.manual_seed(7)
+    model = Seq(nn.Conv2d(4, 4, 1), randomize(nn.BatchNorm1d(4))).eval()
+    assert_declined(model, (torch.randn(4, 4, 5),), "unbatched")
+
+
+def test_batch_norm_in_training_mode_is_declined():
+    torch.manual_seed(8)
+    model = Seq(nn.Conv2d(3, 4, 3), randomize(nn.BatchNorm2d(4))).eval()
+    model[1].train()
+    assert_declined(model, (torch.randn(2, 3, 6, 6),), "training mode")
+
+
+def test_batch_norm_without_running_stats_is_declined():
+    torch.manual_seed(9)
+    model = Seq(nn.Conv2d(3, 4, 3), randomize(nn.BatchNorm2d(4, track_running_stats=False))).eval()
+    assert_declined(model, (torch.randn(2, 3, 6, 6),), "running statistics")
+
+
+def test_batch_norm_after_a_nonlinearity_is_declined():
+    torch.manual_seed(10)
+    model = Seq(nn.Conv2d(3, 4, 3), nn.ReLU(), randomize(nn.BatchNorm2d(4))).eval()
+    assert_declined(model, (torch.randn(1, 3, 6, 6),), "not a canonical conv", fuse_activations=False)
+
+
+@pytest.mark.parametrize("make_conv", [
+    lambda: SubclassedConv(3, 4, 3),
+    lambda: nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 4, 3)),
+], ids=["subclass", "weight_norm"])
+def test_opaque_conv_modules_are_not_matched(make_conv):
+    # capture keeps subclassed and parametrized layers as opaque call_module nodes
+    torch.manual_seed(11)
+    model = Seq(make_conv(), randomize(nn.BatchNorm2d(4))).eval()
+    gm, _ = assert_declined(model, (torch.randn(1, 3, 6, 6),), "not a canonical conv")
+    assert any(n.op == "call_module" for n in gm.graph.nodes)
+
+
+def test_zero_variance_with_zero_eps_is_declined_as_non_finite():
+    torch.manual_seed(12)
+    model = Seq(nn.Conv2d(3, 4, 3), randomize(nn.BatchNorm2d(4, eps=0.0))).eval()
+    with torch.no_grad():
+        model[1].running_var[1] = 0.0
+    x = (torch.randn(1, 3, 6, 6),)
+    gm, record = run_pass(model, x)
+    assert record.rewrites == 0 and "non-finite fold" in declines(record)
+    assert count_op(gm, "batch_norm") == 1
+    torch.testing.assert_close(gm(*x), model(*x), equal_nan=True)
+
+
+class WeightMutatedInForward(nn.Module):
+    """The conv weight is scaled in place by forward, directly or through a view. (A frozen
+    parameter: fx reads plain buffers as constants at trace time, so their mutation never
+    reaches the graph.)"""
+
+    def __init__(self, through_view: bool):
+        super().__init__()
+        self.through_view = through_view
+        self.weight = nn.Parameter(torch.randn(4, 3, 3, 3), requires_grad=False)
+        self.bn = randomize(nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        (self.weight.view(-1) if self.through_view else self.weight).mul_(1.0)
+        return self.bn(F.conv2d(x, self.weight)) * 2.0
+
+
+@pytest.mark.parametrize("through_view", [False, True])
+def test_weight_modified_in_place_by_the_graph_is_declined(through_view):
+    torch.manual_seed(13)
+    assert_declined(WeightMutatedInForward(through_view).eval(), (torch.randn(1, 3, 6, 6),), "modified in place")
+
+
+# --------------------------------------------------------------------------- sharing
+
+
+class SharedConv(nn.Module):
+    """One conv module called at two sites; only the first is followed by batch norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), randomize(nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) * 2.0, self.conv(x + 1.0)
+
+
+class TiedWeights(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3, bias=False)
+        self.b.weight = self.a.weight
+        self.bn = randomize(nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        return self.bn(self.a(x)) * 2.0, self.b(x)
+
+
+class SharedConvTwoBNs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn1, self.bn2 = randomize(nn.BatchNorm2d(4)), randomize(nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        return self.bn1(self.conv(x)) * 2.0, self.bn2(self.conv(x - 1.0)) * 2.0
+
+
+@pytest.mark.parametrize("model_type,folds", [(SharedConv, 1), (TiedWeights, 1), (SharedConvTwoBNs, 2)])
+def test_shared_weights_get_fused_copies_and_other_sites_keep_the_original(model_type, folds):
+    torch.manual_seed(14)
+    model = model_type().eval()
+    originals = {n: (t, t.clone()) for n, t in model.named_parameters()}
+    x = (torch.randn(1, 3, 6, 6),)
+    gm, record = run_pass(model, x)
+    assert record.rewrites == folds and count_op(gm, "batch_norm") == 0
+    assert_same_outputs(gm, model, x)
+    for name, (tensor, copy) in originals.items():
+        assert torch.equal(tensor, copy), f"{name} was modified"
+
+
+# --------------------------------------------------------------------------- tensor properties
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_fold_is_correctly_rounded_from_float64(dtype):
+    # small running variances inflate the weights: folding in the low dtype loses most
+    torch.manual_seed(15)
+    model = Seq(nn.Conv2d(4, 8, 3), randomize(nn.BatchNorm2d(8), min_var=1e-3)).eval()
+    with torch.no_grad():
+        model[1].running_var.mul_(1e-2)
+    model = model.to(dtype)
+    x = (torch.randn(1, 4, 6, 6, dtype=dtype),)
+    gm, record = run_pass(model, x)
+    assert record.rewrites == 1
+    weight, bias = fused_weight_and_bias(gm)
+    assert weight.dtype == bias.dtype == dtype
+
+    conv, bn = model[0], model[1]
+
+    def fold(tp):
+        scale = bn.weight.to(tp) / torch.sqrt(bn.running_var.to(tp) + bn.eps)
+        w = conv.weight.to(tp) * scale.reshape(-1, 1, 1, 1)
+        b = (conv.bias.to(tp) - bn.running_mean.to(tp)) * scale + bn.bias.to(tp)
+        return w, b
+
+    exact_w, exact_b = fold(torch.float64)
+    via_fp32_w, via_fp32_b = (t.to(dtype) for t in fold(torch.float32))
+    for ours, via_fp32, exact in ((weight, via_fp32_w, exact_w), (bias, via_fp32_b, exact_b)):
+        ours_err = (ours.double() - exact).abs()
+        assert torch.all(ours_err <= (via_fp32.double() - exact).abs())
+        # correctly rounded: within half a unit in the last place of the result
+        assert torch.all(ours_err <= exact.abs() * torch.finfo(dtype).eps / 2 + torch.finfo(dtype).tiny)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_channels_last_weight_stays_channels_last(transposed):
+    torch.manual_seed(16)
+    layer = nn.ConvTranspose2d(4, 4, 3, groups=2) if transposed else nn.Conv2d(4, 4, 3)
+    model = Seq(layer, randomize(nn.BatchNorm2d(4))).eval().to(memory_format=torch.channels_last)
+    assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    x = (torch.randn(1, 4, 6, 6).to(memory_format=torch.channels_last),)
+    gm, record = run_pass(model, x)
+    assert record.rewrites == 1
+    weight, _ = fused_weight_and_bias(gm)
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    assert_same_outputs(gm, model, x)
+
+
+@pytest.mark.parametrize("requires_grad", [True, False])
+def test_fused_weight_and_created_bias_keep_requires_grad(requires_grad):
+    torch.manual_seed(17)
+    model = Seq(nn.Conv2d(3, 4, 3, bias=False), randomize(nn.BatchNorm2d(4))).eval()
+    model.requires_grad_(requires_grad)
+    gm, record = run_pass(model, (torch.randn(1, 3, 6, 6),))
+    assert record.rewrites == 1
+    weight, bias = fused_weight_and_bias(gm)
+    assert isinstance(weight, nn.Parameter) and isinstance(bias, nn.Parameter)
+    assert weight.requires_grad is requires_grad and bias.requires_grad is requires_grad
+
+
+class ConvBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, bias=False), randomize(nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) * 2.0
+
+
+def test_fused_tensors_are_new_attributes_named_after_the_conv():
+    torch.manual_seed(18)
+    model = ConvBN().eval()
+    gm, _ = run_pass(model, (torch.randn(1, 3, 6, 6),))
+    conv = conv_node(gm)
+    assert ops.arg(conv, "weight").target == "conv_weight_folded"
+    assert ops.arg(conv, "bias").target == "conv_bias_folded"
+    assert torch.equal(gm.conv.weight, model.conv.weight)  # the original is left for DCE, unchanged
+    # the conv now computes what the batch norm did, so it carries the batch norm's provenance
+    assert conv.meta["provenance"] == "bn" and conv.meta["folded_from"] == ["conv", "bn"]
+
+
+class FunctionalForms(nn.Module):
+    """The pattern written with functional calls and a method alias (``.relu()``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, bias=False), randomize(nn.BatchNorm2d(4))
+        self.fc, self.bn1 = nn.Linear(4, 4), randomize(nn.BatchNorm1d(4))
+
+    def forward(self, x):
+        bn = self.bn
+        y = F.batch_norm(F.conv2d(x, self.conv.weight), bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                         False, 0.1, bn.eps).relu()
+        z = self.bn1(F.linear(y.mean((2, 3)), self.fc.weight, self.fc.bias))
+        return F.relu6(y) * 2.0, z * 2.0
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_functional_and_aten_level_forms_fold(mode):
+    torch.manual_seed(19)
+    model, x = FunctionalForms().eval(), (torch.randn(2, 3, 6, 6),)
+    gm, record = run_pass(capture(model, x, mode=mode), x)
+    assert record.figures == {"batch_norms_folded": 2, "fusion_units": 1}
+    assert count_op(gm, "batch_norm") == 0
+    assert_same_outputs(gm, model, x)
+
+
+# --------------------------------------------------------------------------- fusion units
+
+
+def test_conv_relu_without_batch_norm_is_one_fusion_unit():
+    torch.manual_seed(19)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+    x = (torch.randn(1, 3, 6, 6),)
+    gm, record = run_pass(model, x)
+    assert record.rewrites == 1 and record.figures["fusion_units"] == 1
+    conv = conv_node(gm)
+    (relu,) = [n for n in gm.graph.nodes if ops.is_op(n, "relu")]
+    assert conv.meta["fusion_unit"]["activation"] == relu.name
+    assert conv.meta["fusion_unit"]["kind"] == "relu"
+    assert relu.meta["fused_into"] == conv.name
+    assert_same_outputs(gm, model, x)
+
+
+@pytest.mark.parametrize("activation,kind", [(nn.ReLU6(), "relu6"), (nn.Hardtanh(-1.0, 2.0), "hardtanh")])
+def test_conv_bn_clamp_becomes_one_fused_unit(activation, kind):
+    torch.manual_seed(20)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), randomize(nn.BatchNorm2d(4)), activation).eval()
+    x = (torch.randn(1, 3, 6, 6),)
+    gm, record = run_pass(model, x)
+    assert record.rewrites == 2 and count_op(gm, "batch_norm") == 0
+    unit = conv_node(gm).meta["fusion_unit"]
+    assert unit["kind"] == kind and (unit["min_val"], unit["max_val"]) == (activation.min_val, activation.max_val)
+    assert_same_outputs(gm, model, x)
+
+
+def test_linear_relu_is_one_fusion_unit():
+    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU()).eval()
+    gm, record = run_pass(model, (torch.randn(2, 5),))
+    assert record.rewrites == 1 and conv_node(gm).meta["fusion_unit"]["kind"] == "relu"
+
+
+def test_activations_backends_do_not_fuse_stay_separate():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SiLU()).eval()
+    gm, record = run_pass(model, (torch.randn(1, 3, 6, 6),))
+    assert record.rewrites == 0 and "fusion_unit" not in conv_node(gm).meta
+
+
+class ConvReluAndRaw(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return torch.relu(y), y
+
+
+def test_relu_is_not_fused_when_the_conv_output_has_other_users():
+    gm, record = run_pass(ConvReluAndRaw().eval(), (torch.randn(1, 3, 6, 6),))
+    assert record.rewrites == 0 and "also read by" in declines(record)
+    assert "fusion_unit" not in conv_node(gm).meta
+
+
+def test_fuse_activations_false_only_folds():
+    torch.manual_seed(21)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), randomize(nn.BatchNorm2d(4)), nn.ReLU()).eval()
+    gm, record = run_pass(model, (torch.randn(1, 3, 6, 6),), fuse_activations=False)
+    assert record.rewrites == 1 and count_op(gm, "batch_norm") == 0
+    assert "fusion_unit" not in conv_node(gm).meta
+
+
+# --------------------------------------------------------------------------- pass behaviour
+
+
+def resnet_like() -> nn.Module:
+    torch.manual_seed(22)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), randomize(nn.BatchNorm2d(8)), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8), randomize(nn.BatchNorm2d(8)), nn.ReLU6(),
+        nn.Conv2d(8, 4, 1), randomize(nn.BatchNorm2d(4)), nn.Flatten(),
+    ).eval()
+
+
+def test_second_run_finds_nothing_new():
+    model, x = resnet_like(), (torch.randn(1, 3, 8, 8),)
+    result = graphopt.PassManager([PASS, PASS], on_failure="raise").run(model, x)
+    first, second = result.report.records
+    assert first.rewrites == 5  # three folds, two fusion units
+    assert second.rewrites == 0
+    assert_same_outputs(result.module, model, x)
+
+
+def test_each_rewrite_asks_the_budget():
+    model, x = resnet_like(), (torch.randn(1, 3, 8, 8),)
+    gm, record = run_pass(model, x, budget=RewriteBudget(limit=1))
+    assert record.rewrites == 1 and count_op(gm, "batch_norm") == 2
+    assert_same_outputs(gm, model, x)
+
+
+# --------------------------------------------------------------------------- generated models
+
+
+test_sound_on_generated_models = graphopt.testing.property_test(
+    PASS,
+    min_fired=10,
+    ops=["conv1d", "conv2d", "conv_transpose2d", "linear", "batch_norm", "relu", "relu6", "hardtanh", "silu",
+         "add", "cat", "mean", "flatten"],
+)

@@ -1,0 +1,530 @@
+"""prune-channels: every coupling topology after a real cut, rounding, exactness of dead channels,
+importance criteria, options, the report, safety rules, trainability, backends and random models.
+
+Models are captured with graphopt.capture; most tests call the pass function with a PassContext
+(what the PassManager does), a few go through the manager and pipeline strings.
+"""
+from __future__ import annotations
+
+import math
+import operator
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import graphopt
+from graphopt import ops
+from graphopt.errors import OptionError, PassError
+from graphopt.pass_infra import PassContext, RewriteBudget
+from graphopt.passes.prune_channels import prune_channels, units_to_keep
+from graphopt.testing.strategies import models, randomize_
+
+
+def prune(model: nn.Module, inputs: tuple[torch.Tensor, ...], budget: RewriteBudget | None = None,
+          **options) -> tuple[fx.GraphModule, PassContext]:
+    gm = graphopt.capture(model.eval(), inputs)
+    ctx = PassContext("prune-channels", options, inputs, budget=budget or RewriteBudget())
+    prune_channels(gm, ctx, **options)
+    return gm, ctx
+
+
+def weight(gm: fx.GraphModule, name: str) -> torch.Tensor:
+    return gm.get_parameter(f"{name}.weight")
+
+
+def node_of(gm: fx.GraphModule, *names: str) -> fx.Node:
+    return next(n for n in gm.graph.nodes if ops.op_name(n) in names or n.target in names)
+
+
+def assert_same_shapes(gm: fx.GraphModule, model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+    got, want = gm(*inputs), model(*inputs)
+    got, want = (got if isinstance(got, tuple) else (got,)), (want if isinstance(want, tuple) else (want,))
+    assert [g.shape for g in got] == [w.shape for w in want]
+
+
+def assert_exact(gm: fx.GraphModule, model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+    got, want = gm(*inputs), model(*inputs)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def randomized(model: nn.Module, seed: int = 0) -> nn.Module:
+    return randomize_(model, seed).eval()
+
+
+# --------------------------------------------------------------------------- topologies
+
+
+class TestTopologies:
+    def test_conv_norm_activation_conv(self):
+        model = randomized(nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                         nn.Conv2d(16, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)))
+        inputs = (torch.randn(2, 3, 6, 6),)
+        gm, _ = prune(model, inputs, ratio=0.5)
+        assert weight(gm, "0").shape == (8, 3, 3, 3) and weight(gm, "3").shape == (2, 8, 3, 3)
+        assert gm.get_buffer("1.running_mean").shape == (8,) and weight(gm, "1").shape == (8,)
+        assert weight(gm, "5").shape == (3, 2 * 16)  # flatten: each kept channel keeps its 4x4 block
+        assert_same_shapes(gm, model, inputs)
+
+    def test_residual_add_prunes_the_same_indices_on_both_branches(self):
+        class Res(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.a, self.b, self.head = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 2, 1)
+
+            def forward(self, x):
+                y = self.a(x)
+                return self.head(F.relu(y + self.b(F.relu(y))))
+
+        model, inputs = randomized(Res()), (torch.randn(1, 3, 5, 5),)
+        gm, _ = prune(model, inputs, ratio=0.5)
+        kept_a = [i for i in range(8) if any(torch.equal(model.a.weight[i], r) for r in weight(gm, "a"))]
+        kept_b = [i for i in range(8) if any(torch.equal(model.b.weight[i, kept_a], r) for r in weight(gm, "b"))]
+        assert len(kept_a) == 4 and kept_a == kept_b
+        assert_same_shapes(gm, model, inputs)
+
+    def test_split_with_hard_coded_sizes_is_rewritten(self):
+        class Split(nn.Module):  # HARD-CASES D2
+            def __init__(self):
+                super().__init__()
+                self.conv, self.p, self.q = nn.Conv2d(3, 16, 1), nn.Conv2d(8, 2, 1), nn.Conv2d(8, 2, 1)
+
+            def forward(self, x):
+                a, b = torch.split(self.conv(x), [8, 8], dim=1)
+                return self.p(a) + self.q(b)
+
+        model, inputs = randomized(Split()), (torch.randn(1, 3, 4, 4),)
+        gm, _ = prune(model, inputs, ratio=0.5)
+        assert node_of(gm, torch.split).args[1] == [4, 4]
+        assert weight(gm, "conv").shape[0] == 8
+        assert_same_shapes(gm, model, inputs)
+
+    def test_chunk_keeps_equal_counts_per_chunk(self):
+        class GLU(nn.Module):  # HARD-CASES D3
+            def __init__(self):
+                super().__init__()
+                self.conv, self.head = nn.Conv2d(3, 16, 1), nn.Conv2d(8, 2, 1)
+
+            def forward(self, x):
+                a, b = self.conv(x).chunk(2, dim=1)
+                return self.head(a * torch.sigmoid(b))
+
+        model, inputs = randomized(GLU()), (torch.randn(1, 3, 4, 4),)
+        gm, _ = prune(model, inputs, ratio=0.25)
+        assert weight(gm, "conv").shape[0] == 12 and weight(gm, "head").shape[1] == 6
+        assert_same_shapes(gm, model, inputs)
+
+    def test_depthwise_conv_updates_groups(self):
+        model = randomized(nn.Sequential(nn.Conv2d(3, 16, 1), nn.ReLU6(), nn.Conv2d(16, 16, 3, padding=1, groups=16),
+                                         nn.ReLU6(), nn.Conv2d(16, 4, 1)))
+        inputs = (torch.randn(1, 3, 5, 5),)
+        gm, _ = prune(model, inputs, ratio=0.5)
+        dw = [n for n in gm.graph.nodes if ops.is_op(n, "conv2d")][1]
+        assert ops.arg(dw, "groups") == 8 and weight(gm, "2").shape == (8, 1, 3, 3)
+        assert_same_shapes(gm, model, inputs)
+
+    def test_grouped_conv_loses_whole_groups(self):
+        model = randomized(nn.Sequential(nn.Conv2d(3, 16, 1), nn.ReLU(), nn.Conv2d(16, 8, 3, groups=4),
+                                         nn.ReLU(), nn.Conv2d(8, 2, 1)))
+        inputs = (torch.randn(1, 3, 5, 5),)
+        gm, _ = prune(model, inputs, ratio=0.5)
+        grouped = [n for n in gm.graph.nodes if ops.is_op(n, "conv2d")][1]
+        assert ops.arg(grouped, "groups") == 2
+        assert weight(gm, "2").shape == (4, 4, 3, 3) and weight(gm, "0").shape[0] == 8
+        assert_same_shapes(gm, model, inputs)
+
+    def test_view_sizes_and_linear_features_follow(self):
+        class View(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv, self.fc = nn.Conv2d(3, 8, 3), nn.Linear(8 * 2 * 2, 5)
+
+            def forward(self, x):
+                return self.fc(F.relu(self.conv(x)).view(-1, 32))
+
+        model, inputs = randomized(View()), (torch.randn(2, 3, 4, 4),)
+        gm, _ = prune(model, inputs, ratio=0.5)
+        assert node_of(gm, "view").args[1:] == (-1, 16)
+        assert weight(gm, "fc").shape == (5, 16)
+        assert_same_shapes(gm, model, inputs)
+
+    def test_linear_view_conv_transpose(self):
+        class Decoder(nn.Module):  # HARD-CASES D5
+            def __init__(self):
+                super().__init__()
+                self.fc, self.up = nn.Linear(6, 8 * 3 * 3), nn.ConvTranspose2d(8, 2, 2, stride=2)
+
+            def forward(self, z):
+                return self.up(F.relu(self.fc(z)).view(z.size(0), 8, 3, 3))
+
+        model, inputs = randomized(Decoder()), (torch.randn(2, 6),)
+        gm, _ = prune(model, inputs, ratio=0.5)
+        assert weight(gm, "fc").shape == (36, 6) and weight(gm, "up").shape == (4, 2, 2, 2)
+        assert node_of(gm, "view").args[2] == 4
+        assert_same_shapes(gm, model, inputs)
+
+    def test_permute_to_channels_last_into_linear(self):
+        class NHWC(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv, self.fc = nn.Conv2d(3, 8, 1), nn.Linear(8, 4)
+
+            def forward(self, x):
+                return self.fc(F.relu(self.conv(x)).permute(0, 2, 3, 1))
+
+        model, inputs = randomized(NHWC()), (torch.randn(1, 3, 4, 4),)
+        gm, _ = prune(model, inputs, ratio=0.5)
+        assert weight(gm, "fc").shape == (4, 4)
+        assert_same_shapes(gm, model, inputs)
+
+    def test_group_norm_and_layer_norm_arguments_follow(self):
+        class Norms(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv, self.gn, self.head = nn.Conv2d(3, 16, 1), nn.GroupNorm(4, 16), nn.Conv2d(16, 8, 1)
+                self.fc1, self.ln, self.fc2 = nn.Linear(8, 12), nn.LayerNorm(12), nn.Linear(12, 3)
+
+            def forward(self, x):
+                y = self.head(F.relu(self.gn(self.conv(x)))).mean((2, 3))
+                return self.fc2(F.gelu(self.ln(self.fc1(y))))
+
+        model, inputs = randomized(Norms()), (torch.randn(2, 3, 4, 4),)
+        gm, _ = prune(model, inputs, ratio=0.5)
+        assert ops.arg(node_of(gm, "group_norm"), "num_groups") == 2 and weight(gm, "gn").shape == (8,)
+        assert ops.arg(node_of(gm, "layer_norm"), "normalized_shape") == (6,)
+        assert_same_shapes(gm, model, inputs)
+
+    def test_broadcast_mask_leaves_channels_prunable(self):
+        class Masked(nn.Module):  # HARD-CASES D7
+            def __init__(self):
+                super().__init__()
+                self.conv, self.mask, self.head = nn.Conv2d(3, 8, 3), nn.Conv2d(3, 1, 3), nn.Conv2d(8, 2, 1)
+
+            def forward(self, x):
+                return self.head(self.conv(x) * torch.sigmoid(self.mask(x)))
+
+        model, inputs = randomized(Masked()), (torch.randn(1, 3, 6, 6),)
+        gm, _ = prune(model, inputs, ratio=0.5)
+        assert weight(gm, "conv").shape[0] == 4 and weight(gm, "mask").shape[0] == 1
+        assert_same_shapes(gm, model, inputs)
+
+    def test_classifier_and_frozen_groups_keep_their_shape(self):
+        model = randomized(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4, 10)))
+        inputs = (torch.randn(1, 3, 4, 4),)
+        gm, ctx = prune(model, inputs, ratio=0.9)
+        assert weight(gm, "3").shape[0] == 10  # HARD-CASES D4
+        assert any("graph output" in reason for _, reason in ctx.declines)
+        assert_same_shapes(gm, model, inputs)
+
+
+# --------------------------------------------------------------------------- rounding
+
+
+class TestRounding:
+    @pytest.mark.parametrize("units, ratio, round_to, expected", [
+        (12, 0.5, 8, 8),    # 6 rounds to the nearest multiple, 8 (HARD-CASES D10: not "no pruning")
+        (12, 0.2, 8, 8),    # 9.6 -> 8
+        (64, 0.3, 8, 48),   # 44.8 -> 48
+        (64, 0.99, 8, 8),   # never rounds to zero (D11)
+        (6, 0.9, 8, 6),     # a group smaller than round_to is left whole
+        (10, 0.0, 8, 10),   # ratio 0 cuts no live channel
+        (10, 0.95, 1, 1),   # at least one channel
+    ])
+    def test_kept_count(self, units, ratio, round_to, expected):
+        assert units_to_keep(units, 1, ratio, round_to) == expected
+
+    def test_min_channels_and_unit_width(self):
+        assert units_to_keep(32, 1, 0.9, 1, min_channels=10) == 10
+        assert units_to_keep(32, 1, 0.9, 4, min_channels=10) == 12
+        assert units_to_keep(8, 2, 0.5, 8) == 4  # units of 2 channels: 8 channels kept
+        assert units_to_keep(16, 1, 0.0, 4, dead=5) == 12  # dead channels go even at ratio 0, rounded up
+
+    def test_counts_in_the_graph_are_multiples(self):
+        model = randomized(nn.Sequential(nn.Conv2d(3, 12, 1), nn.ReLU(), nn.Conv2d(12, 20, 1), nn.ReLU(),
+                                         nn.Conv2d(20, 2, 1)))
+        inputs = (torch.randn(1, 3, 4, 4),)
+        gm, ctx = prune(model, inputs, ratio=0.5, round_to=8)
+        assert weight(gm, "0").shape[0] == 8 and weight(gm, "2").shape[0] == 8
+        assert [g["channels"] for g in ctx.figures["groups"]] == [[12, 8], [20, 8]]
+
+
+# --------------------------------------------------------------------------- dead channels
+
+
+def with_dead_channels(model: nn.Module, layer: nn.Module, rows: list[int], bias: float | None) -> nn.Module:
+    with torch.no_grad():
+        layer.weight[rows] = 0
+        if bias is not None:
+            layer.bias[rows] = bias
+    return model
+
+
+class TestDeadChannelsAreExact:
+    def test_bias_is_folded_into_the_next_layer(self):
+        # HARD-CASES D14: zero weights with bias 5 changed outputs by 4.7 when the bias was ignored
+        model = randomized(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.ReLU(),
+                                         nn.Flatten(), nn.Linear(4 * 4 * 4, 3)))
+        with_dead_channels(model, model[0], [1, 6], 5.0)
+        inputs = (torch.randn(2, 3, 6, 6),)
+        gm, ctx = prune(model, inputs, ratio=0.0)
+        assert weight(gm, "0").shape[0] == 6 and ctx.figures["groups"][0]["exact"]
+        assert_exact(gm, model, inputs)
+
+    def test_through_batch_norm_into_linear(self):
+        model = randomized(nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)))
+        with_dead_channels(model, model[0], [0, 3, 4], None)
+        inputs = (torch.randn(2, 3, 6, 6),)
+        gm, _ = prune(model, inputs, ratio=0.0)
+        assert weight(gm, "0").shape[0] == 5
+        assert_exact(gm, model, inputs)
+
+    def test_zero_constant_before_a_padded_conv_and_residual_branches(self):
+        class Res(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, padding=1)
+                self.head = nn.Conv2d(8, 2, 3, padding=1)
+
+            def forward(self, x):
+                y = F.relu(self.a(x))
+                return self.head(F.relu(y + self.b(y)))
+
+        model = randomized(Res())
+        with_dead_channels(model, model.a, [2, 5], -1.0)  # relu(-1) = 0 ...
+        with_dead_channels(model, model.b, [2, 5], -2.0)  # ... and 0 + relu(...) stays 0 after padding
+        inputs = (torch.randn(1, 3, 5, 5),)
+        gm, ctx = prune(model, inputs, ratio=0.0)
+        assert weight(gm, "a").shape[0] == 6 and ctx.figures["groups"][0]["dead_removed"] == 2
+        assert_exact(gm, model, inputs)
+
+    def test_constant_before_zero_padding_is_kept(self):
+        model = randomized(nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 2, 3, padding=1)))
+        with_dead_channels(model, model[0], [3], 2.0)
+        inputs = (torch.randn(1, 3, 4, 4),)
+        gm, ctx = prune(model, inputs, ratio=0.0)
+        assert weight(gm, "0").shape[0] == 8 and ctx.figures["groups"] == []
+
+    def test_dead_channels_go_first_under_a_ratio(self):
+        model = randomized(nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4, 2)))
+        with_dead_channels(model, model[0], [0, 1], 0.5)
+        inputs = (torch.randn(1, 3, 2, 2),)
+        gm, ctx = prune(model, inputs, ratio=0.25)
+        assert ctx.figures["groups"][0]["exact"] and ctx.figures["groups"][0]["channels"] == [8, 6]
+        assert_exact(gm, model, inputs)
+
+    @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(models(ops=["conv2d", "batch_norm", "relu", "add", "cat", "max_pool", "flatten", "linear"], max_depth=6),
+           st.data())
+    def test_random_models_with_dead_channels_are_unchanged(self, case, data):
+        convs = [m for m in case.module.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and m.weight.shape[0] > 1]
+        for layer in convs:
+            rows = data.draw(st.lists(st.integers(0, layer.weight.shape[0] - 1), max_size=3, unique=True))
+            bias = data.draw(st.sampled_from([0.0, -1.0, 1.5]))
+            with_dead_channels(case.module, layer, rows, bias if layer.bias is not None else None)
+        gm, ctx = prune(case.module, case.example_inputs, ratio=0.0)
+        got, want = gm(*case.example_inputs), case.module(*case.example_inputs)
+        for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4 * max(1.0, w.abs().max().item()))
+        assert all(group["exact"] for group in ctx.figures["groups"])
+
+
+# --------------------------------------------------------------------------- importance and options
+
+
+class Stack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.head = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(F.relu(self.bn(self.conv(x))))
+
+
+def stack_with_norms(rows: list[float], gammas: list[float]) -> nn.Module:
+    model = randomized(Stack())
+    with torch.no_grad():
+        model.conv.weight.copy_(torch.tensor(rows).view(4, 1, 1, 1).expand(4, 3, 1, 1))
+        model.head.weight.fill_(1.0)
+        model.bn.weight.copy_(torch.tensor(gammas))
+    return model
+
+
+def kept_rows(gm: fx.GraphModule) -> list[float]:
+    return weight(gm, "conv")[:, 0, 0, 0].tolist()
+
+
+class TestImportance:
+    inputs = (torch.randn(1, 3, 2, 2),)
+
+    def test_l1_and_l2_keep_the_largest_weights(self):
+        model = stack_with_norms([0.1, 3.0, 0.2, 2.0], [1.0, 1.0, 1.0, 1.0])
+        for criterion in ("l1", "l2"):
+            gm, _ = prune(model, self.inputs, ratio=0.5, importance=criterion)
+            assert kept_rows(gm) == [3.0, 2.0]
+
+    def test_bn_scale_ranks_by_gamma(self):
+        model = stack_with_norms([0.1, 3.0, 0.2, 2.0], [5.0, 0.1, 4.0, 0.2])
+        gm, _ = prune(model, self.inputs, ratio=0.5, importance="bn_scale")
+        assert [round(v, 3) for v in kept_rows(gm)] == [0.1, 0.2]
+
+    def test_aggregation_max_keeps_what_any_layer_relies_on(self):
+        model = stack_with_norms([1.0, 1.0, 1.0, 1.0], [1.0] * 4)
+        with torch.no_grad():
+            model.head.weight.copy_(torch.tensor([[0.1, 0.1, 9.0, 0.1], [0.1, 0.1, 0.1, 0.1]]).view(2, 4, 1, 1))
+        gm, _ = prune(model, self.inputs, ratio=0.75, aggregation="max")
+        assert weight(gm, "head")[0, 0, 0, 0].item() == 9.0
+
+    def test_user_callable_decides(self):
+        def prefer_last(group, gm):
+            return list(range(len(group)))
+
+        gm, _ = prune(stack_with_norms([3.0, 2.0, 0.2, 0.1], [1.0] * 4), self.inputs, ratio=0.5, importance=prefer_last)
+        assert [round(v, 3) for v in kept_rows(gm)] == [0.2, 0.1]
+
+    def test_callable_returning_wrong_count_is_named(self):
+        with pytest.raises(PassError, match="one score per unit"):
+            prune(stack_with_norms([1.0] * 4, [1.0] * 4), self.inputs, ratio=0.5, importance=lambda g, gm: [1.0])
+
+
+class TestOptions:
+    def resnetish(self):
+        class Block(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv1, self.conv2 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+            def forward(self, x):
+                return F.relu(x + self.conv2(F.relu(self.conv1(x))))
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.stem, self.layer1, self.layer2 = nn.Conv2d(3, 8, 3, padding=1), Block(), Block()
+                self.fc = nn.Linear(8, 2)
+
+            def forward(self, x):
+                return self.fc(self.layer2(self.layer1(F.relu(self.stem(x)))).mean((2, 3)))
+
+        return randomized(Net()), (torch.randn(1, 3, 6, 6),)
+
+    def test_per_layer_ratios_and_skip_from_a_pipeline_string(self):
+        model, inputs = self.resnetish()
+        result = graphopt.optimize(model, inputs, "prune-channels{ratio=0.5,ratios=layer2.*=0.25;layer1.*=0.75,"
+                                                  "skip=layer1.conv1}", verify="none", on_failure="raise")
+        gm = result.module
+        assert weight(gm, "layer1.conv1").shape[0] == 8  # skipped
+        assert weight(gm, "layer2.conv1").shape[0] == 6  # layer2.* = 0.25
+        assert weight(gm, "stem").shape[0] == 8  # the residual stream feeds layer1.conv1: left whole
+        assert any("skip pattern 'layer1.conv1'" in r for _, r in result.report.records[0].declines)
+
+    @pytest.mark.parametrize("ratios, stream", [({"layer1.*": 0.75, "layer2.*": 0.25}, 2),
+                                                ({"layer2.*": 0.25, "layer1.*": 0.75}, 6)])
+    def test_first_matching_pattern_wins_for_a_group(self, ratios, stream):
+        model, inputs = self.resnetish()
+        gm, _ = prune(model, inputs, ratio=0.0, ratios=ratios)  # the stream holds layer1.conv2 and layer2.conv2
+        assert weight(gm, "stem").shape[0] == stream
+        assert weight(gm, "layer1.conv1").shape[0] == 2 and weight(gm, "layer2.conv1").shape[0] == 6
+
+    @pytest.mark.parametrize("options, message", [
+        ({"ratio": 1.0}, r"ratio must be in \[0, 1\)"),
+        ({"ratios": "layer1.*"}, "pattern=ratio"),
+        ({"ratios": "a=x"}, "not a number"),
+        ({"importance": "taylor"}, "importance must be"),
+        ({"round_to": 0}, "round_to"),
+    ])
+    def test_bad_options_say_what_to_write(self, options, message):
+        model, inputs = self.resnetish()
+        with pytest.raises(OptionError, match=message):
+            prune(model, inputs, **options)
+
+    def test_preset_is_registered(self):
+        assert "prune-channels" in graphopt.available_presets()["mobile-pruned"]
+
+
+# --------------------------------------------------------------------------- report and safety
+
+
+class TestReportAndSafety:
+    def model(self):
+        return randomized(nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                                        nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                                        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                        nn.Flatten(), nn.Linear(32, 10))), (torch.randn(2, 3, 8, 8),)
+
+    def test_figures_and_notes(self):
+        model, inputs = self.model()
+        gm, ctx = prune(model, inputs, ratio=0.5)
+        params, macs, size = (ctx.figures[k] for k in ("parameters", "macs", "bytes"))
+        assert params[0] == sum(p.numel() for p in model.parameters()) and params[1] < params[0] / 3
+        assert macs[1] <= 0.3 * macs[0] and size[1] < size[0]
+        assert [g["channels"] for g in ctx.figures["groups"]] == [[32, 16]] * 3
+        assert any(note.startswith("model: parameters") for note in ctx.notes)
+
+    def test_original_tensors_are_never_modified(self):
+        model, inputs = self.model()
+        gm = graphopt.capture(model, inputs)
+        before = {name: (t, t.clone(), t._version) for name, t in gm.state_dict(keep_vars=True).items()}
+        prune_channels(gm, PassContext("prune-channels", {}, inputs), ratio=0.5)
+        for name, (t, copy, version) in before.items():
+            assert t._version == version and torch.equal(t, copy), name
+
+    def test_pruned_module_fine_tunes(self):
+        model, inputs = self.model()
+        gm, _ = prune(model, inputs, ratio=0.5)
+        params = list(gm.parameters())
+        assert params and all(p.requires_grad for p in params)
+        target = torch.randn(2, 10)
+        optimizer = torch.optim.SGD(params, lr=0.05)
+        losses = []
+        for _ in range(5):
+            optimizer.zero_grad()
+            loss = F.mse_loss(gm(*inputs), target)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        assert losses[-1] < losses[0]
+
+    def test_rewrite_budget_limits_groups_cut(self):
+        model, inputs = self.model()
+        gm, ctx = prune(model, inputs, budget=RewriteBudget(1), ratio=0.5)
+        assert len(ctx.figures["groups"]) == 1 and weight(gm, "3").shape[0] == 32
+
+    def test_through_the_pass_manager_with_verification(self):
+        model, inputs = self.model()
+        result = graphopt.optimize(model, inputs, "prune-channels{ratio=0.5,round_to=8}", verify="each",
+                                   on_failure="raise")
+        record = result.report.records[0]
+        assert record.status == "changed" and record.rewrites == 3
+        assert result.module(*inputs).shape == (2, 10)
+
+
+@pytest.mark.parametrize("backend", ["onnx", "torchscript-mobile"])
+def test_pruned_graph_lowers(backend, tmp_path):
+    pytest.importorskip(f"graphopt.backends.{backend.replace('-', '_')}")
+    model = randomized(nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                     nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU(), nn.Flatten(),
+                                     nn.Linear(16 * 16, 4)))
+    inputs = (torch.randn(1, 3, 4, 4),)
+    gm, _ = prune(model, inputs, ratio=0.5, round_to=4)
+    artifact = graphopt.lower(gm, inputs, backend=backend, path=tmp_path / "pruned")
+    assert artifact.verdict.ok
+
+
+# --------------------------------------------------------------------------- random models
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(models(max_depth=7), st.floats(0.0, 0.95), st.sampled_from([1, 2, 4, 8]))
+def test_random_models_stay_runnable_with_rounded_counts(case, ratio, round_to):
+    gm, ctx = prune(case.module, case.example_inputs, ratio=ratio, round_to=round_to)
+    assert_same_shapes(gm, case.module, case.example_inputs)
+    for group in ctx.figures["groups"]:
+        before, after = group["channels"]
+        assert 0 < after < before and after % round_to == 0
+    for name, p in gm.named_parameters():
+        assert all(s > 0 for s in p.shape), name
