@@ -8,6 +8,10 @@ Metadata conventions on canonical graphs:
   module path for inlined layers (``"layer1.0.conv1"``), else the original node name. Rewrites
   keep it with :func:`copy_provenance`.
 - ``node.meta["stack_trace"]``: the user's source line, recorded by capture.
+- ``node.meta["keep_module"]``: set on a ``call_module`` node of a user leaf module; such a
+  node is never inlined, by capture or by later ``canonicalize`` runs.
+- ``node.meta["fusion_unit"]`` / ``["fused_into"]``: a conv/linear and the activation that
+  follows it, marked by ``fuse-conv-bn-relu`` as one unit for quantization and lowering.
 """
 from __future__ import annotations
 
@@ -49,11 +53,12 @@ def preserved_state(module: torch.nn.Module):
                     buf.copy_(value)
 
 
-def propagate_shapes(gm: fx.GraphModule, example_inputs: Iterable[Any]) -> None:
-    """Run ``gm`` once on ``example_inputs`` and record ``tensor_meta`` on every node."""
+def propagate_shapes(gm: fx.GraphModule, example_inputs: Iterable[Any]) -> Any:
+    """Run ``gm`` once on ``example_inputs``, record ``tensor_meta`` on every node, and return
+    the outputs of that run (buffer updates the run makes are undone)."""
     inputs = as_input_tuple(tuple(example_inputs))
     with torch.no_grad(), preserved_state(gm):
-        ShapeProp(gm).propagate(*[t.clone() if isinstance(t, torch.Tensor) else t for t in inputs])
+        return ShapeProp(gm).propagate(*[t.clone() if isinstance(t, torch.Tensor) else t for t in inputs])
 
 
 def tensor_meta(node: fx.Node) -> TensorMetadata | None:

@@ -95,13 +95,16 @@ def _torchvision(name: str) -> torch.nn.Module:
 
 
 def save(gm: fx.GraphModule, path: str | os.PathLike) -> int:
-    """Write ``gm`` (its generated code and state) atomically; returns bytes written."""
+    """Write ``gm`` (its generated code, the names of the functions that code calls, and its
+    tensors) atomically; returns bytes written."""
     from .fileio import atomic_write
 
+    code = gm.graph.python_code("self")
     payload = {
         "graphopt_format": FORMAT_VERSION,
-        "code": gm.code,
-        "state": {k: v for k, v in gm.state_dict(keep_vars=False).items()},
+        "code": code.src,
+        "globals": {name: _describe_global(value) for name, value in code.globals.items()},
+        "state": dict(gm.state_dict()),
         "requires_grad": [k for k, p in gm.named_parameters() if p.requires_grad],
     }
     with atomic_write(path) as f:
@@ -109,10 +112,36 @@ def save(gm: fx.GraphModule, path: str | os.PathLike) -> int:
     return os.path.getsize(path)
 
 
+def _describe_global(value: Any) -> tuple:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return ("value", value)
+    if isinstance(value, type(os)):
+        return ("module", value.__name__)
+    if value is type(None):
+        return ("nonetype",)
+    return ("attr", value.__module__, value.__qualname__)
+
+
+def _resolve_global(spec: tuple) -> Any:
+    kind = spec[0]
+    if kind == "nonetype":
+        return type(None)
+    if kind == "value":
+        return spec[1]
+    if kind == "module":
+        return importlib.import_module(spec[1])
+    obj: Any = importlib.import_module(spec[1])
+    for part in spec[2].split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def load(path: str | os.PathLike, *, trust_code: bool = False) -> fx.GraphModule:
     """Load what :func:`save` wrote. The tensors load with ``weights_only=True``; the graph is
     Python code, so it is executed only with ``trust_code=True`` (never for files you did not
     write yourself)."""
+    from torch.fx.graph_module import _forward_from_src
+
     from .fileio import load_weights
 
     payload = load_weights(path)
@@ -122,9 +151,10 @@ def load(path: str | os.PathLike, *, trust_code: bool = False) -> fx.GraphModule
         raise ModelLoadError(
             f"{path} holds Python code for the graph; load it with trust_code=True only if you wrote it"
         )
-    namespace: dict[str, Any] = {}
-    from torch.fx.graph_module import _forward_from_src
-
+    try:
+        namespace = {name: _resolve_global(spec) for name, spec in payload["globals"].items()}
+    except (ImportError, AttributeError) as exc:
+        raise ModelLoadError(f"{path}: the graph calls something this environment lacks: {exc}") from exc
     root = torch.nn.Module()
     for key, value in payload["state"].items():
         *owner, field = key.split(".")
@@ -137,19 +167,14 @@ def load(path: str | os.PathLike, *, trust_code: bool = False) -> fx.GraphModule
             mod.register_parameter(field, torch.nn.Parameter(value))
         else:
             mod.register_buffer(field, value)
-    forward = _forward_from_src(payload["code"], namespace)
-    traced = fx.symbolic_trace(_CodeModule(root, forward))
-    return fx.GraphModule(root, traced.graph)
-
-
-class _CodeModule(torch.nn.Module):
-    def __init__(self, root: torch.nn.Module, forward):
-        super().__init__()
-        for name, mod in root.named_children():
-            self.add_module(name, mod)
-        for name, t in list(root.named_parameters(recurse=False)) + list(root.named_buffers(recurse=False)):
-            setattr(self, name, t)
-        self._fn = forward
-
-    def forward(self, *args):
-        return self._fn(self, *args)
+    loaded_cls = type("GraphoptLoaded", (torch.nn.Module,), {"forward": _forward_from_src(payload["code"], namespace)})
+    holder = loaded_cls()
+    for name, child in root.named_children():
+        holder.add_module(name, child)
+    for name, t in root.named_parameters(recurse=False):
+        holder.register_parameter(name, t)
+    for name, t in root.named_buffers(recurse=False):
+        holder.register_buffer(name, t)
+    tracer = fx.Tracer()
+    tracer.proxy_buffer_attributes = True
+    return fx.GraphModule(holder, tracer.trace(holder))

@@ -231,8 +231,18 @@ def _tensor_versions(gm: fx.GraphModule) -> dict[str, tuple[int, int]]:
     return out
 
 
-def _fingerprint(gm: fx.GraphModule) -> tuple[str, frozenset]:
-    return gm.code, frozenset((k, i) for k, (i, _) in _tensor_versions(gm).items())
+#: node.meta entries derived by analysis; anything else a pass writes there (fusion units,
+#: quantization parameters, ...) is part of what it changed.
+_DERIVED_META = frozenset({"tensor_meta", "type", "stack_trace", "nn_module_stack", "provenance",
+                           "val", "example_value", "source_fn_stack", "original_aten", "seq_nr",
+                           "from_node", "torch_fn"})
+
+
+def _fingerprint(gm: fx.GraphModule) -> tuple[str, frozenset, frozenset]:
+    meta = frozenset(
+        (n.name, k, repr(v)) for n in gm.graph.nodes for k, v in n.meta.items() if k not in _DERIVED_META
+    )
+    return gm.code, frozenset((k, i) for k, (i, _) in _tensor_versions(gm).items()), meta
 
 
 def _run_all(gm: torch.nn.Module, inputs: list[tuple]) -> list[list[torch.Tensor]]:

@@ -17,7 +17,6 @@ import graphopt
 import graphopt.passes.fuse_conv_bn_relu  # noqa: F401  (registers the pass)
 from graphopt import ops
 from graphopt.capture import capture
-from graphopt.graph import propagate_shapes
 from graphopt.pass_infra import RewriteBudget
 
 PASS = "fuse-conv-bn-relu"

@@ -6,9 +6,6 @@ Models are captured with graphopt.capture; most tests call the pass function wit
 """
 from __future__ import annotations
 
-import math
-import operator
-
 import pytest
 import torch
 import torch.fx as fx
@@ -317,21 +314,6 @@ class TestDeadChannelsAreExact:
         assert ctx.figures["groups"][0]["exact"] and ctx.figures["groups"][0]["channels"] == [8, 6]
         assert_exact(gm, model, inputs)
 
-    @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
-    @given(models(ops=["conv2d", "batch_norm", "relu", "add", "cat", "max_pool", "flatten", "linear"], max_depth=6),
-           st.data())
-    def test_random_models_with_dead_channels_are_unchanged(self, case, data):
-        convs = [m for m in case.module.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and m.weight.shape[0] > 1]
-        for layer in convs:
-            rows = data.draw(st.lists(st.integers(0, layer.weight.shape[0] - 1), max_size=3, unique=True))
-            bias = data.draw(st.sampled_from([0.0, -1.0, 1.5]))
-            with_dead_channels(case.module, layer, rows, bias if layer.bias is not None else None)
-        gm, ctx = prune(case.module, case.example_inputs, ratio=0.0)
-        got, want = gm(*case.example_inputs), case.module(*case.example_inputs)
-        for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
-            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4 * max(1.0, w.abs().max().item()))
-        assert all(group["exact"] for group in ctx.figures["groups"])
-
 
 # --------------------------------------------------------------------------- importance and options
 
@@ -518,13 +500,189 @@ def test_pruned_graph_lowers(backend, tmp_path):
 # --------------------------------------------------------------------------- random models
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
-@given(models(max_depth=7), st.floats(0.0, 0.95), st.sampled_from([1, 2, 4, 8]))
-def test_random_models_stay_runnable_with_rounded_counts(case, ratio, round_to):
-    gm, ctx = prune(case.module, case.example_inputs, ratio=ratio, round_to=round_to)
-    assert_same_shapes(gm, case.module, case.example_inputs)
+class ConvBlock(nn.Module):
+    def __init__(self, c: int, w: int):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(c, w, 3, padding=1), nn.BatchNorm2d(w)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, c: int, w: int):
+        super().__init__()
+        self.conv1, self.bn1, self.conv2 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        return F.relu(x + self.conv2(F.relu(self.bn1(self.conv1(x)))))
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, c: int, w: int):
+        super().__init__()
+        self.expand, self.dw = nn.Conv2d(c, 2 * c, 1), nn.Conv2d(2 * c, 2 * c, 3, padding=1, groups=2 * c)
+        self.project = nn.Conv2d(2 * c, w, 1)
+
+    def forward(self, x):
+        return self.project(F.relu6(self.dw(F.relu6(self.expand(x)))))
+
+
+class GroupedBlock(nn.Module):
+    def __init__(self, c: int, w: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, w, 3, padding=1, groups=4)
+
+    def forward(self, x):
+        return F.relu(self.conv(x))
+
+
+class CatBlock(nn.Module):
+    def __init__(self, c: int, w: int):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(c, w // 2, 1), nn.Conv2d(c, w - w // 2, 3, padding=1)
+
+    def forward(self, x):
+        return torch.cat([F.relu(self.a(x)), F.relu(self.b(x))], 1)
+
+
+class ChunkBlock(nn.Module):
+    def __init__(self, c: int, w: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, 2 * w, 1)
+
+    def forward(self, x):
+        a, b = self.conv(x).chunk(2, dim=1)
+        return a * torch.sigmoid(b)
+
+
+class SplitBlock(nn.Module):
+    def __init__(self, c: int, w: int):
+        super().__init__()
+        self.w, self.conv = w, nn.Conv2d(c, w, 1)
+
+    def forward(self, x):
+        a, b = torch.split(self.conv(x), [self.w // 4, self.w - self.w // 4], dim=1)
+        return torch.cat([F.relu(a), torch.tanh(b)], 1)
+
+
+class GroupNormBlock(nn.Module):
+    def __init__(self, c: int, w: int):
+        super().__init__()
+        self.conv, self.gn = nn.Conv2d(c, w, 1), nn.GroupNorm(4, w)
+
+    def forward(self, x):
+        return F.silu(self.gn(self.conv(x)))
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, c: int, w: int):
+        super().__init__()
+        self.fc1, self.fc2, self.mask = nn.Conv2d(c, 4, 1), nn.Conv2d(4, c, 1), nn.Conv2d(c, 1, 1)
+
+    def forward(self, x):
+        scale = torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean((2, 3), keepdim=True)))))
+        return x * scale * torch.sigmoid(self.mask(x))
+
+
+BLOCKS = {"conv": ConvBlock, "residual": ResidualBlock, "inverted": InvertedResidual, "grouped": GroupedBlock,
+          "cat": CatBlock, "chunk": ChunkBlock, "split": SplitBlock, "group_norm": GroupNormBlock,
+          "se": SqueezeExcite}
+KEEPS_WIDTH = {"residual", "se"}
+
+
+class Net(nn.Module):
+    """A stem, random blocks, and one of three heads (pooled linear, flatten linear, view linear)."""
+
+    def __init__(self, blocks: list[tuple[str, int]], head: str, spatial: int = 4):
+        super().__init__()
+        c = blocks[0][1] if blocks[0][0] in KEEPS_WIDTH else 8
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        layers = []
+        for kind, w in blocks:
+            layers.append(BLOCKS[kind](c, w))
+            c = c if kind in KEEPS_WIDTH else w
+        self.blocks, self.head, self.features = nn.Sequential(*layers), head, c * spatial * spatial
+        self.fc = nn.Linear(c if head == "pool" else self.features, 5)
+
+    def forward(self, x):
+        y = self.blocks(F.relu(self.stem(x)))
+        if self.head == "pool":
+            return self.fc(F.adaptive_avg_pool2d(y, 1).flatten(1))
+        if self.head == "view":
+            return self.fc(y.view(-1, self.features))
+        return self.fc(torch.flatten(y, 1))
+
+
+nets = st.builds(
+    lambda blocks, head, seed: randomized(Net(blocks, head), seed),
+    st.lists(st.tuples(st.sampled_from(sorted(BLOCKS)), st.sampled_from([4, 8, 12, 16])), min_size=1, max_size=5),
+    st.sampled_from(["pool", "flatten", "view"]),
+    st.integers(0, 1000),
+)
+NET_INPUTS = (torch.randn(2, 3, 4, 4),)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@given(nets, st.floats(0.0, 0.95), st.sampled_from([1, 2, 4, 8]))
+def test_random_nets_stay_runnable_with_rounded_counts(net, ratio, round_to):
+    gm, ctx = prune(net, NET_INPUTS, ratio=ratio, round_to=round_to)
+    assert_same_shapes(gm, net, NET_INPUTS)
     for group in ctx.figures["groups"]:
         before, after = group["channels"]
         assert 0 < after < before and after % round_to == 0
     for name, p in gm.named_parameters():
         assert all(s > 0 for s in p.shape), name
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
+@given(nets, st.data())
+def test_random_nets_with_dead_channels_are_unchanged(net, data):
+    layers = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and m is not net.fc]
+    for layer in layers:
+        rows = data.draw(st.lists(st.integers(0, layer.weight.shape[0] - 1), max_size=3, unique=True))
+        with_dead_channels(net, layer, rows, data.draw(st.sampled_from([0.0, -1.0, 1.5])))
+    gm, ctx = prune(net, NET_INPUTS, ratio=0.0)
+    torch.testing.assert_close(gm(*NET_INPUTS), net(*NET_INPUTS), rtol=1e-4, atol=1e-4)
+    assert all(group["exact"] for group in ctx.figures["groups"])
+
+
+class _Heads(nn.Module):
+    """A fresh layer on each output of a generated model, so its last channels are prunable."""
+
+    def __init__(self, body: nn.Module, outputs: tuple[torch.Tensor, ...]):
+        super().__init__()
+        self.body = body
+        self.heads = nn.ModuleList(
+            nn.Conv2d(o.shape[1], 3, 1) if o.dim() == 4 else nn.Conv1d(o.shape[1], 3, 1) if o.dim() == 3
+            else nn.Linear(o.shape[-1], 3) for o in outputs)
+
+    def on(self, outputs):
+        if len(self.heads) == 1:
+            return self.heads[0](outputs)
+        return tuple(head(outputs[i]) for i, head in enumerate(self.heads))
+
+
+class _Heads1(_Heads):
+    def forward(self, x):
+        return self.on(self.body(x))
+
+
+class _Heads2(_Heads):
+    def forward(self, x, x2):
+        return self.on(self.body(x, x2))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(models(max_depth=7), st.floats(0.0, 0.95), st.sampled_from([1, 2, 4, 8]))
+def test_generated_models_stay_runnable(case, ratio, round_to):
+    """graphopt.testing models (every op kind it draws) with a head on each output."""
+    with torch.no_grad():
+        outputs = case.module(*case.example_inputs)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    torch.manual_seed(0)
+    model = (_Heads1 if len(case.example_inputs) == 1 else _Heads2)(case.module, outputs).eval()
+    gm, ctx = prune(model, case.example_inputs, ratio=ratio, round_to=round_to)
+    assert_same_shapes(gm, model, case.example_inputs)
+    for group in ctx.figures["groups"]:
+        assert 0 < group["channels"][1] and group["channels"][1] % round_to == 0

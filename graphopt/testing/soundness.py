@@ -29,6 +29,7 @@ from hypothesis import settings as Settings
 
 from .. import verify
 from ..errors import GraphoptError
+from ..lowering import get_backend, lower
 from ..pass_infra import Contract, Lossy, available_passes
 from ..pass_manager import PassManager, Result
 from .strategies import Case, models
@@ -59,9 +60,12 @@ def assert_sound(
     :func:`graphopt.lower`, whose own verification of the reloaded artifact must pass.
 
     Raises AssertionError saying what failed, with the verdict or error and the case's code
-    (paste-able: it defines ``model`` and ``example_inputs``).
+    (paste-able: it defines ``model`` and ``example_inputs``); UnknownBackendError for a
+    backend name nothing registered.
     """
     pipeline_text = _pipeline_text(pass_or_pipeline)
+    for backend in backends:
+        get_backend(backend)  # a misspelt name is a usage error, raised before anything runs
     state_before = _clone_state(case)
     results = [
         _check_variant(pass_or_pipeline, pipeline_text, case, dtype, backends, idempotent)
@@ -176,8 +180,6 @@ def _check_second_run(manager: PassManager, result: Result, inputs: tuple[torch.
 
 def _check_backend(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...], backend: str,
                    fail: Callable[..., AssertionError]) -> None:
-    from ..lowering import lower
-
     with tempfile.TemporaryDirectory(prefix="graphopt-sound-") as tmp:
         try:
             lower(gm, inputs, backend=backend, path=Path(tmp) / "model")
@@ -272,13 +274,14 @@ def property_test(
     ``min_fired`` of them.
 
     ``where`` filters cases (rejected ones are not valid); ``settings`` overrides the current
-    hypothesis profile; the remaining keywords go to :func:`graphopt.testing.models`.
+    hypothesis profile; the remaining keywords go to :func:`graphopt.testing.models`. After a
+    run, the function's ``stats`` attribute holds the :class:`PropertyStats`.
     """
     label = _pipeline_text(pass_or_pipeline)
     strategy = models(**strategy_kwargs)
 
     def test() -> None:
-        stats = PropertyStats(label)
+        stats = test.stats = PropertyStats(label)  # type: ignore[attr-defined]
 
         def run_case(case: Case) -> None:
             stats.drawn += 1

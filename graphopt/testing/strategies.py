@@ -260,6 +260,12 @@ class _Config:
         return 2 * self.spatial[1]
 
 
+@functools.cache
+def _below(n: int) -> st.SearchStrategy[int]:
+    """Integers in [0, n), shrinking to 0. Cached: building strategies costs more than drawing."""
+    return st.integers(0, n - 1)
+
+
 def _style(expr: str) -> str:
     """Spelling style of a call expression template: ``{x}.relu()`` is a method call."""
     return "method" if expr.startswith("{x}.") else "functional"
@@ -284,11 +290,11 @@ class _Builder:
 
     def pick(self, options: Sequence[Any]) -> Any:
         options = list(options)
-        return options[0] if len(options) == 1 else self.draw(st.sampled_from(options))
+        return options[0] if len(options) == 1 else options[self.draw(_below(len(options)))]
 
     def weighted(self, options: Sequence[tuple[Any, int]]) -> Any:
         """Draw one of ``(option, weight)`` pairs with probability roughly proportional to weight."""
-        r = self.draw(st.integers(0, sum(w for _, w in options) - 1))
+        r = self.draw(_below(sum(w for _, w in options)))
         for option, w in options:
             if r < w:
                 return option
@@ -552,7 +558,7 @@ def _batch_norm(b: _Builder, v: _Value) -> None:
     # own statistics, which no pass may fold into constants (only when there are several values
     # per channel to take statistics over).
     values_per_channel = math.prod(v.shape) // c
-    batch_stats = b.draw(st.integers(0, 7)) == 7 and values_per_channel > 1
+    batch_stats = b.draw(_below(8)) == 7 and values_per_channel > 1
     spelling = "module" if batch_stats else b.pick(["module", "functional", "functional-keywords"])
     if spelling == "module":
         cls = "BatchNorm2d" if len(v.shape) == 4 else "BatchNorm1d"
@@ -987,7 +993,7 @@ def _step(draw: Callable[[st.SearchStrategy], Any], b: _Builder, first: bool) ->
     outer, b.draw = b.draw, draw
     try:
         # The value to transform: the most recent one by default; earlier ones give branches.
-        v = b.values[-1 - draw(st.integers(0, min(3, len(b.values) - 1)))]
+        v = b.values[-1 - draw(_below(min(4, len(b.values))))]
         families = [([_KINDS[k] for k in kinds], w) for kinds, w in
                     ((_allowed(b, f, v), w) for f, w in _WEIGHTED_FAMILIES) if kinds]
         families += [([extra], w) for extra, w in ((_BLOCK, 3), (_SQUEEZE_EXCITE, 1), (_REUSE, 1))
