@@ -1,8 +1,8 @@
 """The PassManager: runs a pipeline of passes with lint, shape propagation, verification of
 each pass's contract, rollback of failing passes, instrumentation hooks and a report.
 
-Rollback is cheap: before each pass the manager takes a *snapshot* (a new GraphModule over a
-copy of the graph that shares the tensors). Passes must therefore never modify a tensor in
+Rollback is cheap: before each pass the manager takes a *snapshot* (a copy of the graph and of
+the module containers, sharing the tensors). Passes must therefore never modify a tensor in
 place; the manager checks tensor version counters and names a pass that does.
 """
 from __future__ import annotations
@@ -216,12 +216,50 @@ class Timing(Hook):
 # --------------------------------------------------------------------------- manager
 
 
-def _snapshot(gm: fx.GraphModule) -> fx.GraphModule:
-    """A runnable copy of ``gm`` with its own graph and module containers, sharing tensors."""
-    snap = fx.GraphModule(gm, copy.deepcopy(gm.graph), gm.__class__.__name__)
-    snap.meta = dict(getattr(gm, "meta", {}))
-    snap.train(gm.training)
-    return snap
+class _Snapshot:
+    """The state of a graph module before a pass: a copy of its graph and of its module tree's
+    containers, sharing the tensors. Building the runnable module (which compiles code) waits
+    until a rollback or a divergence search needs it."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.graph = copy.deepcopy(gm.graph)
+        keep = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+        self.root = _shallow_tree(gm, "", keep)
+        self.class_name = gm.__class__.__name__
+        self.training = gm.training
+        self.meta = dict(getattr(gm, "meta", {}))
+        self._module: fx.GraphModule | None = None
+
+    def module(self) -> fx.GraphModule:
+        if self._module is None:
+            self._module = fx.GraphModule(self.root, self.graph, self.class_name)
+            self._module.meta = self.meta
+            self._module.train(self.training)
+        return self._module
+
+
+def _shallow_tree(module: torch.nn.Module, prefix: str, keep: set[str]) -> torch.nn.Module:
+    """Plain containers mirroring ``module``'s tree and sharing its tensors; modules the graph
+    calls (opaque ``call_module`` targets) are kept as they are."""
+    if prefix in keep:
+        return module
+    new = torch.nn.Module()
+    new.training = module.training
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
+    new._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
+    for key, value in module.__dict__.items():
+        if isinstance(value, torch.Tensor):  # plain tensor attributes (fx constants)
+            new.__dict__[key] = value
+    for name, child in module._modules.items():
+        new._modules[name] = None if child is None else _shallow_tree(child, f"{prefix}.{name}" if prefix else name, keep)
+    return new
+
+
+def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new graph module with its own graph and containers over the same tensors: passes
+    never write tensors in place, so the caller's module stays as it was."""
+    return _Snapshot(gm).module()
 
 
 def _tensor_versions(gm: fx.GraphModule) -> dict[str, tuple[int, int]]:
@@ -238,11 +276,28 @@ _DERIVED_META = frozenset({"tensor_meta", "type", "stack_trace", "nn_module_stac
                            "from_node", "torch_fn"})
 
 
-def _fingerprint(gm: fx.GraphModule) -> tuple[str, frozenset, frozenset]:
+def _leaf_key(value: Any) -> Any:
+    if isinstance(value, fx.Node):
+        return ("node", value.name)
+    if isinstance(value, torch.Tensor):
+        return ("tensor", id(value))
+    return value
+
+
+def _fingerprint(gm: fx.GraphModule) -> tuple:
+    """What a pass can change: graph structure, the tensors behind attributes, and the meta
+    entries passes write. Cheaper than regenerating code, so unchanged graphs skip recompiling,
+    shape propagation and verification."""
+    structure = tuple(
+        (n.name, n.op, n.target if isinstance(n.target, str) else id(n.target),
+         fx.node.map_aggregate(n.args, _leaf_key), fx.node.map_aggregate(n.kwargs, _leaf_key))
+        for n in gm.graph.nodes
+    )
     meta = frozenset(
         (n.name, k, repr(v)) for n in gm.graph.nodes for k, v in n.meta.items() if k not in _DERIVED_META
     )
-    return gm.code, frozenset((k, i) for k, (i, _) in _tensor_versions(gm).items()), meta
+    tensors = frozenset((k, i) for k, (i, _) in _tensor_versions(gm).items())
+    return structure, tensors, meta
 
 
 def _run_all(gm: torch.nn.Module, inputs: list[tuple]) -> list[list[torch.Tensor]]:
@@ -313,7 +368,7 @@ class PassManager:
 
         inputs = G.as_input_tuple(example_inputs)
         if isinstance(model, fx.GraphModule):
-            gm = copy.deepcopy(model)  # never mutate the caller's graph module or its state
+            gm = _copy_graph_module(model)  # never mutate the caller's graph module
             if any("tensor_meta" not in n.meta for n in gm.graph.nodes if n.op != "output"):
                 G.propagate_shapes(gm, inputs)
         else:
@@ -356,7 +411,7 @@ class PassManager:
 
     def _run_one(self, inv, gm, inputs, check_inputs, current_outs, calibration_data, budget, iteration):
         p = inv.pass_
-        snapshot = _snapshot(gm)
+        snapshot = _Snapshot(gm)
         versions = _tensor_versions(gm)
         before_fp = _fingerprint(gm)
         ctx = PassContext(
@@ -370,12 +425,15 @@ class PassManager:
         error: BaseException | None = None
         verdict = None
         rewrites = 0
+        changed = False
         try:
             rewrites = p(gm, ctx)
             self._check_no_inplace(p.name, gm, versions)
-            gm.graph.lint()
-            gm.recompile()
-            G.propagate_shapes(gm, inputs)
+            changed = _fingerprint(gm) != before_fp
+            if changed:
+                gm.graph.lint()
+                gm.recompile()
+                G.propagate_shapes(gm, inputs)
         except GraphoptError as exc:
             error = exc
         except Exception as exc:  # a user pass may raise anything: name it, roll back
@@ -386,7 +444,7 @@ class PassManager:
             )
             error.__cause__ = exc
         new_outs = current_outs
-        if error is None and self.verify_mode == "each":
+        if error is None and changed and self.verify_mode == "each":
             new_outs = _run_all(gm, check_inputs)
             tol = p.contract.tolerance(_ref_dtype(current_outs[0]))
             verdict = verify.compare_outputs(current_outs, new_outs, tol,
@@ -396,7 +454,7 @@ class PassManager:
                 where = ""
                 try:
                     failed = check_inputs[verdict.failed_input or 0]
-                    div = verify.localize(snapshot, gm, failed, tol)
+                    div = verify.localize(snapshot.module(), gm, failed, tol)
                     if div is not None:
                         where = f"; first divergent node: {div}"
                         verdict.divergence = div
@@ -409,8 +467,6 @@ class PassManager:
                 )
         seconds = time.perf_counter() - t0
         if error is None:
-            after_fp = _fingerprint(gm)
-            changed = after_fp != before_fp
             status = "changed" if changed else "unchanged"
         else:
             changed, status = False, "rolled-back" if self.on_failure == "rollback" else "failed"
@@ -431,7 +487,7 @@ class PassManager:
                 h.on_failure(inv, gm, record, error)
             if self.on_failure == "raise":
                 raise error
-            return snapshot, current_outs, record
+            return snapshot.module(), current_outs, record
         for h in self.hooks:
             h.after_pass(inv, gm, record)
         return gm, new_outs, record

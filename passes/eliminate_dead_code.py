@@ -37,6 +37,8 @@ def eliminate_dead_code(gm: fx.GraphModule, ctx: graphopt.PassContext, *, remove
 
 def _remove_unread_attributes(gm: fx.GraphModule, ctx: graphopt.PassContext) -> int:
     read = {str(n.target) for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
+    # every dotted prefix of something read: a module on this set contains something read
+    read_prefixes = {".".join(parts[:i]) for t in read for parts in [t.split(".")] for i in range(1, len(parts) + 1)}
 
     def is_read(qualname: str) -> bool:
         # reading a module (call_module / get_attr of a module) reads everything inside it
@@ -45,8 +47,7 @@ def _remove_unread_attributes(gm: fx.GraphModule, ctx: graphopt.PassContext) -> 
 
     bytes_before = G.param_bytes(gm)
     removed = 0
-    tensors = [(n, t) for n, t in gm.named_parameters(remove_duplicate=False)] + \
-              [(n, t) for n, t in gm.named_buffers(remove_duplicate=False)]
+    tensors = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
     for qualname, _ in tensors:
         if is_read(qualname) or not ctx.may_rewrite(f"drop attribute {qualname}"):
             continue
@@ -57,10 +58,11 @@ def _remove_unread_attributes(gm: fx.GraphModule, ctx: graphopt.PassContext) -> 
         elif field in owner._buffers:
             del owner._buffers[field]
         removed += 1
+    # deepest first, so a parent emptied by removing its children goes too
     for name, module in sorted(gm.named_modules(remove_duplicate=False), key=lambda kv: -kv[0].count(".")):
-        if not name or is_read(name) or any(True for _ in module.parameters()) or any(True for _ in module.buffers()):
+        if not name or name in read_prefixes or is_read(name):
             continue
-        if any(t.startswith(name + ".") for t in read):
+        if module._parameters or module._buffers or module._modules:
             continue
         if not ctx.may_rewrite(f"drop submodule {name}"):
             continue
