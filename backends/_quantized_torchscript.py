@@ -33,9 +33,7 @@ the same engine.
 """
 from __future__ import annotations
 
-import functools
 import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,8 +44,8 @@ import torch.nn as nn
 
 from graphopt import ops
 from graphopt.errors import LoweringError
-from graphopt.graph import get_attr_value
-from graphopt.quantization import qdq
+from graphopt.graph import get_attr_value, shape_of
+from graphopt.quantization import kernels, qdq
 from graphopt.quantization.placement import op_key as _key
 from graphopt.quantization.qparams import TensorQParams
 
@@ -61,19 +59,6 @@ _ON_INTEGERS = frozenset({"max_pool1d", "max_pool2d", "adaptive_avg_pool1d", "ad
 #: ops whose quantized kernel fixes the output parameters, as (scale, zero point) in quint8
 _FIXED = {"sigmoid": (1 / 256, 0), "hardsigmoid": (1 / 256, 0), "tanh": (2 / 256, 128)}
 _FULL_RANGE = {torch.uint8: (0, 255), torch.int8: (-128, 127)}
-#: largest weight magnitude x86 kernels without VNNI take: they add pairs of uint8 x int8
-#: products in int16 (2 * 255 * 64 < 2**15); full-range weights saturate (measured: 28 steps off)
-_NON_VNNI_WEIGHT_LIMIT = 64
-
-
-@functools.cache
-def _has_vnni() -> bool:
-    """Does this CPU have VNNI (int8 dot products into int32, no int16 saturation)?"""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
 def _as_quint8(qp: TensorQParams, where: fx.Node) -> tuple[float, int]:
@@ -171,10 +156,10 @@ class _Converter:
 
     def check_weight_range(self, layer: fx.Node, qweight: torch.Tensor) -> None:
         largest = int(qweight.int_repr().abs().max()) if qweight.numel() else 0
-        if self.engine == "x86" and largest > _NON_VNNI_WEIGHT_LIMIT and not _has_vnni():
+        if self.engine == "x86" and largest > kernels.NON_VNNI_WEIGHT_LIMIT and not kernels.has_vnni():
             raise LoweringError(
                 f"torchscript-mobile: {layer.name} has int8 weights up to {largest}; this CPU has no VNNI, so the "
-                f"x86 engine saturates above {_NON_VNNI_WEIGHT_LIMIT} and gives wrong results. Quantize with "
+                f"x86 engine saturates above {kernels.NON_VNNI_WEIGHT_LIMIT} and gives wrong results. Quantize with "
                 "config=x86 (7-bit weights) for the x86 engine, or lower with engine='qnnpack'"
             )
 
@@ -220,6 +205,9 @@ class _Converter:
         kind = _key(op)
         if kind not in ("add", "mul") or len(op.args) != 2:
             return None
+        shapes = [shape_of(x) if isinstance(x, fx.Node) else None for x in op.args]
+        if shapes[0] is None or shapes[0] != shapes[1]:
+            return None  # torch's quantized add/mul do not broadcast: stays float
         a, b = (self.integers(x) for x in op.args)
         if a is None or b is None:
             return None
@@ -277,10 +265,10 @@ class _Converter:
                 self.env[node] = self.attr(f"{node.name}_value", value.float() if node.target is qdq.DEQUANTIZE_PER_CHANNEL else value)
             else:
                 self.env[node] = self.copy(node)
-        module = fx.GraphModule(self.attrs, self.graph, "QuantizedGraph")
-        module.graph.eliminate_dead_code()  # the float ops the int8 kernels replaced
-        module.delete_all_unused_submodules()
-        module.recompile()
+        draft = fx.GraphModule(self.attrs, self.graph, "QuantizedGraph")
+        draft.graph.eliminate_dead_code()  # the float ops the int8 kernels replaced
+        # rebuilt so only what the graph still reads is kept (float copies of weights are not)
+        module = fx.GraphModule(self.attrs, draft.graph, "QuantizedGraph")
         module.meta["int8_layers"] = list(self.lowered)
         return module
 

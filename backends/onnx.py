@@ -99,12 +99,17 @@ class Onnx(Backend):
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise here
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        names = [i.name for i in session.get_inputs()]
+        expected = {i.name for i in session.get_inputs()}
+        names = report.get("input_names") or [i.name for i in session.get_inputs()]
         report["onnxruntime"] = {"version": ort.__version__, "providers": session.get_providers()}
+        if len(expected) < len(names):
+            report.setdefault("notes", []).append(
+                f"inputs {sorted(set(names) - expected)} are unused by the graph and not inputs of the ONNX model")
 
         def run(*inputs: Any) -> list[Any]:
             tensors = [x for x in inputs if isinstance(x, torch.Tensor)]  # other inputs were baked in
-            return session.run(None, {name: x.detach().cpu().numpy() for name, x in zip(names, tensors)})
+            feed = {name: x.detach().cpu().numpy() for name, x in zip(names, tensors) if name in expected}
+            return session.run(None, feed)
 
         return run
 
@@ -156,6 +161,7 @@ class Onnx(Backend):
     ) -> None:
         input_names = [n.name for n in gm.graph.nodes if n.op == "placeholder"][: len(inputs)]
         input_names = [name for name, x in zip(input_names, inputs) if isinstance(x, torch.Tensor)]
+        report["input_names"] = input_names  # exporters drop unused inputs: feed the session by name
         outputs = pytree.tree_leaves(gm(*inputs))
         output_names = ["output"] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))]
         common = dict(opset_version=self.opset, input_names=input_names, output_names=output_names)

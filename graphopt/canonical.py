@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops
@@ -35,6 +36,7 @@ aten = torch.ops.aten
 MayRewrite = Callable[[str], bool]
 Decline = Callable[[fx.Node, str], None]
 
+_CALLS = ("call_function", "call_method", "call_module")
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
@@ -51,30 +53,73 @@ def canonicalize(
     rewrite budget); ``decline(node, reason)`` hears about spellings left alone on purpose.
     Running it twice changes nothing the second time.
     """
-    rewriter = _Rewriter(gm, may_rewrite or (lambda where: True), decline or (lambda node, reason: None))
-    count = rewriter.lower_modules()
-    count += rewriter.rewrite_aten_structures()
-    count += rewriter.collapse_aliases()
-    ensure_provenance(gm)
+    count = canonicalize_graph(gm.graph, gm, may_rewrite=may_rewrite, decline=decline)
     if count:
         gm.graph.lint()
         gm.recompile()
     return count
 
 
-def ensure_provenance(gm: fx.GraphModule) -> None:
+def canonicalize_graph(
+    graph: fx.Graph,
+    module: nn.Module,
+    *,
+    may_rewrite: MayRewrite | None = None,
+    decline: Decline | None = None,
+    ensure_shapes: Callable[[], None] | None = None,
+) -> int:
+    """:func:`canonicalize` on a bare ``graph`` whose attributes and submodules live in
+    ``module``, without linting or recompiling (capture builds its GraphModule once, at the end).
+
+    Shape metadata is read only for in-place spellings and aten structures; when the graph has
+    none yet, ``ensure_shapes()`` is called (once, on the graph as it is at that point) the
+    first time some is needed, so graphs that need none are never run for it.
+    """
+    rewriter = _Rewriter(module, graph, may_rewrite or (lambda where: True),
+                         decline or (lambda node, reason: None), ensure_shapes)
+    count = rewriter.lower_modules()
+    count += rewriter.rewrite_aten_structures()
+    count += rewriter.collapse_aliases()
+    ensure_provenance(graph)
+    return count
+
+
+def ensure_provenance(gm: fx.GraphModule | fx.Graph) -> None:
     """Give every node without provenance its own: the attribute path or the node's name."""
-    for node in gm.graph.nodes:
+    graph = gm.graph if isinstance(gm, fx.GraphModule) else gm
+    for node in graph.nodes:
         if "provenance" not in node.meta:
             node.meta["provenance"] = str(node.target) if node.op == "get_attr" else node.name
 
 
 class _Rewriter:
-    def __init__(self, gm: fx.GraphModule, may_rewrite: MayRewrite, decline: Decline):
-        self.gm = gm
-        self.graph = gm.graph
+    def __init__(self, module: nn.Module, graph: fx.Graph, may_rewrite: MayRewrite, decline: Decline,
+                 ensure_shapes: Callable[[], None] | None):
+        self.module = module
+        self.graph = graph
         self.may_rewrite = may_rewrite
         self.decline = decline
+        self._ensure_shapes = ensure_shapes
+
+    def _shapes_needed(self) -> None:
+        """Have shape metadata recorded on the graph, if it is not there yet."""
+        if self._ensure_shapes is not None:
+            ensure, self._ensure_shapes = self._ensure_shapes, None
+            ensure()
+
+    def _shape(self, value: Any) -> tuple[int, ...] | None:
+        if not isinstance(value, fx.Node):
+            return None
+        if value.op == "get_attr":
+            obj = get_attr_value(self.module, value)
+            return tuple(obj.shape) if isinstance(obj, torch.Tensor) else None
+        self._shapes_needed()
+        tm = tensor_meta(value)
+        return tuple(tm.shape) if tm is not None else None
+
+    def _rank(self, value: Any) -> int | None:
+        shape = self._shape(value)
+        return len(shape) if shape is not None else None
 
     def _allowed(self, node: fx.Node, what: str) -> bool:
         where = node.meta.get("provenance", node.name)
@@ -89,7 +134,7 @@ class _Rewriter:
                 continue
             if len(node.args) != 1 or node.kwargs:
                 continue  # every lowerable layer takes exactly one input
-            steps = ops.lowering_for(self.gm.get_submodule(node.target))
+            steps = ops.lowering_for(self.module.get_submodule(node.target))
             if steps is None or not self._allowed(node, f"inline {node.target}"):
                 continue
             self._inline(node, steps)
@@ -134,7 +179,7 @@ class _Rewriter:
 
     def _convolution(self, node: fx.Node) -> int:
         bound = _bind_schema(node)
-        rank = _rank(self.gm, bound.get("weight"))
+        rank = self._rank(bound.get("weight"))
         if rank not in (3, 4, 5) or not isinstance(bound.get("transposed"), bool):
             return 0
         if not self._allowed(node, "aten.convolution -> conv"):
@@ -162,7 +207,7 @@ class _Rewriter:
         if transposed.op != "call_function" or not is_t:
             return 0
         weight = transposed.args[0]
-        if _rank(self.gm, weight) != 2 or _rank(self.gm, b["self"]) != 1:
+        if self._rank(weight) != 2 or self._rank(b["self"]) != 1:
             return 0
         if not self._allowed(node, "aten.addmm -> linear"):
             return 0
@@ -198,7 +243,8 @@ class _Rewriter:
                 self.decline(node, "in-place flag is not a constant; left as written")
                 continue
             if writes:
-                reason = _why_mutation_is_visible(self.graph, node, bound[alias.params[0]], order)
+                self._shapes_needed()
+                reason = _why_mutation_is_visible(node, bound[alias.params[0]], order)
                 if reason:
                     self.decline(node, f"in-place {node.target} kept: {reason}")
                     continue
@@ -221,7 +267,7 @@ class _Rewriter:
         n = ops.TUPLE_PARAMS[spec.name][0]
         if padding == "valid":
             return (0,) * n
-        shape = _shape(self.gm, args[spec.index["weight"]])
+        shape = self._shape(args[spec.index["weight"]])
         dilation = args[spec.index["dilation"]]
         if padding != "same" or shape is None or not isinstance(dilation, tuple):
             return padding
@@ -263,21 +309,6 @@ def _bind_schema(node: fx.Node) -> dict[str, Any]:
     return {**dict(zip(names, node.args)), **node.kwargs}
 
 
-def _shape(gm: fx.GraphModule, value: Any) -> tuple[int, ...] | None:
-    if not isinstance(value, fx.Node):
-        return None
-    if value.op == "get_attr":
-        obj = get_attr_value(gm, value)
-        return tuple(obj.shape) if isinstance(obj, torch.Tensor) else None
-    tm = tensor_meta(value)
-    return tuple(tm.shape) if tm is not None else None
-
-
-def _rank(gm: fx.GraphModule, value: Any) -> int | None:
-    shape = _shape(gm, value)
-    return len(shape) if shape is not None else None
-
-
 def _same(a: Any, b: Any) -> bool:
     """Structural equality of args that never compares tensors elementwise."""
     if isinstance(a, (fx.Node, torch.Tensor)) or isinstance(b, (fx.Node, torch.Tensor)):
@@ -296,36 +327,37 @@ def _holds_tensor(node: fx.Node) -> bool:
     return "tensor_meta" in node.meta or "type" not in node.meta
 
 
-def _storage_groups(graph: fx.Graph, skip: fx.Node) -> dict[fx.Node, fx.Node]:
-    """Union-find of nodes that may share storage, treating ``skip`` as if it were pure."""
-    parent: dict[fx.Node, fx.Node] = {}
-
-    def find(n: fx.Node) -> fx.Node:
-        parent.setdefault(n, n)
-        while parent[n] is not n:
-            parent[n] = parent[parent[n]]
-            n = parent[n]
-        return n
-
-    for node in graph.nodes:
-        find(node)
-        if node is skip or node.op not in ("call_function", "call_method", "call_module"):
-            continue
-        if not may_alias_input(node) or not _holds_tensor(node):
-            continue
-        for source in node.all_input_nodes:
-            if _holds_tensor(source):
-                parent[find(source)] = find(node)
-    return {n: find(n) for n in parent}
+def _aliases_its_inputs(node: fx.Node, skip: fx.Node) -> bool:
+    """Whether ``node``'s result may share storage with its tensor inputs (``skip`` counts as pure)."""
+    return node is not skip and node.op in _CALLS and may_alias_input(node) and _holds_tensor(node)
 
 
-def _why_mutation_is_visible(graph: fx.Graph, node: fx.Node, written: Any, order: dict[fx.Node, int]) -> str:
+def _storage_group(written: fx.Node, skip: fx.Node, order: dict[fx.Node, int]) -> list[fx.Node]:
+    """The nodes that may share storage with ``written``, in graph order, treating ``skip`` as if
+    it were pure: the connected part of the graph reached through ops that may return (a view
+    of) an input. Only that part is walked, so checking every in-place node stays linear in
+    practice, not a scan of the whole graph per node."""
+    group = {written}
+    frontier = [written]
+    while frontier:
+        node = frontier.pop()
+        linked: list[fx.Node] = []
+        if _aliases_its_inputs(node, skip):
+            linked.extend(s for s in node.all_input_nodes if _holds_tensor(s))
+        if _holds_tensor(node):
+            linked.extend(u for u in node.users if _aliases_its_inputs(u, skip))
+        for other in linked:
+            if other not in group:
+                group.add(other)
+                frontier.append(other)
+    return sorted(group, key=order.__getitem__)
+
+
+def _why_mutation_is_visible(node: fx.Node, written: Any, order: dict[fx.Node, int]) -> str:
     """Why rewriting in-place ``node`` out-of-place could change what someone sees ('' if safe)."""
     if not isinstance(written, fx.Node):
         return "it writes into a value that is not a graph node"
-    groups = _storage_groups(graph, skip=node)
-    root = groups[written]
-    members = [n for n, r in groups.items() if r is root]
+    members = _storage_group(written, node, order)
     for member in members:
         if member.op in ("placeholder", "get_attr"):
             return f"{written.name} is (a view of) {member.op} {member.target}, visible to the caller"

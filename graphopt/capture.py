@@ -12,15 +12,26 @@ Two front ends end in the same canonical form (see :mod:`graphopt.canonical`):
 Capture works on a deep copy (the user's model, its state, training flags and hooks are never
 touched), keeps every module's own training flag, leaves the global RNG as it found it, and
 checks that the captured graph reproduces the model's outputs on the example inputs.
+
+Its cost is meant to stay within a small factor of bare tracing and linear in the graph's
+size: the copy copies standard module state directly, the graph is rewritten before any
+GraphModule exists and compiled to Python once at the end, and it is run (shape recording and
+the reproduction check in one) by :func:`graphopt.graph.record_shapes`, once more before
+canonicalization only when that needs shapes (in-place spellings, aten structures).
 """
 from __future__ import annotations
 
+import collections
 import copy
+import copyreg
 import inspect
+import linecache
 import os
 import re
+import sys
 import sysconfig
 import traceback
+import types
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 
@@ -29,11 +40,10 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.utils._pytree as pytree
 from torch.export.graph_signature import InputKind, OutputKind
-from torch.fx.passes.shape_prop import ShapeProp
 
 from . import canonical, ops
 from .errors import CaptureError, GraphoptError, InputError
-from .graph import as_input_tuple, get_attr_value, unique_attr_name
+from .graph import as_input_tuple, get_attr_value, record_shapes, unique_attr_name
 
 MODES = ("symbolic", "export")
 
@@ -74,14 +84,16 @@ def capture(
     root = _deepcopy(model)
     reference = _reference_outputs(root, inputs, fixed_kwargs)
     if mode == "symbolic":
-        gm = _trace_symbolic(root, leaf_types, leaf_names, concrete_args, fixed_kwargs)
+        graph = _trace_symbolic(root, leaf_types, leaf_names, concrete_args, fixed_kwargs)
     else:
-        gm = _trace_export(root, inputs)
+        graph = _trace_export(root, inputs)
+    # the GraphModule keeps the layers the trace called, as GraphModule(root, traced graph) would
+    called = [n.target for n in graph.nodes if n.op == "call_module"]
+    canonical.ensure_provenance(graph)
+    _canonicalize(root, graph, inputs)
+    _check_reproduces(root, reference, _propagate(root, graph, inputs))
+    gm = _graph_module(root, graph, called)
     _copy_training_flags(root, gm)
-    canonical.ensure_provenance(gm)
-    _propagate(gm, inputs)  # shapes let canonicalization see which values are tensors
-    _canonicalize(gm)
-    _check_reproduces(gm, reference, _propagate(gm, inputs))
     return gm
 
 
@@ -155,13 +167,119 @@ def _deepcopy(model: nn.Module) -> nn.Module:
     memo = {id(v): v.detach().clone() for m in model.modules() for v in vars(m).values()
             if isinstance(v, torch.Tensor) and not v.is_leaf}
     try:
-        return copy.deepcopy(model, memo)
+        return _copy_module(model, memo)
     except Exception as exc:  # noqa: BLE001 - any failure means the same thing to the user
         raise CaptureError(
             f"could not copy {type(model).__name__} ({type(exc).__name__}: {_first_line(exc)}); capture "
             "works on a deep copy so your model is never changed. Make the model deep-copyable "
             "(no open files, locks or generators as attributes)."
         ) from None
+
+
+# values copy.deepcopy returns as they are (immutable), and tuples of them
+_SHARED_TYPES = frozenset({
+    type(None), bool, int, float, complex, str, bytes, type, range, types.FunctionType,
+    types.BuiltinFunctionType, torch.dtype, torch.device, torch.memory_format, torch.layout,
+})
+_PLAIN_REDUCE: dict[type, bool] = {}
+
+
+def _copy_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
+    """``copy.deepcopy(module, memo)``, done directly for modules that pickle the standard way.
+
+    deepcopy of a module goes through ``__reduce_ex__``: a new instance, then every entry of
+    ``__getstate__()`` deep-copied and handed to ``__setstate__``. This does the same steps but
+    takes the usual state entries (numbers, strings, empty hook dicts, the parameter, buffer
+    and submodule dicts) without deepcopy's generic dispatch, which dominated capture's cost on
+    deep models. Tensors and any other value still go through deepcopy with the shared
+    ``memo``, so sharing between modules and tensors is kept as deepcopy keeps it.
+    """
+    if id(module) in memo:
+        return memo[id(module)]
+    cls = type(module)
+    if not _reduces_plainly(cls):
+        return copy.deepcopy(module, memo)
+    state = module.__getstate__()
+    if not isinstance(state, dict):
+        return copy.deepcopy(module, memo)
+    new = cls.__new__(cls)
+    memo[id(module)] = new
+    copied = {}
+    for key, value in state.items():
+        kind = type(value)
+        if kind in _SHARED_TYPES:
+            copied[key] = value
+        elif kind is collections.OrderedDict and not value and id(value) not in memo:  # hook tables
+            copied[key] = memo[id(value)] = collections.OrderedDict()
+        else:
+            copied[key] = _copy_state_value(key, value, memo)
+    if hasattr(new, "__setstate__"):
+        new.__setstate__(copied)
+    else:
+        new.__dict__.update(copied)
+    return new
+
+
+def _reduces_plainly(cls: type) -> bool:
+    """Whether deepcopy copies instances of ``cls`` by new instance + state (no custom hooks)."""
+    known = _PLAIN_REDUCE.get(cls)
+    if known is None:
+        known = _PLAIN_REDUCE[cls] = (
+            getattr(cls, "__deepcopy__", None) is None
+            and cls.__reduce_ex__ is object.__reduce_ex__
+            and cls.__reduce__ is object.__reduce__
+            and not hasattr(cls, "__getnewargs_ex__")
+            and not hasattr(cls, "__getnewargs__")
+            and cls not in copyreg.dispatch_table
+            and not issubclass(cls, (list, dict))
+        )
+    return known
+
+
+def _copy_tensor(tensor: torch.Tensor, memo: dict[Any, Any]) -> torch.Tensor:
+    """``copy.deepcopy(tensor, memo)``; for a plain dense tensor, the same steps done directly.
+
+    Like ``Tensor.__deepcopy__``: the storage is cloned once (tensors viewing one storage keep
+    viewing one copy, through deepcopy's own ``memo["torch"]`` table) and the copy views it
+    with the original's offset, sizes and strides.
+    """
+    if id(tensor) in memo:
+        return memo[id(tensor)]
+    if type(tensor) is not torch.Tensor or not tensor.is_leaf or tensor.layout is not torch.strided \
+            or tensor.device.type not in ("cpu", "cuda") or tensor.is_quantized or tensor.is_conj() \
+            or tensor.is_neg() or tensor.grad is not None or tensor.__dict__:
+        return copy.deepcopy(tensor, memo)
+    storage = tensor.untyped_storage()
+    storages = memo.setdefault("torch", {})
+    new_storage = storages.get(storage._cdata)
+    if new_storage is None:
+        new_storage = storages[storage._cdata] = storage.clone()
+    with torch.no_grad():
+        new = tensor.new_empty([]).set_(new_storage, tensor.storage_offset(), tensor.size(), tensor.stride())
+    if tensor.requires_grad:
+        new.requires_grad_()
+    memo[id(tensor)] = new
+    return new
+
+
+def _copy_state_value(key: str, value: Any, memo: dict[int, Any]) -> Any:
+    kind = type(value)
+    if kind in _SHARED_TYPES or (kind is tuple and all(type(v) in _SHARED_TYPES for v in value)):
+        return value
+    if id(value) in memo:
+        return memo[id(value)]
+    if key == "_modules" and kind is dict:
+        new: Any = {name: None if m is None else _copy_module(m, memo) for name, m in value.items()}
+    elif key in ("_parameters", "_buffers") and kind is dict:
+        new = {name: None if t is None else _copy_tensor(t, memo) for name, t in value.items()}
+    elif kind in (dict, collections.OrderedDict) and not value:
+        new = kind()
+    elif kind is set and all(type(v) is str for v in value):
+        new = set(value)
+    else:
+        return copy.deepcopy(value, memo)
+    memo[id(value)] = new
+    return new
 
 
 # -- running modules without side effects ---------------------------------------------------------
@@ -197,29 +315,51 @@ def _reference_outputs(model: nn.Module, inputs: tuple[torch.Tensor, ...], kwarg
         ) from None
 
 
-def _propagate(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> Any:
+def _propagate(root: nn.Module, graph: fx.Graph, inputs: tuple[torch.Tensor, ...]) -> Any:
     """Record ``tensor_meta`` on every node (as graph.propagate_shapes) and return the outputs."""
     try:
-        with _isolated(gm):
-            return ShapeProp(gm).propagate(*_fresh(inputs))
+        with _isolated(root):
+            return record_shapes(root, _fresh(inputs), graph)
     except GraphoptError:
         raise
     except Exception as exc:  # noqa: BLE001
         raise CaptureError(
-            f"the captured graph of {gm.__class__.__name__} does not run on the example inputs "
+            f"the captured graph of {type(root).__name__} does not run on the example inputs "
             f"({_describe(inputs)}): {type(exc).__name__}: {_first_line(exc)}\n{_WAYS_OUT}"
         ) from None
 
 
-def _canonicalize(gm: fx.GraphModule) -> None:
+def _canonicalize(root: nn.Module, graph: fx.Graph, inputs: tuple[torch.Tensor, ...]) -> None:
     try:
-        canonical.canonicalize(gm)
+        # shapes let canonicalization see which values are tensors (in-place spellings)
+        canonical.canonicalize_graph(graph, root, ensure_shapes=lambda: _propagate(root, graph, inputs))
+    except GraphoptError:
+        raise
     except Exception as exc:  # noqa: BLE001 - a bug here must still reach the user as a CaptureError
         raise CaptureError(
-            f"graphopt could not canonicalize the graph of {gm.__class__.__name__} ({type(exc).__name__}: "
+            f"graphopt could not canonicalize the graph of {type(root).__name__} ({type(exc).__name__}: "
             f"{_first_line(exc)}); this is a graphopt bug, please report it. Meanwhile keep the layer "
             "involved opaque with leaf_modules=, or try the other capture mode."
         ) from None
+
+
+def _graph_module(root: nn.Module, graph: fx.Graph, called: list[str]) -> fx.GraphModule:
+    """The GraphModule of ``graph`` (its one code generation), holding the modules ``called``
+    by the trace at their paths, as building it from the traced graph would have."""
+    gm = fx.GraphModule(root, graph, class_name=type(root).__name__)
+    for target in sorted(set(called), key=lambda t: t.count(".")):
+        *path, name = target.split(".")
+        owner: nn.Module = gm
+        for part in path:
+            child = owner._modules.get(part)
+            if child is None:
+                child = nn.Module()
+                setattr(owner, part, child)
+            owner = child
+        module = root.get_submodule(target)
+        if owner._modules.get(name) is not module:
+            setattr(owner, name, module)
+    return gm
 
 
 def _plain(value: Any) -> Any:
@@ -233,7 +373,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _check_reproduces(gm: fx.GraphModule, reference: Any, got: Any) -> None:
+def _check_reproduces(root: nn.Module, reference: Any, got: Any) -> None:
     want_leaves, want_spec = pytree.tree_flatten(reference)
     got_leaves, got_spec = pytree.tree_flatten(_plain(got))
     problem = ""
@@ -247,7 +387,7 @@ def _check_reproduces(gm: fx.GraphModule, reference: Any, got: Any) -> None:
                 break
     if problem:
         raise CaptureError(
-            f"the captured graph of {gm.__class__.__name__} does not reproduce the model on the example "
+            f"the captured graph of {type(root).__name__} does not reproduce the model on the example "
             f"inputs ({problem}). The model probably depends on something the trace cannot see "
             "(Python state, a branch taken at trace time, an in-place write to an input).\n" + _WAYS_OUT
         )
@@ -287,11 +427,12 @@ class _CaptureTracer(fx.Tracer):
         self.leaf_types = leaf_types
         self.leaf_names = leaf_names
         self.user_leaves: set[str] = set()
+        self.stack_texts: dict[tuple[tuple[str, int, str], ...], str] = {}
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None) -> fx.Node:  # noqa: ANN001
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
         if kind not in ("placeholder", "output"):
-            node.meta["stack_trace"] = _user_stack()
+            node.meta["stack_trace"] = _user_stack(self.stack_texts)
         return node
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
@@ -309,7 +450,7 @@ def _trace_symbolic(
     leaf_names: frozenset[str],
     concrete_args: dict[str, Any] | None,
     fixed_kwargs: dict[str, Any],
-) -> fx.GraphModule:
+) -> fx.Graph:
     tracer = _CaptureTracer(leaf_types, leaf_names)
     try:
         graph = tracer.trace(root, concrete_args=concrete_args)
@@ -318,25 +459,23 @@ def _trace_symbolic(
             f"could not trace {type(root).__name__} symbolically{_where(exc)}: "
             f"{type(exc).__name__}: {_first_line(exc)}\n{_WAYS_OUT}"
         ) from None
-    gm = fx.GraphModule(root, graph, class_name=type(root).__name__)
-    for node in gm.graph.nodes:
+    for node in graph.nodes:
         if node.op == "call_module" and node.target in tracer.user_leaves:
             node.meta["keep_module"] = True
-    _drop_specialized_arguments(gm, root, fixed_kwargs)
-    return gm
+    _drop_specialized_arguments(graph, root, fixed_kwargs)
+    return graph
 
 
-def _drop_specialized_arguments(gm: fx.GraphModule, root: nn.Module, fixed: dict[str, Any]) -> None:
+def _drop_specialized_arguments(graph: fx.Graph, root: nn.Module, fixed: dict[str, Any]) -> None:
     """Remove the placeholders fx keeps for concrete args, with the asserts that guard them."""
     if not fixed:
         return
     params = [p for p in inspect.signature(root.forward).parameters.values()
               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     for param, node in zip(params, placeholders):
         if param.name in fixed:
-            _erase_guard_cone(gm.graph, node)
-    gm.recompile()
+            _erase_guard_cone(graph, node)
 
 
 def _erase_guard_cone(graph: fx.Graph, placeholder: fx.Node) -> None:
@@ -363,7 +502,7 @@ def _erase_guard_cone(graph: fx.Graph, placeholder: fx.Node) -> None:
 # -- export front end -----------------------------------------------------------------------------
 
 
-def _trace_export(root: nn.Module, inputs: tuple[torch.Tensor, ...]) -> fx.GraphModule:
+def _trace_export(root: nn.Module, inputs: tuple[torch.Tensor, ...]) -> fx.Graph:
     try:
         program = torch.export.export(root, inputs)
     except Exception as exc:  # noqa: BLE001 - export raises many kinds
@@ -376,7 +515,7 @@ def _trace_export(root: nn.Module, inputs: tuple[torch.Tensor, ...]) -> fx.Graph
     return _unlift(program, root)
 
 
-def _unlift(program: torch.export.ExportedProgram, root: nn.Module) -> fx.GraphModule:
+def _unlift(program: torch.export.ExportedProgram, root: nn.Module) -> fx.Graph:
     """The exported graph with parameters/buffers as ``get_attr`` of their qualified names."""
     signature = program.graph_signature
     input_specs = {s.arg.name: s for s in signature.input_specs}
@@ -408,7 +547,7 @@ def _unlift(program: torch.export.ExportedProgram, root: nn.Module) -> fx.GraphM
     for getter in getters.values():
         if not getter.users:  # export lists every buffer, used or not
             graph.erase_node(getter)
-    return fx.GraphModule(root, graph, class_name=type(root).__name__)
+    return graph
 
 
 def _constant_target(root: nn.Module, name: str, program: torch.export.ExportedProgram) -> str:
@@ -491,19 +630,38 @@ def _user_frames(trace: str) -> str:
     )
 
 
-def _user_stack() -> str:
+_LIBRARY_FILES: dict[str, bool] = {}
+
+
+def _is_library_file_cached(path: str) -> bool:
+    known = _LIBRARY_FILES.get(path)
+    if known is None:
+        known = _LIBRARY_FILES[path] = _is_library_file(path)
+    return known
+
+
+def _user_stack(texts: dict[tuple[tuple[str, int, str], ...], str]) -> str:
     """The current stack, user frames only, outermost first, formatted like fx's stack traces.
 
     (fx's own ``record_stack_traces`` symbolizes through torch._inductor, a multi-second import.)
+    Called for every traced node, so it walks frames directly and formats each distinct stack
+    once (``texts`` caches the text per tuple of (file, line, function)).
     """
-    inside_trace = []
-    for frame, line in traceback.walk_stack(None):
-        if frame.f_code is _trace_symbolic.__code__:
-            break  # frames further out are the caller of capture, not the model
-        inside_trace.append((frame, line))
-    frames = traceback.StackSummary.extract(iter(inside_trace), lookup_lines=False)
-    mine = [f for f in frames if not _is_library_file(f.filename)]
-    return "".join(traceback.StackSummary.from_list(mine[::-1]).format())
+    frames = []
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code is not _trace_symbolic.__code__:
+        # frames further out than _trace_symbolic are the caller of capture, not the model
+        if not _is_library_file_cached(frame.f_code.co_filename):
+            frames.append(frame)
+        frame = frame.f_back
+    key = tuple((f.f_code.co_filename, f.f_lineno, f.f_code.co_name) for f in frames)
+    text = texts.get(key)
+    if text is None:
+        for f in frames:  # as traceback.StackSummary.extract: source of modules without a file
+            linecache.lazycache(f.f_code.co_filename, f.f_globals)
+        summary = traceback.StackSummary.from_list([(*where, None) for where in reversed(key)])
+        text = texts[key] = "".join(summary.format())
+    return text
 
 
 def _where(exc: BaseException) -> str:

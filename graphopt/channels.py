@@ -24,10 +24,12 @@ spatial extent, the output of an op the analysis does not understand). Ops *coup
   splitting features into ``(C, H, W)`` (Linear -> view -> ConvTranspose) couples each block
   of ``H*W`` features into one unit. Size arguments are rewritten.
 
-Coupled atoms form a *unit* (a connected component of the coupling graph, computed with
-networkx): removing a unit removes every index that carries one of its atoms, in every tensor,
-and every op stays consistent. Units that occur in exactly the same tensor dims (same places,
-same widths) form a :class:`ChannelGroup`, the thing a pruner ranks and cuts.
+Coupled atoms form a *unit* (a connected component of the atom coupling graph): removing a
+unit removes every index that carries one of its atoms, in every tensor, and every op stays
+consistent. Units that occur in exactly the same tensor dims (same places, same widths) form
+a :class:`ChannelGroup`, the thing a pruner ranks and cuts. :attr:`ChannelAnalysis.graph` is
+the resulting structure as a networkx graph (group nodes linked to the tensor dims they cut),
+for inspection and drawing.
 
 Conservative by default: an op without a rule here *freezes* every channel it touches, with
 the reason recorded (:attr:`ChannelGroup.frozen`) instead of a crash. Graph outputs,
@@ -61,7 +63,7 @@ from .graph import get_attr_value, propagate_shapes
 from .purity import mutated_values
 
 __all__ = ["Fixed", "ParamDim", "Layer", "ChannelGroup", "ChannelAnalysis", "DeadUnit", "analyze", "prune",
-           "dead_units", "layer_name"]
+           "dead_units", "layer_name", "set_tensor"]
 
 
 @dataclass(frozen=True)
@@ -71,8 +73,8 @@ class Fixed:
     why: str
 
 
-Row = "np.ndarray | Fixed"  # one dim: atom ids per index, or fixed
-Labels = list  # list[Row], one entry per dim of a tensor value
+#: the rows of a tensor value: per dim, its atom ids (one per index) or Fixed
+Labels = list
 
 
 # --------------------------------------------------------------------------- public records
@@ -990,18 +992,7 @@ def analyze(gm: fx.GraphModule, example_inputs: Any = None) -> ChannelAnalysis:
     p = _Propagation(gm)
     p.run()
 
-    coupling = nx.Graph()
-    coupling.add_nodes_from(range(p.count))
-    for a, b in p.edges:
-        coupling.add_edges_from(zip(a.tolist(), b.tolist()))
-    unit_of_atom = np.empty(p.count, dtype=np.int64)
-    for unit, atoms in enumerate(nx.connected_components(coupling)):
-        unit_of_atom[list(atoms)] = unit
-    if p.count:  # number units by their first atom, so ids follow tensor order (deterministic)
-        first = np.unique(unit_of_atom, return_index=True)[1]
-        order = np.empty(len(first), dtype=np.int64)
-        order[unit_of_atom[first]] = np.argsort(np.argsort(first))
-        unit_of_atom = order[unit_of_atom]
+    unit_of_atom = _components(p.count, p.edges)
 
     frozen: dict[int, list[tuple[str, str]]] = {}
     for atoms, node_name, reason in p.freezes:
@@ -1024,6 +1015,35 @@ def analyze(gm: fx.GraphModule, example_inputs: Any = None) -> ChannelAnalysis:
                            blocked, p.tensor_uses)
 
 
+def _components(count: int, edges: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """Connected component (unit) of every atom; units are numbered in the order of their first
+    atom, so ids follow tensor order and are deterministic.
+
+    Vectorized label propagation: every atom takes the smallest label across its edges, then
+    labels follow their own labels to a fixed point (pointer jumping). At the fixed point both
+    ends of every edge agree and each label is an atom of its component. (networkx's
+    connected_components took 1.5 s on MobileNetV2's ~100k atoms; this takes milliseconds.)
+    """
+    labels = np.arange(count, dtype=np.int64)
+    if edges:
+        a = np.concatenate([x for x, _ in edges])
+        b = np.concatenate([y for _, y in edges])
+        while True:
+            lowest = np.minimum(labels[a], labels[b])
+            new = labels.copy()
+            np.minimum.at(new, a, lowest)
+            np.minimum.at(new, b, lowest)
+            while True:
+                jumped = new[new]
+                if np.array_equal(jumped, new):
+                    break
+                new = jumped
+            if np.array_equal(new, labels):
+                break
+            labels = new
+    return np.unique(labels, return_inverse=True)[1].astype(np.int64)
+
+
 def _groups(p: _Propagation, unit_of_atom: np.ndarray, frozen: dict[int, list[tuple[str, str]]]) -> list[ChannelGroup]:
     """Partition units by footprint: the (tensor dim or op argument, width) pairs holding them."""
     slots: list[tuple[Any, np.ndarray, _Tensor | None, int]] = []  # (key, units per index, tensor, dim)
@@ -1034,14 +1054,16 @@ def _groups(p: _Propagation, unit_of_atom: np.ndarray, frozen: dict[int, list[tu
         for key, atoms in update.rows:
             slots.append(((key, -1), unit_of_atom[atoms], None, -1))
 
-    footprint: dict[int, list[tuple[int, int]]] = {}
-    for s, (_, units, _, _) in enumerate(slots):
-        present, counts = np.unique(units, return_counts=True)
-        for u, c in zip(present.tolist(), counts.tolist()):
-            footprint.setdefault(u, []).append((s, c))
-    by_signature: dict[tuple, list[int]] = {}
-    for u in sorted(footprint):
-        by_signature.setdefault(tuple(footprint[u]), []).append(u)
+    present = [np.unique(units, return_counts=True) for _, units, _, _ in slots]
+    unit_col = np.concatenate([u for u, _ in present])
+    slot_col = np.concatenate([np.full(len(u), s) for s, (u, _) in enumerate(present)])
+    count_col = np.concatenate([c for _, c in present])
+    order = np.lexsort((slot_col, unit_col))
+    unit_col, footprint = unit_col[order], np.stack([slot_col[order], count_col[order]], 1)
+    bounds = np.flatnonzero(np.diff(unit_col)) + 1
+    by_signature: dict[bytes, list[int]] = {}
+    for units, rows in zip(np.split(unit_col, bounds), np.split(footprint, bounds)):
+        by_signature.setdefault(rows.tobytes(), []).append(int(units[0]))
 
     signatures = list(by_signature.values())
     group_of_unit = np.full(int(unit_of_atom.max()) + 1, -1, dtype=np.int64)
@@ -1161,10 +1183,12 @@ def _replace_tensor(gm: fx.GraphModule, info: _Tensor, new: torch.Tensor) -> Non
     value: torch.Tensor = torch.nn.Parameter(new, requires_grad=old.requires_grad) \
         if isinstance(old, torch.nn.Parameter) else new
     for name in info.names:
-        _set_attr(gm, name, value)
+        set_tensor(gm, name, value)
 
 
-def _set_attr(gm: fx.GraphModule, qualname: str, value: torch.Tensor) -> None:
+def set_tensor(gm: fx.GraphModule, qualname: str, value: torch.Tensor) -> None:
+    """Make the parameter or buffer ``qualname`` of ``gm`` the new tensor ``value`` (the old
+    tensor is left untouched; a parameter slot gets a Parameter)."""
     owner_name, _, field_name = qualname.rpartition(".")
     owner = gm.get_submodule(owner_name) if owner_name else gm
     if field_name in owner._parameters and not isinstance(value, torch.nn.Parameter):
@@ -1186,7 +1210,7 @@ def _add_to_bias(gm: fx.GraphModule, layer: Layer, delta: torch.Tensor) -> None:
         old = get_attr_value(gm, bias_node)
         new = (old.detach().double() + delta.double()).to(old.dtype)
         value = torch.nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(old, torch.nn.Parameter) else new
-        _set_attr(gm, str(bias_node.target), value)
+        set_tensor(gm, str(bias_node.target), value)
         return
     owner_name = str(layer.weight.target).rpartition(".")[0]
     owner = gm.get_submodule(owner_name) if owner_name else gm
@@ -1258,7 +1282,7 @@ def dead_units(analysis: ChannelAnalysis, example_inputs: Any) -> dict[int, Dead
         if in_units is None:
             continue
         out_units = set(analysis.units(layer.out_atoms).tolist())
-        for u in set(in_units.tolist()) & candidates - out_units:
+        for u in (set(in_units.tolist()) & candidates) - out_units:
             consumers.setdefault(u, []).append((layer, np.nonzero(in_units == u)[0]))
     values = _values_of(gm, example_inputs, {layer.in_value for rows in consumers.values() for layer, _ in rows})
 

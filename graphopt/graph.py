@@ -22,7 +22,9 @@ from typing import Any, Iterable
 
 import torch
 import torch.fx as fx
-from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+from torch._guards import detect_fake_mode
+from torch.fx.node import map_aggregate, map_arg
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata, _extract_tensor_metadata
 
 from .errors import InputError
 
@@ -57,8 +59,129 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Iterable[Any]) -> Any:
     """Run ``gm`` once on ``example_inputs``, record ``tensor_meta`` on every node, and return
     the outputs of that run (buffer updates the run makes are undone)."""
     inputs = as_input_tuple(tuple(example_inputs))
+    fresh = [t.clone() if isinstance(t, torch.Tensor) else t for t in inputs]
     with torch.no_grad(), preserved_state(gm):
-        return ShapeProp(gm).propagate(*[t.clone() if isinstance(t, torch.Tensor) else t for t in inputs])
+        if detect_fake_mode(fresh) is not None:
+            return ShapeProp(gm).propagate(*fresh)  # fake tensors need fx's fake-mode handling
+        return record_shapes(gm, fresh)
+
+
+def record_shapes(module: torch.nn.Module, inputs: Iterable[Any], graph: fx.Graph | None = None) -> Any:
+    """Run ``graph`` (default ``module.graph``) node by node on ``inputs``, fetching attributes
+    and submodules from ``module``; record ``meta["tensor_meta"]`` and ``meta["type"]`` on every
+    node exactly as ``torch.fx.passes.shape_prop.ShapeProp`` does, and return the outputs.
+
+    The same job as ``ShapeProp(gm).propagate(*inputs)`` without the per-node cost of
+    ``fx.Interpreter`` and of ShapeProp's symbolic-shape contiguity checks, and without
+    needing generated code (so capture can run a graph before its single recompile). Values
+    are freed after their last use. Buffer updates are kept: callers isolate the run (see
+    :func:`propagate_shapes`). A node that fails raises RuntimeError naming the node.
+    """
+    graph = graph if graph is not None else module.graph
+    last_uses = _last_uses(graph)
+    env: dict[fx.Node, Any] = {}
+    pending = iter(graph.process_inputs(*inputs))
+    lookup = env.__getitem__
+    for node in graph.nodes:
+        try:
+            value = _run_node(module, node, pending, lookup)
+        except Exception as exc:  # noqa: BLE001 - say which node failed, keep the cause
+            raise RuntimeError(
+                f"running node {node.name} ({node.format_node()}) failed: {type(exc).__name__}: {exc}"
+            ) from exc
+        if isinstance(value, torch.Tensor):
+            node.meta["tensor_meta"] = tensor_metadata(value)
+        else:
+            _record_structure_meta(node, value)
+        node.meta["type"] = type(value)
+        if node.op == "output":
+            return graph.process_outputs(value)
+        if node.users:
+            env[node] = value
+        for dead in last_uses.get(node, ()):
+            del env[dead]
+    raise RuntimeError("the graph has no output node")
+
+
+def _last_uses(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
+    """user -> the values it is the last reader of (freed once it has run)."""
+    seen: set[fx.Node] = set()
+    out: dict[fx.Node, list[fx.Node]] = {}
+    for node in reversed(graph.nodes):
+        for value in node.all_input_nodes:
+            if value not in seen:
+                seen.add(value)
+                out.setdefault(node, []).append(value)
+    return out
+
+
+def _run_node(module: torch.nn.Module, node: fx.Node, pending: Any, lookup: Any) -> Any:
+    op = node.op
+    if op == "call_function":
+        return node.target(*map_arg(node.args, lookup), **map_arg(node.kwargs, lookup))
+    if op == "get_attr":
+        return get_attr_value(module, node.target)
+    if op == "call_method":
+        obj, *rest = map_arg(node.args, lookup)
+        return getattr(obj, node.target)(*rest, **map_arg(node.kwargs, lookup))
+    if op == "call_module":
+        return get_attr_value(module, node.target)(*map_arg(node.args, lookup), **map_arg(node.kwargs, lookup))
+    if op == "placeholder":
+        if str(node.target).startswith("*"):
+            return list(pending)
+        value = next(pending, _MISSING)
+        if value is _MISSING:
+            if not node.args:
+                raise TypeError(f"no value passed for graph input {node.target!r}")
+            return node.args[0]  # the parameter's default
+        return value
+    if op == "output":
+        return map_arg(node.args[0], lookup)
+    raise RuntimeError(f"unknown node kind {op!r}")
+
+
+_MISSING = object()
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def tensor_metadata(value: torch.Tensor) -> TensorMetadata:
+    """``TensorMetadata`` of ``value``, field for field what ShapeProp records.
+
+    For plain dense tensors the memory format comes from the tensor's own contiguity flags
+    (the same definitions ShapeProp evaluates in Python through ``torch._prims_common``,
+    checked in order: contiguous, channels-last for 4-D, channels-last-3d for 5-D); anything
+    else (sparse, quantized, nested, subclasses such as fake tensors) goes through ShapeProp's
+    own extractor.
+    """
+    if type(value) not in _PLAIN_TENSORS or value.layout is not torch.strided or value.is_quantized \
+            or value.is_nested:
+        return _extract_tensor_metadata(value)
+    if value.is_contiguous():
+        memory_format: torch.memory_format | None = torch.contiguous_format
+    elif value.dim() == 4 and value.is_contiguous(memory_format=torch.channels_last):
+        memory_format = torch.channels_last
+    elif value.dim() == 5 and value.is_contiguous(memory_format=torch.channels_last_3d):
+        memory_format = torch.channels_last_3d
+    else:
+        memory_format = None
+    return TensorMetadata(value.shape, value.dtype, value.requires_grad, value.stride(), memory_format, False, {})
+
+
+def _record_structure_meta(node: fx.Node, value: Any) -> None:
+    """``tensor_meta`` of a tuple/list/dict result: the same structure with tensors replaced by
+    their metadata (as ShapeProp); nothing when it holds no tensor."""
+    found = False
+
+    def meta_of(obj: Any) -> Any:
+        nonlocal found
+        if isinstance(obj, torch.Tensor):
+            found = True
+            return tensor_metadata(obj)
+        return obj
+
+    meta = map_aggregate(value, meta_of)
+    if found:
+        node.meta["tensor_meta"] = meta
 
 
 def tensor_meta(node: fx.Node) -> TensorMetadata | None:

@@ -109,7 +109,7 @@ class Lossy(Contract):
             parts.append(f"sqnr>={self.min_sqnr_db:g}dB")
         if self.max_rel_error is not None:
             parts.append(f"rel<={self.max_rel_error:g}")
-        return "lossy(" + ",".join(parts) + ")"
+        return "lossy(" + (",".join(parts) or "shapes") + ")"
 
 
 # --------------------------------------------------------------------------- options
@@ -127,17 +127,10 @@ class Option:
         return _convert(text, self.type, self.default, f"{pass_name}{{{self.name}=...}}")
 
     def coerce(self, value: Any, pass_name: str) -> Any:
-        if isinstance(value, str) and self.type is not str and not _accepts_str(self.type):
+        """Strings (from pipeline strings or the CLI) are parsed and checked against the type."""
+        if isinstance(value, str) and self.type not in (str, Any):
             return self.parse(value, pass_name)
         return value
-
-
-def _accepts_str(tp: Any) -> bool:
-    if tp is str or tp is Any:
-        return True
-    return str in typing.get_args(tp) or any(
-        typing.get_origin(a) is typing.Literal for a in typing.get_args(tp)
-    ) or typing.get_origin(tp) is typing.Literal
 
 
 def _convert(text: str, tp: Any, default: Any, where: str) -> Any:

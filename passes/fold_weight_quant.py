@@ -61,5 +61,3 @@ def fold_weight_quantization(gm: fx.GraphModule, ctx: graphopt.PassContext) -> i
     ctx.record("int8_weights", len(stored))
     return folded
 
-
-graphopt.register_preset("mobile-int8", "mobile-fp32,quantize,fold-weight-quantization,eliminate-dead-code")

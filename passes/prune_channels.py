@@ -16,10 +16,11 @@ layer, ...) form a group, and every group is cut under one ratio. Per group:
 2. **Which channels go.** Exactly dead channels first (:func:`graphopt.channels.dead_units`:
    zero weights in every producer; a non-zero bias is folded into the next layer's bias,
    ``b_next += act(bias) * W_next``), then the least important. Importance: ``l1`` / ``l2``
-   norms of each channel's weights in every conv/linear of the group (output rows of producers,
-   input columns of consumers), each layer's scores divided by their mean so large layers do
-   not drown small ones, then combined across the group with ``aggregation`` (``mean`` and
-   ``sum`` rank alike; ``max`` keeps a channel any layer relies on); ``bn_scale``: ``|gamma|``
+   norms of each channel's weights in every tensor of the group that scales it: output rows of
+   producers, input columns of consumers, norm scales (gamma), one score per tensor, combined
+   across the group with ``aggregation`` (``mean`` and ``sum`` rank alike; ``max`` keeps a
+   channel the strongest tensor relies on). Input columns usually dominate: they say how much
+   the next layers read the channel. ``bn_scale``: ``|gamma|``
    of the group's batch norms (network slimming), L1 where a group has none; or a callable
    ``importance(group, gm) -> scores`` (one score per unit of
    :class:`graphopt.channels.ChannelGroup`, higher is kept) from Python. Ties keep the lower
@@ -27,6 +28,11 @@ layer, ...) form a group, and every group is cut under one ratio. Per group:
 3. **The cut**: tensors are sliced into new ones under the same names (``requires_grad``
    kept, so the module can be fine-tuned), op arguments that count channels are rewritten
    (``groups``, ``num_groups``, ``normalized_shape``, split sections, view/reshape sizes).
+4. **Batch-norm statistics** (``recalibrate``, only when the pass manager is given
+   ``calibration_data``): batch norms downstream of a lossy cut see a different input
+   distribution; their running mean and variance are re-estimated on the calibration batches
+   (no labels needed). For fine-tuning, :func:`batch_norm_training` puts the graph's batch norms
+   in training mode for the duration of a ``with`` block.
 
 Per-layer ratios: ``ratios="layer1.*=0.3;layer4.*=0.6"`` (``fnmatch`` patterns on layer names,
 i.e. module paths; ``;`` separates entries so the option fits in a pipeline string). A group's
@@ -45,20 +51,22 @@ is fine-tuned); shapes and dtypes of the outputs never change. Removing dead cha
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import numpy as np
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 
 import graphopt
 from graphopt import channels as C
 from graphopt import ops
 from graphopt.costs import costs
 from graphopt.errors import OptionError, PassError
-from graphopt.graph import get_attr_value, propagate_shapes
+from graphopt.graph import as_input_tuple, get_attr_value, propagate_shapes
 
 Importance = Callable[[C.ChannelGroup, fx.GraphModule], Any]
 
@@ -77,6 +85,7 @@ def prune_channels(
     min_channels: int = 1,
     skip: str | tuple[str, ...] = "",
     prune_dead: bool = True,
+    recalibrate: bool = True,
 ) -> int:
     """Remove whole channels (dead ones exactly, then the least important) from coupled groups.
 
@@ -84,7 +93,8 @@ def prune_channels(
     "pattern=ratio;..."; importance: l1, l2, bn_scale or a callable(group, gm); aggregation
     across a group: mean, sum, max; round_to: kept counts are multiples of it; min_channels:
     floor per group; skip: layer patterns left whole "a;b.*"; prune_dead: remove exactly dead
-    channels even at ratio 0. Rewrites counted: one per group cut.
+    channels even at ratio 0; recalibrate: with calibration data, re-estimate the statistics
+    of batch norms whose inputs changed. Rewrites counted: one per group cut.
     """
     per_layer = _parse_ratios(ratio, ratios)
     skipped = _parse_patterns(skip)
@@ -100,6 +110,7 @@ def prune_channels(
     dead = C.dead_units(analysis, ctx.example_inputs) if prune_dead else {}
 
     drop: list[int] = []
+    changed: list[fx.Node] = []  # layers whose outputs a lossy cut changes
     bias_deltas: dict[fx.Node, torch.Tensor] = {}
     report = []
     for group in analysis.groups:
@@ -134,6 +145,8 @@ def prune_channels(
             drop.append(unit)
             for node, delta in (dead[unit].bias_deltas.items() if unit in dead else ()):
                 bias_deltas[node] = bias_deltas.get(node, 0) + delta
+        if not exact:
+            changed += [layer.node for layer in group.consumers]
         n_dead = sum(1 for i in removed.tolist() if i in dead_here)
         report.append({"group": group.name, "layers": group.layer_names, "channels": [before_ch, after_ch],
                        "ratio": group_ratio, "dead_removed": n_dead * group.width, "exact": exact})
@@ -148,6 +161,8 @@ def prune_channels(
             raise PassError(f"prune-channels changed the output shapes {outputs_before} -> {_output_shapes(gm)}: "
                             "a bug in the channel analysis; please report it with the model",
                             pass_name=ctx.pass_name)
+        if recalibrate and changed and ctx.calibration_data is not None:
+            ctx.record("batch_norms_recalibrated", _recalibrate_batch_norms(gm, ctx.calibration_data, changed))
     after = costs(gm)
     ctx.record("groups", report)
     for key in ("parameters", "macs", "bytes"):
@@ -158,6 +173,33 @@ def prune_channels(
                  f"MACs {before.macs} -> {after.macs} ({ratios_now['macs']:.2f}x), "
                  f"bytes {before.bytes} -> {after.bytes}")
     return len(report)
+
+
+@contextlib.contextmanager
+def batch_norm_training(gm: fx.GraphModule) -> Iterator[fx.GraphModule]:
+    """Fine-tune a pruned graph module with its batch norms in training mode.
+
+    Canonical graphs call ``F.batch_norm(..., training=False)``: inference statistics are baked
+    into the call, so ``gm.train()`` changes nothing. Inside this block the inference batch norms
+    normalize with batch statistics and update their running statistics (in place, like
+    ``nn.BatchNorm2d`` in train mode), which lets them re-learn the statistics that pruning
+    upstream channels changed; on exit they are inference calls again::
+
+        with batch_norm_training(gm):
+            for x, y in loader:
+                ...  # forward, loss, backward, step
+    """
+    nodes = [n for n in gm.graph.nodes if ops.is_op(n, "batch_norm") and ops.arg(n, "training") is False
+             and ops.arg(n, "running_mean") is not None]
+    for node in nodes:
+        ops.set_arg(node, "training", True)
+    gm.recompile()
+    try:
+        yield gm
+    finally:
+        for node in nodes:
+            ops.set_arg(node, "training", False)
+        gm.recompile()
 
 
 def units_to_keep(units: int, width: int, ratio: float, round_to: int = 1, min_channels: int = 1,
@@ -181,6 +223,62 @@ def units_to_keep(units: int, width: int, ratio: float, round_to: int = 1, min_c
 
 def _ceil_to(value: int, step: int) -> int:
     return -(-value // step) * step
+
+
+def _recalibrate_batch_norms(gm: fx.GraphModule, calibration_data: Any, changed: list[fx.Node]) -> int:
+    """Re-estimate running mean/var of the inference batch norms downstream of ``changed``.
+
+    Pruning live input channels shifts the distribution every later batch norm sees, and its
+    stored statistics go stale. Over the calibration batches each such batch norm normalizes
+    with batch statistics (as ``nn.BatchNorm`` in train mode does while statistics are
+    re-estimated) and accumulates its input's per-channel mean and variance; the results
+    (unbiased variance, like ``running_var``) become new buffers. No labels are needed.
+    """
+    downstream, stack = set(), list(changed)
+    while stack:
+        node = stack.pop()
+        for user in node.users:
+            if user not in downstream:
+                downstream.add(user)
+                stack.append(user)
+    readers = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            readers[str(node.target)] = readers.get(str(node.target), 0) + 1
+    targets = [n for n in gm.graph.nodes if n in downstream and ops.is_op(n, "batch_norm")
+               and ops.arg(n, "training") is False
+               and all(isinstance(ops.arg(n, k), fx.Node) and ops.arg(n, k).op == "get_attr"
+                       and readers[str(ops.arg(n, k).target)] == 1 for k in ("running_mean", "running_var"))]
+    if not targets:
+        return 0
+    sums: dict[fx.Node, list[Any]] = {n: [0, 0.0, 0.0] for n in targets}  # count, sum, sum of squares
+
+    class Estimator(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            if n not in sums:
+                return super().run_node(n)
+            args, _ = self.fetch_args_kwargs_from_env(n)
+            x, weight, bias, eps = args[0], args[3], args[4], args[7]
+            dims = [0, *range(2, x.dim())]
+            acc = sums[n]
+            acc[0] += x.numel() // x.shape[1]
+            acc[1] = acc[1] + x.sum(dims, dtype=torch.float64)
+            acc[2] = acc[2] + (x.double() ** 2).sum(dims)
+            return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
+
+    estimator = Estimator(gm)
+    with torch.no_grad():
+        for batch in calibration_data:
+            estimator.run(*as_input_tuple(batch))
+    for node, (count, total, squares) in sums.items():
+        if count < 2:
+            continue
+        mean = total / count
+        var = (squares / count - mean ** 2).clamp_min(0) * (count / (count - 1))
+        for key, value in (("running_mean", mean), ("running_var", var)):
+            old = get_attr_value(gm, ops.arg(node, key))
+            C.set_tensor(gm, str(ops.arg(node, key).target), value.to(old.dtype))
+    return len(targets)
 
 
 def _decline(ctx: graphopt.PassContext, group: C.ChannelGroup, reason: str) -> None:
@@ -277,12 +375,8 @@ def _importance_function(importance: Any, aggregation: str) -> Callable[[C.Chann
     return score
 
 
-def _normalized(scores: np.ndarray) -> np.ndarray:
-    mean = scores.mean()
-    return scores / mean if mean > 0 else scores
-
-
 def _per_unit(tensor: torch.Tensor, dim: C.ParamDim, squared: bool) -> np.ndarray:
+    """L1 (or L2) norm of each unit's slices of ``tensor`` along ``dim``."""
     t = tensor.detach()
     others = [d for d in range(t.dim()) if d != dim.dim]
     norms = torch.linalg.vector_norm(t, 2 if squared else 1, dim=others) if others else t.abs()
@@ -292,23 +386,33 @@ def _per_unit(tensor: torch.Tensor, dim: C.ParamDim, squared: bool) -> np.ndarra
     return per_index[dim.positions].sum(1)
 
 
+def _norm_scales(gm: fx.GraphModule, kinds: tuple[str, ...]) -> set[str]:
+    """Attribute names of the scale (gamma) of every norm op of the given kinds."""
+    names = set()
+    for node in gm.graph.nodes:
+        weight = ops.arg(node, "weight") if ops.is_op(node, *kinds) else None
+        if isinstance(weight, fx.Node) and weight.op == "get_attr":
+            names.add(str(weight.target))
+    return names
+
+
 def _magnitude_scores(group: C.ChannelGroup, gm: fx.GraphModule, squared: bool) -> list[np.ndarray]:
-    weight_dims = set()
+    wanted = {(name, 0) for name in _norm_scales(gm, ("batch_norm", "group_norm", "layer_norm"))}
     for layer in group.producers + group.consumers:
         if layer.weight.op == "get_attr":
-            weight_dims |= {(str(layer.weight.target), layer.out_dim), (str(layer.weight.target), layer.in_dim)}
-    return [_normalized(_per_unit(get_attr_value(gm, d.names[0]), d, squared))
-            for d in group.dims if any((name, d.dim) in weight_dims for name in d.names)]
+            wanted |= {(str(layer.weight.target), layer.out_dim), (str(layer.weight.target), layer.in_dim)}
+    return [_per_unit(get_attr_value(gm, d.names[0]), d, squared)
+            for d in group.dims if any((name, d.dim) in wanted for name in d.names)]
 
 
 def _bn_scores(group: C.ChannelGroup, gm: fx.GraphModule) -> list[np.ndarray]:
-    gammas = set()
-    for node in gm.graph.nodes:
-        weight = ops.arg(node, "weight") if ops.is_op(node, "batch_norm") else None
-        if isinstance(weight, fx.Node) and weight.op == "get_attr":
-            gammas.add(str(weight.target))
-    return [_normalized(_per_unit(get_attr_value(gm, d.names[0]), d, squared=False))
+    gammas = _norm_scales(gm, ("batch_norm",))
+    return [_per_unit(get_attr_value(gm, d.names[0]), d, squared=False)
             for d in group.dims if d.dim == 0 and gammas.intersection(d.names)]
 
 
-graphopt.register_preset("mobile-pruned", "canonicalize,prune-channels,mobile-fp32")
+# round_to=8: channel counts that are not multiples of 8 can make a pruned MobileNetV2 *slower*
+# in ONNX Runtime than the original (measured: 30% pruned, 44.7 ms unrounded vs 41.2 ms
+# original vs 23.5 ms rounded to 8). canonicalize first (prune-channels declares it runs after
+# it), then dead code: an unused reader of a channel (say ``y.sum(1)``) would freeze its group.
+graphopt.register_preset("mobile-pruned", "canonicalize,eliminate-dead-code,prune-channels{round_to=8},mobile-fp32")

@@ -44,7 +44,7 @@ from graphopt import ops
 from graphopt.errors import QuantizationError
 from graphopt.graph import add_constant, copy_provenance, get_attr_value, provenance
 from graphopt.quantization import calibration as calib
-from graphopt.quantization import evaluation, qdq
+from graphopt.quantization import evaluation, kernels, qdq
 from graphopt.quantization.configs import BackendConfig, get_config
 from graphopt.quantization.observers import Observer, make_observer
 from graphopt.quantization.placement import Plan, Unit, plan_quantization, weight_axis
@@ -56,6 +56,9 @@ from graphopt.quantization.qparams import (
 )
 
 CONTRACT = graphopt.Lossy(min_sqnr_db=15.0)
+
+#: mobile-fp32, then int8: weights folded to int8 constants and the float originals dropped
+graphopt.register_preset("mobile-int8", "mobile-fp32,quantize,fold-weight-quantization,eliminate-dead-code")
 
 
 @graphopt.register_pass("quantize", contract=CONTRACT, after=("fuse-conv-bn-relu",))
@@ -145,7 +148,7 @@ class _Veto:
         self.granted: dict[fx.Node, bool] = {}
 
     def without_budget(self, unit: Unit) -> str | None:
-        names = [unit.node.name, provenance(unit.node)]
+        names = [unit.node.name, provenance(unit.node), *unit.node.meta.get("folded_from", ())]
         weight = unit.node.args[1] if unit.kind == "weighted" else None
         if isinstance(weight, fx.Node) and weight.op == "get_attr":
             names += [str(weight.target), str(weight.target).rpartition(".")[0]]
@@ -268,6 +271,9 @@ def _insert(gm: fx.GraphModule, plan: Plan, params: dict[fx.Node, TensorQParams]
 def _report(ctx: graphopt.PassContext, cfg: BackendConfig, plan: Plan, data: calib.CalibrationData,
             method: str, percentile: float, sqnr: list[float], raised: int, veto: _Veto) -> None:
     ctx.note(cfg.summary())
+    if not kernels.has_vnni() and cfg.weight.qmax > kernels.NON_VNNI_WEIGHT_LIMIT:
+        ctx.note(f"this CPU has no VNNI: x86 int8 kernels (ONNX Runtime, torch x86) saturate on weights beyond "
+                 f"+-{kernels.NON_VNNI_WEIGHT_LIMIT}; run this graph on ARM/XNNPACK or quantize with config=x86 here")
     how = f"{method} (percentile {percentile:g})" if method == "histogram" else method
     ctx.note(f"calibration: {how} over {data.description}")
     if raised:

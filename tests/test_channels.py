@@ -6,7 +6,6 @@ Every model is captured with graphopt.capture, so the analysis sees the canonica
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

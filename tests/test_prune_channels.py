@@ -18,14 +18,15 @@ import graphopt
 from graphopt import ops
 from graphopt.errors import OptionError, PassError
 from graphopt.pass_infra import PassContext, RewriteBudget
-from graphopt.passes.prune_channels import prune_channels, units_to_keep
+from graphopt.passes.prune_channels import batch_norm_training, prune_channels, units_to_keep
 from graphopt.testing.strategies import models, randomize_
 
 
 def prune(model: nn.Module, inputs: tuple[torch.Tensor, ...], budget: RewriteBudget | None = None,
-          **options) -> tuple[fx.GraphModule, PassContext]:
+          calibration_data=None, **options) -> tuple[fx.GraphModule, PassContext]:
     gm = graphopt.capture(model.eval(), inputs)
-    ctx = PassContext("prune-channels", options, inputs, budget=budget or RewriteBudget())
+    ctx = PassContext("prune-channels", options, inputs, calibration_data=calibration_data,
+                      budget=budget or RewriteBudget())
     prune_channels(gm, ctx, **options)
     return gm, ctx
 
@@ -470,6 +471,36 @@ class TestReportAndSafety:
             optimizer.step()
             losses.append(loss.item())
         assert losses[-1] < losses[0]
+
+    def test_batch_norm_training_block_updates_statistics_then_restores_inference(self):
+        model, inputs = self.model()
+        gm, _ = prune(model, inputs, ratio=0.5)
+        mean_before = gm.get_buffer("4.running_mean").clone()
+        with batch_norm_training(gm):
+            gm(torch.randn(8, 3, 8, 8) * 3 + 1)
+            assert all(ops.arg(n, "training") for n in gm.graph.nodes if ops.is_op(n, "batch_norm"))
+        assert not torch.equal(gm.get_buffer("4.running_mean"), mean_before)
+        assert not any(ops.arg(n, "training") for n in gm.graph.nodes if ops.is_op(n, "batch_norm"))
+        torch.testing.assert_close(gm(*inputs), gm(*inputs))
+
+    def test_calibration_data_re_estimates_downstream_statistics(self):
+        model, inputs = self.model()
+        batches = [(torch.randn(16, 3, 8, 8),) for _ in range(4)]
+        gm, ctx = prune(model, inputs, calibration_data=batches, ratio=0.5)
+        assert ctx.figures["batch_norms_recalibrated"] == 1  # bn 4 follows a lossy cut; bn 1 precedes them all
+        assert set(gm.get_buffer("1.running_mean").tolist()) <= set(model[1].running_mean.tolist())
+        conv3 = next(n for n in gm.graph.nodes if ops.is_op(n, "conv2d") and ops.arg(n, "weight").target == "3.weight")
+        seen = {}
+
+        class Recorder(fx.Interpreter):
+            def run_node(self, n):
+                seen[n] = super().run_node(n)
+                return seen[n]
+
+        with torch.no_grad():
+            Recorder(gm).run(torch.cat([b[0] for b in batches]))
+        torch.testing.assert_close(gm.get_buffer("4.running_mean"), seen[conv3].mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(gm.get_buffer("4.running_var"), seen[conv3].var((0, 2, 3)), rtol=1e-4, atol=1e-5)
 
     def test_rewrite_budget_limits_groups_cut(self):
         model, inputs = self.model()

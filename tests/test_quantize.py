@@ -7,7 +7,6 @@ interpreter is tested in test_quantized_lowering.py.
 from __future__ import annotations
 
 import math
-import warnings
 from collections import Counter
 
 import pytest
@@ -24,7 +23,8 @@ from graphopt import ops
 from graphopt.errors import OptionError, QuantizationError
 from graphopt.graph import get_attr_value
 from graphopt.pass_infra import RewriteBudget
-from graphopt.quantization import qdq
+from graphopt.quantization import kernels, qdq
+from graphopt.quantization.observers import make_observer
 from graphopt.quantization.qparams import INT32_BIAS_LIMIT, affine_qparams
 
 # --------------------------------------------------------------------------- helpers
@@ -182,9 +182,19 @@ class TestPlacement:
     def test_verified_by_the_pass_manager_within_the_budget(self):
         _, records = run(SmallNet(), X, verify="each")
         record = records["quantize"]
-        assert record.status == "changed" and record.min_sqnr_db > 25
-        assert min(record.figures["held_out_sqnr_db"]) > 25
+        assert record.status == "changed" and record.min_sqnr_db > 20
+        assert min(record.figures["held_out_sqnr_db"]) > 20
         assert any(note.startswith("config x86: activations uint8 [0, 255]") for note in record.notes)
+
+
+    def test_the_config_choice_is_explained_in_the_notes(self):
+        _, x86 = run(SmallNet(), X)
+        _, arm = run(SmallNet(), X, config="xnnpack")
+        assert any("weights int8 [-64, 64]" in n and "without VNNI" in n for n in x86["quantize"].notes)
+        assert any("weights int8 [-127, 127]" in n and "ARM" in n for n in arm["quantize"].notes)
+        if not kernels.has_vnni():
+            assert any("this CPU has no VNNI" in n for n in arm["quantize"].notes)
+            assert not any("this CPU has no VNNI" in n for n in x86["quantize"].notes)
 
 
 # --------------------------------------------------------------------------- shared and fixed
@@ -249,24 +259,28 @@ class TestSharedAndFixedParameters:
         params = {qdq.tensor_qparams(quantize_of(gm, n.name)) for n in (small, large, cat)}
         assert len(params) == 1
 
-    def test_cat_of_ten_times_different_ranges_is_accurate_per_input_under_x86(self):
+    def _small_branch_error(self, config: str) -> float:
         model = self._cat_model().eval()
-        gm, _ = run(model, X)
+        gm, _ = run(model, X, config=config)
         x = batches(X.shape, 1, seed=9)[0][0]
-        small_ref = model.small(x)
         (cat,) = nodes_of(gm, "cat")
         dq_small = cat.args[0][0]
-        interp_values = {}
+        values = {}
 
-        class Rec(fx.Interpreter):
+        class Recording(fx.Interpreter):
             def run_node(self, n):
-                v = super().run_node(n)
-                interp_values[n] = v
-                return v
+                values[n] = super().run_node(n)
+                return values[n]
 
-        Rec(gm).run(x)
-        error = (interp_values[dq_small] - small_ref).abs().max() / small_ref.abs().max()
-        assert error < 0.01  # one shared scale would give ~10x coarser steps on this branch
+        with torch.no_grad():
+            Recording(gm).run(x)
+            want = model.small(x)
+        return float((values[dq_small] - want).abs().max() / want.abs().max())
+
+    def test_cat_of_ten_times_different_ranges_keeps_the_small_input_accurate_under_x86(self):
+        separate, shared = self._small_branch_error("x86"), self._small_branch_error("xnnpack")
+        assert separate < 0.02
+        assert shared > 3 * separate  # one scale for both inputs: ~10x coarser steps on the small one
 
 
 # --------------------------------------------------------------------------- weights
@@ -323,7 +337,7 @@ class TestWeights:
             layer.bias[0] = 100.0
         gm, records = run(nn.Sequential(layer), X, pipeline="quantize")
         (conv,) = nodes_of(gm, "conv2d")
-        bias = get_attr_value(gm, ops.arg(conv, "bias"))
+        bias = get_attr_value(gm, ops.arg(conv, "bias")).detach()
         assert bias.dtype == torch.float32
         s_in = qdq.tensor_qparams(ops.arg(conv, "input")).scale
         s_w = get_attr_value(gm, weight_dequantize(gm, conv).args[1])
@@ -362,26 +376,54 @@ class TestCalibration:
     def test_every_method_runs_from_a_pipeline_string(self, method):
         gm, records = run(SmallNet(), X, pipeline=f"fuse-conv-bn-relu,quantize{{calibration={method}}}")
         assert records["quantize"].status == "changed"
-        assert min(records["quantize"].figures["held_out_sqnr_db"]) > 20
+        assert min(records["quantize"].figures["held_out_sqnr_db"]) > 15
         assert any(method in note for note in records["quantize"].notes)
 
-    def _input_scale(self, calib, **options) -> float:
-        gm, _ = run(nn.Sequential(nn.Conv2d(3, 3, 1)), X, pipeline="quantize", calib=calib, **options)
-        return qdq.tensor_qparams(quantize_of(gm, "x")).scale
+    def _ranges(self, data: torch.Tensor, **options) -> dict[str, tuple[float, float]]:
+        out = {}
+        for method in ("minmax", "moving_average", "histogram", "mse"):
+            observer = make_observer(method, **options)
+            for batch in data:
+                observer.observe(batch, "test")
+            out[method] = observer.range()
+        return out
 
     def test_histogram_percentile_ignores_a_rare_outlier_and_minmax_does_not(self):
-        calib = batches(X.shape, 6)
-        calib[0][0][0, 0, 0, 0] = 1000.0
-        minmax = self._input_scale(calib, calibration="minmax")
-        percentile = self._input_scale(calib, calibration="histogram", percentile=99.9)
-        mse = self._input_scale(calib, calibration="mse")
-        assert minmax > 3.9  # (1000 + 4) / 255
-        assert percentile < minmax / 50 and mse < minmax / 50
+        data = torch.randn(6, 2000)
+        data[0, 0] = 1000.0
+        ranges = self._ranges(data, percentile=99.9)
+        assert ranges["minmax"][1] == 1000.0
+        assert 2 < ranges["histogram"][1] < 10 and -10 < ranges["histogram"][0] < -2
+
+    def test_mse_clips_a_heavy_tail_where_theory_says(self):
+        torch.manual_seed(0)
+        data = torch.distributions.Laplace(0.0, 1.0).sample((4, 50000))
+        ranges = self._ranges(data)
+        (low, high), (min_seen, max_seen) = ranges["mse"], ranges["minmax"]
+        # 8-bit MSE-optimal clipping of Laplace(b=1) is about 9.9b (Banner et al., ACIQ)
+        assert 9.0 < high < 10.8 < max_seen and min_seen < -10.8 < low < -9.0
+
+    def test_moving_average_follows_the_first_batches(self):
+        data = torch.randn(6, 2000)
+        data[5] *= 100  # a late wide batch moves the average by 1% of the difference
+        low, high = self._ranges(data)["moving_average"]
+        assert 3 < high < 10
+
+    def test_ranges_of_non_negative_values_start_at_zero(self):
+        data = torch.rand(4, 1000)
+        data[:, 0] = 0.0
+        for method, (low, high) in self._ranges(data).items():
+            assert low == pytest.approx(0.0, abs=1e-3), method
+            assert 0.5 < high <= 1.0, method
 
     def test_percentile_option_is_read_from_the_pipeline_string(self):
-        calib = batches(X.shape, 6)
-        wide = self._input_scale(calib, calibration="histogram", percentile=100.0)
-        narrow = self._input_scale(calib, calibration="histogram", percentile=99.0)
+        def input_scale(pipeline: str) -> float:
+            gm, _ = run(nn.Sequential(nn.Conv2d(3, 3, 1)), X, pipeline=pipeline)
+            (q,) = [n for n in gm.graph.nodes if qdq.is_quantize(n) and n.args[0].op == "placeholder"]
+            return qdq.tensor_qparams(q).scale
+
+        wide = input_scale("quantize{calibration=histogram,percentile=100}")
+        narrow = input_scale("quantize{calibration=histogram,percentile=99}")
         assert narrow < 0.8 * wide
 
     def test_nan_in_calibration_data_names_the_batch_and_input(self):
@@ -426,7 +468,7 @@ class TestCalibration:
     def test_unknown_config_and_method_are_option_errors(self):
         with pytest.raises(OptionError, match="unknown config 'x68'; did you mean 'x86'"):
             run(SmallNet(), X, config="x68")
-        with pytest.raises(graphopt.PipelineError, match="not one of"):
+        with pytest.raises(OptionError, match="'kl' is not one of minmax, moving_average, histogram, mse"):
             graphopt.PassManager("quantize{calibration=kl}")
 
 
@@ -449,7 +491,9 @@ class TestSitesAndSelection:
         s1, s2 = (qdq.tensor_qparams(ops.arg(n, "input").args[0]).scale for n in (first, second))
         assert 10 < s2 / s1 < 40
         x = batches(X.shape, 1, seed=5)[0][0]
-        for got, want in zip(gm(x), model(x)):
+        with torch.no_grad():
+            pairs = list(zip(gm(x), model(x)))
+        for got, want in pairs:
             assert float((got - want).abs().max() / want.abs().max()) < 0.03  # one scale for both: ~100%
 
     def test_skip_patterns_keep_layers_float(self):
@@ -458,7 +502,8 @@ class TestSitesAndSelection:
         assert ops.arg(linear, "weight").op == "get_attr"
         first_conv = nodes_of(gm, "conv2d")[0]
         assert ops.arg(first_conv, "weight").op == "get_attr"
-        assert sum("skipped by pattern" in r for _, r in records["quantize"].declines) == 2
+        skipped = {n for n, r in records["quantize"].declines if "skipped by pattern" in r}
+        assert skipped == {"linear", first_conv.name}
 
     def test_keep_float_worst_keeps_the_worst_layers_float(self):
         gm, records = run(SmallNet(), X, keep_float_worst=1)
@@ -528,8 +573,9 @@ class TestFoldWeightQuantization:
 
     def test_mobile_int8_preset_shrinks_parameters_to_about_a_quarter(self):
         model = nn.Sequential(conv_bn_relu(3, 32), conv_bn_relu(32, 32), nn.Flatten(), nn.Linear(32 * 64, 10))
+        assert graphopt.PassManager("mobile-int8").pipeline_string.endswith(
+            "fuse-conv-bn-relu,eliminate-dead-code,quantize,fold-weight-quantization,eliminate-dead-code")
         gm, records = run(model, X, pipeline="mobile-int8")
-        assert [r for r in records] == ["canonicalize", "fold-constants", "fuse-conv-bn-relu", "eliminate-dead-code",
-                                        "quantize", "fold-weight-quantization"]
+        assert records["quantize"].rewrites == 4 and records["fold-weight-quantization"].rewrites == 3  # 2 convs, flatten, linear
         float_bytes = sum(p.numel() * 4 for p in model.parameters())
         assert graphopt.graph.param_bytes(gm) < 0.3 * float_bytes

@@ -282,7 +282,7 @@ class TestProfiles:
         assert gt.load_profile("ci") == "ci"
         current = settings.default
         assert current.derandomize and current.deadline is None and current.print_blob
-        assert HealthCheck.too_slow in current.suppress_health_check and current.max_examples <= 30
+        assert HealthCheck.too_slow in current.suppress_health_check and current.max_examples <= 50
 
     def test_environment_variable_selects_the_profile(self, restore_profile, monkeypatch):
         monkeypatch.setenv(profiles.ENV_VAR, "campaign")

@@ -102,7 +102,7 @@ def _describe(node: fx.Node) -> str:
     return where + (f" at {line}" if line else "")
 
 
-def _progress(total: int):
+def _progress():
     """A rich progress bar over calibration batches, quiet when stderr is not a terminal."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -112,7 +112,7 @@ def _progress(total: int):
 
 def calibrate(gm: fx.GraphModule, watch: dict[fx.Node, Observer], batches: list[tuple[Any, ...]]) -> None:
     """Run ``gm`` on every batch; observers in ``watch`` see their node's value each time."""
-    with torch.no_grad(), _progress(len(batches)) as progress:
+    with torch.no_grad(), _progress() as progress:
         task = progress.add_task("calibrating", total=len(batches))
         for i, batch in enumerate(batches):
             for k, x in enumerate(batch):

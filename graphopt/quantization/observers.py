@@ -8,8 +8,7 @@ Methods (``quantize{calibration=...}``):
 - ``histogram``: a histogram of every value seen; the range keeps the central ``percentile``
   percent of the mass (99.99 by default, on each tail where the values are signed).
 - ``mse``: the same histogram; the range is the one that minimizes the expected squared error
-  (rounding noise inside, clipping error outside), searched by shrinking the min-max range
-  towards zero.
+  (rounding noise inside, clipping error outside), searched bound by bound.
 
 Every observer refuses non-finite values with :class:`~graphopt.errors.QuantizationError`
 naming the value: a scale computed from inf or NaN is meaningless, and silently skipping them
@@ -22,7 +21,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from ..errors import QuantizationError
+from ..errors import OptionError, QuantizationError
 
 CalibrationMethod = Literal["minmax", "moving_average", "histogram", "mse"]
 METHODS: tuple[str, ...] = ("minmax", "moving_average", "histogram", "mse")
@@ -97,7 +96,7 @@ class HistogramObserver(Observer):
                  qlevels: int = 256) -> None:
         super().__init__()
         if not 50.0 < percentile <= 100.0:
-            raise QuantizationError(f"percentile must be in (50, 100], got {percentile}")
+            raise OptionError(f"quantize: percentile must be in (50, 100], got {percentile}")
         self.method, self.bins, self.percentile, self.qlevels = method, bins, percentile, qlevels
         self.low = self.high = 0.0
         self.counts = np.zeros(bins, dtype=np.float64)
@@ -132,20 +131,26 @@ class HistogramObserver(Observer):
         return low, high
 
     def _mse_range(self) -> tuple[float, float]:
+        """Coordinate search: the best upper bound for the current lower one, then the best
+        lower bound for that, twice; candidates shrink each bound geometrically towards 0 (down
+        to 1/1000), so one far outlier cannot hide the bulk of the values."""
         edges = self.edges()
         centers, counts = (edges[:-1] + edges[1:]) / 2, self.counts
-        low0, high0 = min(self.low, 0.0), max(self.high, 0.0)
-        best, best_err = (low0, high0), np.inf
-        for alpha in np.linspace(1.0, 0.05, 96):
-            low, high = low0 * alpha, high0 * alpha
-            step = (high - low) / (self.qlevels - 1)
-            if step <= 0:
-                break
-            clipped = np.clip(centers, low, high)
-            err = float(np.sum(counts * ((centers - clipped) ** 2)) + counts[(centers >= low) & (centers <= high)].sum() * step**2 / 12)
-            if err < best_err:
-                best, best_err = (low, high), err
-        return best
+        low, high = min(self.low, 0.0), max(self.high, 0.0)
+        shrink = np.geomspace(1.0, 1e-3, 128)
+
+        def error(lo: float, hi: float) -> float:
+            step = (hi - lo) / (self.qlevels - 1)
+            inside = (centers >= lo) & (centers <= hi)
+            clipped = np.clip(centers, lo, hi)
+            return float(np.sum(counts * (centers - clipped) ** 2) + counts[inside].sum() * step**2 / 12)
+
+        for _ in range(2):
+            if high > 0:
+                high = min((max(self.high, 0.0) * f for f in shrink), key=lambda hi: error(low, hi))
+            if low < 0:
+                low = min((min(self.low, 0.0) * f for f in shrink), key=lambda lo: error(lo, high))
+        return low, high
 
 
 def make_observer(method: str, *, bins: int = 2048, percentile: float = 99.99, qlevels: int = 256) -> Observer:
@@ -156,4 +161,4 @@ def make_observer(method: str, *, bins: int = 2048, percentile: float = 99.99, q
         return MovingAverageObserver()
     if method in ("histogram", "mse"):
         return HistogramObserver(method, bins=bins, percentile=percentile, qlevels=qlevels)
-    raise QuantizationError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
+    raise OptionError(f"quantize: unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")

@@ -125,9 +125,6 @@ class Plan:
     values: dict[fx.Node, QuantizedValue] = field(default_factory=dict)
     groups: Groups = field(default_factory=Groups)
 
-    def unit_of(self, node: fx.Node) -> Unit | None:
-        return next((u for u in self.units if u.node is node), None)
-
 
 #: why a node is left in float (None: no objection); called before each unit is planned
 Veto = Callable[[Unit], str | None]

@@ -49,10 +49,6 @@ class TensorQParams:
         """The largest real value representable."""
         return (self.qmax - self.zero_point) * self.scale
 
-    def to_dict(self) -> dict[str, object]:
-        return {"scale": self.scale, "zero_point": self.zero_point, "qmin": self.qmin,
-                "qmax": self.qmax, "dtype": str(self.dtype).replace("torch.", "")}
-
 
 def affine_qparams(low: float, high: float, qmin: int, qmax: int, dtype: torch.dtype,
                    scale_min: float = DEFAULT_SCALE_MIN) -> TensorQParams:

@@ -28,7 +28,8 @@ from hypothesis import assume, event, given, target
 from hypothesis import settings as Settings
 
 from .. import verify
-from ..errors import GraphoptError
+from ..capture import capture
+from ..errors import GraphoptError, PropertyTestError
 from ..lowering import get_backend, lower
 from ..pass_infra import Contract, Lossy, available_passes
 from ..pass_manager import PassManager, Result
@@ -82,7 +83,8 @@ def _distinct_dtypes(case: Case, dtypes: Sequence[str | torch.dtype]) -> list[to
     for choice in dtypes:
         dtype = case.dtype if choice == "model" else choice
         if not isinstance(dtype, torch.dtype):
-            raise GraphoptError(f"assert_sound(dtypes=...): {choice!r} is neither 'model' nor a torch dtype")
+            raise PropertyTestError(f"assert_sound(dtypes=...): {choice!r} is neither 'model' nor a torch dtype, "
+                                    "e.g. dtypes=('model', torch.float64)")
         if dtype not in out:
             out.append(dtype)
     return out
@@ -96,8 +98,6 @@ def _in_dtype(case: Case, dtype: torch.dtype) -> tuple[torch.nn.Module, tuple[to
 
 def _check_variant(pass_or_pipeline: Any, pipeline_text: str, case: Case, dtype: torch.dtype,
                    backends: Sequence[str], idempotent: bool | None) -> Result:
-    from ..capture import capture
-
     module, inputs = _in_dtype(case, dtype)
     where = str(dtype).replace("torch.", "")
     manager = PassManager(pass_or_pipeline, verify="each", on_failure="raise")
@@ -119,7 +119,12 @@ def _check_variant(pass_or_pipeline: Any, pipeline_text: str, case: Case, dtype:
         raise fail(f"the optimized graph does not lint: {exc}") from exc
 
     tolerance, check = _end_to_end_contract(manager, result, dtype)
-    verdict = verify.compare(module, result.module, inputs, tolerance=tolerance)
+    # Ill-conditioned ops (batch statistics of nearly constant values) can amplify float32
+    # rounding past any sensible tolerance on off-distribution inputs (N(0,1) x 1e-3): below
+    # float64, check the inputs the manager checks; in float64, where rounding cannot hide a
+    # wrong rewrite, check every distribution verify synthesizes.
+    synthesize = len(verify.DISTRIBUTIONS) if dtype == torch.float64 else manager.synthesize
+    verdict = verify.compare(module, result.module, inputs, tolerance=tolerance, synthesize=synthesize)
     reason = check(verdict)
     if reason is not None:
         raise fail(f"the optimized graph does not keep the contract against the original model: {reason}\n{verdict}")
@@ -127,7 +132,7 @@ def _check_variant(pass_or_pipeline: Any, pipeline_text: str, case: Case, dtype:
     missing = [n.name for n in result.module.graph.nodes if n.op in _COMPUTING_OPS and "provenance" not in n.meta]
     if missing:
         raise fail(f"node(s) without meta['provenance']: {', '.join(missing)}; rewrites must copy it "
-             "(graphopt.graph.copy_provenance)")
+                   "(graphopt.graph.copy_provenance)")
 
     _check_second_run(manager, result, inputs, idempotent, fail)
     for backend in backends:
@@ -174,8 +179,8 @@ def _check_second_run(manager: PassManager, result: Result, inputs: tuple[torch.
         diff = "\n".join(difflib.unified_diff(result.module.code.splitlines(), again.module.code.splitlines(),
                                               "after first run", "after second run", lineterm=""))
         names = ", ".join(f"{r.name!r} ({r.rewrites} rewrite(s))" for r in changed)
-        raise fail(f"not idempotent: a second run changed the graph again: {names}\n{diff or '(same code; tensors changed)'}",
-             again.report)
+        raise fail(f"not idempotent: a second run changed the graph again: {names}\n"
+                   f"{diff or '(the code is the same: the change is in tensors or node metadata)'}", again.report)
 
 
 def _check_backend(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...], backend: str,

@@ -13,19 +13,21 @@ that very source, so the code a failure prints *is* the model, not a description
     def test_my_pass(case):
         graphopt.testing.assert_sound("my-pass", case)
 
-Shrinking: the number of layers is drawn first and every list of choices starts with its
-simplest option (a plain op, the most recent value, no reuse, no in-place), so hypothesis
-shrinks a failure toward a few plain ops. Weights come from a generator seeded by a drawn
-integer, which shrinks to 0 like any other choice.
+Shrinking: each step (one layer, or a small block) is one hypothesis draw that starts with a
+"go on?" choice, so the shrinker can drop whole steps, and every list of choices starts with its
+simplest option (a plain op, the most recent value, no reuse, no in-place): a failure shrinks
+toward a few plain ops. Weights come from a generator seeded by a drawn integer, which shrinks
+to 0 like any other choice.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
 import inspect
+import itertools
 import linecache
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -43,7 +45,7 @@ __all__ = ["Case", "ModelSpec", "LayerSpec", "OP_KINDS", "models", "model_specs"
 # --------------------------------------------------------------------------- cases
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, eq=False)  # tensors have no truth value to compare by
 class Case:
     """One generated model: what a property test receives.
 
@@ -105,8 +107,9 @@ def randomize_(model: nn.Module, seed: int) -> nn.Module:
     ``seed``, at scales that keep activations of order one; returns ``model``.
 
     Running variances are in [0.25, 2], running means and biases are centred normals,
-    one-dimensional weights (norm scales) are in [0.5, 1.5] and the rest are normal with
-    standard deviation 1/sqrt(fan-in).
+    one-dimensional weights (norm scales) are in [0.5, 1.5] in magnitude, negative about one
+    time in four (a negative scale flips the order of values: max-pooling and relu do not
+    commute with it), and the rest are normal with standard deviation 1/sqrt(fan-in).
     """
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -120,7 +123,7 @@ def randomize_(model: nn.Module, seed: int) -> nn.Module:
             elif name.endswith("running_mean"):
                 value = 0.5 * normal
             elif t.dim() == 1 and name.endswith("weight"):
-                value = 0.5 + uniform
+                value = (0.5 + uniform) * torch.where(normal < -0.67, -1.0, 1.0)
             elif t.dim() == 1:
                 value = 0.2 * normal
             else:
@@ -457,6 +460,25 @@ def _out_channels(b: _Builder, cin: int, groups: int) -> int:
     return b.pick(([cin] if cin in widths else []) + [c for c in widths if c != cin])
 
 
+def _weighted_layer(b: _Builder, i: int, v: _Value, kind: str, prefix: str, out_shape: tuple[int, ...],
+                    w_shape: tuple[int, ...], bias_size: int | None, ctor: str | None,
+                    call: Callable[[str, str], str]) -> None:
+    """Emit a layer that owns a weight (conv, transposed conv, linear): the module ``ctor``,
+    or when it is None a functional ``call(weight, bias)`` on parameters of its own (a bias of
+    ``bias_size`` elements, or none). Either way the weight may be tied to an earlier one of
+    the same kind and shape."""
+    if ctor is not None:
+        attr = f"{prefix}{i}"
+        b.call_module(i, kind, v, attr, ctor, out_shape)
+        b.weight(f"self.{attr}.weight", kind, w_shape, declare=lambda: None)
+        return
+    b.tag("functional")
+    weight = f"self.{prefix}{i}_weight"
+    b.weight(weight, kind, w_shape, declare=lambda: b.parameter(f"{prefix}{i}_weight", w_shape))
+    bias_expr = b.parameter(f"{prefix}{i}_bias", (bias_size,)) if bias_size else "None"
+    b.assign(i, call(weight, bias_expr), out_shape, [v])
+
+
 def _conv(b: _Builder, v: _Value, dims: int) -> None:
     kind = f"conv{dims}d"
     i = b.begin()
@@ -468,31 +490,26 @@ def _conv(b: _Builder, v: _Value, dims: int) -> None:
     stride = b.pick([1, 2])
     dilation = b.pick([1, 2]) if k > 1 else 1
     same = dilation * (k - 1) // 2
-    padding = b.pick([p for p in dict.fromkeys([same, 0]) if all(_conv_out(n, k, stride, p, dilation) >= 1 for n in sizes)])
+    padding = b.pick([p for p in dict.fromkeys([same, 0])
+                      if all(_conv_out(n, k, stride, p, dilation) >= 1 for n in sizes)])
     bias = b.pick([True, False])
     pad_text: Any = padding
     if stride == 1 and padding == same and k > 1:
         pad_text = b.pick([padding, "'same'"])
     out_shape = (v.shape[0], cout, *(_conv_out(n, k, stride, padding, dilation) for n in sizes))
-    w_shape = (cout, cin // groups) + (k,) * dims
     spelling = b.pick(["module", "functional", "functional-keywords"])
-    if spelling == "module":
-        attr = f"conv{i}"
-        ctor = f"nn.Conv{dims}d({_args(cin, cout, k, omit=_DEFAULTS, stride=stride, padding=pad_text, dilation=dilation, groups=groups, bias=bias)})"
-        b.module(attr, ctor)
-        b.weight(f"self.{attr}.weight", kind, w_shape, lambda: None)
-        b.reusable.append(_Reusable(attr, kind, v.shape, out_shape))
-        b.assign(i, f"self.{attr}({v.name})", out_shape, [v])
-    else:
-        b.tag("functional")
-        w = f"self.conv{i}_weight"
-        b.weight(w, kind, w_shape, lambda: b.parameter(f"conv{i}_weight", w_shape))
-        bias_expr = b.parameter(f"conv{i}_bias", (cout,)) if bias else "None"
+    ctor = f"nn.Conv{dims}d(" + _args(cin, cout, k, omit=_DEFAULTS, stride=stride, padding=pad_text,
+                                       dilation=dilation, groups=groups, bias=bias) + ")"
+
+    def call(w: str, bias_expr: str) -> str:
         if spelling == "functional":
-            call = f"F.conv{dims}d({_args(v.name, w, bias_expr, stride, pad_text, dilation, groups)})"
-        else:
-            call = f"F.conv{dims}d({_args(v.name, w, omit=_DEFAULTS, bias=bias_expr, stride=stride, padding=pad_text, groups=groups, dilation=dilation)})"
-        b.assign(i, call, out_shape, [v])
+            return f"F.conv{dims}d({_args(v.name, w, bias_expr, stride, pad_text, dilation, groups)})"
+        return f"F.conv{dims}d(" + _args(v.name, w, omit=_DEFAULTS, bias=bias_expr, stride=stride, padding=pad_text,
+                                         groups=groups, dilation=dilation) + ")"
+
+    w_shape = (cout, cin // groups) + (k,) * dims
+    _weighted_layer(b, i, v, kind, "conv", out_shape, w_shape, cout if bias else None,
+                    ctor if spelling == "module" else None, call)
     b.end(kind)
 
 
@@ -503,28 +520,24 @@ def _conv_transpose2d(b: _Builder, v: _Value) -> None:
     groups = b.pick(_group_choices(cin))
     _tag_groups(b, groups, cin)
     cout = _out_channels(b, cin, groups)
-    fits = lambda k, s, p, op: all(1 <= _conv_t_out(n, k, s, p, op, 1) <= b.cfg.max_spatial for n in sizes)  # noqa: E731
+    def fits(k: int, s: int, p: int, op: int) -> bool:
+        return all(1 <= _conv_t_out(n, k, s, p, op, 1) <= b.cfg.max_spatial for n in sizes)
+
     stride = b.pick([s for s in (1, 2) if fits(1, s, 0, 0)] or [1])
     k = b.pick([k for k in (1, 2, 3) if fits(k, stride, 0, 0) or fits(k, stride, (k - 1) // 2, 0)])
     padding = b.pick([p for p in dict.fromkeys([(k - 1) // 2, 0]) if fits(k, stride, p, 0)])
     output_padding = b.pick([op for op in range(stride) if fits(k, stride, padding, op)])
     bias = b.pick([True, False])
     out_shape = (v.shape[0], cout, *(_conv_t_out(n, k, stride, padding, output_padding, 1) for n in sizes))
-    w_shape = (cin, cout // groups, k, k)
-    if b.pick(["module", "functional"]) == "module":
-        attr = f"convt{i}"
-        ctor = f"nn.ConvTranspose2d({_args(cin, cout, k, omit=_DEFAULTS, stride=stride, padding=padding, output_padding=output_padding, groups=groups, bias=bias)})"
-        b.module(attr, ctor)
-        b.weight(f"self.{attr}.weight", kind, w_shape, lambda: None)
-        b.reusable.append(_Reusable(attr, kind, v.shape, out_shape))
-        b.assign(i, f"self.{attr}({v.name})", out_shape, [v])
-    else:
-        b.tag("functional")
-        w = f"self.convt{i}_weight"
-        b.weight(w, kind, w_shape, lambda: b.parameter(f"convt{i}_weight", w_shape))
-        bias_expr = b.parameter(f"convt{i}_bias", (cout,)) if bias else "None"
-        call = f"F.conv_transpose2d({_args(v.name, w, bias_expr, stride, padding, output_padding, groups)})"
-        b.assign(i, call, out_shape, [v])
+    ctor = "nn.ConvTranspose2d(" + _args(cin, cout, k, omit=_DEFAULTS, stride=stride, padding=padding,
+                                         output_padding=output_padding, groups=groups, bias=bias) + ")"
+
+    def call(w: str, bias_expr: str) -> str:
+        return f"F.conv_transpose2d({_args(v.name, w, bias_expr, stride, padding, output_padding, groups)})"
+
+    as_module = b.pick([True, False])
+    _weighted_layer(b, i, v, kind, "convt", out_shape, (cin, cout // groups, k, k), cout if bias else None,
+                    ctor if as_module else None, call)
     b.end(kind)
 
 
@@ -534,18 +547,9 @@ def _linear(b: _Builder, v: _Value) -> None:
     fout = b.pick([f for f in dict.fromkeys([fin, 1, 2, 4, 8, 16, 32]) if f <= b.cfg.max_width])
     bias = b.pick([True, False])
     out_shape = (*v.shape[:-1], fout)
-    if b.pick(["module", "functional"]) == "module":
-        attr = f"fc{i}"
-        b.module(attr, f"nn.Linear({_args(fin, fout, omit=_DEFAULTS, bias=bias)})")
-        b.weight(f"self.{attr}.weight", "linear", (fout, fin), lambda: None)
-        b.reusable.append(_Reusable(attr, "linear", v.shape, out_shape))
-        b.assign(i, f"self.{attr}({v.name})", out_shape, [v])
-    else:
-        b.tag("functional")
-        w = f"self.fc{i}_weight"
-        b.weight(w, "linear", (fout, fin), lambda: b.parameter(f"fc{i}_weight", (fout, fin)))
-        bias_expr = b.parameter(f"fc{i}_bias", (fout,)) if bias else "None"
-        b.assign(i, f"F.linear({v.name}, {w}, {bias_expr})", out_shape, [v])
+    ctor = f"nn.Linear({_args(fin, fout, omit=_DEFAULTS, bias=bias)})" if b.pick([True, False]) else None
+    _weighted_layer(b, i, v, "linear", "fc", out_shape, (fout, fin), fout if bias else None, ctor,
+                    lambda w, bias_expr: f"F.linear({v.name}, {w}, {bias_expr})")
     b.end("linear")
 
 
@@ -563,7 +567,8 @@ def _batch_norm(b: _Builder, v: _Value) -> None:
     if spelling == "module":
         cls = "BatchNorm2d" if len(v.shape) == 4 else "BatchNorm1d"
         extra = {"track_running_stats": False} if batch_stats else {}
-        b.call_module(i, "batch_norm", v, f"bn{i}", f"nn.{cls}({_args(c, omit=_DEFAULTS, eps=eps, affine=affine, **extra)})", v.shape)
+        ctor = f"nn.{cls}({_args(c, omit=_DEFAULTS, eps=eps, affine=affine, **extra)})"
+        b.call_module(i, "batch_norm", v, f"bn{i}", ctor, v.shape)
         if batch_stats:
             b.tag("batch_stats_norm")
     else:
@@ -575,7 +580,8 @@ def _batch_norm(b: _Builder, v: _Value) -> None:
         if spelling == "functional":
             call = f"F.batch_norm({_args(v.name, mean, var, weight, bias, False, 0.1, eps)})"
         else:
-            call = f"F.batch_norm({_args(v.name, mean, var, omit=_DEFAULTS, weight=weight, bias=bias, training=False, eps=eps)})"
+            call = "F.batch_norm(" + _args(v.name, mean, var, omit=_DEFAULTS, weight=weight, bias=bias,
+                                           training=False, eps=eps) + ")"
         b.assign(i, call, v.shape, [v])
     b.end("batch_norm")
 
@@ -590,7 +596,8 @@ def _layer_norm(b: _Builder, v: _Value) -> None:
         extra = {"elementwise_affine": affine != "none"}
         if affine == "weight-only":
             extra["bias"] = False
-        b.call_module(i, "layer_norm", v, f"ln{i}", f"nn.LayerNorm({_args(list(normalized), omit=_DEFAULTS, eps=eps, **extra)})", v.shape)
+        ctor = f"nn.LayerNorm({_args(list(normalized), omit=_DEFAULTS, eps=eps, **extra)})"
+        b.call_module(i, "layer_norm", v, f"ln{i}", ctor, v.shape)
     else:
         b.tag("functional")
         weight = b.parameter(f"ln{i}_weight", normalized) if affine != "none" else "None"
@@ -607,7 +614,8 @@ def _group_norm(b: _Builder, v: _Value) -> None:
     eps = b.pick([1e-5, 1e-3])
     affine = b.pick([True, False])
     if b.pick(["module", "functional"]) == "module":
-        b.call_module(i, "group_norm", v, f"gn{i}", f"nn.GroupNorm({_args(groups, c, omit=_DEFAULTS, eps=eps, affine=affine)})", v.shape)
+        ctor = f"nn.GroupNorm({_args(groups, c, omit=_DEFAULTS, eps=eps, affine=affine)})"
+        b.call_module(i, "group_norm", v, f"gn{i}", ctor, v.shape)
     else:
         b.tag("functional")
         weight = b.parameter(f"gn{i}_weight", (c,)) if affine else "None"
@@ -683,7 +691,8 @@ def _binary(b: _Builder, v: _Value, kind: str, partner: _Value | None = None) ->
         second_text = second.name
     else:
         out_shape, first, second, second_text = v.shape, v, None, repr(other)
-    inplace_ok = b.cfg.allow_inplace and first.fresh and not first.is_input and first is not second and out_shape == first.shape
+    inplace_ok = (b.cfg.allow_inplace and first.fresh and not first.is_input and first is not second
+                  and out_shape == first.shape)
     options = [f"{{x}} {symbol} {{y}}", f"torch.{fn}({{x}}, {{y}})", f"{{x}}.{fn}({{y}})"]
     if inplace_ok:
         options += [f"{{x}} {symbol}= {{y}}", f"{{x}}.{fn}_({{y}})"]
@@ -708,7 +717,6 @@ def _cat(b: _Builder, v: _Value) -> None:
     i = b.begin()
     partners = _cat_partners(b, v)
     other = b.pick(partners)
-    b.tag("shared_value" if other is v else "residual")
     first, second = (v, other) if b.pick([True, False]) else (other, v)
     dim = b.pick([1, 1 - len(v.shape)])
     text = b.pick(["torch.cat([{a}, {b}], dim={d})", "torch.cat(({a}, {b}), {d})", "torch.concat([{a}, {b}], {d})"])
@@ -767,7 +775,8 @@ def _adaptive_avg_pool(b: _Builder, v: _Value, size: int | None = None) -> None:
     out_shape = (*v.shape[:2], *(size,) * dims)
     spelling = b.pick(["module", "functional", "functional-tuple"])
     if spelling == "module":
-        b.call_module(i, "adaptive_avg_pool", v, f"gap{i}", f"nn.AdaptiveAvgPool{dims}d({size})", out_shape, reusable=False)
+        b.call_module(i, "adaptive_avg_pool", v, f"gap{i}", f"nn.AdaptiveAvgPool{dims}d({size})", out_shape,
+                      reusable=False)
     else:
         b.tag("functional")
         arg = size if spelling == "functional" else _tuple((size,) * dims)
@@ -823,8 +832,6 @@ def _reshape(b: _Builder, v: _Value) -> None:
 
 
 def _permute(b: _Builder, v: _Value) -> None:
-    import itertools
-
     i = b.begin()
     rank = len(v.shape)
     perms = [(0, *p) for p in itertools.permutations(range(1, rank)) if list(p) != list(range(1, rank))]
@@ -879,6 +886,10 @@ def _rank(*ranks: int) -> Callable[[_Builder, _Value], bool]:
     return lambda b, v: len(v.shape) in ranks
 
 
+def _poolable(b: _Builder, v: _Value) -> bool:
+    return len(v.shape) in (3, 4) and min(v.shape[2:]) >= 2
+
+
 _KINDS: dict[str, _Kind] = {
     "relu": _Kind(_rank(2, 3, 4), lambda b, v: _activation(b, v, "relu")),
     "conv2d": _Kind(_rank(4), lambda b, v: _conv(b, v, 2)),
@@ -899,8 +910,8 @@ _KINDS: dict[str, _Kind] = {
     "group_norm": _Kind(lambda b, v: len(v.shape) in (3, 4) and math.prod(v.shape[1:]) > 1, _group_norm),
     "cat": _Kind(lambda b, v: bool(_cat_partners(b, v)), _cat),
     "split": _Kind(lambda b, v: v.shape[1] >= 2, _split),
-    "max_pool": _Kind(lambda b, v: len(v.shape) in (3, 4) and min(v.shape[2:]) >= 2, lambda b, v: _pool(b, v, "max_pool")),
-    "avg_pool": _Kind(lambda b, v: len(v.shape) in (3, 4) and min(v.shape[2:]) >= 2, lambda b, v: _pool(b, v, "avg_pool")),
+    "max_pool": _Kind(_poolable, lambda b, v: _pool(b, v, "max_pool")),
+    "avg_pool": _Kind(_poolable, lambda b, v: _pool(b, v, "avg_pool")),
     "adaptive_avg_pool": _Kind(_rank(3, 4), _adaptive_avg_pool),
     "flatten": _Kind(lambda b, v: len(v.shape) in (3, 4) and math.prod(v.shape[1:]) <= _MAX_FEATURES, _flatten),
     "reshape": _Kind(lambda b, v: bool(_reshape_targets(v.shape)), _reshape),
@@ -1113,11 +1124,13 @@ def models(
     """Strategy of :class:`Case`: random valid models with seeded weights and finite inputs.
 
     ``ops``: op kinds to draw from (default all of :data:`OP_KINDS`); ``max_depth``: at most
-    this many steps, each adding one layer or a conv[-norm][-activation] block; ``max_width``: at most this many channels/features per value;
+    this many steps, each adding one layer or a small block (conv[-norm][-activation][+residual],
+    or a squeeze-excite gate); ``max_width``: at most this many channels/features per value;
     ``dtypes``: model dtypes to draw from (float16 works on CPU for every kind here);
     ``spatial``: range of input heights/widths/lengths; ``batch``: range of batch sizes;
     ``allow_reuse``: a module called at two sites and weights tied between layers;
     ``allow_inplace``: in-place spellings (``torch.relu_``, ``x += y``, ``nn.ReLU(inplace=True)``)
     on values nothing else reads.
     """
-    return model_specs(ops, max_depth, max_width, dtypes, spatial, batch, allow_reuse, allow_inplace).map(_build_case)
+    specs = model_specs(ops, max_depth, max_width, dtypes, spatial, batch, allow_reuse, allow_inplace)
+    return specs.map(_build_case)

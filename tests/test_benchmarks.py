@@ -1,0 +1,111 @@
+"""The benchmark harness keeps working: its quick mode on the smallest model writes a JSON and a
+Markdown report with real rows, records a broken model as a failed row and goes on; the goal
+verdicts and the reading of other benchmarks' accuracy figures are right."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # `benchmarks` is a folder of the repo, not an installed package
+    sys.path.insert(0, str(REPO))
+
+from benchmarks import bench_fp32, report  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str, Path]:
+    out = tmp_path_factory.mktemp("bench")
+    command = [sys.executable, "-m", "benchmarks.run", "--quick", "--models", "mlp,no_such_model",
+               "--threads", "1", "--runs", "2", "--sections", "latency", "--out", str(out)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads((out / "bench.json").read_text()), (out / "report.md").read_text(), out
+
+
+class TestQuickRun:
+    def test_rows_of_graphopt_and_peers_are_timed(self, quick_run):
+        results, _, _ = quick_run
+        rows = {r["key"]: r for r in results["rows"] if r["model"] == "mlp"}
+        for key in ("eager", "mobile-fp32/eager", "mobile-fp32/ort-all", "mobile-fp32/ort-off", "mobile-fp32/ptl",
+                    "fx-fuse", "jit-freeze", "jit-freeze/ptl", "onnx-plain/ort-all"):
+            assert rows[key]["status"] == "ok", (key, rows[key]["reason"])
+            assert rows[key]["latency_ms"]["1"] > 0
+            assert rows[key]["speedup"]["1"] > 0
+        assert rows["eager"]["speedup"]["1"] == 1.0
+        assert rows["mobile-fp32/ort-all"]["artifact_bytes"] > 60_000  # the MLP's 17k float weights are in the file
+        assert rows["mobile-fp32/eager"]["parameters"] == rows["eager"]["parameters"] == 17_226
+        assert rows["mobile-fp32/eager"]["macs"] == 4 * (64 * 128 + 128 * 64 + 64 * 10)
+        assert rows["mobile-fp32/eager"]["max_abs_error"] < 1e-5
+        assert rows["mobile-fp32/eager"]["pipeline_s"] > 0
+
+    def test_a_model_that_fails_is_a_row_with_the_reason(self, quick_run):
+        results, report_md, _ = quick_run
+        failed = [r for r in results["rows"] if r["model"] == "no_such_model"]
+        assert len(failed) == 1 and failed[0]["status"] == "failed"
+        assert "no built-in example named 'no_such_model'" in failed[0]["reason"]
+        assert "| no_such_model | eager fp32 | failed |" in report_md
+
+    def test_environment_is_recorded(self, quick_run):
+        env = quick_run[0]["environment"]
+        assert env["versions"]["torch"] and env["versions"]["onnxruntime"] and env["cpu"]
+        assert env["threads"] == [1]
+
+    def test_markdown_report_and_headline_hold_the_rows(self, quick_run):
+        results, report_md, out = quick_run
+        assert "### mlp" in report_md
+        assert "| graphopt mobile-fp32, ORT all | ONNX Runtime |" in report_md
+        headline = (out / "README-headline.md").read_text()
+        assert "| path | mlp | no_such_model |" in headline
+        assert "| graphopt mobile-fp32, eager |" in headline
+        assert results["environment"]["date"][:10] in headline
+
+    def test_goals_are_checked(self, quick_run):
+        goals = quick_run[0]["goals"]
+        assert {g["issue"] for g in goals} == {"3", "4"}
+        assert all(g["verdict"] in ("met", "missed", "missed, within noise") for g in goals)
+
+
+def _row(key: str, ms: float, model: str = "m") -> dict:
+    return {"model": model, "key": key, "label": key, "status": "ok", "latency_ms": {"1": ms}, "speedup": {}}
+
+
+class TestGoals:
+    def test_best_peer_sets_the_bar(self):
+        rows = [_row("mobile-fp32/eager", 10.0), _row("fx-fuse", 12.0), _row("jit-freeze", 9.5)]
+        (goal,) = bench_fp32.goals(rows)
+        assert goal["best_peer"] == "jit-freeze" and goal["verdict"] == "missed, within noise"
+        assert goal["ratio"] == pytest.approx(0.95)
+
+    def test_met_and_missed(self):
+        rows = [_row("mobile-fp32/ort-all", 5.0), _row("onnx-plain/ort-all", 5.0),
+                _row("mobile-fp32/ptl", 10.0), _row("jit-freeze", 8.0)]
+        verdicts = {g["goal"]: g["verdict"] for g in bench_fp32.goals(rows)}
+        assert verdicts["ORT all: graphopt export at least as fast as plain export"] == "met"
+        assert verdicts["lite interpreter .ptl at least as fast as jit.freeze of the original"] == "missed"
+
+
+def test_accuracy_points_read_absolute_and_relative_sizes():
+    data = {"digits": [{"tool": "original", "accuracy": 0.99, "parameters_x": 1.0},
+                       {"tool": "graphopt", "accuracy_pruned": 0.5, "accuracy_finetuned": 0.98, "bytes_x": 0.27}],
+            "int8": [{"variant": "graphopt int8", "accuracy": 0.985, "bytes": 5000, "bytes_x": 0.26}],
+            "speed": [{"model": "resnet18", "eager_ms": 3.0}]}
+    points = report.accuracy_points(data)
+    assert {(p["label"], p["accuracy"], p["size"], p["relative"]) for p in points} == {
+        ("original", 0.99, 1.0, True), ("graphopt pruned", 0.5, 0.27, True),
+        ("graphopt finetuned", 0.98, 0.27, True), ("graphopt int8", 0.985, 5000, False)}
+
+
+def test_measure_sees_torch_allocations():
+    import torch
+
+    _, step = bench_fp32.measure(lambda: torch.ones(16 * 2**20 // 4).add_(1))  # 16 MiB
+    if step.peak_rss_bytes is None:
+        pytest.skip("no /proc/self/clear_refs here")
+    assert step.peak_rss_bytes >= 15 * 2**20
