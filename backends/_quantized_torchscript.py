@@ -231,10 +231,11 @@ class _Converter:
         expected = _FIXED.get(key, self.quantized[source])
         if abs(expected[0] - scale) > 1e-9 * scale or expected[1] != zero_point:
             return None  # requantizes: stays float
-        rest = [self.env[a] if isinstance(a, fx.Node) else a for a in value.args[1:]]
+        rest = fx.map_arg(tuple(value.args[1:]), lambda n: self.env[n])
+        kwargs = fx.map_arg(dict(value.kwargs), lambda n: self.env[n])
         if value.op == "call_method":
-            return self.graph.call_method(str(value.target), (source, *rest), dict(value.kwargs))
-        return self.graph.call_function(value.target, (source, *rest), dict(value.kwargs))
+            return self.graph.call_method(str(value.target), (source, *rest), kwargs)
+        return self.graph.call_function(value.target, (source, *rest), kwargs)
 
     # ------------------------------------------------------------- driver
 

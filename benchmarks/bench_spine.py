@@ -3,9 +3,12 @@ synthetic models, against bare ``torch.fx.symbolic_trace`` of the same model in 
 
     python -m benchmarks.bench_spine [--quick] [--sizes 2000,20000,50000]
 
-Each size runs in its own subprocess so peak memory (max RSS) is that size's alone. Reported:
-nodes, symbolic_trace seconds, capture seconds and their ratio, pipeline seconds (capture
-included), peak RSS growth during capture+pipeline, parameter bytes.
+Sizes are total nodes of the captured graph (``deep_model(blocks_for(n))`` captures to about
+``n`` nodes). Each size runs in its own subprocess so peak memory (max RSS) is that size's
+alone. Reported: nodes, symbolic_trace seconds, capture seconds and their ratio, pipeline
+seconds (capture included), peak RSS growth during capture+pipeline, parameter bytes, and how
+capture and the total grow against the smallest size. ``--repeat N`` takes the best of N runs
+of symbolic_trace and capture (the machine's load varies more than either).
 """
 from __future__ import annotations
 
@@ -19,6 +22,10 @@ import time
 
 import torch
 import torch.nn as nn
+
+
+NODES_PER_BLOCK = 9  # get_attr weight, conv2d, 4 get_attr for BN, batch_norm, relu, add
+FIXED_NODES = 2  # placeholder, output
 
 
 class Block(nn.Module):
@@ -45,26 +52,32 @@ def deep_model(blocks: int, channels: int = 4) -> nn.Module:
     return model
 
 
+def blocks_for(target_nodes: int) -> int:
+    """Blocks whose captured graph has about ``target_nodes`` nodes."""
+    return max(1, (target_nodes - FIXED_NODES) // NODES_PER_BLOCK)
+
+
 def _rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure_one(target_nodes: int) -> dict:
+def measure_one(target_nodes: int, repeat: int = 1) -> dict:
     import graphopt
     from graphopt import graph as G
 
     sys.setrecursionlimit(max(10000, 4 * target_nodes))
-    blocks = max(1, target_nodes // 4)  # conv, bn, relu, add per block
-    model = deep_model(blocks)
+    model = deep_model(blocks_for(target_nodes))
     x = (torch.randn(1, 4, 4, 4),)
-    t0 = time.perf_counter()
-    traced = torch.fx.symbolic_trace(model)
-    t_trace = time.perf_counter() - t0
-    del traced
-    rss0 = _rss_bytes()
-    t0 = time.perf_counter()
-    gm = graphopt.capture(model, x)
-    t_capture = time.perf_counter() - t0
+    t_trace = t_capture = float("inf")
+    for _ in range(repeat):  # (with repeats, peak RSS is read over the last capture only)
+        t0 = time.perf_counter()
+        traced = torch.fx.symbolic_trace(model)
+        t_trace = min(t_trace, time.perf_counter() - t0)
+        del traced
+        rss0 = _rss_bytes()
+        t0 = time.perf_counter()
+        gm = graphopt.capture(model, x)
+        t_capture = min(t_capture, time.perf_counter() - t0)
     nodes = len(gm.graph.nodes)
     t1 = time.perf_counter()
     result = graphopt.PassManager("canonicalize,eliminate-dead-code", verify="final").run(gm, x)
@@ -83,30 +96,33 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="small sizes only (CI)")
     ap.add_argument("--sizes", default=None)
+    ap.add_argument("--repeat", type=int, default=1, help="best of N symbolic_trace/capture runs per size")
     ap.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
     if args.one is not None:
-        print(json.dumps(measure_one(args.one)))
+        print(json.dumps(measure_one(args.one, args.repeat)))
         return 0
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else ([500, 2000] if args.quick else [2000, 20000, 50000])
     rows = []
     for n in sizes:
-        out = subprocess.run([sys.executable, "-m", "benchmarks.bench_spine", "--one", str(n)],
+        out = subprocess.run([sys.executable, "-m", "benchmarks.bench_spine", "--one", str(n), "--repeat", str(args.repeat)],
                              capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         if out.returncode != 0:
             rows.append({"target_nodes": n, "error": out.stderr.strip().splitlines()[-1:]})
             continue
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     base = next((r for r in rows if "total_s" in r), None)
-    lines = ["| nodes | symbolic_trace s | capture s | capture/trace | pipeline s | total s | total vs smallest | peak RSS growth | param bytes |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| nodes | symbolic_trace s | capture s | capture/trace | capture vs smallest | pipeline s | total s "
+             "| total vs smallest | peak RSS growth | param bytes |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['target_nodes']} | failed: {r['error']} |")
             continue
         lines.append(
             f"| {r['nodes']} | {r['symbolic_trace_s']:.2f} | {r['capture_s']:.2f} | {r['capture_vs_trace']:.2f}x | "
+            f"{r['capture_s'] / base['capture_s']:.1f}x | "
             f"{r['pipeline_s']:.2f} | {r['total_s']:.2f} | {r['total_s'] / base['total_s']:.1f}x | "
             f"{r['peak_rss_growth_bytes'] / 2**20:.0f} MiB | {r['param_bytes'] / 2**20:.2f} MiB |")
     table = "\n".join(lines)

@@ -142,27 +142,10 @@ class _Rewriter:
         return count
 
     def _inline(self, node: fx.Node, steps: tuple[ops.Step, ...]) -> None:
-        path = str(node.target)
-        value = node.args[0]
         with self.graph.inserting_before(node):
-            for step in steps:
-                args = tuple(self._materialize(a, value, path, node) for a in step.args)
-                kind = "call_method" if isinstance(step.target, str) else "call_function"
-                new = self.graph.create_node(kind, step.target, args, {})
-                _inherit_meta(new, node, path)
-                if not step.effect_only:
-                    value = new
+            value = emit_lowering(self.graph, steps, node.args[0], str(node.target), node.meta)
         node.replace_all_uses_with(value)
         self.graph.erase_node(node)
-
-    def _materialize(self, a: Any, value: Any, path: str, origin: fx.Node) -> Any:
-        if a is ops.INPUT:
-            return value
-        if isinstance(a, ops.Attr):
-            getter = self.graph.get_attr(f"{path}.{a.name}")
-            _inherit_meta(getter, origin, getter.target)
-            return getter
-        return a
 
     # -- 2. aten structures -------------------------------------------------------------------
 
@@ -297,11 +280,42 @@ class _Rewriter:
 # -- helpers --------------------------------------------------------------------------------
 
 
-def _inherit_meta(new: fx.Node, origin: fx.Node, provenance: str) -> None:
+def emit_lowering(graph: fx.Graph, steps: tuple[ops.Step, ...], value: Any, path: str,
+                  origin_meta: dict[str, Any]) -> Any:
+    """Create the nodes of a module lowering (:func:`graphopt.ops.lowering_for`) at ``graph``'s
+    insertion point and return the node holding the result (``value`` for no steps).
+
+    ``value`` is the module's input, ``path`` its qualified name (parameters are read as
+    ``get_attr <path>.<name>``, and ``path`` is the new nodes' provenance); the new nodes take
+    the source line and module stack of the call they replace from ``origin_meta``. Used by
+    :func:`canonicalize` on ``call_module`` nodes and by capture's tracer, which lowers
+    standard layers as it meets them.
+    """
+    for step in steps:
+        args = tuple(_materialize(graph, a, value, path, origin_meta) for a in step.args)
+        kind = "call_method" if isinstance(step.target, str) else "call_function"
+        new = graph.create_node(kind, step.target, args, {})
+        _inherit_meta(new, origin_meta, path)
+        if not step.effect_only:
+            value = new
+    return value
+
+
+def _materialize(graph: fx.Graph, a: Any, value: Any, path: str, origin_meta: dict[str, Any]) -> Any:
+    if a is ops.INPUT:
+        return value
+    if isinstance(a, ops.Attr):
+        getter = graph.get_attr(f"{path}.{a.name}")
+        _inherit_meta(getter, origin_meta, getter.target)
+        return getter
+    return a
+
+
+def _inherit_meta(new: fx.Node, origin_meta: dict[str, Any], provenance: str) -> None:
     new.meta["provenance"] = provenance
     for key in ("stack_trace", "nn_module_stack"):
-        if key in origin.meta:
-            new.meta[key] = origin.meta[key]
+        if key in origin_meta:
+            new.meta[key] = origin_meta[key]
 
 
 def _bind_schema(node: fx.Node) -> dict[str, Any]:

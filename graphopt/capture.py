@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import copy
 import copyreg
+import gc
 import inspect
 import linecache
 import os
@@ -80,21 +81,49 @@ def capture(
     _check_model(model)
     inputs = _check_inputs(example_inputs)
     leaf_types, leaf_names = _check_options(mode, leaf_modules, concrete_args)
+    with _collector_paused():
+        return _capture(model, inputs, mode, leaf_types, leaf_names, concrete_args)
+
+
+def _capture(
+    model: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    mode: str,
+    leaf_types: tuple[type[nn.Module], ...],
+    leaf_names: frozenset[str],
+    concrete_args: dict[str, Any] | None,
+) -> fx.GraphModule:
     fixed_kwargs = _fixed_kwargs(concrete_args)
     root = _deepcopy(model)
     reference = _reference_outputs(root, inputs, fixed_kwargs)
     if mode == "symbolic":
-        graph = _trace_symbolic(root, leaf_types, leaf_names, concrete_args, fixed_kwargs)
+        graph, lowered = _trace_symbolic(root, leaf_types, leaf_names, concrete_args, fixed_kwargs)
     else:
-        graph = _trace_export(root, inputs)
+        graph, lowered = _trace_export(root, inputs), []
     # the GraphModule keeps the layers the trace called, as GraphModule(root, traced graph) would
-    called = [n.target for n in graph.nodes if n.op == "call_module"]
+    called = lowered + [n.target for n in graph.nodes if n.op == "call_module"]
     canonical.ensure_provenance(graph)
     _canonicalize(root, graph, inputs)
     _check_reproduces(root, reference, _propagate(root, graph, inputs))
-    gm = _graph_module(root, graph, called)
-    _copy_training_flags(root, gm)
-    return gm
+    return _graph_module(root, graph, called)
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while capturing.
+
+    Capture creates tens of thousands of long-lived objects (modules, tensors, fx nodes) and
+    almost no garbage; with the collector on, its full collections re-scan that growing heap
+    again and again, which made capture time grow faster than the graph. Collection resumes,
+    as it was, when capture returns or raises.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 # -- checks on what the user passed -------------------------------------------------------------
@@ -237,27 +266,26 @@ def _reduces_plainly(cls: type) -> bool:
 
 
 def _copy_tensor(tensor: torch.Tensor, memo: dict[Any, Any]) -> torch.Tensor:
-    """``copy.deepcopy(tensor, memo)``; for a plain dense tensor, the same steps done directly.
+    """``copy.deepcopy(tensor, memo)``, as a plain clone for the usual case: a dense tensor that
+    is its storage's only view so far (offset 0, contiguous, the whole storage).
 
-    Like ``Tensor.__deepcopy__``: the storage is cloned once (tensors viewing one storage keep
-    viewing one copy, through deepcopy's own ``memo["torch"]`` table) and the copy views it
-    with the original's offset, sizes and strides.
+    ``Tensor.__deepcopy__`` clones the storage once per ``memo`` (its ``memo["torch"]`` table)
+    and views it as the original did; recording the clone's storage there keeps that: a later
+    tensor sharing the storage goes through deepcopy and views the same copy.
     """
     if id(tensor) in memo:
         return memo[id(tensor)]
     if type(tensor) is not torch.Tensor or not tensor.is_leaf or tensor.layout is not torch.strided \
-            or tensor.device.type not in ("cpu", "cuda") or tensor.is_quantized or tensor.is_conj() \
+            or not (tensor.is_cpu or tensor.is_cuda) or tensor.is_quantized or tensor.is_conj() \
             or tensor.is_neg() or tensor.grad is not None or tensor.__dict__:
         return copy.deepcopy(tensor, memo)
     storage = tensor.untyped_storage()
     storages = memo.setdefault("torch", {})
-    new_storage = storages.get(storage._cdata)
-    if new_storage is None:
-        new_storage = storages[storage._cdata] = storage.clone()
-    with torch.no_grad():
-        new = tensor.new_empty([]).set_(new_storage, tensor.storage_offset(), tensor.size(), tensor.stride())
-    if tensor.requires_grad:
-        new.requires_grad_()
+    if storage._cdata in storages or tensor.storage_offset() != 0 or not tensor.is_contiguous() \
+            or storage.nbytes() != tensor.numel() * tensor.element_size():
+        return copy.deepcopy(tensor, memo)
+    new = tensor.detach().clone().requires_grad_() if tensor.requires_grad else tensor.clone()
+    storages[storage._cdata] = new.untyped_storage()
     memo[id(tensor)] = new
     return new
 
@@ -344,22 +372,62 @@ def _canonicalize(root: nn.Module, graph: fx.Graph, inputs: tuple[torch.Tensor, 
 
 
 def _graph_module(root: nn.Module, graph: fx.Graph, called: list[str]) -> fx.GraphModule:
-    """The GraphModule of ``graph`` (its one code generation), holding the modules ``called``
-    by the trace at their paths, as building it from the traced graph would have."""
-    gm = fx.GraphModule(root, graph, class_name=type(root).__name__)
+    """The GraphModule of ``graph``, with the one code generation capture does.
+
+    Its module tree is what ``fx.GraphModule(root, traced graph)`` builds: fresh containers
+    along the paths, the modules ``called`` by the trace themselves at their paths, and every
+    other attribute the graph reads copied from ``root`` (plain tensors as buffers). It is
+    built directly (GraphModule's own copy walks ``root`` once per attribute), then the graph
+    is attached, which compiles it. Each container gets the training flag of the module at
+    its path in ``root`` (fx makes them in training mode).
+    """
+    empty = fx.Graph(tracer_cls=graph._tracer_cls, tracer_extras=graph._tracer_extras)
+    gm = fx.GraphModule(root, empty, class_name=type(root).__name__)
     for target in sorted(set(called), key=lambda t: t.count(".")):
-        *path, name = target.split(".")
-        owner: nn.Module = gm
-        for part in path:
-            child = owner._modules.get(part)
-            if child is None:
-                child = nn.Module()
-                setattr(owner, part, child)
-            owner = child
+        owner, name = _owner_of(gm, root, target)
         module = root.get_submodule(target)
         if owner._modules.get(name) is not module:
             setattr(owner, name, module)
+    for node in graph.nodes:
+        if node.op in ("get_attr", "call_module") and not _holds(gm, node.target):
+            owner, name = _owner_of(gm, root, node.target)
+            value = get_attr_value(root, node.target)
+            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+                owner.register_buffer(name, value)
+            else:
+                setattr(owner, name, value)
+    gm.graph = graph
     return gm
+
+
+def _owner_of(gm: fx.GraphModule, root: nn.Module, target: str) -> tuple[nn.Module, str]:
+    """The module that holds ``target`` in ``gm`` (containers made along the way, with the
+    training flags of their counterparts in ``root``), and the attribute's own name."""
+    *path, name = target.split(".")
+    owner: nn.Module = gm
+    original: nn.Module | None = root
+    for part in path:
+        original = original._modules.get(part) if original is not None else None
+        child = owner._modules.get(part)
+        if child is None:
+            child = nn.Module()
+            if original is not None:
+                child.training = original.training
+            setattr(owner, part, child)
+        owner = child
+    return owner, name
+
+
+def _holds(gm: fx.GraphModule, target: str) -> bool:
+    """Whether ``gm`` already reaches ``target`` (through a module placed for an earlier one)."""
+    *path, name = target.split(".")
+    owner: nn.Module | None = gm
+    for part in path:
+        owner = owner._modules.get(part)
+        if owner is None:
+            return False
+    return name in owner._parameters or name in owner._buffers or name in owner._modules \
+        or name in owner.__dict__
 
 
 def _plain(value: Any) -> Any:
@@ -427,6 +495,8 @@ class _CaptureTracer(fx.Tracer):
         self.leaf_types = leaf_types
         self.leaf_names = leaf_names
         self.user_leaves: set[str] = set()
+        self.lowerings: dict[str, tuple[ops.Step, ...]] = {}  # path -> steps, for layers to inline
+        self.lowered: list[str] = []  # paths of the layers inlined while tracing
         self.stack_texts: dict[tuple[tuple[str, int, str], ...], str] = {}
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None) -> fx.Node:  # noqa: ANN001
@@ -434,6 +504,29 @@ class _CaptureTracer(fx.Tracer):
         if kind not in ("placeholder", "output"):
             node.meta["stack_trace"] = _user_stack(self.stack_texts)
         return node
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None,  # noqa: ANN001
+                     proxy_factory_fn=None) -> fx.Proxy:  # noqa: ANN001
+        """A standard layer's call becomes its functional calls right away (what
+        canonicalization would do to its ``call_module`` node, without making that node)."""
+        if kind == "call_module" and name is None and proxy_factory_fn is None and len(args) == 1 \
+                and not kwargs and target not in self.user_leaves:
+            lowered = self._lower(target, args[0])
+            if lowered is not None:
+                return lowered
+        return super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+
+    def _lower(self, path: str, arg: Any) -> fx.Proxy | None:
+        steps = self.lowerings.get(path)
+        if steps is None or not isinstance(arg, fx.Proxy):
+            return None  # canonicalization lowers what is left (e.g. a layer fed a constant)
+        value = arg.node
+        # the meta the call_module node would have had (see fx's TracerBase.create_node)
+        origin_meta: dict[str, Any] = {"stack_trace": _user_stack(self.stack_texts)}
+        if self.module_stack:
+            origin_meta["nn_module_stack"] = copy.copy(self.module_stack)
+        self.lowered.append(path)
+        return self.proxy(canonical.emit_lowering(self.graph, steps, value, path, origin_meta))
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_names or isinstance(m, self.leaf_types):
@@ -450,8 +543,13 @@ def _trace_symbolic(
     leaf_names: frozenset[str],
     concrete_args: dict[str, Any] | None,
     fixed_kwargs: dict[str, Any],
-) -> fx.Graph:
+) -> tuple[fx.Graph, list[str]]:
+    """The traced graph, with standard layers already inlined, and the paths of those layers."""
     tracer = _CaptureTracer(leaf_types, leaf_names)
+    # Lowerings are read off the layers before tracing: while tracing, fx intercepts module
+    # attribute reads (a parameter read scans all parameters and records a get_attr node).
+    tracer.lowerings = {path: steps for path, m in root.named_modules()
+                        if type(m) in ops.MODULE_LOWERINGS and (steps := ops.lowering_for(m)) is not None}
     try:
         graph = tracer.trace(root, concrete_args=concrete_args)
     except Exception as exc:  # noqa: BLE001 - fx raises many kinds
@@ -463,7 +561,7 @@ def _trace_symbolic(
         if node.op == "call_module" and node.target in tracer.user_leaves:
             node.meta["keep_module"] = True
     _drop_specialized_arguments(graph, root, fixed_kwargs)
-    return graph
+    return graph, tracer.lowered
 
 
 def _drop_specialized_arguments(graph: fx.Graph, root: nn.Module, fixed: dict[str, Any]) -> None:
@@ -598,14 +696,6 @@ def _export_provenance(node: fx.Node) -> str:
         if type_name in _LOWERABLE_NAMES and path:
             return path
     return node.name
-
-
-def _copy_training_flags(source: nn.Module, gm: fx.GraphModule) -> None:
-    """Containers fx recreates start in training mode: give each the flag of its original."""
-    originals = dict(source.named_modules())
-    for name, module in gm.named_modules():
-        if name in originals:
-            module.training = originals[name].training
 
 
 # -- pointing at the user's code ------------------------------------------------------------------

@@ -118,14 +118,16 @@ def _last_uses(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
 def _run_node(module: torch.nn.Module, node: fx.Node, pending: Any, lookup: Any) -> Any:
     op = node.op
     if op == "call_function":
-        return node.target(*map_arg(node.args, lookup), **map_arg(node.kwargs, lookup))
+        if node.kwargs:
+            return node.target(*map_arg(node.args, lookup), **map_arg(node.kwargs, lookup))
+        return node.target(*map_arg(node.args, lookup))
     if op == "get_attr":
-        return get_attr_value(module, node.target)
+        return _fetch(module, node.target)
     if op == "call_method":
         obj, *rest = map_arg(node.args, lookup)
         return getattr(obj, node.target)(*rest, **map_arg(node.kwargs, lookup))
     if op == "call_module":
-        return get_attr_value(module, node.target)(*map_arg(node.args, lookup), **map_arg(node.kwargs, lookup))
+        return _fetch(module, node.target)(*map_arg(node.args, lookup), **map_arg(node.kwargs, lookup))
     if op == "placeholder":
         if str(node.target).startswith("*"):
             return list(pending)
@@ -141,6 +143,28 @@ def _run_node(module: torch.nn.Module, node: fx.Node, pending: Any, lookup: Any)
 
 
 _MISSING = object()
+
+
+def _fetch(module: torch.nn.Module, target: str) -> Any:
+    """``get_attr_value(module, target)``, reading modules' parameter, buffer and submodule
+    tables directly: plain ``getattr`` reaches them only after a failed normal lookup and a
+    call of ``nn.Module.__getattr__``, the slowest step of running a graph node by node."""
+    obj: Any = module
+    for part in target.split("."):
+        if isinstance(obj, torch.nn.Module) and not hasattr(type(obj), part):
+            state = obj.__dict__
+            if part in state:
+                obj = state[part]
+                continue
+            for table in (state["_parameters"], state["_buffers"], state["_modules"]):
+                if part in table:
+                    obj = table[part]
+                    break
+            else:
+                obj = getattr(obj, part)
+        else:
+            obj = getattr(obj, part)
+    return obj
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 

@@ -25,11 +25,16 @@ and cast: worst ``max_rel`` 2e-15 / 9e-7 / 1e-3 / 1e-2 respectively):
 dtype       rtol    atol    why
 ==========  ======  ======  ===========================================================
 float64     1e-10   1e-12   ~1e5 times the reassociation error, still catches a fold done in fp32
-float32     1e-5    1e-6    ~10x the reassociation error of folding; a wrong eps or axis is ~1e-3+
+float32     1e-4    1e-6    see below; a wrong eps or axis is ~1e-3+
 float16     1e-2    1e-3    about 10 ulp of fp16 (eps 9.8e-4)
 bfloat16    5e-2    1e-2    about 6 ulp of bf16 (eps 7.8e-3)
 int, bool   0       0       exact
 ==========  ======  ======  ===========================================================
+
+float32 allows 1e-4 rather than ~10x the 9e-7 seen on plain chains because the error is
+measured against the *output's* scale: a clamp (relu6) after a fused conv hides pre-activation
+values ~100x larger than the output, whose rounding then shows as 1.7e-5 of the output's range
+(found by the property kit on ``conv -> bn -> relu6`` with inputs scaled x100).
 
 Complex outputs use the tolerance of their component type. Other dtypes (float8) have no
 default: pass a :class:`Tolerance`.
@@ -136,7 +141,7 @@ class Tolerance:
 _EXACT = Tolerance(rtol=0.0, atol=0.0)
 _DEFAULT_TOLERANCES: dict[torch.dtype, Tolerance] = {
     torch.float64: Tolerance(rtol=1e-10, atol=1e-12),
-    torch.float32: Tolerance(rtol=1e-5, atol=1e-6),
+    torch.float32: Tolerance(rtol=1e-4, atol=1e-6),
     torch.float16: Tolerance(rtol=1e-2, atol=1e-3),
     torch.bfloat16: Tolerance(rtol=5e-2, atol=1e-2),
 }

@@ -30,6 +30,12 @@ from graphopt.quantization.onnx_symbolics import register_torchscript_symbolics
 OPSET = 18
 
 
+@pytest.fixture(autouse=True)
+def fixed_seed():
+    """Models draw their weights from the global generator: same weights whatever the test order."""
+    torch.manual_seed(0)
+
+
 def bn(channels: int) -> nn.BatchNorm2d:
     layer = nn.BatchNorm2d(channels)
     with torch.no_grad():
@@ -54,7 +60,7 @@ class Net(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-X = torch.randn(2, 3, 16, 16)
+X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 
 
 def quantized(model: nn.Module, x: torch.Tensor = X, config: str = "x86", fold: bool = True) -> fx.GraphModule:
@@ -120,6 +126,13 @@ class TestOnnxRuntime:
         assert ops["QLinearGlobalAveragePool"] == 1 and "Conv" not in ops and "Add" not in ops
         assert ops["QuantizeLinear"] == 1 and ops["DequantizeLinear"] == 1  # only at the graph's edges
         assert max_steps_off(gm, ort_runner(session)) <= 1.0 + 1e-4
+
+    def test_verify_accepts_the_runtime_within_the_lowering_tolerance(self, tmp_path):
+        gm = quantized(Net())
+        session, _ = ort_session(export_onnx(gm, tmp_path / "net.onnx"))
+        tolerance = kernels.lowering_tolerance(gm)
+        assert tolerance.atol == pytest.approx(kernels.LOWERING_STEPS * output_step(gm))
+        assert graphopt.verify.compare(gm, ort_runner(session), (X,), tolerance=tolerance).ok
 
     def test_unfolded_weights_fuse_too(self, tmp_path):
         gm = quantized(Net(), fold=False)

@@ -5,13 +5,13 @@ helpers, placement and calibration. The ``quantize`` and ``fold-weight-quantizat
 from __future__ import annotations
 
 from .configs import BackendConfig, FixedQParams, IntegerType, available_configs, get_config, register_config
-from .kernels import has_vnni, output_steps, saturating_weights
+from .kernels import has_vnni, lowering_tolerance, output_steps, saturating_weights
 from .observers import METHODS, make_observer
 from .qdq import has_qdq
 from .qparams import TensorQParams, affine_qparams, guard_bias_scales, symmetric_per_channel_scales
 
 __all__ = [
     "BackendConfig", "FixedQParams", "IntegerType", "METHODS", "TensorQParams", "affine_qparams",
-    "available_configs", "get_config", "guard_bias_scales", "has_qdq", "has_vnni", "make_observer", "output_steps",
+    "available_configs", "get_config", "guard_bias_scales", "has_qdq", "has_vnni", "lowering_tolerance", "make_observer", "output_steps",
     "register_config", "saturating_weights", "symmetric_per_channel_scales",
 ]

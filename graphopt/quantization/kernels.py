@@ -8,9 +8,10 @@ Backends use these checks before and after lowering a quantized (QDQ) graph:
   full-range weights, and 17 dB instead of 39 dB logit SQNR for ONNX Runtime's own S8S8
   quantization of a digits CNN. ``config=x86`` keeps weights within +-64.
 - :func:`output_steps`: a runtime's int8 kernels round their accumulators their own way, so a
-  lowered model matches the QDQ graph within one quantization step of each output (measured:
-  at most 1.0 step on every test model, in ONNX Runtime and the lite interpreter), not within
-  fp32 tolerance.
+  lowered model matches the QDQ graph within a few quantization steps of each output, not
+  within fp32 tolerance. Measured in ONNX Runtime and the lite interpreter (x86 engine): at
+  most 1 step on the small test models and MobileNetV2, 2 steps on ResNet-18 (one-step
+  differences of inner layers add up). Backends should allow :data:`LOWERING_STEPS`.
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ from . import qdq
 
 #: largest weight magnitude non-VNNI x86 kernels take without saturating (2 * 255 * 64 < 2**15)
 NON_VNNI_WEIGHT_LIMIT = 64
+#: how many quantization steps of an output a lowered model may differ from its QDQ graph
+LOWERING_STEPS = 4
 
 
 @functools.cache
@@ -63,3 +66,15 @@ def output_steps(gm: fx.GraphModule) -> list[float | None]:
     (output,) = [n for n in gm.graph.nodes if n.op == "output"]
     leaves = torch.utils._pytree.tree_leaves(output.args[0])
     return [qdq.tensor_qparams(v).scale if qdq.is_dequantize(v) else None for v in leaves]
+
+
+def lowering_tolerance(gm: fx.GraphModule):
+    """The :class:`graphopt.verify.Tolerance` a backend should check its int8 model against the
+    QDQ graph ``gm`` with: :data:`LOWERING_STEPS` steps of the coarsest output (float outputs
+    keep float32's relative tolerance). None when ``gm`` is not quantized."""
+    from .. import verify
+
+    steps = [s for s in output_steps(gm) if s is not None]
+    if not steps:
+        return None
+    return verify.Tolerance(rtol=verify.Tolerance.for_dtype(torch.float32).rtol, atol=LOWERING_STEPS * max(steps))
