@@ -116,10 +116,10 @@ class TestScaleAwareTolerance:
 
     def test_large_outputs_with_relative_error_above_rtol_fail(self):
         ref = torch.linspace(-1e6, 1e6, 101)
-        verdict = verify.compare_outputs([[ref]], [[ref * (1 + 1e-4)]])
+        verdict = verify.compare_outputs([[ref]], [[ref * (1 + 1e-3)]])
         assert not verdict.ok
         assert "beyond tolerance" in verdict.reason
-        assert verdict.outputs[0].max_rel == pytest.approx(1e-4, rel=1e-2)
+        assert verdict.outputs[0].max_rel == pytest.approx(1e-3, rel=1e-2)
 
     def test_all_zero_output_is_judged_by_atol(self):
         zeros = torch.zeros(10)
