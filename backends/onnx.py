@@ -12,6 +12,14 @@ says which exporter wrote the file and why the first was not used.
 Weights go into the one ``.onnx`` file; only a model over the 2 GB protobuf limit gets external
 data files, which land next to it. ``dynamic_batch=True`` makes dimension 0 of every input and
 output symbolic and verifies the file at another batch size too.
+
+A quantized graph (quantize/dequantize nodes, e.g. from the ``mobile-int8`` preset) is written
+as QuantizeLinear/DequantizeLinear around float operators, which ONNX Runtime fuses into its
+int8 kernels (QLinearConv, ...). The TorchScript exporter learns these ops from
+:mod:`graphopt.quantization.onnx_symbolics`. The file is verified within a few quantization
+steps of each output (:func:`graphopt.quantization.lowering_tolerance`): the int8 kernels
+round their own way. Weights beyond +-64 are refused on an x86 CPU without VNNI, where ONNX
+Runtime's int8 kernels saturate (see :meth:`Onnx.export`).
 """
 from __future__ import annotations
 
@@ -32,6 +40,8 @@ import torch.utils._pytree as pytree
 from graphopt import graph as G
 from graphopt.errors import LoweringError
 from graphopt.lowering import Backend, exception_summary, recording_warnings, register_backend, tracer_warning
+from graphopt.quantization import has_qdq, kernels, lowering_tolerance, saturating_weights
+from graphopt.quantization.onnx_symbolics import register_torchscript_symbolics
 
 _EXPORTERS = ("auto", "torchscript", "dynamo")
 #: opsets both exporters write well (dynamo needs >= 18; the TorchScript one stops at 20)
@@ -72,8 +82,20 @@ class Onnx(Backend):
     # ----------------------------------------------------------------------- export + load
 
     def export(self, gm: fx.GraphModule, example_inputs: tuple[Any, ...], path: Path, report: dict[str, Any]) -> None:
+        """Write ``gm`` with the chosen exporter(s); see the module docstring.
+
+        A quantized graph whose int8 weights exceed +-64 is refused on an x86 CPU without VNNI:
+        ONNX Runtime's int8 kernels there add products in int16 and saturate, so the file
+        would compute wrong results here (tens of quantization steps off) and verification
+        would fail anyway, with a mismatch that does not say why. Refusing up front says why
+        and what to do.
+        """
         external_data = G.param_bytes(gm) > _SINGLE_FILE_LIMIT
         report.update(opset=self.opset, external_data=external_data, dynamic_batch=self.dynamic_batch)
+        if has_qdq(gm):
+            _refuse_saturating_weights(gm)
+            register_torchscript_symbolics(self.opset)  # else the TorchScript exporter fails on QDQ ops
+            report["quantized"] = True
         failures = []
         existing = set(path.parent.iterdir())
         for exporter in ("torchscript", "dynamo") if self.exporter == "auto" else (self.exporter,):
@@ -113,6 +135,11 @@ class Onnx(Backend):
 
         return run
 
+    def default_tolerance(self, gm: fx.GraphModule) -> Any:
+        """A few quantization steps of the output for a quantized graph (ONNX Runtime's int8
+        kernels round their own way); the per-dtype default otherwise."""
+        return lowering_tolerance(gm) if has_qdq(gm) else None
+
     def verification_inputs(self, example_inputs: tuple[Any, ...]) -> list[tuple[str, tuple[Any, ...]]]:
         sets = [("example inputs", example_inputs)]
         if self.dynamic_batch:
@@ -142,6 +169,8 @@ class Onnx(Backend):
         return "; ".join(reasons)
 
     def _probe_with(self, exporter: str, module: fx.GraphModule, inputs: tuple[Any, ...]) -> str | None:
+        if exporter == "torchscript" and has_qdq(module):
+            register_torchscript_symbolics(self.opset)
         with recording_warnings() as caught:
             try:
                 if exporter == "torchscript":
@@ -192,6 +221,20 @@ class Onnx(Backend):
         report["summary"] = f"{report['exporter']} exporter, opset {report['opset']}" + (
             f" (fell back: {report['exporter_fallback']})" if "exporter_fallback" in report else ""
         )
+
+
+def _refuse_saturating_weights(gm: fx.GraphModule) -> None:
+    """LoweringError when ONNX Runtime's int8 kernels would saturate on this CPU's weights."""
+    saturating = saturating_weights(gm)
+    if not saturating:
+        return
+    shown = ", ".join(saturating[:5]) + (f" and {len(saturating) - 5} more" if len(saturating) > 5 else "")
+    raise LoweringError(
+        f"int8 weights exceed +-{kernels.NON_VNNI_WEIGHT_LIMIT} ({shown}) and this x86 CPU has no VNNI: ONNX "
+        "Runtime's int8 kernels here add products in 16 bits and saturate, so the model would give wrong results "
+        "in this runtime and cannot be verified. Quantize with config='x86' (7-bit weights; the mobile-int8 "
+        "default), or lower on a CPU with VNNI or an ARM machine"
+    )
 
 
 @contextlib.contextmanager

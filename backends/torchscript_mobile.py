@@ -10,14 +10,22 @@ Freezing runs without torch's numerics-changing optimizations by default
 (``freeze_optimizations=False``): graphopt's own passes fuse and fold with verified contracts,
 while freeze's folding has known silent bugs (Linear followed by BatchNorm1d on 3-D inputs,
 HARD-CASES A3).
+
+A quantized graph (quantize/dequantize nodes, e.g. from the ``mobile-int8`` preset) is first
+converted to torch's int8 kernels (:func:`graphopt.backends._quantized_torchscript.convert_for_torchscript`)
+for the quantized engine of option ``engine``: ``"x86"`` (fbgemm) or ``"qnnpack"`` (ARM). It is
+scripted, frozen only for qnnpack (freezing an x86 module stores its packed weights twice),
+loaded with that engine set, and verified within a few quantization steps of each output
+(:func:`graphopt.quantization.lowering_tolerance`). Run the file with the same engine.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.backends.xnnpack
@@ -25,8 +33,10 @@ import torch.fx as fx
 
 from graphopt.errors import LoweringError
 from graphopt.lowering import Backend, exception_summary, recording_warnings, register_backend, tracer_warning
+from graphopt.quantization import has_qdq, lowering_tolerance
 
 _METHODS = ("auto", "script", "trace")
+_ENGINES = ("x86", "qnnpack")
 
 
 @register_backend("torchscript-mobile")
@@ -48,16 +58,26 @@ class TorchScriptMobile(Backend):
     mobile_optimize: bool = True
     #: let torch.jit.freeze fold and fuse on its own (unverified rewrites; see the module docstring)
     freeze_optimizations: bool = False
+    #: torch quantized engine the int8 kernels of a quantized graph are packed for and run with:
+    #: "x86" (fbgemm) or "qnnpack" (ARM phones); unused for float graphs
+    engine: str = "x86"
 
     def __post_init__(self) -> None:
         if self.method not in _METHODS:
             raise LoweringError(f"torchscript-mobile: method must be one of {', '.join(_METHODS)}, not {self.method!r}")
+        if self.engine not in _ENGINES:
+            raise LoweringError(f"torchscript-mobile: engine must be one of {', '.join(_ENGINES)}, not {self.engine!r}")
         for name in ("mobile_optimize", "freeze_optimizations"):
             if not isinstance(getattr(self, name), bool):
                 raise LoweringError(f"torchscript-mobile: {name} must be True or False, not {getattr(self, name)!r}")
         self._script_error: str | None = None
+        self._quantized = False
 
     def export(self, gm: fx.GraphModule, example_inputs: tuple[Any, ...], path: Path, report: dict[str, Any]) -> None:
+        if has_qdq(gm):
+            self._quantized = True
+            self._export_quantized(gm, example_inputs, path, report)
+            return
         scripted = self._to_torchscript(gm, example_inputs, report)
         frozen = torch.jit.freeze(scripted.eval(), optimize_numerics=self.freeze_optimizations)
         report["xnnpack"] = has_xnnpack()
@@ -71,10 +91,25 @@ class TorchScriptMobile(Backend):
     def load(self, path: Path, report: dict[str, Any]) -> Callable[..., Any]:
         from torch.jit.mobile import _export_operator_list, _load_for_lite_interpreter
 
-        module = _load_for_lite_interpreter(str(path))
-        # the root operators a selective (size-reduced) build of the mobile runtime must keep
+        if not self._quantized:
+            module = _load_for_lite_interpreter(str(path))
+            # the root operators a selective (size-reduced) build of the mobile runtime must keep
+            report["operators"] = sorted(_export_operator_list(module))
+            return module
+        with _quantized_engine(self.engine):  # loading repacks the int8 weights for the engine set
+            module = _load_for_lite_interpreter(str(path))
         report["operators"] = sorted(_export_operator_list(module))
-        return module
+
+        def run(*inputs: Any) -> Any:
+            with _quantized_engine(self.engine):
+                return module(*inputs)
+
+        return run
+
+    def default_tolerance(self, gm: fx.GraphModule) -> Any:
+        """A few quantization steps of the output for a quantized graph (torch's int8 kernels
+        round their own way); the per-dtype default otherwise."""
+        return lowering_tolerance(gm) if has_qdq(gm) else None
 
     def probe(self, module: fx.GraphModule, inputs: tuple[Any, ...]) -> str | None:
         reasons = []
@@ -101,6 +136,41 @@ class TorchScriptMobile(Backend):
                 return None
             reasons.append(f"trace: {problem}")
         return "; ".join(reasons)
+
+    def _export_quantized(self, gm: fx.GraphModule, inputs: tuple[Any, ...], path: Path, report: dict[str, Any]) -> None:
+        """Convert the QDQ graph to int8 kernels for ``engine``, script, save (see the module docstring)."""
+        from graphopt.backends._quantized_torchscript import convert_for_torchscript
+
+        with _quantized_engine(self.engine):
+            converted = convert_for_torchscript(gm, inputs, engine=self.engine)
+            try:
+                scripted = torch.jit.script(converted).eval()
+            except Exception as exc:
+                raise LoweringError(
+                    f"torch.jit.script failed on the int8 module converted from the quantized graph: "
+                    f"{exception_summary(exc)}; lower with backend='onnx', or report the model"
+                ) from exc
+            report.update(converter="script", quantized_engine=self.engine, int8_layers=list(converted.meta["int8_layers"]))
+            report["xnnpack"] = has_xnnpack()
+            if self.engine == "x86":
+                # freezing inlines the x86-packed weights as constants next to their serialized
+                # copies: the file about doubles (measured in tests/test_quantized_lowering.py)
+                report["freeze"] = "skipped: torch.jit.freeze stores x86-packed int8 weights twice"
+                report["optimize_for_mobile"] = "skipped: it freezes the module (x86 engine, see freeze)"
+                final = scripted
+            else:
+                final = torch.jit.freeze(scripted, optimize_numerics=self.freeze_optimizations)
+                report["freeze"] = "applied"
+                final = self._optimize_for_mobile(final, report)
+            counts = collections.Counter(n.kind() for n in final.inlined_graph.nodes() if not n.kind().startswith("prim::"))
+            report["op_counts"] = dict(counts.most_common())
+            report["node_count"] = sum(counts.values())
+            final._save_for_lite_interpreter(str(path))
+        report["summary"] = (
+            f"int8 ({len(report['int8_layers'])} layers on {self.engine} kernels), script, "
+            f"{'frozen' if report['freeze'] == 'applied' else 'not frozen'}, "
+            f"optimize_for_mobile {report['optimize_for_mobile'].split(':')[0]}"
+        )
 
     def _to_torchscript(self, gm: fx.GraphModule, inputs: tuple[Any, ...], report: dict[str, Any]) -> torch.jit.ScriptModule:
         if self.method in ("auto", "script"):
@@ -143,6 +213,17 @@ class TorchScriptMobile(Backend):
 def has_xnnpack() -> bool:
     """Whether this torch build has XNNPACK, which optimize_for_mobile's rewrites target."""
     return bool(torch.backends.xnnpack.enabled)
+
+
+@contextlib.contextmanager
+def _quantized_engine(engine: str) -> Iterator[None]:
+    """Set torch's process-wide quantized engine inside the block, and restore the caller's."""
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = previous
 
 
 def _without_annotations(gm: fx.GraphModule) -> fx.GraphModule:

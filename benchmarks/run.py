@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
 
         def show(what: str) -> None:
             progress.update(task, description=what[:100])
+            if not console.is_terminal:  # no live display in CI logs: one timestamped line per step instead
+                console.print(f"{time.perf_counter() - started:7.0f} s  {what}", markup=False, highlight=False)
 
         if "latency" in sections:
             for name in models:

@@ -383,7 +383,7 @@ def _graph_module(root: nn.Module, graph: fx.Graph, called: list[str]) -> fx.Gra
     """
     empty = fx.Graph(tracer_cls=graph._tracer_cls, tracer_extras=graph._tracer_extras)
     gm = fx.GraphModule(root, empty, class_name=type(root).__name__)
-    for target in sorted(set(called), key=lambda t: t.count(".")):
+    for target in sorted(dict.fromkeys(called), key=lambda t: t.count(".")):  # outer first, else in call order
         owner, name = _owner_of(gm, root, target)
         module = root.get_submodule(target)
         if owner._modules.get(name) is not module:

@@ -53,6 +53,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from . import graph as G
+from .plugins import load_entry_points
 from .errors import GraphoptError, InputError, LoweringError, ModelRunError, UnknownBackendError, UnsupportedNodesError
 from .fileio import atomic_write
 
@@ -120,6 +121,12 @@ class Backend:
         batch size for a file exported with a dynamic batch dimension."""
         return [("example inputs", example_inputs)]
 
+    def default_tolerance(self, gm: fx.GraphModule) -> Tolerance | None:
+        """The tolerance :func:`lower` verifies with when the caller gave none; None means the
+        per-dtype default. Override where the runtime legitimately computes differently from
+        the graph, e.g. a quantized graph run on the runtime's own int8 kernels."""
+        return None
+
     def probe(self, module: fx.GraphModule, inputs: tuple[Any, ...]) -> str | None:
         """Why this backend cannot take ``module``, a graph of one node of the lowered graph
         fed with that node's example values, or None when it can. The default cannot tell."""
@@ -179,13 +186,11 @@ def _discover() -> None:
     _DISCOVERED = True
     import graphopt.backends  # noqa: F401  (its __init__ imports the built-ins, which register)
 
-    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            loaded = ep.load()
-            if inspect.isclass(loaded) and issubclass(loaded, Backend) and loaded not in _BACKENDS.values():
-                register_backend(ep.name)(loaded)
-        except Exception as exc:  # a broken plug-in must not take the other backends down
-            _PLUGIN_ERRORS[ep.name] = f"{ep.value}: {exception_summary(exc)}"
+    for name, loaded, error in load_entry_points(ENTRY_POINT_GROUP):
+        if error is not None:
+            _PLUGIN_ERRORS[name] = error
+        elif inspect.isclass(loaded) and issubclass(loaded, Backend) and loaded not in _BACKENDS.values():
+            register_backend(name)(loaded)
 
 
 def available_backends() -> dict[str, type[Backend]]:
@@ -286,8 +291,9 @@ def lower(
     (``.onnx``, ``.ptl``). ``options`` are the backend's (``Backend.options()``).
 
     A runtime whose outputs differ from the graph's beyond ``tolerance`` (default: the
-    per-dtype one of :meth:`graphopt.verify.Tolerance.for_dtype`; pass a looser one where the
-    runtime legitimately computes differently, e.g. its own int8 kernels) is a failed lowering:
+    backend's :meth:`Backend.default_tolerance`, e.g. a few quantization steps of the output
+    for an int8 graph, else the per-dtype one of :meth:`graphopt.verify.Tolerance.for_dtype`;
+    pass a looser one where the runtime legitimately computes differently) is a failed lowering:
     :class:`LoweringError` with the verdict, and ``path`` is left as it was. ``verify=False``
     skips the comparison (``artifact.verdict`` is then None) but still loads the file once in
     the runtime.
@@ -335,7 +341,12 @@ def lower(
             except Exception as exc:  # exporters/runtimes raise anything: it becomes a LoweringError
                 raise _failure(lowering, gm, inputs, f"writing or loading the file failed: {exception_summary(exc)}") from exc
             size = sum(f.stat().st_size for f in staged.parent.iterdir())
-            verdict = _verify(lowering, gm, runner, inputs, tolerance, report) if verify else None
+            if verify:
+                if tolerance is None:
+                    tolerance = lowering.default_tolerance(gm)
+                verdict = _verify(lowering, gm, runner, inputs, tolerance, report)
+            else:
+                verdict = None
 
     report["wall_time_s"] = round(time.perf_counter() - started, 3)
     return Artifact(target, backend, size, verdict, report, runner, output_spec)

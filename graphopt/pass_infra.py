@@ -20,13 +20,13 @@ import math
 import re
 import typing
 from dataclasses import dataclass, field
-from importlib import metadata
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.fx as fx
 
 from .errors import OptionError, PipelineError
+from .plugins import load_entry_points
 
 # --------------------------------------------------------------------------- contracts
 
@@ -384,13 +384,11 @@ def _discover() -> None:
     _DISCOVERED = True
     import graphopt.passes  # noqa: F401  (registers the built-ins)
 
-    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            ep.load()
-        except Exception as exc:  # a broken plug-in must not take graphopt down
+    for name, _, error in load_entry_points(ENTRY_POINT_GROUP):
+        if error is not None:  # registered passes of a plug-in register themselves when imported
             import warnings
 
-            warnings.warn(f"graphopt: could not load pass plug-in {ep.name!r} ({ep.value}): {exc}")
+            warnings.warn(f"graphopt: could not load pass plug-in {name!r} ({error})")
 
 
 def available_passes() -> dict[str, Pass]:

@@ -306,6 +306,10 @@ def _run_all(gm: torch.nn.Module, inputs: list[tuple]) -> list[list[torch.Tensor
         return [verify.run(gm, i) for i in inputs]
 
 
+def _in_distribution(label: str) -> bool:
+    return label == "example" or "(uniform)" in label or "(normal)" in label
+
+
 def _ref_dtype(outs: list[torch.Tensor]) -> torch.dtype:
     for o in outs:
         if isinstance(o, torch.Tensor) and o.is_floating_point():
@@ -397,8 +401,10 @@ class PassManager:
         if self.verify_mode != "none":
             tol = verify.Tolerance(float("inf"), float("inf")) if lossy else None
             final = _run_all(gm, check_inputs)
-            report.final_verdict = verify.compare_outputs(reference, final, tol,
-                                                          input_labels=verify.input_labels(len(check_inputs)))
+            labels = verify.input_labels(len(check_inputs))
+            idx = [i for i, label in enumerate(labels) if not lossy or _in_distribution(label)]
+            report.final_verdict = verify.compare_outputs([reference[i] for i in idx], [final[i] for i in idx], tol,
+                                                          input_labels=[labels[i] for i in idx])
             if not report.final_verdict.ok and self.on_failure == "raise":
                 raise VerificationError(
                     f"the optimized graph no longer matches the captured model: {report.final_verdict}",
@@ -447,13 +453,18 @@ class PassManager:
         if error is None and changed and self.verify_mode == "each":
             new_outs = _run_all(gm, check_inputs)
             tol = p.contract.tolerance(_ref_dtype(current_outs[0]))
-            verdict = verify.compare_outputs(current_outs, new_outs, tol,
-                                             input_labels=verify.input_labels(len(check_inputs)))
+            labels = verify.input_labels(len(check_inputs))
+            # a lossy budget (SQNR of int8, say) is only meaningful on inputs like the ones the
+            # pass was calibrated for: judge it on the example and in-range synthesized inputs,
+            # not on the x100 / x1e-3 / edge-value stress inputs
+            idx = [i for i, label in enumerate(labels) if not p.contract.lossy or _in_distribution(label)]
+            verdict = verify.compare_outputs([current_outs[i] for i in idx], [new_outs[i] for i in idx], tol,
+                                             input_labels=[labels[i] for i in idx])
             reason = p.contract.check(verdict)
             if reason is not None:
                 where = ""
                 try:
-                    failed = check_inputs[verdict.failed_input or 0]
+                    failed = check_inputs[idx[verdict.failed_input or 0]]
                     div = verify.localize(snapshot.module(), gm, failed, tol)
                     if div is not None:
                         where = f"; first divergent node: {div}"
@@ -562,6 +573,8 @@ def bisect(model: Any, example_inputs: Any, pipeline: Any, *, tolerance: Any = N
     from .capture import capture
 
     inputs = G.as_input_tuple(example_inputs)
+    if calibration_data is not None:
+        calibration_data = list(calibration_data)  # every attempt re-runs the pipeline on it
     base = model if isinstance(model, fx.GraphModule) else capture(model, inputs)
     check_inputs = verify.verification_inputs(inputs, synthesize=2, seed=0)
     reference = _run_all(base, check_inputs)

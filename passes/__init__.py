@@ -1,7 +1,15 @@
 """Built-in passes, one module each; importing this package registers them and the presets."""
 from graphopt import register_preset
 
-from . import canonicalize, eliminate_dead_code, fold_constants, fuse_conv_bn_relu, prune_channels  # noqa: F401
+from . import (  # noqa: F401
+    canonicalize,
+    eliminate_dead_code,
+    fold_constants,
+    fold_weight_quant,
+    fuse_conv_bn_relu,
+    prune_channels,
+    quantize,
+)
 
 # dead code goes first as well: a dead reader of a conv output would otherwise block its fusion,
 # and the preset would not be idempotent (found by the property kit)
