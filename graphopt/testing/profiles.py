@@ -30,7 +30,9 @@ PROFILES: dict[str, settings] = {
     "ci": settings(max_examples=40, derandomize=True, deadline=None, print_blob=True, database=None,
                    suppress_health_check=_SLOW_IS_FINE),
     "dev": settings(max_examples=100, deadline=None, print_blob=True, suppress_health_check=_SLOW_IS_FINE),
-    "campaign": settings(max_examples=5000, deadline=None, print_blob=True, suppress_health_check=_SLOW_IS_FINE),
+    # derandomize is explicit: under CI=true hypothesis loads its own profile, which derandomizes
+    "campaign": settings(max_examples=5000, deadline=None, print_blob=True, derandomize=False,
+                         suppress_health_check=_SLOW_IS_FINE),
 }
 
 for _name, _profile in PROFILES.items():
