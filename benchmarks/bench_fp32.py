@@ -287,10 +287,15 @@ class _Builder:
             return
         gm = result.module
         params, macs, nodes = _fx_costs(gm, self.inputs)
-        rolled_back = ", ".join(f"{r.name} {r.status}" for r in result.report.failed)
+        rolled_back = "; ".join(f"{r.name} {r.status}: {r.error}" for r in result.report.failed)
         for row in rows:
             row.parameters, row.macs, row.note = params, macs, (f"passes {rolled_back}" if rolled_back else "")
             row.cost_of(pipeline)
+        if rolled_back and precision != "fp32":
+            # without its quantize/prune pass the result is the fp32 graph: timing it as int8/pruned would mislead
+            for row in rows:
+                row.status, row.reason, row.load = "failed", f"pipeline: {rolled_back}"[:400], None
+            return
         for row in rows:
             if row.runtime == "eager":
                 row.load, row.artifact_bytes, row.nodes = (lambda t, gm=gm: gm), G.param_bytes(gm), nodes
@@ -588,6 +593,7 @@ def fusion_scaling(sizes: list[int], timeout_s: float) -> dict[str, Any]:
     import json
     import subprocess
 
+    started = time.perf_counter()
     rows: list[dict[str, Any]] = []
     for n in sizes:
         try:
@@ -601,7 +607,7 @@ def fusion_scaling(sizes: list[int], timeout_s: float) -> dict[str, Any]:
             rows.append({"target_nodes": n, "error": tail[0]})
             continue
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    return {"status": "ran", "rows": rows}
+    return {"status": "ran", "rows": rows, "seconds": time.perf_counter() - started}
 
 
 # ------------------------------------------------------------------------------------- CLI

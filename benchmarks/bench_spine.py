@@ -6,8 +6,8 @@ synthetic models, against bare ``torch.fx.symbolic_trace`` of the same model in 
 Sizes are total nodes of the captured graph (``deep_model(blocks_for(n))`` captures to about
 ``n`` nodes). Each size runs in its own subprocess so peak memory (max RSS) is that size's
 alone. Reported: nodes, symbolic_trace seconds, capture seconds and their ratio, pipeline
-seconds (capture included), peak RSS growth during capture+pipeline, parameter bytes, and how
-capture and the total grow against the smallest size. ``--repeat N`` takes the best of N runs
+seconds and the total (capture + pipeline), peak RSS growth during capture+pipeline, parameter
+bytes, and how capture and the total grow against the smallest size. ``--repeat N`` takes the best of N runs
 of symbolic_trace and capture (the machine's load varies more than either).
 """
 from __future__ import annotations
@@ -69,12 +69,14 @@ def measure_one(target_nodes: int, repeat: int = 1) -> dict:
     model = deep_model(blocks_for(target_nodes))
     x = (torch.randn(1, 4, 4, 4),)
     t_trace = t_capture = float("inf")
-    for _ in range(repeat):  # (with repeats, peak RSS is read over the last capture only)
+    rss0 = None
+    for _ in range(repeat):
         t0 = time.perf_counter()
         traced = torch.fx.symbolic_trace(model)
         t_trace = min(t_trace, time.perf_counter() - t0)
         del traced
-        rss0 = _rss_bytes()
+        if rss0 is None:  # growth counts from before the first capture
+            rss0 = _rss_bytes()
         t0 = time.perf_counter()
         gm = graphopt.capture(model, x)
         t_capture = min(t_capture, time.perf_counter() - t0)
@@ -106,8 +108,8 @@ def main(argv=None) -> int:
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else ([500, 2000] if args.quick else [2000, 20000, 50000])
     rows = []
     for n in sizes:
-        out = subprocess.run([sys.executable, "-m", "benchmarks.bench_spine", "--one", str(n), "--repeat", str(args.repeat)],
-                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        command = [sys.executable, "-m", "benchmarks.bench_spine", "--one", str(n), "--repeat", str(args.repeat)]
+        out = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         if out.returncode != 0:
             rows.append({"target_nodes": n, "error": out.stderr.strip().splitlines()[-1:]})
             continue

@@ -105,7 +105,18 @@ def machine_line(env: dict[str, Any]) -> str:
     v = env["versions"]
     return (f"{env['cpu']} ({env['cores']} cores, {', '.join(env['cpu_flags']) or 'no AVX2'}, "
             f"{env['memory_gib']} GiB), torch {v['torch']}, onnxruntime {v['onnxruntime']}, onnx {v['onnx']}, "
-            f"load average {env['load_average_at_start'][0]:.1f} at start")
+            f"{_load_summary(env)}")
+
+
+def _load_summary(env: dict[str, Any]) -> str:
+    """The 1-minute load average over the run: other work on the machine slows every figure."""
+    start = env["load_average_at_start"][0]
+    end = env.get("load_average_at_end", [start])[0]
+    samples = [s[1] for s in env.get("load_samples", [])]
+    if not samples:  # runs from before the harness sampled the load in between
+        return f"load average {start:.1f} at start and {end:.1f} at end"
+    loads = [start, *samples, end]
+    return f"load average {min(loads):.1f} to {max(loads):.1f} during the run"
 
 
 # ------------------------------------------------------------------------------ formatting
@@ -467,15 +478,16 @@ def _accuracy_chart(results: dict[str, Any], path: Path) -> bool:
             spots.setdefault((round(math.log10(max(p["size"], 1e-12)), 2), round(p["accuracy"], 4)), []).append(p)
         for i, group in enumerate(sorted(spots.values(), key=lambda g: g[0]["size"])):
             p = group[0]
-            ours = any("graphopt" in q["label"].lower() for q in group)
-            ax.scatter(p["size"], p["accuracy"], color="tab:blue" if ours else "tab:gray")
+            ours = sum("graphopt" in q["label"].lower() for q in group)
+            color = "tab:gray" if not ours else "tab:blue" if ours == len(group) else "tab:purple"
+            ax.scatter(p["size"], p["accuracy"], color=color)
             label = p["label"] + (f" (+{len(group) - 1} more)" if len(group) > 1 else "")
             ax.annotate(label, (p["size"], p["accuracy"]), fontsize=6, xytext=(3, 3 if i % 2 == 0 else -9),
                         textcoords="offset points")  # neighbours alternate above/below so labels do not collide
         ax.set_xscale("log")
         ax.set_xlabel("size relative to the fp32 model (bytes, else parameters)" if relative else "bytes")
         ax.set_ylabel("accuracy")
-    fig.suptitle("Accuracy vs size (quantization and pruning benchmarks; blue: graphopt)")
+    fig.suptitle("Accuracy vs size (quantization and pruning benchmarks; blue: graphopt, grey: peers, purple: both)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -553,6 +565,20 @@ def _relative_or_absolute(path: str, root: Path) -> str:
         return str(resolved)
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Render the report again from a run's ``bench.json`` (after a change to this module)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.report", description=main.__doc__)
+    ap.add_argument("out", nargs="?", default="benchmarks/results", help="folder holding bench.json")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    results = json.loads((out / "bench.json").read_text())
+    for name, path in write(results, out, Path(__file__).resolve().parent.parent).items():
+        print(f"{name}: {path}")
+    return 0
+
+
 def _jsonable(obj: Any) -> Any:
     """NaN and infinities as strings: JSON has no spelling for them."""
     if isinstance(obj, float) and (math.isnan(obj) or math.isinf(obj)):
@@ -562,3 +588,7 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_jsonable(v) for v in obj]
     return obj
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

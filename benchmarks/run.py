@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                      "torchvision": bench_fp32.torchvision_available()},
         "rows": [], "goals": [], "external": {}, "scaling": {},
     }
+    results["environment"]["load_samples"] = []  # [seconds into the run, 1-minute load average, step]
     units = len(models) * ("latency" in sections) + sum(s in sections for s in ("quantize", "prune")) + 2 * ("scaling" in sections)
     columns = (SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TimeElapsedColumn())
@@ -96,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         task = progress.add_task("starting", total=units)
 
         def show(what: str) -> None:
+            # the load while each step runs says how far its figures can be trusted
+            results["environment"]["load_samples"].append([round(time.perf_counter() - started), os.getloadavg()[0], what])
             progress.update(task, description=what[:100])
             if not console.is_terminal:  # no live display in CI logs: one timestamped line per step instead
                 console.print(f"{time.perf_counter() - started:7.0f} s  {what}", markup=False, highlight=False)

@@ -56,6 +56,7 @@ class TestQuickRun:
         env = quick_run[0]["environment"]
         assert env["versions"]["torch"] and env["versions"]["onnxruntime"] and env["cpu"]
         assert env["threads"] == [1]
+        assert env["load_samples"] and all(len(sample) == 3 for sample in env["load_samples"])
 
     def test_markdown_report_and_headline_hold_the_rows(self, quick_run):
         results, report_md, out = quick_run
