@@ -2,9 +2,10 @@
 
 Two front ends end in the same canonical form (see :mod:`graphopt.canonical`):
 
-- ``mode="symbolic"`` (default): ``torch.fx`` symbolic tracing. Standard layers are kept as
-  leaves while tracing and then inlined from :data:`graphopt.ops.MODULE_LOWERINGS`; user
-  ``leaf_modules`` stay opaque ``call_module`` nodes; ``concrete_args`` fix Python arguments.
+- ``mode="symbolic"`` (default): ``torch.fx`` symbolic tracing. Standard layers are not traced
+  into: the tracer inlines each call from :data:`graphopt.ops.MODULE_LOWERINGS` as it meets
+  it; user ``leaf_modules`` stay opaque ``call_module`` nodes; ``concrete_args`` fix Python
+  arguments.
 - ``mode="export"``: ``torch.export.export``; parameters and buffers become ``get_attr`` nodes
   with their qualified names and aten ops are mapped through the alias table. For models that
   branch on shapes, which symbolic tracing cannot follow.
@@ -15,9 +16,10 @@ checks that the captured graph reproduces the model's outputs on the example inp
 
 Its cost is meant to stay within a small factor of bare tracing and linear in the graph's
 size: the copy copies standard module state directly, the graph is rewritten before any
-GraphModule exists and compiled to Python once at the end, and it is run (shape recording and
-the reproduction check in one) by :func:`graphopt.graph.record_shapes`, once more before
-canonicalization only when that needs shapes (in-place spellings, aten structures).
+GraphModule exists and compiled to Python once at the end, it is run (shape recording and the
+reproduction check in one) by :func:`graphopt.graph.record_shapes`, once more before
+canonicalization only when that needs shapes (in-place spellings, aten structures), and the
+cyclic garbage collector is paused meanwhile.
 """
 from __future__ import annotations
 
@@ -95,7 +97,8 @@ def _capture(
 ) -> fx.GraphModule:
     fixed_kwargs = _fixed_kwargs(concrete_args)
     root = _deepcopy(model)
-    reference = _reference_outputs(root, inputs, fixed_kwargs)
+    isolated = _Isolation(root)
+    reference = _reference_outputs(root, inputs, fixed_kwargs, isolated)
     if mode == "symbolic":
         graph, lowered = _trace_symbolic(root, leaf_types, leaf_names, concrete_args, fixed_kwargs)
     else:
@@ -103,8 +106,8 @@ def _capture(
     # the GraphModule keeps the layers the trace called, as GraphModule(root, traced graph) would
     called = lowered + [n.target for n in graph.nodes if n.op == "call_module"]
     canonical.ensure_provenance(graph)
-    _canonicalize(root, graph, inputs)
-    _check_reproduces(root, reference, _propagate(root, graph, inputs))
+    _canonicalize(root, graph, inputs, isolated)
+    _check_reproduces(root, reference, _propagate(root, graph, inputs, isolated))
     return _graph_module(root, graph, called)
 
 
@@ -318,22 +321,52 @@ def _fresh(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     return tuple(t.clone() for t in inputs)
 
 
-@contextmanager
-def _isolated(module: nn.Module) -> Iterator[None]:
-    """Run inside: no grad, a fixed seed, and the module's tensors and the global RNG restored."""
-    state = [(t, t.detach().clone()) for t in list(module.parameters()) + list(module.buffers())]
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        try:
-            yield
-        finally:
-            for tensor, saved in state:
-                tensor.copy_(saved)
+class _Isolation:
+    """Runs of the capture's copy that leave no trace: inside, no grad and a fixed seed; after,
+    the global RNG and every parameter and buffer as they were before the first run (saved
+    once per capture, not per run)."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (tensor, its value)
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        tensors = _state_tensors(self.module)
+        for t in tensors:
+            if id(t) not in self.saved:
+                self.saved[id(t)] = (t, t.detach().clone())
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            try:
+                yield
+            finally:
+                for t in tensors:
+                    t.copy_(self.saved[id(t)][1])
 
 
-def _reference_outputs(model: nn.Module, inputs: tuple[torch.Tensor, ...], kwargs: dict[str, Any]) -> Any:
+def _state_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """Every parameter and buffer of ``module`` and its submodules, once each (what
+    ``parameters()`` and ``buffers()`` give, without building their qualified names)."""
+    tensors: dict[int, torch.Tensor] = {}
+    seen: set[int] = set()
+    stack = [module]
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        for table in (m._parameters, m._buffers):
+            tensors.update((id(t), t) for t in table.values() if t is not None)
+        stack.extend(child for child in m._modules.values() if child is not None)
+    return list(tensors.values())
+
+
+def _reference_outputs(
+    model: nn.Module, inputs: tuple[torch.Tensor, ...], kwargs: dict[str, Any], isolated: _Isolation
+) -> Any:
     try:
-        with _isolated(model):
+        with isolated():
             return model(*_fresh(inputs), **kwargs)
     except Exception as exc:  # noqa: BLE001 - the user's code may raise anything
         raise InputError(
@@ -343,10 +376,12 @@ def _reference_outputs(model: nn.Module, inputs: tuple[torch.Tensor, ...], kwarg
         ) from None
 
 
-def _propagate(root: nn.Module, graph: fx.Graph, inputs: tuple[torch.Tensor, ...]) -> Any:
+def _propagate(
+    root: nn.Module, graph: fx.Graph, inputs: tuple[torch.Tensor, ...], isolated: _Isolation
+) -> Any:
     """Record ``tensor_meta`` on every node (as graph.propagate_shapes) and return the outputs."""
     try:
-        with _isolated(root):
+        with isolated():
             return record_shapes(root, _fresh(inputs), graph)
     except GraphoptError:
         raise
@@ -357,10 +392,14 @@ def _propagate(root: nn.Module, graph: fx.Graph, inputs: tuple[torch.Tensor, ...
         ) from None
 
 
-def _canonicalize(root: nn.Module, graph: fx.Graph, inputs: tuple[torch.Tensor, ...]) -> None:
+def _canonicalize(
+    root: nn.Module, graph: fx.Graph, inputs: tuple[torch.Tensor, ...], isolated: _Isolation
+) -> None:
+    def record_shapes_now() -> None:  # shapes show canonicalization which values are tensors
+        _propagate(root, graph, inputs, isolated)
+
     try:
-        # shapes let canonicalization see which values are tensors (in-place spellings)
-        canonical.canonicalize_graph(graph, root, ensure_shapes=lambda: _propagate(root, graph, inputs))
+        canonical.canonicalize_graph(graph, root, ensure_shapes=record_shapes_now)
     except GraphoptError:
         raise
     except Exception as exc:  # noqa: BLE001 - a bug here must still reach the user as a CaptureError
@@ -381,9 +420,10 @@ def _graph_module(root: nn.Module, graph: fx.Graph, called: list[str]) -> fx.Gra
     is attached, which compiles it. Each container gets the training flag of the module at
     its path in ``root`` (fx makes them in training mode).
     """
+    # built on an empty graph that carries the tracer GraphModule records (for pickling)
     empty = fx.Graph(tracer_cls=graph._tracer_cls, tracer_extras=graph._tracer_extras)
     gm = fx.GraphModule(root, empty, class_name=type(root).__name__)
-    for target in sorted(dict.fromkeys(called), key=lambda t: t.count(".")):  # outer first, else in call order
+    for target in sorted(dict.fromkeys(called), key=lambda t: t.count(".")):  # outer paths first
         owner, name = _owner_of(gm, root, target)
         module = root.get_submodule(target)
         if owner._modules.get(name) is not module:

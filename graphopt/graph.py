@@ -143,6 +143,7 @@ def _run_node(module: torch.nn.Module, node: fx.Node, pending: Any, lookup: Any)
 
 
 _MISSING = object()
+_MODULE_GETATTR = torch.nn.Module.__getattr__
 
 
 def _fetch(module: torch.nn.Module, target: str) -> Any:
@@ -151,7 +152,8 @@ def _fetch(module: torch.nn.Module, target: str) -> Any:
     call of ``nn.Module.__getattr__``, the slowest step of running a graph node by node."""
     obj: Any = module
     for part in target.split("."):
-        if isinstance(obj, torch.nn.Module) and not hasattr(type(obj), part):
+        kind = type(obj)
+        if isinstance(obj, torch.nn.Module) and kind.__getattr__ is _MODULE_GETATTR and not hasattr(kind, part):
             state = obj.__dict__
             if part in state:
                 obj = state[part]
@@ -165,6 +167,8 @@ def _fetch(module: torch.nn.Module, target: str) -> Any:
         else:
             obj = getattr(obj, part)
     return obj
+
+
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
