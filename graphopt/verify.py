@@ -79,6 +79,7 @@ from .errors import InputError, ModelRunError, OptionError
 
 __all__ = [
     "DISTRIBUTIONS",
+    "sqnr_from_powers",
     "Divergence",
     "OutputFigures",
     "Tolerance",
@@ -485,7 +486,8 @@ class _PairResult:
     reason: str | None  # why this pair fails, None when it passes
 
 
-def _sqnr(signal_power: float, noise_power: float) -> float:
+def sqnr_from_powers(signal_power: float, noise_power: float) -> float:
+    """SQNR in dB from summed squares of signal and of error (inf when the error is zero)."""
     if noise_power == 0:
         return math.inf
     if signal_power == 0:
@@ -529,7 +531,7 @@ def _compare_tensors(index: int, ref: torch.Tensor, out: torch.Tensor, tolerance
         signal, noise = float((r[finite] ** 2).sum()), float((diff**2).sum())
     figures.max_abs = max_abs
     figures.max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
-    figures.sqnr_db = _sqnr(signal, noise)
+    figures.sqnr_db = sqnr_from_powers(signal, noise)
     allowed = tol.allowed(scale)
     figures.ok = max_abs <= allowed
     if figures.ok:
@@ -570,7 +572,7 @@ def sqnr_db(ref: Any, out: Any) -> float:
     finite = torch.isfinite(r) & torch.isfinite(o)
     if bool((~finite & ~both_nan & (r != o)).any()):
         return -math.inf
-    return _sqnr(float((r[finite] ** 2).sum()), float(((r - o)[finite] ** 2).sum()))
+    return sqnr_from_powers(float((r[finite] ** 2).sum()), float(((r - o)[finite] ** 2).sum()))
 
 
 def _merge(results: list[_PairResult]) -> OutputFigures:

@@ -10,13 +10,13 @@
 """
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from typing import Any
 
 import torch
 import torch.fx as fx
 
+from ..verify import sqnr_from_powers
 from .placement import Plan, Unit, weight_axis
 from .qparams import TensorQParams, fake_quantize, fake_quantize_per_channel
 
@@ -31,14 +31,6 @@ class _Recording(fx.Interpreter):
         if n.name in self.names:
             self.values[n.name] = value
         return value
-
-
-def _db(signal: float, noise: float) -> float:
-    if noise == 0.0:
-        return math.inf
-    if signal == 0.0:
-        return -math.inf
-    return 10.0 * math.log10(signal / noise)
 
 
 def _accumulate(sums: dict[str, list[float]], key: str, ref: torch.Tensor, out: torch.Tensor) -> None:
@@ -60,7 +52,7 @@ def isolated_layer_sqnr(gm: fx.GraphModule, plan: Plan, qparams: dict[fx.Node, T
             for unit in units:
                 _accumulate(sums, unit.node.name, rec.values[unit.output.name],
                             _quantized_unit_output(unit, rec.values, qparams, weight_scales[unit.node], plan))
-    return {name: _db(*s) for name, s in sums.items()}
+    return {name: sqnr_from_powers(*s) for name, s in sums.items()}
 
 
 def _quantized_unit_output(unit: Unit, values: dict[str, Any], qparams: dict[fx.Node, TensorQParams],
@@ -97,7 +89,7 @@ def cumulative_layer_sqnr(reference: fx.GraphModule, quantized: fx.GraphModule, 
             out.run(*batch)
             for unit in plan.units:
                 _accumulate(sums, unit.node.name, ref.values[unit.output.name], out.values[unit.output.name])
-    return {name: _db(*s) for name, s in sums.items()}
+    return {name: sqnr_from_powers(*s) for name, s in sums.items()}
 
 
 def output_sqnr(reference: fx.GraphModule, quantized: fx.GraphModule, batches: list[tuple[Any, ...]]) -> list[float]:
@@ -110,4 +102,4 @@ def output_sqnr(reference: fx.GraphModule, quantized: fx.GraphModule, batches: l
             for i, (r, o) in enumerate(zip(verify.run(reference, batch), verify.run(quantized, batch))):
                 if r.is_floating_point():
                     _accumulate(sums, str(i), r, o)
-    return [_db(*sums[k]) for k in sorted(sums, key=int)]
+    return [sqnr_from_powers(*sums[k]) for k in sorted(sums, key=int)]
