@@ -24,14 +24,10 @@ Runtime's int8 kernels saturate (see :meth:`Onnx.export`).
 from __future__ import annotations
 
 import collections
-import contextlib
-import ctypes
 import io
-import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -39,6 +35,7 @@ import torch.utils._pytree as pytree
 
 from graphopt import graph as G
 from graphopt.errors import LoweringError
+from graphopt.fileio import native_stdout_discarded
 from graphopt.lowering import Backend, exception_summary, recording_warnings, register_backend, tracer_warning
 from graphopt.quantization import has_qdq, kernels, lowering_tolerance, saturating_weights
 from graphopt.quantization.onnx_symbolics import register_torchscript_symbolics
@@ -174,7 +171,7 @@ class Onnx(Backend):
         with recording_warnings() as caught:
             try:
                 if exporter == "torchscript":
-                    with _native_stdout_discarded():
+                    with native_stdout_discarded():
                         torch.onnx.export(module.eval(), inputs, io.BytesIO(), dynamo=False, opset_version=self.opset)
                 else:
                     torch.onnx.export(module.eval(), inputs, dynamo=True, opset_version=self.opset, verbose=False)
@@ -203,7 +200,7 @@ class Onnx(Backend):
                               dynamic_shapes=dynamic_shapes, **common)
             return
         dynamic_axes = {name: {0: "batch"} for name in input_names + output_names} if self.dynamic_batch else None
-        with recording_warnings() as caught, _native_stdout_discarded():
+        with recording_warnings() as caught, native_stdout_discarded():
             torch.onnx.export(gm, inputs, str(path), dynamo=False, dynamic_axes=dynamic_axes, **common)
         unsound = tracer_warning(caught)
         if unsound is not None:
@@ -235,35 +232,6 @@ def _refuse_saturating_weights(gm: fx.GraphModule) -> None:
         "in this runtime and cannot be verified. Quantize with config='x86' (7-bit weights; the mobile-int8 "
         "default), or lower on a CPU with VNNI or an ARM machine"
     )
-
-
-@contextlib.contextmanager
-def _native_stdout_discarded() -> Iterator[None]:
-    """Discard what C++ prints to stdout in the block.
-
-    When the TorchScript exporter fails it prints its whole IR graph from C++ (torch 2.13 leaves
-    its ONNX log switched on); the exception says what matters.
-    """
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 1)
-            try:
-                yield
-            finally:
-                _libc_fflush()
-                os.dup2(saved, 1)
-    finally:
-        os.close(saved)
-
-
-def _libc_fflush() -> None:
-    """Flush C stdio buffers, so text buffered in the block is not written after it."""
-    try:
-        ctypes.CDLL(None).fflush(None)
-    except (OSError, AttributeError):  # no C library to flush (not POSIX)
-        pass
 
 
 def _batch_size(inputs: tuple[Any, ...]) -> int:

@@ -33,6 +33,8 @@ import torch
 import torch.backends.xnnpack
 import torch.nn as nn
 
+from graphopt.fileio import native_stdout_discarded
+
 #: ONNX opset of the plain export; graphopt's ``onnx`` backend defaults to the same
 OPSET = 18
 
@@ -185,18 +187,6 @@ def _first_line(exc: BaseException, limit: int = 200) -> str:
 
 @contextlib.contextmanager
 def _stdout_discarded() -> Iterator[None]:
-    """Drop what C++ code prints to file descriptor 1 (exporters dump graphs there)."""
-    import sys
-
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 1)
-            try:
-                with contextlib.redirect_stdout(io.StringIO()):
-                    yield
-            finally:
-                os.dup2(saved, 1)
-    finally:
-        os.close(saved)
+    """Drop what exporters print, from C++ (file descriptor 1) and from Python."""
+    with native_stdout_discarded(), contextlib.redirect_stdout(io.StringIO()):
+        yield

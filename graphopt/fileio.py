@@ -10,9 +10,11 @@ Two promises graphopt makes about files (see DESIGN.md, "Errors and safety"):
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import pickle
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -119,3 +121,32 @@ def _corrupted(file: Path, exc: BaseException) -> ModelLoadError:
         f"cannot load weights from {file}: the file is corrupted or was not written by torch.save "
         f"({type(exc).__name__}: {detail.split('. ')[0][:160]}). Write it again with torch.save."
     )
+
+
+@contextlib.contextmanager
+def native_stdout_discarded() -> Iterator[None]:
+    """Discard what C++ prints to stdout in the block.
+
+    When the TorchScript exporter fails it prints its whole IR graph from C++ (torch 2.13 leaves
+    its ONNX log switched on); the exception says what matters.
+    """
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 1)
+            try:
+                yield
+            finally:
+                _libc_fflush()
+                os.dup2(saved, 1)
+    finally:
+        os.close(saved)
+
+
+def _libc_fflush() -> None:
+    """Flush C stdio buffers, so text buffered in the block is not written after it."""
+    try:
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):  # no C library to flush (not POSIX)
+        pass
