@@ -128,7 +128,9 @@ def cmd_backends(args) -> int:
     from .lowering import available_backends
 
     for name, b in available_backends().items():
-        print(f"{name:20s} {(b.__doc__ or '').strip().splitlines()[0] if b.__doc__ else ''}")
+        missing = b.unavailable()
+        line = (b.__doc__ or "").strip().splitlines()[0] if b.__doc__ else ""
+        print(f"{name:20s} {line}" + (f" [unavailable: {missing}]" if missing else ""))
     return 0
 
 

@@ -38,6 +38,10 @@ def run_demo(model_name: str = "resnet_cnn", out_dir: str = "out/demo") -> int:
     suffix = {"onnx": ".onnx", "torchscript-mobile": ".ptl"}
     artifacts = {}
     for name, backend in available_backends().items():
+        missing = backend.unavailable()
+        if missing is not None:
+            console.print(f"  {name}: skipped, {missing}", markup=False, highlight=False)
+            continue
         path = os.path.join(out_dir, f"{model_name}{getattr(backend, 'suffix', suffix.get(name, ''))}")
         with console.status(f"lowering to {name}, reloading and verifying in its runtime"):
             artifacts[name] = lower(result.module, inputs, backend=name, path=path)

@@ -124,24 +124,30 @@ def _corrupted(file: Path, exc: BaseException) -> ModelLoadError:
 
 
 @contextlib.contextmanager
-def native_stdout_discarded() -> Iterator[None]:
-    """Discard what C++ prints to stdout in the block.
+def native_stdout_discarded(stderr: bool = False) -> Iterator[None]:
+    """Discard what native code prints to stdout (and to stderr with ``stderr=True``) in the block.
 
     When the TorchScript exporter fails it prints its whole IR graph from C++ (torch 2.13 leaves
-    its ONNX log switched on); the exception says what matters.
+    its ONNX log switched on); ExecuTorch's XNNPACK delegate logs its CPU probing to stderr when
+    a program first loads. The exception or the report says what matters.
     """
+    fds = (1, 2) if stderr else (1,)
     sys.stdout.flush()
-    saved = os.dup(1)
+    sys.stderr.flush()
+    saved = [os.dup(fd) for fd in fds]
     try:
         with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 1)
+            for fd in fds:
+                os.dup2(devnull.fileno(), fd)
             try:
                 yield
             finally:
                 _libc_fflush()
-                os.dup2(saved, 1)
+                for fd, copy in zip(fds, saved):
+                    os.dup2(copy, fd)
     finally:
-        os.close(saved)
+        for copy in saved:
+            os.close(copy)
 
 
 def _libc_fflush() -> None:

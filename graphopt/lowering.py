@@ -133,6 +133,13 @@ class Backend:
         return None
 
     @classmethod
+    def unavailable(cls) -> str | None:
+        """Why this backend cannot run on this machine (an optional package missing, with the
+        command that installs it), or None when it can. :func:`lower` raises
+        :class:`LoweringError` with this reason; ``graphopt demo`` skips the backend and says why."""
+        return None
+
+    @classmethod
     def options(cls) -> dict[str, Any]:
         """Option name -> default value."""
         return {
@@ -304,6 +311,9 @@ def lower(
     """
     started = time.perf_counter()
     backend_cls = get_backend(backend)
+    missing = backend_cls.unavailable()
+    if missing is not None:
+        raise LoweringError(f"{backend}: cannot run on this machine: {missing}")
     lowering = _instantiate(backend_cls, options)
     if path is None:
         raise LoweringError(f"lower(..., backend={backend!r}) needs path=, e.g. path='model{backend_cls.suffix}'")

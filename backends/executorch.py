@@ -1,0 +1,256 @@
+"""``executorch``: a ``.pte`` program for ExecuTorch, delegated to XNNPACK, run in ExecuTorch's runtime.
+
+Steps: ``torch.export`` of the graph module, the edge dialect and the XNNPACK partitioner
+(``to_edge_transform_and_lower``), ``to_executorch``, the program's bytes written to the staged
+path; then :class:`executorch.runtime.Runtime` loads the file and runs it on the CPU for
+verification. The report says which operators XNNPACK took (``delegated_ops``) and which stayed
+on ExecuTorch's portable kernels (``portable_ops``, with the node names in ``portable_nodes``).
+
+Needs the optional extra: ``pip install 'graphopt[executorch]'``. Without it the backend is still
+listed, and lowering to it raises :class:`~graphopt.errors.LoweringError` saying so.
+
+A quantized graph (quantize/dequantize nodes, e.g. from ``mobile-int8``) is already in the form
+XNNPACK's partitioner consumes (``quantized_decomposed`` ops, per-channel symmetric int8
+weights), with one exception: XNNPACK's int8 kernels take signed activations, and the ``x86``
+quantization config stores activations in uint8. Those nodes are rewritten to int8 with the zero
+point moved down by 128, which represents every value exactly; the report counts them
+(``converted_uint8_nodes``). Quantize ops that stay outside XNNPACK run on ExecuTorch's quantized
+portable kernels. The program is verified within a few quantization steps of each output
+(:func:`graphopt.quantization.lowering_tolerance`): XNNPACK requantizes with its own rounding.
+
+``set_threads(n)`` sizes the runtime's thread pool (process-wide; XNNPACK's kernels use it).
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import copy
+import logging
+import operator
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.fx as fx
+
+from graphopt.errors import LoweringError
+from graphopt.fileio import native_stdout_discarded
+from graphopt.lowering import Backend, exception_summary, register_backend
+from graphopt.quantization import has_qdq, lowering_tolerance
+from graphopt.quantization.qdq import DEQUANTIZE_PER_TENSOR, QUANTIZE_PER_TENSOR
+
+_DELEGATES = ("xnnpack", "none")
+INSTALL_HINT = "pip install 'graphopt[executorch]'"
+#: loggers that print while executorch and its dependencies import (optional kernels missing,
+#: deprecation notices): not the user's concern
+_IMPORT_LOGGERS = ("torchao", "torch.utils._pytree", "executorch")
+
+
+@register_backend("executorch")
+@dataclass
+class ExecuTorch(Backend):
+    """ExecuTorch (.pte): torch.export, XNNPACK delegation, verified in the ExecuTorch runtime."""
+
+    suffix = ".pte"
+    runtime = "the ExecuTorch runtime"
+    unsupported_advice = (
+        "replace these operations with core ATen operations torch.export can capture, keep them out of "
+        "the lowered graph, or lower with backend='onnx'"
+    )
+
+    #: "xnnpack": delegate what XNNPACK supports, the rest runs on portable kernels;
+    #: "none": portable kernels only (a reference, slow)
+    delegate: str = "xnnpack"
+
+    def __post_init__(self) -> None:
+        if self.delegate not in _DELEGATES:
+            raise LoweringError(f"executorch: delegate must be one of {', '.join(_DELEGATES)}, not {self.delegate!r}")
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        try:
+            executorch_modules()
+        except LoweringError as exc:
+            return str(exc).removeprefix("executorch: ")
+        return None
+
+    def export(self, gm: fx.GraphModule, example_inputs: tuple[Any, ...], path: Path, report: dict[str, Any]) -> None:
+        et = executorch_modules()
+        quantized = has_qdq(gm)
+        if quantized:
+            gm, converted = signed_activations(gm)
+            report["converted_uint8_nodes"] = converted
+        program = self._program(et, gm, example_inputs, report)
+        path.write_bytes(program.buffer)
+        delegated, portable = report["delegated_ops"], report["portable_ops"]
+        summary = (
+            f"XNNPACK took {sum(delegated.values())} of {sum(delegated.values()) + sum(portable.values())} ops "
+            f"in {report['delegated_subgraphs']} subgraph(s)" if self.delegate == "xnnpack" else "portable kernels only"
+        )
+        if quantized:
+            summary = "int8, " + summary
+            if report["converted_uint8_nodes"]:
+                summary += f"; {report['converted_uint8_nodes']} uint8 quantize/dequantize nodes made int8 (exact)"
+        report["summary"] = summary
+
+    def load(self, path: Path, report: dict[str, Any]) -> Callable[..., Any]:
+        et = executorch_modules()
+        with native_stdout_discarded(stderr=True):  # XNNPACK logs its CPU probing on first load
+            program = et.Runtime.get().load_program(path)
+            method = program.load_method("forward")
+
+        def run(*inputs: Any) -> list[Any]:
+            flat = [x.contiguous() if isinstance(x, torch.Tensor) else x for x in inputs]
+            # the runtime's output tensors are views of its planned memory, overwritten by the next run
+            return [y.clone() if isinstance(y, torch.Tensor) else y for y in method.execute(flat)]
+
+        return run
+
+    def default_tolerance(self, gm: fx.GraphModule) -> Any:
+        """A few quantization steps of the output for a quantized graph; otherwise ten times
+        float32's default: XNNPACK and the portable kernels sum in other orders than torch, and
+        the portable layer norm computes its statistics its own way (seen on a generated model:
+        1.3e-4 of max|output| after a layer norm over 3 values of near-constant input)."""
+        if has_qdq(gm):
+            return lowering_tolerance(gm)
+        from graphopt.verify import Tolerance
+
+        base = Tolerance.for_dtype(torch.float32)
+        return Tolerance(rtol=10 * base.rtol, atol=10 * base.atol)
+
+    def probe(self, module: fx.GraphModule, inputs: tuple[Any, ...]) -> str | None:
+        et = executorch_modules()
+        try:
+            self._program(et, module, inputs, {})
+        except Exception as exc:
+            return exception_summary(exc)
+        return None
+
+    def _program(self, et: SimpleNamespace, gm: fx.GraphModule, inputs: tuple[Any, ...], report: dict[str, Any]) -> Any:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # executorch's own use of deprecated pytree names
+            try:
+                exported = torch.export.export(gm, inputs, strict=False)
+            except Exception as exc:
+                raise LoweringError(f"torch.export failed: {exception_summary(exc)}") from exc
+            partitioners = [et.XnnpackPartitioner()] if self.delegate == "xnnpack" else []
+            edge = et.to_edge_transform_and_lower(exported, partitioner=partitioners)
+            delegated, portable, nodes, subgraphs = delegation(edge.exported_program().graph_module)
+            report.update(
+                delegated_ops=dict(delegated.most_common()), portable_ops=dict(portable.most_common()),
+                portable_nodes=nodes, delegated_subgraphs=subgraphs,
+                op_counts=dict((delegated + portable).most_common()),
+                node_count=sum(delegated.values()) + sum(portable.values()),
+            )
+            return edge.to_executorch()
+
+
+def set_threads(count: int) -> None:
+    """Size ExecuTorch's thread pool (process-wide), which XNNPACK's kernels run on."""
+    et = executorch_modules()
+    et.reset_threadpool(int(count))
+
+
+_MODULES: SimpleNamespace | None = None
+_IMPORT_ERROR: LoweringError | None = None
+
+
+def executorch_modules() -> SimpleNamespace:
+    """The parts of ExecuTorch this backend uses, imported once and quietly."""
+    global _MODULES, _IMPORT_ERROR
+    if _MODULES is not None:
+        return _MODULES
+    if _IMPORT_ERROR is not None:
+        raise _IMPORT_ERROR
+    with _quiet_import():
+        try:
+            from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+            from executorch.exir import to_edge_transform_and_lower
+            from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+            from executorch.runtime import Runtime
+            import executorch.kernels.quantized  # noqa: F401  (out variants of quantize ops outside XNNPACK)
+        except ImportError as exc:
+            _IMPORT_ERROR = LoweringError(
+                f"executorch: the executorch package cannot be imported ({exc}); install the extra with "
+                f"`{INSTALL_HINT}`, or lower with backend='onnx' or 'torchscript-mobile'"
+            )
+            raise _IMPORT_ERROR from exc
+    _MODULES = SimpleNamespace(
+        XnnpackPartitioner=XnnpackPartitioner, to_edge_transform_and_lower=to_edge_transform_and_lower,
+        Runtime=Runtime, reset_threadpool=_unsafe_reset_threadpool,
+    )
+    return _MODULES
+
+
+@contextlib.contextmanager
+def _quiet_import() -> Iterator[None]:
+    loggers = [logging.getLogger(name) for name in _IMPORT_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def signed_activations(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
+    """A copy of ``gm`` whose uint8 per-tensor quantize/dequantize nodes are int8, and their count.
+
+    ``q_int8 = q_uint8 - 128`` with zero point ``zp - 128`` dequantizes to the same values, and
+    the clamp range [0, 255] becomes [-128, 127], so the rewrite is exact. ``gm`` is untouched.
+    """
+    targets = [n for n in gm.graph.nodes
+               if n.op == "call_function" and n.target in (QUANTIZE_PER_TENSOR, DEQUANTIZE_PER_TENSOR)
+               and n.args[5] == torch.uint8]
+    if not targets:
+        return gm, 0
+    graph = copy.deepcopy(gm.graph)
+    converted = 0
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in (QUANTIZE_PER_TENSOR, DEQUANTIZE_PER_TENSOR):
+            value, scale, zero_point, qmin, qmax, dtype, *rest = node.args
+            if dtype == torch.uint8:
+                node.args = (value, scale, int(zero_point) - 128, int(qmin) - 128, int(qmax) - 128, torch.int8, *rest)
+                converted += 1
+    signed = fx.GraphModule(gm, graph)
+    signed.meta.update(gm.meta)
+    return signed, converted
+
+
+def delegation(program_module: fx.GraphModule) -> tuple[collections.Counter, collections.Counter, list[str], int]:
+    """Operators inside XNNPACK subgraphs, operators left outside, the names of the nodes left
+    outside, and the number of delegated subgraphs, read off an edge program's graph module."""
+    delegated: collections.Counter = collections.Counter()
+    portable: collections.Counter = collections.Counter()
+    outside: list[str] = []
+    subgraphs = 0
+    for node in program_module.graph.nodes:
+        if node.op == "get_attr" and node.target.startswith("lowered_module_"):
+            subgraphs += 1
+            lowered = getattr(program_module, node.target)
+            for inner in lowered.original_module.graph.nodes:
+                if inner.op == "call_function" and not _bookkeeping(inner):
+                    delegated[_op_name(inner.target)] += 1
+        elif node.op == "call_function" and not _bookkeeping(node):
+            portable[_op_name(node.target)] += 1
+            outside.append(node.name)
+    return delegated, portable, outside, subgraphs
+
+
+def _bookkeeping(node: fx.Node) -> bool:
+    """getitem and delegate calls: plumbing, not operators."""
+    return node.target is operator.getitem or "executorch_call_delegate" in str(node.target)
+
+
+def _op_name(target: Any) -> str:
+    """``aten.convolution.default`` -> ``convolution``; ``quantized_decomposed.quantize_per_tensor.default`` -> ``quantize_per_tensor``."""
+    name = getattr(target, "__name__", None) or str(target)
+    parts = name.split(".")
+    return parts[-2] if len(parts) >= 3 else parts[-1]
