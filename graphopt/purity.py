@@ -230,6 +230,25 @@ def mutated_values(node: fx.Node) -> list[fx.Node]:
     return [] if mutation is None else mutation[1]
 
 
+def dead_write(node: fx.Node) -> bool:
+    """True if ``node``'s only effect is an in-place write into freshly allocated temporaries that
+    nothing else reads (``t = relu(x); t.add_(1)`` with ``t`` unused otherwise): with no users of
+    its own, it can be deleted like a pure node. Writes into inputs, parameters, views, values
+    read elsewhere, and random or side-effecting ops are observable and never dead."""
+    if node.users or node.op not in ("call_function", "call_method"):
+        return False
+    if _side_effect(node) is not None or is_random(node):
+        return False
+    mutation = _mutation(node)
+    if mutation is None or not mutation[1]:
+        return False
+    return all(
+        written.op in ("call_function", "call_method") and not may_alias_input(written)
+        and set(written.users) == {node} and is_impure(written) is None
+        for written in mutation[1]
+    )
+
+
 def may_alias_input(node: fx.Node) -> bool:
     """True unless the node's result is known to be freshly allocated (views such as ``t``,
     ``view``, ``getitem``, ``contiguous``, eval-mode dropout, and anything unknown may return an

@@ -2,9 +2,12 @@
 submodules nothing reads.
 
 Sound for graphs with side effects: a node is removed only if it has no users *and*
-``graphopt.purity`` says it is pure. In-place and ``out=`` ops, ``setitem``, random ops (whose
-removal would shift the random stream), asserts and opaque modules not known to be pure are
-kept. Placeholders and the output are never touched, so the signature is unchanged.
+``graphopt.purity`` says it is pure, or its only effect is an in-place write into a fresh
+temporary that nothing else reads (:func:`graphopt.purity.dead_write`; without this, whether
+such a write survives would depend on the order in which its readers die, and a pipeline would
+not reach a fixed point in one run). Other in-place and ``out=`` ops, ``setitem``, random ops
+(whose removal would shift the random stream), asserts and opaque modules not known to be pure
+are kept. Placeholders and the output are never touched, so the signature is unchanged.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import torch.fx as fx
 
 import graphopt
 from graphopt import graph as G
-from graphopt.purity import is_impure
+from graphopt.purity import dead_write, is_impure
 
 
 @graphopt.register_pass("eliminate-dead-code", contract=graphopt.Exact())
@@ -23,8 +26,7 @@ def eliminate_dead_code(gm: fx.GraphModule, ctx: graphopt.PassContext, *, remove
     for node in reversed(list(gm.graph.nodes)):
         if node.op in ("placeholder", "output") or node.users:
             continue
-        reason = is_impure(node, gm)
-        if reason is not None:
+        if is_impure(node, gm) is not None and not dead_write(node):
             continue
         if not ctx.may_rewrite(f"remove {node.name}"):
             continue
