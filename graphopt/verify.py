@@ -270,8 +270,11 @@ class Verdict:
 #: Value distributions of synthesized inputs, used in this order (then cycled with new draws).
 #: The user's example inputs usually are ``randn``, so the first four differ from it:
 #:
-#: - ``uniform``: uniform over the example's finite ``[min, max]`` (``[0, 1)`` if constant),
-#:   i.e. in-distribution values such as images;
+#: - ``uniform``: uniform with the example's mean and standard deviation, kept inside its
+#:   finite ``[min, max]`` (``[0, 1)`` if constant): in-distribution values, the input lossy
+#:   budgets are judged on. Spanning all of ``[min, max]`` instead would give a ``randn``
+#:   example's data about 2.5x its spread, a saturation test rather than typical data (int8
+#:   ResNet-18 scored 8.5 dB SQNR on such an input against 34.9 dB on a fresh ``randn`` one);
 #: - ``large``: N(0, 1) x 100 (x 10 for float16, whose range ends at 65504);
 #: - ``small``: N(0, 1) x 1e-3, near zero;
 #: - ``edge``: each element one of -1, 0, 1 (exact zeros and ones, ties, ReLU's kink);
@@ -301,6 +304,9 @@ def _synthesized_value(example: Any, distribution: str, rng: np.random.Generator
         real = example.real if example.is_complex() else example
         finite = real[torch.isfinite(real)].double()
         low, high = (float(finite.min()), float(finite.max())) if finite.numel() else (0.0, 0.0)
+        if finite.numel() > 1:  # the example's mean and spread (sqrt(3) sigma: a uniform's edge)
+            mean, half_width = float(finite.mean()), 3.0**0.5 * float(finite.std())
+            low, high = max(low, mean - half_width), min(high, mean + half_width)
         values = rng.uniform(low, high, size=shape) if high > low else rng.uniform(0.0, 1.0, size=shape)
     elif distribution == "large":
         values = rng.standard_normal(shape) * _LARGE_SCALE.get(example.dtype, _DEFAULT_LARGE_SCALE)

@@ -386,10 +386,18 @@ class TestSynthesizeInputs:
         uniform, large, small, edge, normal = (t[0] for t in verify.synthesize_inputs(example, count=5))
         assert verify.DISTRIBUTIONS == ("uniform", "large", "small", "edge", "normal")
         assert uniform.min() >= example[0].min() and uniform.max() <= example[0].max()
+        assert abs(uniform.mean() - example[0].mean()) < 0.05 and abs(uniform.std() / example[0].std() - 1) < 0.05
         assert 80 < large.std() < 120
         assert 0.8e-3 < small.std() < 1.2e-3
         assert set(edge.unique().tolist()) == {-1.0, 0.0, 1.0}
         assert 0.9 < normal.std() < 1.1
+
+    def test_uniform_keeps_a_normal_examples_spread(self):
+        """A randn example's [min, max] is about +-4.5 sigma: drawing over all of it would be a
+        saturation test (it failed int8 ResNet-18's budget), not in-distribution data."""
+        example = (torch.randn(100_000, generator=torch.Generator().manual_seed(0)),)
+        (uniform,) = verify.synthesize_inputs(example, count=1)[0]
+        assert 0.95 < uniform.std() < 1.05 and uniform.abs().max() < 1.75
 
     def test_large_values_stay_in_float16_range(self):
         (large,) = verify.synthesize_inputs((torch.zeros(1000, dtype=torch.float16),), count=2)[1]
