@@ -6,6 +6,8 @@
 - ``dev``: random, 100 examples per test, example database on, for working on a pass.
 - ``campaign``: random, 5,000 examples per test, for long bug hunts (nightly or by hand).
 
+``GRAPHOPT_HYPOTHESIS_EXAMPLES=N`` replaces the chosen profile's example count.
+
 Select one with ``GRAPHOPT_HYPOTHESIS_PROFILE=campaign pytest tests/``; ``tests/conftest.py``
 calls :func:`load_profile`. Profiles only set defaults: ``@settings(...)`` on a test still wins.
 They are registered with hypothesis as ``graphopt-ci``, ``graphopt-dev`` and ``graphopt-campaign``
@@ -20,6 +22,8 @@ from hypothesis import HealthCheck, settings
 from ..errors import PropertyTestError
 
 ENV_VAR = "GRAPHOPT_HYPOTHESIS_PROFILE"
+#: overrides the profile's example count, e.g. a 2,000-case campaign
+EXAMPLES_VAR = "GRAPHOPT_HYPOTHESIS_EXAMPLES"
 DEFAULT_PROFILE = "ci"
 
 # Generated models take milliseconds to build and a pass run plus verification tens of
@@ -49,5 +53,12 @@ def load_profile(name: str | None = None) -> str:
             f"unknown hypothesis profile {name!r} (given by {source}); "
             f"choose one of {', '.join(PROFILES)}, e.g. {ENV_VAR}=dev"
         )
+    count = os.environ.get(EXAMPLES_VAR)
+    if count is not None:
+        if not count.isdigit() or int(count) < 1:
+            raise PropertyTestError(f"{EXAMPLES_VAR}={count!r} is not a positive whole number of examples")
+        settings.register_profile(f"graphopt-{name}-{count}", settings(PROFILES[name], max_examples=int(count)))
+        settings.load_profile(f"graphopt-{name}-{count}")
+        return name
     settings.load_profile(f"graphopt-{name}")
     return name
