@@ -5,11 +5,11 @@ headline table with date and machine, ready to paste into the project README).
 The results dict that :mod:`benchmarks.run` assembles and this module renders::
 
     {"environment": {...}, "settings": {...}, "rows": [...], "goals": [...],
-     "external": {"bench_quantize": {...}, "bench_prune": {...}},
+     "external": {"bench_quantize": {...}, "bench_prune": {...}, "bench_executorch": {...}},
      "scaling": {"spine": {...}, "fusion": {...}}, "wall_s": ...}
 
 ``rows`` are :func:`benchmarks.bench_fp32.bench_model`'s; ``external`` holds what the
-quantization and pruning benchmarks wrote (their JSON files and Markdown tables).
+quantization, pruning and ExecuTorch benchmarks wrote (their JSON files and Markdown tables).
 """
 from __future__ import annotations
 
@@ -280,16 +280,24 @@ def markdown(results: dict[str, Any], charts: dict[str, str]) -> str:
     for model in _models(results["rows"]):
         out += [f"### {model}", model_table(results, model)]
     out += ["## Failures and unavailable paths", failures_table(results)]
-    out += ["## Quantization and pruning", *_external_sections(results.get("external", {}))]
+    external = results.get("external", {})
+    out += ["## Quantization and pruning",
+            *_external_sections({k: v for k, v in external.items() if k not in _OWN_SECTIONS})]
     if charts.get("accuracy"):
         out.append(f"![accuracy vs size]({charts['accuracy']})")
     if charts.get("error"):
         out.append(f"![max error vs artifact size]({charts['error']})")
+    for module, heading in _OWN_SECTIONS.items():
+        out += [f"## {heading}", *_external_sections({module: external[module]} if module in external else {})]
     out += ["## Scaling", *_scaling_sections(results.get("scaling", {}))]
     if charts.get("scaling"):
         out.append(f"![scaling]({charts['scaling']})")
     out.append(f"Versions: {', '.join(f'{k} {v}' for k, v in env['versions'].items() if v)}.")
     return "\n\n".join(out) + "\n"
+
+
+#: external modules whose tables get a section of their own rather than "Quantization and pruning"
+_OWN_SECTIONS = {"bench_executorch": "ExecuTorch"}
 
 
 def _external_sections(external: dict[str, Any]) -> list[str]:

@@ -11,6 +11,9 @@ Sections (``--sections``, default all):
   (int8 and pruning peers, the digits-CNN accuracy tables), each run as
   ``python -m benchmarks.bench_X [--quick] [--threads T] [--out DIR]`` (the flags its
   ``--help`` lists); the JSON and Markdown it writes into DIR join the report.
+- ``executorch``: ``benchmarks/bench_executorch.py`` run the same way: graphopt's fp32 and
+  int8 results lowered to ExecuTorch against ExecuTorch's own flow (latency, ``.pte`` size,
+  error, delegation, compile time, digits-CNN accuracy in the ExecuTorch runtime).
 - ``scaling``: ``benchmarks/bench_spine.py`` (capture + canonicalize + DCE vs
   ``symbolic_trace``) and the fusion scaling of :func:`benchmarks.bench_fp32.fusion_scaling`.
 
@@ -33,9 +36,9 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("latency", "quantize", "prune", "scaling")
-#: the other engineers' benchmark modules, by section
-EXTERNAL = {"quantize": "bench_quantize", "prune": "bench_prune"}
+SECTIONS = ("latency", "quantize", "prune", "executorch", "scaling")
+#: the benchmark modules run in processes of their own, by section
+EXTERNAL = {"quantize": "bench_quantize", "prune": "bench_prune", "executorch": "bench_executorch"}
 
 #: per mode: timed calls, spine sizes (bench_spine's target nodes), fusion sizes, time-outs in s
 MODES = {
@@ -90,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": [], "goals": [], "external": {}, "scaling": {},
     }
     results["environment"]["load_samples"] = []  # [seconds into the run, 1-minute load average, step]
-    units = len(models) * ("latency" in sections) + sum(s in sections for s in ("quantize", "prune")) + 2 * ("scaling" in sections)
+    units = len(models) * ("latency" in sections) + sum(s in sections for s in EXTERNAL) + 2 * ("scaling" in sections)
     columns = (SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:

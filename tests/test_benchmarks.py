@@ -1,6 +1,7 @@
 """The benchmark harness keeps working: its quick mode on the smallest model writes a JSON and a
-Markdown report with real rows, records a broken model as a failed row and goes on; the goal
-verdicts and the reading of other benchmarks' accuracy figures are right."""
+Markdown report with real rows, records a broken model as a failed row and goes on, and joins the
+ExecuTorch benchmark's tables (or its reason for having none); the goal verdicts and the reading
+of other benchmarks' accuracy figures are right."""
 from __future__ import annotations
 
 import json
@@ -15,15 +16,15 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # `benchmarks` is a folder of the repo, not an installed package
     sys.path.insert(0, str(REPO))
 
-from benchmarks import bench_fp32, report  # noqa: E402
+from benchmarks import bench_executorch, bench_fp32, report  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str, Path]:
     out = tmp_path_factory.mktemp("bench")
     command = [sys.executable, "-m", "benchmarks.run", "--quick", "--models", "mlp,no_such_model",
-               "--threads", "1", "--runs", "2", "--sections", "latency", "--out", str(out)]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=180,
+               "--threads", "1", "--runs", "2", "--sections", "latency,executorch", "--out", str(out)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=420,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads((out / "bench.json").read_text()), (out / "report.md").read_text(), out
@@ -72,6 +73,34 @@ class TestQuickRun:
         assert {g["issue"] for g in goals} == {"3", "4"}
         assert all(g["verdict"] in ("met", "missed", "missed, within noise") for g in goals)
 
+    def test_executorch_section_joins_the_report(self, quick_run):
+        results, report_md, out = quick_run
+        ran = results["external"]["bench_executorch"]
+        assert ran["status"] == "ran", ran.get("reason")
+        assert "--quick" in ran["command"] and "--threads 1" in ran["command"]
+        data = ran["json"]["executorch_quick.json"]
+        assert [m["model"] for m in data["models"]] == ["resnet_cnn", "mobilenet_cnn"]
+        before, section = report_md.split("\n## ExecuTorch\n")
+        assert "bench_executorch" not in before  # its own section, not under quantization and pruning
+        assert "### bench_executorch: ran" in section.split("\n## Scaling")[0]
+        if data["unavailable"]:  # no executorch package: every row says why, and nothing else broke
+            assert all(r["status"] == "unavailable" for m in data["models"] for r in m["rows"])
+            return
+        for model in data["models"]:
+            rows = {r["key"]: r for r in model["rows"]}
+            assert set(rows) == {f.key for f in bench_executorch.FLOWS}
+            for key, row in rows.items():
+                assert row["status"] == "ok", (model["model"], key, row["reason"])
+                assert row["latency_ms"]["1"] > 0 and row["pte_bytes"] > 1000
+                assert row["xnnpack_ops"] > 0
+            assert rows["et-fp32"]["vs_et_fp32"]["1"] == 1.0
+            assert rows["graphopt-fp32"]["max_abs_error"] < 1e-3 and rows["graphopt-int8"]["sqnr_db"] > 20
+            assert rows["graphopt-int8"]["pte_bytes"] < rows["graphopt-fp32"]["pte_bytes"] / 1.5  # int8 weights
+        digits = {r["key"]: r for r in data["digits"]["rows"]}
+        assert digits["et-int8"]["accuracy"] > 90 and digits["graphopt-int8"]["accuracy"] > 90
+        assert "| graphopt int8, config xnnpack |" in report_md
+        assert (out / "executorch" / "executorch_quick.md").exists()
+
 
 def _row(key: str, ms: float, model: str = "m") -> dict:
     return {"model": model, "key": key, "label": key, "status": "ok", "latency_ms": {"1": ms}, "speedup": {}}
@@ -110,3 +139,49 @@ def test_measure_sees_torch_allocations():
     if step.peak_rss_bytes is None:
         pytest.skip("no /proc/self/clear_refs here")
     assert step.peak_rss_bytes >= 15 * 2**20
+
+
+class TestExecuTorchBenchmark:
+    def test_without_executorch_every_row_is_unavailable_with_the_reason(self, tmp_path, monkeypatch, capsys):
+        from graphopt.backends import executorch as backend
+        from graphopt.errors import LoweringError
+
+        def missing():
+            raise LoweringError("executorch: the executorch package is not installed (No module named 'executorch')")
+
+        monkeypatch.setattr(backend, "executorch_modules", missing)
+        assert bench_executorch.main(["--quick", "--models", "mlp", "--out", str(tmp_path)]) == 0
+        data = json.loads((tmp_path / "executorch_quick.json").read_text())
+        (model,) = data["models"]
+        assert [r["status"] for r in model["rows"]] == ["unavailable"] * len(bench_executorch.FLOWS)
+        assert all("not installed" in r["reason"] for r in model["rows"])
+        assert data["digits"]["status"] == "unavailable" and data["goals"] == []
+        assert "unavailable: executorch: the executorch package is not installed" in \
+            (tmp_path / "executorch_quick.md").read_text()
+
+    def test_calibration_batches_are_cut_to_the_exported_shape(self):
+        import torch
+
+        batches = [(torch.arange(5.0).reshape(5, 1),), (torch.arange(5.0, 9.0).reshape(4, 1),)]
+        fitted = bench_executorch.fitted_batches(batches, (torch.zeros(2, 1),))
+        assert [b[0].flatten().tolist() for b in fitted] == [[0, 1], [2, 3], [5, 6], [7, 8]]
+
+    def test_goals_compare_each_graphopt_flow_with_its_executorch_rival(self):
+        def row(key, ms, sqnr=None, precision="fp32"):
+            return {"key": key, "label": key, "status": "ok", "precision": precision, "latency_ms": {"1": ms},
+                    "sqnr_db": sqnr}
+
+        models = [{"model": "m", "rows": [row("et-fp32", 10.0), row("graphopt-fp32", 9.0),
+                                          row("et-int8", 4.0, 30.0, "int8"), row("graphopt-int8", 4.2, 31.0, "int8"),
+                                          row("graphopt-int8-x86", 6.0, 25.0, "int8")]}]
+        digits = {"rows": [{"key": "et-int8", "variant": "et", "accuracy": 98.0},
+                           {"key": "graphopt-int8", "variant": "go", "accuracy": 97.5}]}
+        verdicts = {(g["graphopt"], g["goal"]): g["verdict"] for g in bench_executorch.goals(models, digits)}
+        assert verdicts == {
+            ("graphopt-fp32", "at least as fast"): "met",
+            ("graphopt-int8", "at least as fast"): "missed, within noise",
+            ("graphopt-int8", "SQNR vs eager fp32 at least as high"): "met",
+            ("graphopt-int8-x86", "at least as fast"): "missed",
+            ("graphopt-int8-x86", "SQNR vs eager fp32 at least as high"): "missed",
+            ("go", "digits accuracy at least as high"): "missed",
+        }
