@@ -18,6 +18,10 @@ QDQ pattern (``DQ``/``Q``: per-tensor dequantize/quantize)  becomes
 ``Q(sigmoid(DQ(q)))`` and other fixed-range ops          ``sigmoid(q)`` (torch's fixed output parameters)
 any other ``Q(x)``                                      ``torch.quantize_per_tensor(x, ...)``
 ``DQ(q)``                                               ``q.dequantize()``
+``linear(DQd(x), DQ_per_channel(w_int8), b)``           :class:`DynamicLinear` on ``x`` (``DQd``: the
+                                                        dynamic chain of ``quantize{mode=dynamic}``)
+any other ``DQd(x)``                                    ``torch.quantize_per_tensor_dynamic(x, ...)
+                                                        .dequantize()``
 =====================================================  =================================================
 
 Everything else stays float, so the converted graph computes what the QDQ graph computes,
@@ -39,6 +43,7 @@ from typing import Any
 import torch
 import torch.ao.nn.intrinsic.quantized as nniq
 import torch.ao.nn.quantized as nnq
+import torch.ao.nn.quantized.dynamic as nnqd
 import torch.fx as fx
 import torch.nn as nn
 
@@ -59,6 +64,23 @@ _ON_INTEGERS = frozenset({"max_pool1d", "max_pool2d", "adaptive_avg_pool1d", "ad
 #: ops whose quantized kernel fixes the output parameters, as (scale, zero point) in quint8
 _FIXED = {"sigmoid": (1 / 256, 0), "hardsigmoid": (1 / 256, 0), "tanh": (2 / 256, 128)}
 _FULL_RANGE = {torch.uint8: (0, 255), torch.int8: (-128, 127)}
+
+
+class DynamicLinear(nnqd.Linear):
+    """torch's dynamically quantized linear layer, quantizing its input to the full 8 bits.
+
+    ``nnqd.Linear`` asks ``quantized::linear_dynamic`` for 7-bit activations (``reduce_range``)
+    so that full-range weights cannot saturate the int16 sums of x86 kernels without VNNI;
+    graphopt bounds the weights instead (config x86: +-64, and :meth:`_Converter.check_weight_range`
+    refuses more), while the graph quantizes activations to 8 bits, which 7 bits would miss by up
+    to a step.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic(x, self._packed_params._packed_params, False)
+
+    def _get_name(self) -> str:
+        return "DynamicLinear"
 
 
 def _as_quint8(qp: TensorQParams, where: fx.Node) -> tuple[float, int]:
@@ -91,18 +113,7 @@ class _Converter:
 
     def constant(self, node: Any) -> torch.Tensor | None:
         """The value of a constant attribute or of per-channel QDQ nodes over constants."""
-        if not isinstance(node, fx.Node):
-            return None
-        if node.op == "get_attr":
-            value = get_attr_value(self.gm, node)
-            return value if isinstance(value, torch.Tensor) else None
-        if node.op == "call_function" and node.target in (qdq.QUANTIZE_PER_CHANNEL, qdq.DEQUANTIZE_PER_CHANNEL):
-            values = [self.constant(a) for a in node.args[:3]]
-            if any(v is None for v in values):
-                return None
-            with torch.no_grad():
-                return node.target(*values, *node.args[3:])
-        return None
+        return qdq.constant_value(self.gm, node)
 
     def integers(self, value: Any) -> fx.Node | None:
         """The quantized tensor behind ``DQ(Q(...))`` in the new graph, else None."""
@@ -198,6 +209,29 @@ class _Converter:
         module.set_weight_bias(qweight, None if bias is None else bias.detach().float())
         return module
 
+    def dynamic_linear(self, layer: fx.Node) -> fx.Node | None:
+        """:class:`DynamicLinear` for a linear layer reading a dynamically quantized input and a
+        per-channel int8 weight, else None (it stays float)."""
+        source = qdq.dynamic_source(ops.arg(layer, "input"))
+        weight_node = ops.arg(layer, "weight")
+        if source is None or not qdq.is_weight_dequantize(weight_node):
+            return None
+        qmin, qmax = ops.arg(layer, "input").args[3:5]
+        qweight = self.per_channel_weight(weight_node)
+        bias = ops.arg(layer, "bias")
+        bias_value = self.constant(bias) if bias is not None else None
+        if qmax - qmin != 255 or qweight is None or qweight.q_per_channel_axis() != 0:
+            return None  # torch's kernel quantizes to the full 8 bits, with weights per output channel
+        if bias is not None and bias_value is None:
+            return None
+        self.check_weight_range(layer, qweight)
+        module = DynamicLinear(qweight.shape[1], qweight.shape[0], bias_=bias is not None)
+        module.set_weight_bias(qweight, None if bias is None else bias_value.detach().float())
+        name = f"{layer.name}_int8"
+        self.attrs[name] = module
+        self.lowered.append(f"{layer.name} -> DynamicLinear")
+        return self.graph.call_module(name, (self.env[source],))
+
     def binary(self, value: fx.Node, scale: float, zero_point: int) -> fx.Node | None:
         op, relu = value, False
         if _key(value) == "relu" and isinstance(value.args[0], fx.Node) and len(value.args[0].users) == 1:
@@ -237,6 +271,14 @@ class _Converter:
             return self.graph.call_method(str(value.target), (source, *rest), kwargs)
         return self.graph.call_function(value.target, (source, *rest), kwargs)
 
+    def dynamic_fake_quantize(self, dq: fx.Node) -> fx.Node:
+        """The dynamic chain ending at ``dq`` on aten ops the lite interpreter has (its
+        parameters chosen by torch's own rule: the same up to the widening of tiny ranges)."""
+        source = qdq.dynamic_source(dq)
+        dtype = torch.qint8 if dq.args[5] == torch.int8 else torch.quint8
+        q = self.graph.call_function(torch.quantize_per_tensor_dynamic, (self.env[source], dtype, False))
+        return self.graph.call_method("dequantize", (q,))
+
     # ------------------------------------------------------------- driver
 
     def quantize(self, node: fx.Node) -> fx.Node:
@@ -259,6 +301,10 @@ class _Converter:
                 self.env[node] = self.quantize(node)
             elif qdq.is_dequantize(node):
                 self.env[node] = self.graph.call_method("dequantize", (self.env[node.args[0]],))
+            elif ops.is_op(node, "linear") and (lowered := self.dynamic_linear(node)) is not None:
+                self.env[node] = lowered
+            elif qdq.dynamic_source(node) is not None:
+                self.env[node] = self.dynamic_fake_quantize(node)
             elif node.op == "call_function" and node.target in (qdq.QUANTIZE_PER_CHANNEL, qdq.DEQUANTIZE_PER_CHANNEL):
                 value = self.constant(node)
                 if value is None:

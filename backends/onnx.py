@@ -16,10 +16,14 @@ output symbolic and verifies the file at another batch size too.
 A quantized graph (quantize/dequantize nodes, e.g. from the ``mobile-int8`` preset) is written
 as QuantizeLinear/DequantizeLinear around float operators, which ONNX Runtime fuses into its
 int8 kernels (QLinearConv, ...). The TorchScript exporter learns these ops from
-:mod:`graphopt.quantization.onnx_symbolics`. The file is verified within a few quantization
-steps of each output (:func:`graphopt.quantization.lowering_tolerance`): the int8 kernels
-round their own way. Weights beyond +-64 are refused on an x86 CPU without VNNI, where ONNX
-Runtime's int8 kernels saturate (see :meth:`Onnx.export`).
+:mod:`graphopt.quantization.onnx_symbolics`. Dynamically quantized linear layers
+(``quantize{mode=dynamic}``) are written for the TorchScript exporter as DynamicQuantizeLinear +
+MatMulInteger, which ONNX Runtime fuses into DynamicQuantizeMatMul
+(:mod:`graphopt.backends._quantized_onnx`; the report counts them as ``integer_linears``). The
+file is verified within a few quantization steps of each output
+(:func:`graphopt.quantization.lowering_tolerance`): the int8 kernels round their own way.
+Weights beyond +-64 are refused on an x86 CPU without VNNI, where ONNX Runtime's int8 kernels
+saturate (see :meth:`Onnx.export`).
 """
 from __future__ import annotations
 
@@ -34,11 +38,13 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from graphopt import graph as G
+from graphopt.backends._quantized_onnx import integer_linears
 from graphopt.errors import LoweringError
 from graphopt.fileio import native_stdout_discarded
 from graphopt.lowering import Backend, exception_summary, recording_warnings, register_backend, tracer_warning
 from graphopt.quantization import has_qdq, kernels, lowering_tolerance, saturating_weights
 from graphopt.quantization.onnx_symbolics import register_torchscript_symbolics
+from graphopt.quantization.qdq import has_dynamic_qdq
 
 _EXPORTERS = ("auto", "torchscript", "dynamo")
 #: opsets both exporters write well (dynamo needs >= 18; the TorchScript one stops at 20)
@@ -89,16 +95,19 @@ class Onnx(Backend):
         """
         external_data = G.param_bytes(gm) > _SINGLE_FILE_LIMIT
         report.update(opset=self.opset, external_data=external_data, dynamic_batch=self.dynamic_batch)
+        graphs = {"torchscript": gm, "dynamo": gm}
         if has_qdq(gm):
             _refuse_saturating_weights(gm)
             register_torchscript_symbolics(self.opset)  # else the TorchScript exporter fails on QDQ ops
             report["quantized"] = True
+        if has_dynamic_qdq(gm):
+            graphs["torchscript"], report["integer_linears"] = integer_linears(gm)
         failures = []
         existing = set(path.parent.iterdir())
         for exporter in ("torchscript", "dynamo") if self.exporter == "auto" else (self.exporter,):
             self._tried.append(exporter)
             try:
-                self._export_with(exporter, gm, example_inputs, path, external_data, report)
+                self._export_with(exporter, graphs[exporter], example_inputs, path, external_data, report)
             except Exception as exc:
                 failures.append(f"the {exporter} exporter failed: {exception_summary(exc)}")
                 for leftover in set(path.parent.iterdir()) - existing:  # so the next exporter starts clean

@@ -17,6 +17,8 @@ for the quantized engine of option ``engine``: ``"x86"`` (fbgemm) or ``"qnnpack"
 scripted, frozen only for qnnpack (freezing an x86 module stores its packed weights twice),
 loaded with that engine set, and verified within a few quantization steps of each output
 (:func:`graphopt.quantization.lowering_tolerance`). Run the file with the same engine.
+Dynamically quantized linear layers (``quantize{mode=dynamic}``) run on
+``quantized::linear_dynamic``, which quantizes their float input itself.
 """
 from __future__ import annotations
 

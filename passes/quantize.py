@@ -1,6 +1,7 @@
-"""``quantize``: static int8 quantization, calibrated, as quantize/dequantize pairs in the graph.
+"""``quantize``: int8 quantization as quantize/dequantize pairs in the graph; static (calibrated)
+by default, dynamic for linear layers with ``mode=dynamic``.
 
-What it does, in order:
+What it does (``mode=static``), in order:
 
 1. Plans which ops run in int8 from a backend configuration (``config=x86`` by default: uint8
    activations, 7-bit symmetric per-channel int8 weights, right for ONNX Runtime's U8S8 kernels
@@ -8,7 +9,8 @@ What it does, in order:
    units marked by ``fuse-conv-bn-relu`` stay whole. See ``graphopt.quantization.placement``.
 2. Calibrates: runs the float graph on ``ctx.calibration_data`` (or synthesized inputs, with a
    warning) and picks each activation range with the chosen method (``minmax``,
-   ``moving_average``, ``histogram`` with ``percentile``, ``mse``). NaN/inf stops it with a
+   ``moving_average``, ``histogram`` with ``percentile``, ``mse``, ``entropy``: KL-divergence
+   threshold, see ``graphopt.quantization.observers``). NaN/inf stops it with a
    QuantizationError naming the value.
 3. Inserts ``quantize_per_tensor``/``dequantize_per_tensor`` after every int8 value (one
    dequantize per consumer) and ``quantize_per_channel``/``dequantize_per_channel`` on each
@@ -18,13 +20,24 @@ What it does, in order:
 4. Measures output SQNR against the float graph on held-out batches and refuses (rolls back)
    below the contract's budget, naming the layers that lose the most.
 
-Options: ``skip`` (glob patterns on node names, module paths or weight names) and
-``keep_float_worst=N`` (the N weighted layers with the worst isolated SQNR) keep layers float;
-``per_layer_report=true`` records per-layer SQNR in the report.
+``mode=dynamic`` quantizes linear layers only (the ops runtimes have dynamic int8 kernels for):
+weights int8 per-channel symmetric as above, each activation input quantized at run time per
+tensor (every batch gets its own range, from ``choose_qparams``; see
+``graphopt.quantization.qdq``), outputs float. No calibration runs, so no calibration data is
+needed (and none is warned about); given batches only measure the error. Lowered, it becomes
+DynamicQuantizeLinear + MatMulInteger in ONNX (fused by ONNX Runtime into
+DynamicQuantizeMatMul) and ``quantized::linear_dynamic`` in torchscript-mobile. Right for
+models dominated by linear layers whose activation ranges vary from input to input
+(transformers, RNN heads); convolutions stay float.
 
-Budget: outputs must keep an SQNR of at least 15 dB (noise power 3% of the signal, about 18% RMS
-relative error) on in-distribution held-out inputs. Measured int8 SQNR with good calibration
-is 25-35 dB on trained CNNs and 18-25 dB on randomly initialized ResNet/MobileNet shapes; under
+Options: ``mode`` (static | dynamic), ``config``, ``calibration`` (static only); ``skip`` (glob
+patterns on node names, module paths or weight names) and ``keep_float_worst=N`` (the N weighted
+layers with the worst isolated SQNR) keep layers float; ``per_layer_report=true`` records
+per-layer SQNR in the report.
+
+Budget (both modes): outputs must keep an SQNR of at least 15 dB (noise power 3% of the signal,
+about 18% RMS relative error) on in-distribution held-out inputs. Measured int8 SQNR with good
+calibration is 25-35 dB on trained CNNs and 18-25 dB on randomly initialized ResNet/MobileNet shapes; under
 15 dB top-1 agreement with float drops visibly, which is a quantization bug or a layer that
 must stay float, not something to ship silently.
 """
@@ -47,7 +60,7 @@ from graphopt.quantization import calibration as calib
 from graphopt.quantization import evaluation, kernels, qdq
 from graphopt.quantization.configs import BackendConfig, get_config
 from graphopt.quantization.observers import Observer, make_observer
-from graphopt.quantization.placement import Plan, Unit, plan_quantization, weight_axis
+from graphopt.quantization.placement import Plan, Unit, plan_dynamic_quantization, plan_quantization, weight_axis
 from graphopt.quantization.qparams import (
     TensorQParams,
     affine_qparams,
@@ -66,8 +79,9 @@ def quantize(
     gm: fx.GraphModule,
     ctx: graphopt.PassContext,
     *,
+    mode: Literal["static", "dynamic"] = "static",
     config: str = "x86",
-    calibration: Literal["minmax", "moving_average", "histogram", "mse"] = "histogram",
+    calibration: Literal["minmax", "moving_average", "histogram", "mse", "entropy"] = "histogram",
     percentile: float = 99.99,
     bins: int = 2048,
     max_calibration_batches: int = 64,
@@ -76,36 +90,47 @@ def quantize(
     keep_float_worst: int = 0,
     per_layer_report: bool = False,
 ) -> int:
-    """Static int8 quantization: calibrate, then insert quantize/dequantize pairs (QDQ).
+    """Int8 quantization: calibrated QDQ pairs, or linears quantizing inputs at run time (mode=dynamic).
 
-    Options: config (x86 | xnnpack), calibration (minmax | moving_average | histogram |
-    mse), percentile (histogram), skip (glob patterns), keep_float_worst (N layers),
+    Static: calibrate, then insert quantize/dequantize pairs (QDQ). Dynamic: int8 linear layers
+    whose inputs are quantized at run time, per tensor; no calibration.
+
+    Options: mode (static | dynamic), config (x86 | xnnpack), calibration (minmax |
+    moving_average | histogram | mse | entropy; static only), percentile (histogram), bins
+    (histogram, mse, entropy), skip (glob patterns), keep_float_worst (N layers),
     per_layer_report, max_calibration_batches, held_out_batches.
     """
     if qdq.has_qdq(gm):
         ctx.note("the graph already holds quantize/dequantize nodes; left as it is")
         return 0
     cfg = get_config(config)
-    data = calib.collect(ctx.example_inputs, ctx.calibration_data,
-                         max_batches=max_calibration_batches, held_out=held_out_batches)
-    measure = _Calibrator(gm, cfg, calibration, bins, percentile, data.batches)
+    if mode == "dynamic":
+        data = calib.measurement_data(ctx.example_inputs, ctx.calibration_data, batches=held_out_batches)
+        measure: _Calibrator | _WeightScales = _WeightScales(gm, cfg)
+        planner = plan_dynamic_quantization
+    else:
+        data = calib.collect(ctx.example_inputs, ctx.calibration_data,
+                             max_batches=max_calibration_batches, held_out=held_out_batches)
+        measure = _Calibrator(gm, cfg, calibration, bins, percentile, data.batches)
+        planner = plan_quantization
     veto = _Veto(ctx, skip)
 
     if keep_float_worst > 0:
-        probe = plan_quantization(gm, cfg, veto.without_budget, lambda n, r: None)
+        probe = planner(gm, cfg, veto.without_budget, lambda n, r: None)
         params, scales, _ = measure.params(probe)
         isolated = evaluation.isolated_layer_sqnr(gm, probe, params, scales, data.held_out)
         worst_first = sorted(isolated, key=isolated.get)[:keep_float_worst]
         veto.kept_float = {name: isolated[name] for name in worst_first}
 
-    plan = plan_quantization(gm, cfg, veto, ctx.decline)
+    plan = planner(gm, cfg, veto, ctx.decline)
     params, scales, missing = measure.params(plan)
     if missing:  # values no calibration batch reached: their units stay float
         veto.no_data = missing
-        plan = plan_quantization(gm, cfg, veto, ctx.decline)
+        plan = planner(gm, cfg, veto, ctx.decline)
         params, scales, _ = measure.params(plan)
     if not plan.units:
-        ctx.note(f"nothing to quantize under config {cfg.name}")
+        where = " in dynamic mode (linear layers only)" if plan.dynamic else ""
+        ctx.note(f"nothing to quantize under config {cfg.name}{where}")
         return 0
 
     isolated = evaluation.isolated_layer_sqnr(gm, plan, params, scales, data.held_out)
@@ -126,10 +151,15 @@ def quantize(
     worst = min(sqnr) if sqnr else math.inf
     if CONTRACT.min_sqnr_db is not None and worst < CONTRACT.min_sqnr_db:
         culprits = ", ".join(f"{n} ({v:.1f} dB)" for n, v in sorted(isolated.items(), key=lambda kv: kv[1])[:3])
+        advice = ("A range chosen at run time follows each batch's largest value, so outliers coarsen every step: "
+                  "try skip=[...] or keep_float_worst=N, or mode=static with calibration=entropy or mse"
+                  if plan.dynamic else
+                  "Try calibration=mse, entropy or histogram, more representative calibration data, "
+                  "skip=[...] or keep_float_worst=N")
         raise QuantizationError(
-            f"int8 output SQNR {worst:.1f} dB on held-out inputs is below the {CONTRACT.min_sqnr_db:g} dB budget; "
-            f"layers losing the most alone: {culprits or 'none measured'}. Try calibration=mse or "
-            "histogram, more representative calibration data, skip=[...] or keep_float_worst=N"
+            f"int8 output SQNR {worst:.1f} dB on held-out inputs is below the {CONTRACT.min_sqnr_db:g} dB budget"
+            f"{' (mode=dynamic)' if plan.dynamic else ''}; layers losing the most alone: "
+            f"{culprits or 'none measured'}. {advice}"
         )
     return len(plan.units)
 
@@ -225,6 +255,26 @@ class _Calibrator:
         return params, scales, missing
 
 
+class _WeightScales:
+    """Dynamic mode's parameters: weight scales only. Activations get theirs at run time, and
+    every runtime's dynamic kernel adds the bias in float after scaling the int32 accumulator
+    back, so there is no range to calibrate and no int32 bias to guard."""
+
+    raised = 0
+
+    def __init__(self, gm: fx.GraphModule, cfg: BackendConfig):
+        self.gm, self.cfg = gm, cfg
+
+    def params(self, plan: Plan) -> tuple[dict[fx.Node, TensorQParams], dict[fx.Node, torch.Tensor], set[fx.Node]]:
+        w = self.cfg.weight
+        scales = {
+            unit.node: symmetric_per_channel_scales(get_attr_value(self.gm, ops.arg(unit.node, "weight")),
+                                                    weight_axis(unit.node), w.qmax, self.cfg.weight_scale_min)
+            for unit in plan.units if unit.kind == "weighted"
+        }
+        return {}, scales, set()
+
+
 # ------------------------------------------------------------------------- insertion
 
 
@@ -232,8 +282,17 @@ def _insert(gm: fx.GraphModule, plan: Plan, params: dict[fx.Node, TensorQParams]
             scales: dict[fx.Node, torch.Tensor]) -> None:
     """Put the QDQ nodes of ``plan`` into ``gm``."""
     graph = gm.graph
+    act = plan.config.activation
     for value, qv in plan.values.items():
         readers = qv.readers()
+        if plan.dynamic:
+            for reader in readers:
+                chain = qdq.insert_dynamic_qdq(graph, value, reader, act.qmin, act.qmax, act.dtype,
+                                               plan.config.activation_scale_min)
+                for new in chain:
+                    copy_provenance(new, value)
+                reader.replace_input_with(value, chain[-1])
+            continue
         q = qdq.insert_quantize(graph, value, params[value])
         copy_provenance(q, value)
         for reader in readers:
@@ -274,10 +333,15 @@ def _report(ctx: graphopt.PassContext, cfg: BackendConfig, plan: Plan, data: cal
     if not kernels.has_vnni() and cfg.weight.qmax > kernels.NON_VNNI_WEIGHT_LIMIT:
         ctx.note(f"this CPU has no VNNI: x86 int8 kernels (ONNX Runtime, torch x86) saturate on weights beyond "
                  f"+-{kernels.NON_VNNI_WEIGHT_LIMIT}; run this graph on ARM/XNNPACK or quantize with config=x86 here")
-    how = f"{method} (percentile {percentile:g})" if method == "histogram" else method
-    ctx.note(f"calibration: {how} over {data.description}")
+    if plan.dynamic:
+        ctx.note(f"mode dynamic: linear layers only, activation ranges chosen at run time per tensor and batch; "
+                 f"{data.description}")
+    else:
+        how = f"{method} (percentile {percentile:g})" if method == "histogram" else method
+        ctx.note(f"calibration: {how} over {data.description}")
     if raised:
         ctx.note(f"{raised} weight channel(s) got a larger scale so their bias fits int32 at s_in * s_w")
+    ctx.record("mode", "dynamic" if plan.dynamic else "static")
     ctx.record("config", cfg.name)
     ctx.record("units_by_op", dict(Counter(u.op for u in plan.units)))
     ctx.record("quantized_values", len(plan.values))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 import torch.fx as fx
@@ -24,7 +25,7 @@ from graphopt.errors import OptionError, QuantizationError
 from graphopt.graph import get_attr_value
 from graphopt.pass_infra import RewriteBudget
 from graphopt.quantization import kernels, qdq
-from graphopt.quantization.observers import make_observer
+from graphopt.quantization.observers import kl_best_bins, make_observer
 from graphopt.quantization.qparams import INT32_BIAS_LIMIT, affine_qparams
 
 # --------------------------------------------------------------------------- helpers
@@ -378,7 +379,7 @@ class TestParameterMath:
 
 
 class TestCalibration:
-    @pytest.mark.parametrize("method", ["minmax", "moving_average", "histogram", "mse"])
+    @pytest.mark.parametrize("method", ["minmax", "moving_average", "histogram", "mse", "entropy"])
     def test_every_method_runs_from_a_pipeline_string(self, method):
         gm, records = run(SmallNet(), X, pipeline=f"fuse-conv-bn-relu,quantize{{calibration={method}}}")
         assert records["quantize"].status == "changed"
@@ -387,7 +388,7 @@ class TestCalibration:
 
     def _ranges(self, data: torch.Tensor, **options) -> dict[str, tuple[float, float]]:
         out = {}
-        for method in ("minmax", "moving_average", "histogram", "mse"):
+        for method in ("minmax", "moving_average", "histogram", "mse", "entropy"):
             observer = make_observer(method, **options)
             for batch in data:
                 observer.observe(batch, "test")
@@ -474,8 +475,83 @@ class TestCalibration:
     def test_unknown_config_and_method_are_option_errors(self):
         with pytest.raises(OptionError, match="unknown config 'x68'; did you mean 'x86'"):
             run(SmallNet(), X, config="x68")
-        with pytest.raises(OptionError, match="'kl' is not one of minmax, moving_average, histogram, mse"):
+        with pytest.raises(OptionError, match="'kl' is not one of minmax, moving_average, histogram, mse, entropy"):
             graphopt.PassManager("quantize{calibration=kl}")
+
+
+def bulk_sqnr(bulk: torch.Tensor, low: float, high: float) -> float:
+    """SQNR (dB) of ``bulk`` fake-quantized to uint8 over ``[low, high]``."""
+    qp = affine_qparams(low, high, 0, 255, torch.uint8)
+    q = torch.ops.quantized_decomposed.quantize_per_tensor(bulk, qp.scale, qp.zero_point, 0, 255, torch.uint8)
+    back = torch.ops.quantized_decomposed.dequantize_per_tensor(q, qp.scale, qp.zero_point, 0, 255, torch.uint8)
+    return 10 * math.log10(float((bulk.double() ** 2).sum() / ((bulk - back).double() ** 2).sum()))
+
+
+def brute_force_kl_bins(counts: np.ndarray, levels: int) -> list[float]:
+    """KL(P || Q) of every candidate, straight from the definition in kl_best_bins' docstring."""
+    scores = []
+    for i in range(levels, len(counts) + 1):
+        p = counts[:i].copy()
+        p[-1] += counts[i:].sum()
+        group = np.concatenate([[0], 1 + np.arange(i - 1) * (levels - 1) // (i - 1)])
+        filled = counts[:i] > 0
+        mass = np.bincount(group, weights=counts[:i], minlength=levels)
+        spread = np.bincount(group, weights=filled.astype(float), minlength=levels)
+        q = np.where(filled, mass[group] / np.maximum(spread[group], 1), 0.0)
+        P, Q = p / p.sum(), q / q.sum()
+        seen = P > 0
+        scores.append(math.inf if (Q[seen] == 0).any() else float((P[seen] * np.log(P[seen] / Q[seen])).sum()))
+    return scores
+
+
+class TestEntropyCalibration:
+    def _observe(self, method: str, data: torch.Tensor) -> tuple[float, float]:
+        observer = make_observer(method)
+        for batch in data:
+            observer.observe(batch, "test")
+        return observer.range()
+
+    def test_it_clips_the_outliers_of_a_long_tail_and_minmax_does_not(self):
+        bulk = torch.randn(4, 50000, generator=torch.Generator().manual_seed(1))
+        data = bulk.clone()
+        data[0, :5] = 30.0  # five values in 200000, 30 standard deviations out
+        low, high = self._observe("entropy", data)
+        assert self._observe("minmax", data)[1] == 30.0
+        assert 3.0 < high < 6.0 and -6.0 < low < -3.0
+        assert bulk_sqnr(bulk, low, high) > bulk_sqnr(bulk, *self._observe("minmax", data)) + 10
+
+    def test_it_keeps_the_range_of_relu_outputs_despite_their_spike_at_zero(self):
+        data = torch.relu(torch.randn(4, 50000, generator=torch.Generator().manual_seed(2)))
+        low, high = self._observe("entropy", data)
+        assert low == 0.0 and high > 0.85 * float(data.max())  # 0 is exact: the spike costs nothing
+
+    def test_the_threshold_minimizes_the_kl_divergence(self):
+        rng = np.random.default_rng(0)
+        for _ in range(20):
+            levels = int(rng.integers(4, 32))
+            counts = rng.poisson(rng.uniform(0, 20, int(rng.integers(levels + 1, 200)))).astype(float)
+            counts[-1] += 100  # a clipped tail worth considering
+            scores = brute_force_kl_bins(counts, levels)
+            assert scores[kl_best_bins(counts, levels) - levels] == pytest.approx(min(scores), abs=1e-9)
+
+    def test_too_few_bins_for_the_levels_is_an_option_error(self):
+        with pytest.raises(OptionError, match="calibration=entropy needs bins >= 256"):
+            make_observer("entropy", bins=128)
+
+    def test_end_to_end_the_input_range_ignores_rare_huge_inputs(self):
+        calib = batches(X.shape, 6)
+        for batch in calib[:-1]:
+            batch[0][0, 0, 0, 0] = 40.0  # one huge pixel per calibration batch; the held-out one has none
+
+        def input_scale(method: str) -> tuple[float, float]:
+            gm, records = run(nn.Sequential(nn.Conv2d(3, 4, 1)), X, pipeline=f"quantize{{calibration={method}}}",
+                              calib=calib)
+            (q,) = [n for n in gm.graph.nodes if qdq.is_quantize(n) and n.args[0].op == "placeholder"]
+            return qdq.tensor_qparams(q).scale, min(records["quantize"].figures["held_out_sqnr_db"])
+
+        (entropy_scale, entropy_sqnr), (minmax_scale, minmax_sqnr) = input_scale("entropy"), input_scale("minmax")
+        assert entropy_scale < 0.25 * minmax_scale
+        assert entropy_sqnr > minmax_sqnr + 10
 
 
 # --------------------------------------------------------------------------- reuse, skip, worst layers

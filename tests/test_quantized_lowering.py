@@ -170,6 +170,40 @@ class TestOnnxRuntime:
         int8 = export_onnx(quantized(model), tmp_path / "int8.onnx")
         assert int8.stat().st_size < 0.3 * (tmp_path / "fp32.onnx").stat().st_size
 
+    @pytest.mark.parametrize("groups", [1, 2])
+    def test_transposed_conv_runs_in_float_between_dequantize_and_quantize(self, groups, tmp_path):
+        """ONNX Runtime's CPU provider has no int8 transposed convolution (its QLinearConvTranspose
+        is for the XNNPACK provider), so the QDQ pairs around it stay and it computes in float:
+        still within a step of the graph, the conv before it on QLinearConv."""
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                              nn.ConvTranspose2d(8, 4, 3, stride=2, padding=1, output_padding=1, groups=groups))
+        gm = quantized(model)
+        path = export_onnx(gm, tmp_path / "deconv.onnx")
+        written = onnx.load(str(path)).graph.node
+        producers = {out: n for n in written for out in n.output}
+        (deconv,) = [n for n in written if n.op_type == "ConvTranspose"]
+        weight_dq = producers[deconv.input[1]]
+        assert weight_dq.op_type == "DequantizeLinear"
+        # per output channel, which is axis 1 of a transposed conv's (in, out/groups, kh, kw) weight
+        assert {a.name: a.i for a in weight_dq.attribute}["axis"] == 1
+        session, ops = ort_session(path)
+        assert ops["QLinearConv"] == 1 and ops["ConvTranspose"] == 1 and "QLinearConvTranspose" not in ops
+        optimized = onnx.load(str(path.with_suffix(".opt.onnx"))).graph.node
+        producers = {out: n.op_type for n in optimized for out in n.output}
+        (deconv,) = [n for n in optimized if n.op_type == "ConvTranspose"]
+        assert [producers[name] for name in deconv.input[:2]] == ["DequantizeLinear", "DequantizeLinear"]
+        assert [n.op_type for n in optimized if deconv.output[0] in n.input] == ["QuantizeLinear"]
+        assert max_steps_off(gm, ort_runner(session)) <= 1.0 + 1e-4
+        assert graphopt.lower(gm, (X,), backend="onnx", path=tmp_path / "lowered.onnx").verdict.ok
+
+    def test_transposed_conv_weights_never_count_as_saturating(self, monkeypatch):
+        monkeypatch.setattr(kernels, "has_vnni", lambda: False)  # as on a CPU without VNNI
+        deconv_only = quantized(nn.Sequential(nn.ConvTranspose2d(3, 4, 3)), config="xnnpack")
+        assert kernels.saturating_weights(deconv_only) == []
+        both = quantized(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ConvTranspose2d(4, 4, 3)), config="xnnpack")
+        (conv,) = [n for n in both.graph.nodes if n.target is F.conv2d or n.target is torch.conv2d]
+        assert kernels.saturating_weights(both) == [f"{conv.args[1].name}: 127"]
+
     @pytest.mark.skipif(kernels.has_vnni(), reason="VNNI CPUs do not saturate")
     def test_full_range_weights_saturate_here_which_is_why_x86_uses_7_bits(self, tmp_path):
         model = Net(width=32, act=nn.ReLU6)

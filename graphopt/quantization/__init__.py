@@ -1,5 +1,5 @@
-"""Static int8 quantization support: backend configurations, observers, parameter math, QDQ
-helpers, placement and calibration. The ``quantize`` and ``fold-weight-quantization`` passes
+"""Int8 quantization support, static and dynamic: backend configurations, observers, parameter
+math, QDQ helpers, placement and calibration. The ``quantize`` and ``fold-weight-quantization`` passes
 (``graphopt.passes``) are built on it; so is lowering of quantized graphs.
 """
 from __future__ import annotations

@@ -80,6 +80,23 @@ def collect(example_inputs: tuple[Any, ...], calibration_data: Iterable[Any] | N
     return CalibrationData(batches, kept, False, f"{len(batches)} calibration batch(es); error measured on {where}")
 
 
+def measurement_data(example_inputs: tuple[Any, ...], calibration_data: Iterable[Any] | None, *,
+                     batches: int) -> CalibrationData:
+    """Batches to measure a dynamically quantized graph's error on: nothing is calibrated, so
+    the first ``batches`` batches of ``calibration_data`` are all held out; without data, the
+    example inputs (no warning: dynamic quantization needs no calibration data)."""
+    if calibration_data is None:
+        return CalibrationData([], [example_inputs], False,
+                               "no calibration needed; error measured on the example inputs")
+    if isinstance(calibration_data, torch.Tensor):
+        raise QuantizationError("calibration_data is one tensor; pass an iterable of input tuples, e.g. [(x,)]")
+    arity = len(example_inputs)
+    taken = [_as_batch(item, arity, i) for i, item in enumerate(itertools.islice(calibration_data, max(batches, 1)))]
+    if not taken:
+        raise QuantizationError("calibration_data yielded no batches; pass at least one input tuple, or none at all")
+    return CalibrationData([], taken, False, f"no calibration needed; error measured on {len(taken)} given batch(es)")
+
+
 class _Watching(fx.Interpreter):
     """Runs the graph and hands the values of watched nodes to their observers."""
 

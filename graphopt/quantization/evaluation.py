@@ -3,8 +3,9 @@
 - *Output SQNR*: ``10 log10(sum y^2 / sum (y - y_q)^2)`` of each model output, int8 graph
   against the float graph.
 - *Isolated layer SQNR*: one weighted unit quantized alone (its input, weight and output
-  fake-quantized, everything before it in float). It ranks layers by the error they add, which
-  is what ``keep_float_worst`` uses.
+  fake-quantized, everything before it in float; in a dynamic plan the input is quantized with
+  parameters chosen from itself and the output stays float). It ranks layers by the error they
+  add, which is what ``keep_float_worst`` uses.
 - *Cumulative layer SQNR*: the unit's output value in the int8 graph against the float graph,
   i.e. every error upstream included. Where it drops sharply is where accuracy is lost.
 """
@@ -18,6 +19,7 @@ import torch.fx as fx
 
 from ..verify import sqnr_from_powers
 from .placement import Plan, Unit, weight_axis
+from .qdq import fake_quantize_dynamic
 from .qparams import TensorQParams, fake_quantize, fake_quantize_per_channel
 
 
@@ -59,10 +61,13 @@ def _quantized_unit_output(unit: Unit, values: dict[str, Any], qparams: dict[fx.
                            scales: torch.Tensor, plan: Plan) -> torch.Tensor:
     node, x = unit.node, unit.inputs[0]
     w_node = node.args[1]
-    wq = plan.config.weight
+    wq, act = plan.config.weight, plan.config.activation
 
     def value(a: Any) -> Any:
         if isinstance(a, fx.Node):
+            if a is x and plan.dynamic:
+                return fake_quantize_dynamic(values[a.name], act.qmin, act.qmax, act.dtype,
+                                             plan.config.activation_scale_min)
             if a is x:
                 return fake_quantize(values[a.name], qparams[x])
             if a is w_node:
@@ -72,9 +77,8 @@ def _quantized_unit_output(unit: Unit, values: dict[str, Any], qparams: dict[fx.
 
     y = node.target(*[value(a) for a in node.args])
     if unit.activation is not None:
-        act = unit.activation
-        y = act.target(y, *act.args[1:])
-    return fake_quantize(y, qparams[unit.output])
+        y = unit.activation.target(y, *unit.activation.args[1:])
+    return y if plan.dynamic else fake_quantize(y, qparams[unit.output])
 
 
 def cumulative_layer_sqnr(reference: fx.GraphModule, quantized: fx.GraphModule, plan: Plan,

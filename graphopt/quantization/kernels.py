@@ -6,12 +6,27 @@ Backends use these checks before and after lowering a quantized (QDQ) graph:
   S8S8 alike) and torch's x86/fbgemm engine add pairs of uint8 x int8 products in int16, which
   saturates once weights exceed +-64: measured here, 26-28 output steps of error with
   full-range weights, and 17 dB instead of 39 dB logit SQNR for ONNX Runtime's own S8S8
-  quantization of a digits CNN. ``config=x86`` keeps weights within +-64.
+  quantization of a digits CNN. ``config=x86`` keeps weights within +-64. Transposed
+  convolutions do not count: neither runtime has an int8 kernel for them on the CPU (ONNX
+  Runtime's QLinearConvTranspose exists for its XNNPACK provider only), so they compute in
+  float between dequantize and quantize.
 - :func:`output_steps`: a runtime's int8 kernels round their accumulators their own way, so a
   lowered model matches the QDQ graph within a few quantization steps of each output, not
   within fp32 tolerance. Measured in ONNX Runtime and the lite interpreter (x86 engine): at
   most 1 step on the small test models and MobileNetV2, 2 steps on ResNet-18 (one-step
   differences of inner layers add up). Backends should allow :data:`LOWERING_STEPS`.
+- Dynamic quantization has no output step to count in: the runtime chooses each activation's
+  parameters itself and the output is float. ONNX Runtime's DynamicQuantizeLinear chooses the
+  graph's ``choose_qparams`` parameters (measured on the test MLPs: 4e-7 of the largest output,
+  ties included); torch's ``linear_dynamic`` rounds its own way (up to 3e-3) and ExecuTorch's
+  XNNPACK further (up to 1.4e-2). Outputs of a dynamically quantized graph are allowed
+  :data:`LOWERING_STEPS` steps of an 8-bit grid over their own largest magnitude (rtol 4/255):
+  no looser than what a statically quantized output of the same range gets. And torch's dynamic
+  kernels never step finer than :data:`TORCH_DYNAMIC_MIN_STEP` (fbgemm and qnnpack widen
+  narrower ranges), so inputs narrower than ``255 * TORCH_DYNAMIC_MIN_STEP`` (0.016) are
+  quantized coarser than in the graph: without a bias to dominate, outputs then differ by more
+  than 4/255 of themselves (measured: 3% on inputs scaled by 1e-3). An absolute floor of one
+  such step through the largest weight row of any dynamically quantized layer allows that.
 """
 from __future__ import annotations
 
@@ -23,11 +38,15 @@ import torch.fx as fx
 
 from ..graph import get_attr_value
 from . import qdq
+from .placement import is_transposed_conv
 
 #: largest weight magnitude non-VNNI x86 kernels take without saturating (2 * 255 * 64 < 2**15)
 NON_VNNI_WEIGHT_LIMIT = 64
 #: how many quantization steps of an output a lowered model may differ from its QDQ graph
 LOWERING_STEPS = 4
+#: the smallest activation step of torch's dynamic kernels (``SMALL_SCALE_THRESHOLD`` in fbgemm's
+#: and qnnpack's parameter choice)
+TORCH_DYNAMIC_MIN_STEP = 6.1e-5
 
 
 @functools.cache
@@ -47,7 +66,7 @@ def saturating_weights(gm: fx.GraphModule) -> list[str]:
         return []
     found = []
     for node in gm.graph.nodes:
-        if not qdq.is_weight_dequantize(node):
+        if not qdq.is_weight_dequantize(node) or (node.users and all(is_transposed_conv(u) for u in node.users)):
             continue
         source = node.args[0]
         qmax = int(node.args[5])
@@ -71,10 +90,31 @@ def output_steps(gm: fx.GraphModule) -> list[float | None]:
 def lowering_tolerance(gm: fx.GraphModule):
     """The :class:`graphopt.verify.Tolerance` a backend should check its int8 model against the
     QDQ graph ``gm`` with: :data:`LOWERING_STEPS` steps of the coarsest output (float outputs
-    keep float32's relative tolerance). None when ``gm`` is not quantized."""
+    keep float32's relative tolerance), and relative :data:`LOWERING_STEPS` / 255 when
+    activations are quantized at run time (see the module docstring). None when ``gm`` is not
+    quantized."""
     from .. import verify
 
     steps = [s for s in output_steps(gm) if s is not None]
-    if not steps:
+    dynamic = qdq.has_dynamic_qdq(gm)
+    if not steps and not dynamic:
         return None
-    return verify.Tolerance(rtol=verify.Tolerance.for_dtype(torch.float32).rtol, atol=LOWERING_STEPS * max(steps))
+    fp32 = verify.Tolerance.for_dtype(torch.float32)
+    atol = LOWERING_STEPS * max(steps) if steps else fp32.atol
+    if dynamic:
+        atol = max(atol, TORCH_DYNAMIC_MIN_STEP * _largest_dynamic_row(gm))
+    return verify.Tolerance(rtol=LOWERING_STEPS / 255 if dynamic else fp32.rtol, atol=atol)
+
+
+def _largest_dynamic_row(gm: fx.GraphModule) -> float:
+    """The largest L1 norm of a weight row (one output's weights) among the layers whose input
+    is quantized at run time: how far one step on every input element moves an output."""
+    largest = 0.0
+    for node in gm.graph.nodes:
+        if not any(qdq.dynamic_source(a) is not None for a in node.all_input_nodes):
+            continue
+        for arg in node.all_input_nodes:
+            weight = qdq.constant_value(gm, arg) if qdq.is_weight_dequantize(arg) else None
+            if weight is not None and weight.dim() >= 2:
+                largest = max(largest, float(weight.detach().abs().flatten(1).sum(1).max()))
+    return largest

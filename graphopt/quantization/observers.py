@@ -9,6 +9,10 @@ Methods (``quantize{calibration=...}``):
   percent of the mass (99.99 by default, on each tail where the values are signed).
 - ``mse``: the same histogram; the range is the one that minimizes the expected squared error
   (rounding noise inside, clipping error outside), searched bound by bound.
+- ``entropy``: the same histogram, folded onto magnitudes; the threshold is the one whose
+  quantized distribution loses the least information (smallest KL divergence) against the
+  distribution with everything beyond the threshold piled up at it. Clips long tails that a
+  few outliers make, keeps distributions without them whole. See :func:`kl_best_bins`.
 
 Every observer refuses non-finite values with :class:`~graphopt.errors.QuantizationError`
 naming the value: a scale computed from inf or NaN is meaningless, and silently skipping them
@@ -23,8 +27,8 @@ import torch
 
 from ..errors import OptionError, QuantizationError
 
-CalibrationMethod = Literal["minmax", "moving_average", "histogram", "mse"]
-METHODS: tuple[str, ...] = ("minmax", "moving_average", "histogram", "mse")
+CalibrationMethod = Literal["minmax", "moving_average", "histogram", "mse", "entropy"]
+METHODS: tuple[str, ...] = ("minmax", "moving_average", "histogram", "mse", "entropy")
 
 
 class Observer:
@@ -92,11 +96,14 @@ class HistogramObserver(Observer):
     range grows to the union and the old counts are spread over the new bins in proportion
     to overlap (mass-conserving, so percentiles stay consistent)."""
 
-    def __init__(self, method: Literal["histogram", "mse"], bins: int = 2048, percentile: float = 99.99,
+    def __init__(self, method: Literal["histogram", "mse", "entropy"], bins: int = 2048, percentile: float = 99.99,
                  qlevels: int = 256) -> None:
         super().__init__()
         if not 50.0 < percentile <= 100.0:
             raise OptionError(f"quantize: percentile must be in (50, 100], got {percentile}")
+        if method == "entropy" and bins < qlevels:
+            raise OptionError(f"quantize: calibration=entropy needs bins >= {qlevels} (one per quantization level "
+                              f"at least), got bins={bins}")
         self.method, self.bins, self.percentile, self.qlevels = method, bins, percentile, qlevels
         self.low = self.high = 0.0
         self.counts = np.zeros(bins, dtype=np.float64)
@@ -120,6 +127,8 @@ class HistogramObserver(Observer):
             return None
         if self.method == "histogram":
             return self._percentile_range()
+        if self.method == "entropy":
+            return self._entropy_range()
         return self._mse_range()
 
     def _percentile_range(self) -> tuple[float, float]:
@@ -152,6 +161,69 @@ class HistogramObserver(Observer):
                 low = min((min(self.low, 0.0) * f for f in shrink), key=lambda lo: error(lo, high))
         return low, high
 
+    def _entropy_range(self) -> tuple[float, float]:
+        """The KL threshold on magnitudes: signed values get a symmetric threshold with half the
+        levels on each side, one-signed values all the levels on their side. The range is the
+        threshold cut to what was seen (a mostly positive signed tensor keeps its small
+        negative end)."""
+        signed = self.low < 0.0 < self.high
+        levels = self.qlevels // 2 if signed else self.qlevels
+        largest = max(-self.low, self.high)
+        magnitudes = np.linspace(0.0, largest, self.bins + 1)
+        edges, cdf = self.edges(), np.concatenate([[0.0], np.cumsum(self.counts)])
+        within = np.interp(magnitudes, edges, cdf) - np.interp(-magnitudes, edges, cdf)  # mass in [-t, t]
+        threshold = largest * kl_best_bins(np.diff(within), levels) / self.bins
+        return max(self.low, -threshold), min(self.high, threshold)
+
+
+def kl_best_bins(counts: np.ndarray, levels: int) -> int:
+    """How many leading bins of the magnitude histogram ``counts`` (bin 0 holds the values
+    around 0) to keep so that quantizing them to ``levels`` levels loses the least information.
+
+    For a candidate of ``i`` bins, P is the histogram cut at ``i`` with the mass beyond piled
+    into its last bin (what clipping does to the values), and Q is what rounding keeps: bins 1
+    to ``i - 1`` merged into ``levels - 1`` groups of consecutive bins, each group's mass
+    spread evenly over its non-empty bins. Bin 0 is its own level in Q: 0 is exactly
+    representable (see ``qparams``), and spreading the spike of zeros after a ReLU over a group
+    would make every long threshold look bad. The answer minimizes KL(P || Q): a short
+    threshold is penalized by the piled-up tail, a long one by coarse groups. A candidate
+    whose last bin is empty while mass is clipped onto it is not representable (Q is 0 where
+    P is not). Among equal scores the longest candidate wins, and a histogram with no more
+    bins than levels is kept whole: nothing is clipped for nothing.
+
+    All candidates are scored at once from prefix sums: with ``T`` the total and ``S`` the
+    mass of the first ``i`` bins, ``KL = (sum p log p - sum p log q) / T + log(S / T)``; bin 0
+    cancels out of both sums and the rest split into per-group terms.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    total = counts.sum()
+    rest, groups = counts[1:], levels - 1
+    if rest.size <= groups or groups < 1 or total <= 0:
+        return counts.size
+    candidates = np.arange(groups, rest.size + 1)  # bins kept besides bin 0
+    plogp = np.where(rest > 0, rest * np.log(np.where(rest > 0, rest, 1.0)), 0.0)
+    mass_before = np.concatenate([[0.0], np.cumsum(rest)])
+    filled_before = np.concatenate([[0], np.cumsum(rest > 0)])
+    plogp_before = np.concatenate([[0.0], np.cumsum(plogp)])
+
+    # group boundaries per candidate: bin k of i belongs to group floor(k * groups / i)
+    bounds = (np.arange(groups + 1)[None, :] * candidates[:, None] + groups - 1) // groups
+    mass = np.diff(mass_before[bounds], axis=1)
+    filled = np.diff(filled_before[bounds], axis=1)
+    log_q = np.log(np.where(filled > 0, mass / np.maximum(filled, 1), 1.0))
+
+    kept = counts[0] + mass_before[candidates]
+    clipped = total - kept
+    at_threshold = rest[candidates - 1]
+    last = at_threshold + clipped  # the threshold bin of P, tail included
+    p_log_p = plogp_before[candidates - 1] + np.where(last > 0, last * np.log(np.maximum(last, 1e-300)), 0.0)
+    p_log_q = (mass * log_q).sum(axis=1) + clipped * log_q[:, -1]
+    with np.errstate(divide="ignore"):
+        kl = (p_log_p - p_log_q) / total + np.log(kept / total)
+    kl[(clipped > 0) & (at_threshold == 0)] = np.inf
+    best = np.flatnonzero(kl <= kl.min() + 1e-12)[-1]  # among equals, clip the least
+    return int(candidates[best]) + 1
+
 
 def make_observer(method: str, *, bins: int = 2048, percentile: float = 99.99, qlevels: int = 256) -> Observer:
     """A fresh observer for calibration ``method`` (see the module docstring)."""
@@ -159,6 +231,6 @@ def make_observer(method: str, *, bins: int = 2048, percentile: float = 99.99, q
         return MinMaxObserver()
     if method == "moving_average":
         return MovingAverageObserver()
-    if method in ("histogram", "mse"):
+    if method in ("histogram", "mse", "entropy"):
         return HistogramObserver(method, bins=bins, percentile=percentile, qlevels=qlevels)
     raise OptionError(f"quantize: unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")

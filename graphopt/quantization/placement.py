@@ -15,6 +15,10 @@ a concatenation, a pooling...) and the *values* that are stored as integers, eac
   their input's group (shared) or take the fixed parameters.
 - Observation is per value, i.e. per call site: a module called twice (two conv nodes reading
   one weight) gets separate activation parameters at each site.
+
+A *dynamic* plan (``quantize{mode=dynamic}``) holds only the linear layers (:data:`DYNAMIC_OPS`):
+each unit's activation input is quantized at run time for that consumer alone, its output stays
+float, so there are no groups to share and nothing to observe.
 """
 from __future__ import annotations
 
@@ -30,6 +34,10 @@ from .configs import BackendConfig, FixedQParams
 
 UnitKind = Literal["weighted", "binary", "cat", "shared", "fixed"]
 _TRANSPOSED = ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
+#: ops quantized by a dynamic plan: the runtimes have dynamic int8 kernels for matrix products
+#: only (ONNX Runtime's DynamicQuantizeMatMul, torch's quantized::linear_dynamic, XNNPACK's
+#: dynamically quantized fully-connected)
+DYNAMIC_OPS = frozenset({"linear"})
 
 
 def op_key(node: fx.Node) -> str | None:
@@ -41,9 +49,13 @@ def op_key(node: fx.Node) -> str | None:
     return None
 
 
+def is_transposed_conv(node: fx.Node) -> bool:
+    return ops.is_op(node, *_TRANSPOSED)
+
+
 def weight_axis(node: fx.Node) -> int:
     """The output-channel axis of a weighted op's weight: 1 for transposed convs, else 0."""
-    return 1 if ops.is_op(node, *_TRANSPOSED) else 0
+    return 1 if is_transposed_conv(node) else 0
 
 
 @dataclass
@@ -124,6 +136,8 @@ class Plan:
     units: list[Unit] = field(default_factory=list)
     values: dict[fx.Node, QuantizedValue] = field(default_factory=dict)
     groups: Groups = field(default_factory=Groups)
+    #: activations quantized at run time (see the module docstring)
+    dynamic: bool = False
 
 
 #: why a node is left in float (None: no objection); called before each unit is planned
@@ -145,9 +159,9 @@ def _single_user(node: fx.Node) -> fx.Node | None:
 
 
 class _Planner:
-    def __init__(self, gm: fx.GraphModule, config: BackendConfig, veto: Veto, decline: Decline):
+    def __init__(self, gm: fx.GraphModule, config: BackendConfig, veto: Veto, decline: Decline, dynamic: bool = False):
         self.gm, self.config, self.veto, self.decline = gm, config, veto, decline
-        self.plan = Plan(config)
+        self.plan = Plan(config, dynamic=dynamic)
         self.absorbed: set[fx.Node] = set()
         self.by_name = {n.name: n for n in gm.graph.nodes}
 
@@ -194,6 +208,10 @@ class _Planner:
         weight = get_attr_value(self.gm, w)
         if not (isinstance(weight, torch.Tensor) and weight.dtype == torch.float32):
             self.decline(node, f"weight {w.target} is not a float32 tensor")
+            return
+        if self.plan.dynamic:
+            if self.accept(Unit("weighted", node, node, [x])):
+                self.demand(x, node)
             return
         activation = self._fused_activation(node)
         unit = Unit("weighted", node, activation or node, [x], activation)
@@ -261,7 +279,10 @@ class _Planner:
             key = op_key(node)
             if key is None:
                 continue
-            if key in config.weighted_ops and ops.spec_of(node) is not None:
+            if self.plan.dynamic:
+                if key in DYNAMIC_OPS and key in config.weighted_ops and ops.spec_of(node) is not None:
+                    self.weighted(node)
+            elif key in config.weighted_ops and ops.spec_of(node) is not None:
                 self.weighted(node)
             elif key in config.binary_ops and len(node.args) >= 2:
                 self.binary(node)
@@ -279,3 +300,9 @@ def plan_quantization(gm: fx.GraphModule, config: BackendConfig, veto: Veto, dec
     layers kept float) or None; ``decline(node, reason)`` records candidates left float.
     """
     return _Planner(gm, config, veto, decline).run()
+
+
+def plan_dynamic_quantization(gm: fx.GraphModule, config: BackendConfig, veto: Veto, decline: Decline) -> Plan:
+    """The dynamic plan of ``gm``: its linear layers, inputs quantized at run time (see the
+    module docstring); ``veto`` and ``decline`` as for :func:`plan_quantization`."""
+    return _Planner(gm, config, veto, decline, dynamic=True).run()
