@@ -18,7 +18,8 @@ point moved down by 128, which represents every value exactly; the report counts
 portable kernels. The program is verified within a few quantization steps of each output
 (:func:`graphopt.quantization.lowering_tolerance`): XNNPACK requantizes with its own rounding.
 
-``set_threads(n)`` sizes the runtime's thread pool (process-wide; XNNPACK's kernels use it).
+Loading a program sizes ExecuTorch's thread pool (process-wide; XNNPACK's kernels run on it) to
+``torch.get_num_threads()``; ``set_threads(n)`` sizes it explicitly.
 """
 from __future__ import annotations
 
@@ -98,6 +99,7 @@ class ExecuTorch(Backend):
 
     def load(self, path: Path, report: dict[str, Any]) -> Callable[..., Any]:
         et = executorch_modules()
+        set_threads(torch.get_num_threads())
         with native_stdout_discarded(stderr=True):  # XNNPACK logs its CPU probing on first load
             program = et.Runtime.get().load_program(path)
             method = program.load_method("forward")
@@ -149,9 +151,12 @@ class ExecuTorch(Backend):
 
 
 def set_threads(count: int) -> None:
-    """Size ExecuTorch's thread pool (process-wide), which XNNPACK's kernels run on."""
+    """Size ExecuTorch's thread pool (process-wide), which XNNPACK's kernels run on. Loading a
+    program sizes it to ``torch.get_num_threads()``, so artifacts run with torch's thread count."""
     et = executorch_modules()
-    et.reset_threadpool(int(count))
+    with native_stdout_discarded(stderr=True):  # the pool logs its CPU probing and resets
+        if et.thread_count() != int(count):
+            et.reset_threadpool(int(count))
 
 
 _MODULES: SimpleNamespace | None = None
@@ -169,7 +174,10 @@ def executorch_modules() -> SimpleNamespace:
         try:
             from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
             from executorch.exir import to_edge_transform_and_lower
-            from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+            from executorch.extension.pybindings.portable_lib import (
+                _threadpool_get_thread_count,
+                _unsafe_reset_threadpool,
+            )
             from executorch.runtime import Runtime
             import executorch.kernels.quantized  # noqa: F401  (out variants of quantize ops outside XNNPACK)
         except ImportError as exc:
@@ -180,7 +188,7 @@ def executorch_modules() -> SimpleNamespace:
             raise _IMPORT_ERROR from exc
     _MODULES = SimpleNamespace(
         XnnpackPartitioner=XnnpackPartitioner, to_edge_transform_and_lower=to_edge_transform_and_lower,
-        Runtime=Runtime, reset_threadpool=_unsafe_reset_threadpool,
+        Runtime=Runtime, reset_threadpool=_unsafe_reset_threadpool, thread_count=_threadpool_get_thread_count,
     )
     return _MODULES
 

@@ -9,9 +9,7 @@ Flows (rows of each model), every one ending in a ``.pte`` file run by ``executo
   the ``XnnpackPartitioner``, ``to_executorch`` (the flow ExecuTorch documents for XNNPACK).
 - graphopt mobile-fp32: ``graphopt.optimize(model, inputs, "mobile-fp32")``, then
   ``graphopt.lower(..., backend="executorch")`` (the same partitioner; graphopt also reloads the
-  file and verifies it). The int8 pipelines verify every pass on the example only
-  (``PassManager(..., synthesize=0)``): the synthesized out-of-range inputs would judge the
-  quantizer's SQNR budget where it was never calibrated (see :func:`graphopt_flow`).
+  file and verifies it). Every pipeline runs with graphopt's default verification.
 - ExecuTorch int8: its ``XNNPACKQuantizer`` (``get_symmetric_quantization_config(is_per_channel=True)``)
   through torchao's ``prepare_pt2e`` / calibration / ``convert_pt2e`` on the exported model, then
   the fp32 flow on the result.
@@ -200,12 +198,7 @@ def graphopt_flow(model: nn.Module, inputs: tuple[Any, ...], path: Path, pipelin
     import graphopt.passes  # noqa: F401  (registers the passes and presets the pipelines name)
 
     steps: dict[str, float] = {}
-    # int8: every pass is still verified, on the example only. The synthesized "uniform" input
-    # spans the example's extremes, far outside what the quantizer was calibrated on (std 2.5
-    # against 1.0 for a normal example), and judging quantize's SQNR budget on it rolls the pass
-    # back on ResNet-18 (8.5 dB there, 34 dB on held-out data). quantize checks its budget on the
-    # held-out calibration batch itself, and graphopt.lower verifies the .pte.
-    manager = graphopt.PassManager(pipeline, synthesize=0 if calibration is not None else 2)
+    manager = graphopt.PassManager(pipeline)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with _step(steps, "pipeline"):
