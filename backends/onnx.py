@@ -126,6 +126,8 @@ class Onnx(Backend):
 
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise here
+        # torch's thread count, as the other backends' runtimes use (ORT's default is every core)
+        options.intra_op_num_threads = torch.get_num_threads()
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         expected = {i.name for i in session.get_inputs()}
         names = report.get("input_names") or [i.name for i in session.get_inputs()]

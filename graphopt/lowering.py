@@ -190,8 +190,11 @@ def _discover() -> None:
     global _DISCOVERED
     if _DISCOVERED:
         return
-    _DISCOVERED = True
+    # a built-in that fails to import raises here and leaves discovery to the next call, rather
+    # than a registry that silently lacks the backends after it
     import graphopt.backends  # noqa: F401  (its __init__ imports the built-ins, which register)
+
+    _DISCOVERED = True
 
     for name, loaded, error in load_entry_points(ENTRY_POINT_GROUP):
         if error is not None:
@@ -260,7 +263,8 @@ class Artifact:
 
     def run(self, *inputs: Any) -> Any:
         """Run the artifact in its runtime (the session that was verified); outputs are tensors
-        arranged like the graph's outputs."""
+        arranged like the graph's outputs. The built-in backends' runtimes use the thread count
+        torch had when the artifact was lowered (``torch.set_num_threads``)."""
         leaves = [torch.from_numpy(np.asarray(v)) if isinstance(v, (np.ndarray, np.generic)) else v
                   for v in pytree.tree_leaves(self._runner(*inputs))]
         if len(leaves) != self._output_spec.num_leaves:
