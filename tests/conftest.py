@@ -11,3 +11,26 @@ except ImportError:  # the kit is optional for the rest of the suite
     pass
 else:
     load_profile()
+
+
+# ------------------------------------------------------------------ property-test counts
+# Property tests made by graphopt.testing.property_test keep what they saw in ``fn.stats``
+# (drawn / valid / fired); the terminal summary lists them, so a campaign run
+# (``make test-campaign``) reports how many cases each pass really saw. Without xdist only:
+# workers' counts do not reach the controller.
+_PROPERTY_STATS: list = []
+
+
+def pytest_runtest_teardown(item):
+    stats = getattr(getattr(item, "obj", None), "stats", None)
+    if stats is not None and hasattr(stats, "valid"):
+        _PROPERTY_STATS.append((item.name, stats))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _PROPERTY_STATS:
+        return
+    terminalreporter.section("property tests: cases per pipeline")
+    for name, s in _PROPERTY_STATS:
+        terminalreporter.write_line(
+            f"{name:45s} {s.pipeline:28s} drawn {s.drawn:6d}  valid {s.valid:6d}  fired {s.fired:6d}")
