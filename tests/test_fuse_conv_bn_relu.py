@@ -16,8 +16,11 @@ import torch.nn.functional as F
 import graphopt
 import graphopt.passes.fuse_conv_bn_relu  # noqa: F401  (registers the pass)
 from graphopt import ops
+from graphopt.canonical import fused_activation_op
 from graphopt.capture import capture
 from graphopt.pass_infra import RewriteBudget
+from graphopt.purity import mutated_values
+from graphopt.testing import Case, assert_sound
 
 PASS = "fuse-conv-bn-relu"
 
@@ -451,7 +454,7 @@ def test_conv_relu_without_batch_norm_is_one_fusion_unit():
     gm, record = run_pass(model, x)
     assert record.rewrites == 1 and record.figures["fusion_units"] == 1
     conv = conv_node(gm)
-    (relu,) = [n for n in gm.graph.nodes if ops.is_op(n, "relu")]
+    (relu,) = conv.users
     assert conv.meta["fusion_unit"]["activation"] == relu.name
     assert conv.meta["fusion_unit"]["kind"] == "relu"
     assert relu.meta["fused_into"] == conv.name
@@ -504,6 +507,153 @@ def test_fuse_activations_false_only_folds():
     gm, record = run_pass(model, (torch.randn(1, 3, 6, 6),), fuse_activations=False)
     assert record.rewrites == 1 and count_op(gm, "batch_norm") == 0
     assert "fusion_unit" not in conv_node(gm).meta
+
+
+# --------------------------------------------------------------------------- in-place activations
+
+
+class RecordingInterpreter(fx.Interpreter):
+    """Runs a graph and keeps every node's value (the tensor objects themselves)."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.values: dict[str, object] = {}
+
+    def run_node(self, n: fx.Node):
+        self.values[n.name] = value = super().run_node(n)
+        return value
+
+
+UNITS = {
+    "conv-relu": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), (1, 3, 6, 6), "relu"),
+    "conv-bn-relu6": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), randomize(nn.BatchNorm2d(4)), nn.ReLU6()),
+                      (1, 3, 6, 6), "hardtanh"),
+    "conv_transpose-hardtanh": (lambda: nn.Sequential(nn.ConvTranspose2d(3, 4, 3), nn.Hardtanh(-0.5, 0.5)),
+                                (1, 3, 5, 5), "hardtanh"),
+    "linear-bn-relu": (lambda: nn.Sequential(nn.Linear(5, 4), randomize(nn.BatchNorm1d(4)), nn.ReLU()), (3, 5), "relu"),
+}
+
+
+@pytest.mark.parametrize("unit", list(UNITS))
+def test_fused_activation_runs_in_place_in_the_layer_output(unit):
+    make, shape, op = UNITS[unit]
+    torch.manual_seed(24)
+    model, x = make().eval(), (torch.randn(*shape),)
+    gm, record = run_pass(model, x)
+    assert record.figures["fusion_units"] == 1
+    layer = conv_node(gm)
+    (act,) = layer.users
+    assert fused_activation_op(act) == op
+    assert act.kwargs == ({"inplace": True} if op == "hardtanh" else {})
+    assert mutated_values(act) == [layer]  # dead-code elimination and folding see the write
+    run = RecordingInterpreter(gm)
+    with torch.no_grad():
+        out = run.run(*x)
+    assert run.values[act.name] is run.values[layer.name]  # no second tensor
+    assert rel_error(out, model(*x)) <= 1e-5
+
+
+class ConvReluAndReader(nn.Module):
+    """The conv output is read after the relu by another op: an in-place relu would change it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return torch.relu(y) * y
+
+
+@pytest.mark.parametrize("model_type", [ConvReluAndRaw, ConvReluAndReader])
+def test_activation_stays_out_of_place_when_the_conv_output_is_read_elsewhere(model_type):
+    torch.manual_seed(25)
+    model, x = model_type().eval(), (torch.randn(1, 3, 6, 6),)
+    gm, record = run_pass(model, x)
+    assert record.rewrites == 0
+    (relu,) = [n for n in gm.graph.nodes if ops.is_op(n, "relu")]
+    assert relu.target is torch.relu and not relu.kwargs and fused_activation_op(relu) is None
+    assert not mutated_values(relu)
+    assert_same_outputs(gm, model, x)
+
+
+@pytest.mark.parametrize("layer,shape", [(nn.Linear(5, 4), (2, 3, 5)), (nn.Conv2d(3, 4, 3), (3, 6, 6))],
+                         ids=["linear-on-3d", "unbatched-conv"])
+def test_unit_whose_layer_returns_a_view_of_its_result_keeps_an_out_of_place_activation(layer, shape):
+    # F.linear with bias on 3-D input and unbatched convs return a view of the kernel's result
+    torch.manual_seed(28)
+    model, x = nn.Sequential(layer, nn.ReLU()).eval(), (torch.randn(*shape),)
+    result = graphopt.PassManager([PASS, PASS], on_failure="raise").run(model, x)
+    first, second = result.report.records
+    assert first.figures["fusion_units"] == 1 and second.rewrites == 0
+    (relu,) = conv_node(result.module).users
+    assert relu.target is torch.relu and relu.meta["fused_into"] == conv_node(result.module).name
+    assert fused_activation_op(relu) is None and not mutated_values(relu)
+    assert_same_outputs(result.module, model, x)
+
+
+def test_canonicalize_keeps_the_fused_form_and_undoes_a_broken_one():
+    torch.manual_seed(26)
+    model, x = resnet_like(), (torch.randn(1, 3, 8, 8),)
+    gm, fused = run_pass(model, x)
+    assert fused.figures["fusion_units"] == 2
+    kept = graphopt.PassManager(["canonicalize"], on_failure="raise").run(gm, x)
+    assert kept.report.records[0].rewrites == 0
+    gm = kept.module
+    acts = [n for n in gm.graph.nodes if fused_activation_op(n)]
+    assert [fused_activation_op(n) for n in acts] == ["relu", "hardtanh"]
+
+    # without the unit's marks, the in-place relu is an ordinary one nobody can observe
+    del acts[0].args[0].meta["fusion_unit"]
+    again = graphopt.PassManager(["canonicalize"], on_failure="raise").run(gm, x)
+    assert again.report.records[0].rewrites == 1
+    relu = next(n for n in again.module.graph.nodes if n.name == acts[0].name)
+    assert relu.target is torch.relu and fused_activation_op(relu) is None
+    assert_same_outputs(again.module, model, x)
+
+
+class DeadUnit(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.unused = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        torch.relu(self.unused(x))
+        return torch.relu(self.conv(x))
+
+
+def test_dead_code_elimination_removes_an_unread_unit_with_its_in_place_write():
+    torch.manual_seed(27)
+    model, x = DeadUnit().eval(), (torch.randn(1, 3, 6, 6),)
+    result = graphopt.PassManager([PASS, "eliminate-dead-code"], on_failure="raise").run(model, x)
+    fused, dce = result.report.records
+    assert fused.figures["fusion_units"] == 2 and dce.rewrites > 0
+    gm = result.module
+    assert [ops.op_name(n) or fused_activation_op(n) for n in gm.graph.nodes if n.op == "call_function"] == \
+        ["conv2d", "relu"]
+    assert_same_outputs(gm, model, x)
+
+
+@pytest.mark.parametrize("name", ["resnet_cnn", "mobilenet_cnn", "mlp", "transformer_block"])
+def test_mobile_fp32_is_sound_and_idempotent_on_the_examples(name):
+    model, x = graphopt.examples.get_example(name)
+    case = Case(model, x, f"model, example_inputs = graphopt.examples.get_example({name!r})")
+    result = assert_sound("mobile-fp32", case, idempotent=True)
+    units = sum(r.figures.get("fusion_units", 0) for r in result.report.records)
+    in_place = [n for n in result.module.graph.nodes if fused_activation_op(n)]
+    assert len(in_place) == units and (units > 0) == (name != "transformer_block")
+
+
+# every conv-bn-relu6 of MobileNetV2; in ResNet-18 the relus after residual adds are not units
+@pytest.mark.parametrize("name,units", [("mobilenet_v2", 35), ("resnet18", 9)])
+def test_mobile_fp32_on_full_size_examples_fuses_in_place_and_a_second_run_changes_nothing(name, units):
+    model, x = graphopt.examples.get_example(name)
+    first = graphopt.optimize(model, x, "mobile-fp32")
+    assert sum(1 for n in first.module.graph.nodes if fused_activation_op(n)) == units
+    second = graphopt.optimize(first.module, x, "mobile-fp32")
+    assert [r.name for r in second.report.records if r.changed] == []
+    with torch.no_grad():
+        assert rel_error(second.module(*x), model(*x)) <= 1e-4
 
 
 # --------------------------------------------------------------------------- pass behaviour

@@ -6,6 +6,7 @@ interpreter is tested in test_quantized_lowering.py.
 """
 from __future__ import annotations
 
+import copy
 import math
 from collections import Counter
 
@@ -18,14 +19,16 @@ import torch.nn.functional as F
 
 import graphopt
 import graphopt.passes.fold_weight_quant  # noqa: F401  (registers the passes and the preset)
-import graphopt.passes.fuse_conv_bn_relu  # noqa: F401
+import graphopt.passes.fuse_conv_bn_relu as fuse_conv_bn_relu
 import graphopt.passes.quantize  # noqa: F401
 from graphopt import ops
+from graphopt.canonical import fused_activation_op
 from graphopt.errors import OptionError, QuantizationError
 from graphopt.graph import get_attr_value
 from graphopt.pass_infra import RewriteBudget
 from graphopt.quantization import kernels, qdq
 from graphopt.quantization.observers import kl_best_bins, make_observer
+from graphopt.quantization.placement import op_key
 from graphopt.quantization.qparams import INT32_BIAS_LIMIT, affine_qparams
 
 # --------------------------------------------------------------------------- helpers
@@ -101,7 +104,8 @@ def quantize_of(gm: fx.GraphModule, producer: str) -> fx.Node:
 
 
 def nodes_of(gm: fx.GraphModule, name: str) -> list[fx.Node]:
-    return [n for n in gm.graph.nodes if ops.is_op(n, name)]
+    """Nodes of op ``name``, fused in-place activations (``torch.relu_`` of a unit) included."""
+    return [n for n in gm.graph.nodes if op_key(n) == name]
 
 
 def weight_dequantize(gm: fx.GraphModule, layer: fx.Node) -> fx.Node:
@@ -127,7 +131,9 @@ class TestPlacement:
 
     def test_fusion_unit_has_no_quantize_between_conv_and_relu(self):
         gm, _ = run(SmallNet(), X)
-        for relu in nodes_of(gm, "relu"):
+        relus = nodes_of(gm, "relu")
+        assert len(relus) == 2
+        for relu in relus:
             assert ops.is_op(relu.args[0], "conv2d")
             assert [u.target for u in relu.users] == [qdq.QUANTIZE_PER_TENSOR]
         for conv in nodes_of(gm, "conv2d"):
@@ -147,6 +153,30 @@ class TestPlacement:
         (relu,) = add.users
         assert ops.is_op(relu, "relu") and [u.target for u in relu.users] == [qdq.QUANTIZE_PER_TENSOR]
         assert records["quantize"].figures["units_by_op"] == {"conv2d": 3, "add": 1}
+
+    @pytest.mark.parametrize("example", [None, "mobilenet_cnn"])
+    def test_in_place_unit_activations_quantize_exactly_as_out_of_place_ones(self, example, monkeypatch):
+        """fuse-conv-bn-relu runs each unit's activation in place; placement and calibration
+        must read it as the activation it was: same QDQ nodes, same values quantized, same
+        parameters as with the activations left out of place."""
+        if example is None:
+            model, x = Residual(), X
+        else:
+            model, (x,) = graphopt.examples.get_example(example)
+
+        def int8_graph():
+            gm, _ = run(copy.deepcopy(model), x, pipeline="mobile-int8")
+            quantized = [(n.args[0].name, qdq.tensor_qparams(n)) for n in gm.graph.nodes if qdq.is_quantize(n)]
+            return gm, qdq_counts(gm), quantized
+
+        in_place, counts, quantized = int8_graph()
+        monkeypatch.setattr(fuse_conv_bn_relu, "_write_in_place", lambda act, layer: None)
+        out_of_place, counts_before, quantized_before = int8_graph()
+        fused = [n for n in in_place.graph.nodes if fused_activation_op(n)]
+        assert fused and not any(fused_activation_op(n) for n in out_of_place.graph.nodes)
+        assert counts == counts_before
+        assert quantized == quantized_before
+        assert all([u.target for u in act.users] == [qdq.QUANTIZE_PER_TENSOR] for act in fused)
 
     def test_one_dequantize_per_consumer(self):
         gm, _ = run(Residual(), X)
