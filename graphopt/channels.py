@@ -60,6 +60,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from . import ops
 from .graph import get_attr_value, propagate_shapes
+from .canonical import fused_activation_op
 from .purity import mutated_values
 
 __all__ = ["Fixed", "ParamDim", "Layer", "ChannelGroup", "ChannelAnalysis", "DeadUnit", "analyze", "prune",
@@ -380,8 +381,11 @@ class _Propagation:
                 self.freeze_inputs(node, f"read by opaque module call {node.target!r}")
                 self.values[node] = self.fixed_value(node, f"output of opaque module {node.target!r}")
             else:
-                rule = _RULES.get(_op_key(node))
-                if rule is None or mutated_values(node):
+                # the in-place activation of a fusion unit writes only into its conv's output,
+                # which nothing else reads: channels flow through it as through the activation
+                fused = fused_activation_op(node)
+                rule = _RULES.get(fused or _op_key(node))
+                if rule is None or (mutated_values(node) and fused is None):
                     self.unknown(node)
                 else:
                     rule(self, node)

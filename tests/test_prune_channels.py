@@ -717,3 +717,17 @@ def test_generated_models_stay_runnable(case, ratio, round_to):
     assert_same_shapes(gm, model, case.example_inputs)
     for group in ctx.figures["groups"]:
         assert 0 < group["channels"][1] and group["channels"][1] % round_to == 0
+
+
+@pytest.mark.parametrize("name", ["resnet_cnn", "mobilenet_cnn"])
+def test_pruning_after_fusion_prunes_as_much_as_before_it(name):
+    """Fusion makes a unit's activation write in place into the conv's output; channels must
+    flow through it as through the activation, not freeze the conv."""
+    from graphopt import examples
+    from graphopt import graph as G
+
+    model, inputs = examples.get_example(name)
+    after = graphopt.optimize(model, inputs, pipeline="mobile-fp32,prune-channels{ratio=0.5}")
+    before = graphopt.optimize(model, inputs, pipeline="canonicalize,prune-channels{ratio=0.5},mobile-fp32")
+    assert not after.report.failed and not before.report.failed
+    assert G.param_bytes(after.module) == G.param_bytes(before.module) < 0.5 * G.param_bytes(graphopt.capture(model, inputs))
