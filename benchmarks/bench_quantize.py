@@ -40,7 +40,7 @@ import torch.nn as nn
 
 ONNX_OPSET = 18
 CALIBRATION_BATCHES, CALIBRATION_BATCH_SIZE = 8, 32
-METHODS = ("minmax", "moving_average", "histogram", "mse")
+METHODS = ("minmax", "moving_average", "histogram", "mse", "entropy")
 
 
 # ----------------------------------------------------------------------------- helpers
