@@ -40,7 +40,7 @@ import torch.fx as fx
 
 from graphopt.errors import LoweringError
 from graphopt.fileio import native_stdout_discarded
-from graphopt.lowering import Backend, exception_summary, register_backend
+from graphopt.lowering import Backend, exception_summary, other_kernels_tolerance, register_backend
 from graphopt.quantization import has_qdq, lowering_tolerance
 from graphopt.quantization.qdq import DEQUANTIZE_PER_TENSOR, QUANTIZE_PER_CHANNEL, QUANTIZE_PER_TENSOR, has_dynamic_qdq
 
@@ -126,10 +126,9 @@ class ExecuTorch(Backend):
           with its own scale where the graph uses one scale per tensor, so the program is
           *closer* to float than the graph, by up to the graph's own rounding (measured on the
           MLP example: 1.0-1.8% of max|output| against 1.57% allowed elsewhere).
-        - float: ten times float32's default. XNNPACK and the portable kernels sum in other
-          orders than torch, and the portable layer norm computes its statistics its own way
-          (seen on a generated model: 1.3e-4 of max|output| after a layer norm over 3 values of
-          near-constant input).
+        - float: :func:`graphopt.lowering.other_kernels_tolerance` (XNNPACK and the portable
+          kernels sum in other orders than torch; seen: 1.3e-4 of max|output| after a portable
+          layer norm over 3 values of near-constant input).
         """
         from graphopt.verify import Tolerance
 
@@ -138,8 +137,7 @@ class ExecuTorch(Backend):
             if has_dynamic_qdq(gm):
                 tolerance = Tolerance(rtol=2 * tolerance.rtol, atol=tolerance.atol)
             return tolerance
-        base = Tolerance.for_dtype(torch.float32)
-        return Tolerance(rtol=10 * base.rtol, atol=10 * base.atol)
+        return other_kernels_tolerance()
 
     def probe(self, module: fx.GraphModule, inputs: tuple[Any, ...]) -> str | None:
         et = executorch_modules()

@@ -41,7 +41,7 @@ from graphopt import graph as G
 from graphopt.backends._quantized_onnx import integer_linears
 from graphopt.errors import LoweringError
 from graphopt.fileio import native_stdout_discarded
-from graphopt.lowering import Backend, exception_summary, recording_warnings, register_backend, tracer_warning
+from graphopt.lowering import Backend, exception_summary, other_kernels_tolerance, recording_warnings, register_backend, tracer_warning
 from graphopt.quantization import has_qdq, kernels, lowering_tolerance, saturating_weights
 from graphopt.quantization.onnx_symbolics import register_torchscript_symbolics
 from graphopt.quantization.qdq import has_dynamic_qdq
@@ -145,8 +145,9 @@ class Onnx(Backend):
 
     def default_tolerance(self, gm: fx.GraphModule) -> Any:
         """A few quantization steps of the output for a quantized graph (ONNX Runtime's int8
-        kernels round their own way); the per-dtype default otherwise."""
-        return lowering_tolerance(gm) if has_qdq(gm) else None
+        kernels round their own way); otherwise :func:`graphopt.lowering.other_kernels_tolerance`
+        (found by a 2,000-case campaign: batch norm with batch statistics on near-constant input)."""
+        return lowering_tolerance(gm) if has_qdq(gm) else other_kernels_tolerance()
 
     def verification_inputs(self, example_inputs: tuple[Any, ...]) -> list[tuple[str, tuple[Any, ...]]]:
         sets = [("example inputs", example_inputs)]
