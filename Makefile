@@ -23,8 +23,10 @@ demo: setup
 test: setup
 	$(PY) -m pytest -n 2 -q
 
+# one process, so pytest's summary can list the cases each property test drew, ran and fired on
+CAMPAIGN_EXAMPLES ?= 2000
 test-campaign: setup
-	GRAPHOPT_HYPOTHESIS_PROFILE=campaign $(PY) -m pytest -n 2 -q tests/test_properties.py
+	GRAPHOPT_HYPOTHESIS_PROFILE=campaign GRAPHOPT_HYPOTHESIS_EXAMPLES=$(CAMPAIGN_EXAMPLES) $(PY) -m pytest -p no:xdist -q tests/test_properties.py
 
 bench: setup
 	$(PY) -m pip install -q -e ".[bench]"
