@@ -6,9 +6,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import Counter
-from pathlib import Path
 
-import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -23,6 +21,7 @@ from graphopt import ops
 from graphopt.graph import get_attr_value
 from graphopt.quantization import kernels, qdq
 from graphopt.quantization.onnx_symbolics import register_torchscript_symbolics
+from test_int8_lowering import optimized_op_counts  # op types ONNX Runtime runs after its optimizations
 
 
 @pytest.fixture(autouse=True)
@@ -204,13 +203,6 @@ class TestThePass:
 # --------------------------------------------------------------------------- lowering
 
 
-def ort_optimized_ops(path: Path) -> Counter:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.optimized_model_filepath = str(path.with_suffix(".opt.onnx"))
-    options.log_severity_level = 3
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
 
 
 class TestOnnxRuntime:
@@ -222,7 +214,7 @@ class TestOnnxRuntime:
         assert artifact.verdict.ok and artifact.report["integer_linears"] == 3
         written = artifact.report["op_counts"]
         assert written["DynamicQuantizeLinear"] == 3 and written["MatMulInteger"] == 3
-        optimized = ort_optimized_ops(artifact.path)
+        optimized = optimized_op_counts(artifact.path)
         assert optimized["DynamicQuantizeMatMul"] == 3
         leftovers = {"MatMulInteger", "MatMul", "Gemm", "FusedGemm", "MatMulNBits", "DynamicQuantizeLinear"}
         assert not leftovers & set(optimized)
@@ -233,7 +225,7 @@ class TestOnnxRuntime:
         gm, _ = dynamic(Mlp(), X2)
         assert targets(gm)[qdq.QUANTIZE_PER_CHANNEL] == 3
         artifact = graphopt.lower(gm, (X2,), backend="onnx", path=tmp_path / "m.onnx")
-        assert artifact.verdict.ok and ort_optimized_ops(artifact.path)["DynamicQuantizeMatMul"] == 3
+        assert artifact.verdict.ok and optimized_op_counts(artifact.path)["DynamicQuantizeMatMul"] == 3
 
     @pytest.mark.parametrize("config", ["x86", "xnnpack"])
     def test_op_by_op_export_is_right_though_not_fused(self, config, tmp_path):
@@ -243,7 +235,7 @@ class TestOnnxRuntime:
         gm, _ = dynamic(Mlp(), X2, pipeline="mobile-int8", config=config)
         register_torchscript_symbolics(18)
         torch.onnx.export(gm, (X2,), str(tmp_path / "m.onnx"), dynamo=False, opset_version=18)
-        assert "Gemm" in ort_optimized_ops(tmp_path / "m.onnx")
+        assert "Gemm" in optimized_op_counts(tmp_path / "m.onnx")
         session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
         for x in (X2, X2 * 100, torch.randint(-1, 2, X2.shape).float()):
             with torch.no_grad():
