@@ -87,27 +87,57 @@ class ExecuTorch(Backend):
             report["folded_weight_quantizations"] = folded
             gm, converted = signed_activations(gm)
             report["converted_uint8_nodes"] = converted
-        program = self._program(et, gm, example_inputs, report)
+        self._prepared = (gm, example_inputs)
+        try:
+            program = self._program(et, gm, example_inputs, report, delegate=self.delegate == "xnnpack")
+        except LoweringError:
+            raise
+        except Exception as exc:
+            if self.delegate != "xnnpack":
+                raise
+            program = self._portable_fallback(et, f"the XNNPACK lowering failed ({exception_summary(exc)})", report)
         path.write_bytes(program.buffer)
+        report["summary"] = self._summary(report, quantized)
+
+    def _portable_fallback(self, et: SimpleNamespace, why: str, report: dict[str, Any]) -> Any:
+        """The program without delegation, when ExecuTorch's XNNPACK path fails on a graph its
+        portable kernels run (seen on generated models: its Conv1dUnsqueezePass on a depthwise
+        dilated conv1d, its DecomposeBatchNorm on batch norms left in an int8 graph, and
+        delegated programs that fail to load). Slow but correct, verified like any program;
+        the report says why (``delegate_fallback``)."""
+        gm, inputs = self._prepared
+        report["delegate_fallback"] = f"{why}; the program runs on the portable kernels"
+        return self._program(et, gm, inputs, report, delegate=False)
+
+    def _summary(self, report: dict[str, Any], quantized: bool) -> str:
         delegated, portable = report["delegated_ops"], report["portable_ops"]
-        summary = (
-            f"XNNPACK took {sum(delegated.values())} of {sum(delegated.values()) + sum(portable.values())} ops "
-            f"in {report['delegated_subgraphs']} subgraph(s)" if self.delegate == "xnnpack" else "portable kernels only"
-        )
+        if self.delegate == "xnnpack" and "delegate_fallback" not in report:
+            summary = (f"XNNPACK took {sum(delegated.values())} of {sum(delegated.values()) + sum(portable.values())} "
+                       f"ops in {report['delegated_subgraphs']} subgraph(s)")
+        elif self.delegate == "xnnpack":
+            summary = "portable kernels only: " + report["delegate_fallback"].split(";")[0]
+        else:
+            summary = "portable kernels only"
         if quantized:
             summary = "int8, " + summary
             if report["converted_uint8_nodes"]:
                 summary += f"; {report['converted_uint8_nodes']} uint8 quantize/dequantize nodes made int8 (exact)"
             if report["folded_weight_quantizations"]:
                 summary += f"; {report['folded_weight_quantizations']} weights folded to int8 constants"
-        report["summary"] = summary
+        return summary
 
     def load(self, path: Path, report: dict[str, Any]) -> Callable[..., Any]:
         et = executorch_modules()
         set_threads(torch.get_num_threads())
-        with native_stdout_discarded(stderr=True):  # XNNPACK logs its CPU probing on first load
-            program = et.Runtime.get().load_program(path)
-            method = program.load_method("forward")
+        try:
+            method = _load_method(et, path)
+        except Exception as exc:
+            if self.delegate != "xnnpack" or "delegate_fallback" in report:
+                raise
+            program = self._portable_fallback(et, f"the delegated program failed to load ({exception_summary(exc)})", report)
+            path.write_bytes(program.buffer)
+            report["summary"] = self._summary(report, has_qdq(self._prepared[0]))
+            method = _load_method(et, path)
 
         def run(*inputs: Any) -> list[Any]:
             flat = [x.contiguous() if isinstance(x, torch.Tensor) else x for x in inputs]
@@ -142,19 +172,20 @@ class ExecuTorch(Backend):
     def probe(self, module: fx.GraphModule, inputs: tuple[Any, ...]) -> str | None:
         et = executorch_modules()
         try:
-            self._program(et, module, inputs, {})
+            self._program(et, module, inputs, {}, delegate=False)
         except Exception as exc:
             return exception_summary(exc)
         return None
 
-    def _program(self, et: SimpleNamespace, gm: fx.GraphModule, inputs: tuple[Any, ...], report: dict[str, Any]) -> Any:
+    def _program(self, et: SimpleNamespace, gm: fx.GraphModule, inputs: tuple[Any, ...], report: dict[str, Any],
+                 delegate: bool) -> Any:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # executorch's own use of deprecated pytree names
             try:
                 exported = torch.export.export(gm, inputs, strict=False)
             except Exception as exc:
                 raise LoweringError(f"torch.export failed: {exception_summary(exc)}") from exc
-            partitioners = [et.XnnpackPartitioner()] if self.delegate == "xnnpack" else []
+            partitioners = [et.XnnpackPartitioner()] if delegate else []
             edge = et.to_edge_transform_and_lower(exported, partitioner=partitioners)
             delegated, portable, nodes, subgraphs = delegation(edge.exported_program().graph_module)
             report.update(
@@ -164,6 +195,11 @@ class ExecuTorch(Backend):
                 node_count=sum(delegated.values()) + sum(portable.values()),
             )
             return edge.to_executorch()
+
+
+def _load_method(et: SimpleNamespace, path: Path) -> Any:
+    with native_stdout_discarded(stderr=True):  # XNNPACK logs its CPU probing on first load
+        return et.Runtime.get().load_program(path).load_method("forward")
 
 
 def set_threads(count: int) -> None:

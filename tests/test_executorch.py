@@ -205,3 +205,26 @@ _ROUND_TRIP_OPS = [kind for kind in OP_KINDS if kind != "group_norm"]
 @given(case=models(ops=_ROUND_TRIP_OPS))
 def test_generated_models_round_trip(case):
     assert_sound("mobile-fp32", case, backends=("executorch",), dtypes=("model",))
+
+
+class DilatedDepthwiseConv1d(nn.Module):
+    """Found by generated models: ExecuTorch's XNNPACK lowering (its Conv1dUnsqueezePass) fails
+    on a strided, dilated depthwise conv1d whose input is shared."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(15, 15, 3, stride=2, dilation=2, groups=15)
+
+    def forward(self, x):
+        v = x.tanh()
+        return self.conv(v), self.conv(v)
+
+
+@needs_executorch
+def test_xnnpack_failure_falls_back_to_portable_kernels_and_says_why(tmp_path):
+    inputs = (torch.randn(2, 15, 11),)
+    artifact = graphopt.lower(DilatedDepthwiseConv1d().eval(), inputs, backend="executorch", path=tmp_path / "m.pte")
+    assert artifact.verdict.ok
+    assert "XNNPACK lowering failed" in artifact.report["delegate_fallback"]
+    assert artifact.report["delegated_subgraphs"] == 0 and artifact.report["portable_ops"]["convolution"] == 2
+    assert artifact.report["summary"].startswith("portable kernels only: the XNNPACK lowering failed")
