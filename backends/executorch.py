@@ -39,10 +39,11 @@ import torch
 import torch.fx as fx
 
 from graphopt.errors import LoweringError
+from graphopt.graph import add_constant, get_attr_value
 from graphopt.fileio import native_stdout_discarded
 from graphopt.lowering import Backend, exception_summary, other_kernels_tolerance, register_backend
 from graphopt.quantization import has_qdq, lowering_tolerance
-from graphopt.quantization.qdq import DEQUANTIZE_PER_TENSOR, QUANTIZE_PER_CHANNEL, QUANTIZE_PER_TENSOR, has_dynamic_qdq
+from graphopt.quantization.qdq import DEQUANTIZE_PER_CHANNEL, DEQUANTIZE_PER_TENSOR, QUANTIZE_PER_CHANNEL, QUANTIZE_PER_TENSOR, has_dynamic_qdq
 
 _DELEGATES = ("xnnpack", "none")
 INSTALL_HINT = "pip install 'graphopt[executorch]'"
@@ -88,6 +89,8 @@ class ExecuTorch(Backend):
             gm, converted = signed_activations(gm)
             report["converted_uint8_nodes"] = converted
         self._prepared = (gm, example_inputs)
+        if self.delegate == "none":
+            gm = portable_qparams(gm)
         try:
             program = self._program(et, gm, example_inputs, report, delegate=self.delegate == "xnnpack")
         except LoweringError:
@@ -107,7 +110,7 @@ class ExecuTorch(Backend):
         the report says why (``delegate_fallback``)."""
         gm, inputs = self._prepared
         report["delegate_fallback"] = f"{why}; the program runs on the portable kernels"
-        return self._program(et, gm, inputs, report, delegate=False)
+        return self._program(et, portable_qparams(gm), inputs, report, delegate=False)
 
     def _summary(self, report: dict[str, Any], quantized: bool) -> str:
         delegated, portable = report["delegated_ops"], report["portable_ops"]
@@ -275,6 +278,32 @@ def folded_weights(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> tuple
 
     result = PassManager("fold-weight-quantization,eliminate-dead-code", verify="none").run(gm, example_inputs)
     return result.module, count
+
+
+def portable_qparams(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` whose per-channel zero points are int64, as ExecuTorch's portable
+    dequantize kernel requires (it aborts the process on graphopt's int8 zero points; XNNPACK
+    takes them as they are). Values are unchanged; ``gm`` itself is untouched."""
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is DEQUANTIZE_PER_CHANNEL
+             and isinstance(n.args[2], fx.Node) and n.args[2].op == "get_attr"]
+    if not nodes:
+        return gm
+    graph = copy.deepcopy(gm.graph)
+    portable = fx.GraphModule(gm, graph)
+    by_name = {n.name: n for n in graph.nodes}
+    for original in nodes:
+        node = by_name[original.name]
+        zero_points = get_attr_value(gm, original.args[2])
+        if zero_points.dtype in (torch.int32, torch.int64):
+            continue
+        name = add_constant(portable, f"{original.args[2].target}_int64".replace(".", "_"), zero_points.to(torch.int64))
+        old = node.args[2]
+        with graph.inserting_before(node):
+            node.args = (*node.args[:2], graph.get_attr(name), *node.args[3:])
+        if not old.users:
+            graph.erase_node(old)
+    portable.recompile()
+    return portable
 
 
 def signed_activations(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:

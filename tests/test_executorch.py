@@ -228,3 +228,17 @@ def test_xnnpack_failure_falls_back_to_portable_kernels_and_says_why(tmp_path):
     assert "XNNPACK lowering failed" in artifact.report["delegate_fallback"]
     assert artifact.report["delegated_subgraphs"] == 0 and artifact.report["portable_ops"]["convolution"] == 2
     assert artifact.report["summary"].startswith("portable kernels only: the XNNPACK lowering failed")
+
+
+@needs_executorch
+def test_int8_on_portable_kernels_matches_the_qdq_graph(tmp_path):
+    """ExecuTorch's portable dequantize aborted the whole process on int8 zero points; the
+    backend gives it int64 ones (the portable path is also the fallback when XNNPACK fails)."""
+    gm, inputs = _quantized("resnet_cnn", "x86")
+    artifact = graphopt.lower(gm, inputs, backend="executorch", path=tmp_path / "p.pte", delegate="none")
+    assert artifact.report["delegated_subgraphs"] == 0 and artifact.report["portable_ops"]["dequantize_per_channel"] >= 1
+    fresh = tuple(torch.randn_like(t) for t in inputs)
+    torch.testing.assert_close(artifact.run(*fresh), gm(*fresh), rtol=0, atol=0)
+    zero_points = [n for n in et_backend.portable_qparams(gm).graph.nodes if n.op == "get_attr" and n.target.endswith("_int64")]
+    assert zero_points and all(n.target.endswith("_int64") for n in zero_points)
+    assert not any(n.target.endswith("_int64") for n in gm.graph.nodes if n.op == "get_attr")  # caller's graph untouched
