@@ -89,8 +89,7 @@ class ExecuTorch(Backend):
             gm, converted = signed_activations(gm)
             report["converted_uint8_nodes"] = converted
         self._prepared = (gm, example_inputs)
-        if self.delegate == "none":
-            gm = portable_qparams(gm)
+        self._quantized = quantized
         try:
             program = self._program(et, gm, example_inputs, report, delegate=self.delegate == "xnnpack")
         except LoweringError:
@@ -110,7 +109,7 @@ class ExecuTorch(Backend):
         the report says why (``delegate_fallback``)."""
         gm, inputs = self._prepared
         report["delegate_fallback"] = f"{why}; the program runs on the portable kernels"
-        return self._program(et, portable_qparams(gm), inputs, report, delegate=False)
+        return self._program(et, gm, inputs, report, delegate=False)
 
     def _summary(self, report: dict[str, Any], quantized: bool) -> str:
         delegated, portable = report["delegated_ops"], report["portable_ops"]
@@ -139,7 +138,7 @@ class ExecuTorch(Backend):
                 raise
             program = self._portable_fallback(et, f"the delegated program failed to load ({exception_summary(exc)})", report)
             path.write_bytes(program.buffer)
-            report["summary"] = self._summary(report, has_qdq(self._prepared[0]))
+            report["summary"] = self._summary(report, self._quantized)
             method = _load_method(et, path)
 
         def run(*inputs: Any) -> list[Any]:
@@ -184,6 +183,8 @@ class ExecuTorch(Backend):
                  delegate: bool) -> Any:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # executorch's own use of deprecated pytree names
+            if not delegate:  # the portable kernels' own requirements (XNNPACK takes the graph as is)
+                gm = portable_qparams(gm)
             try:
                 exported = torch.export.export(gm, inputs, strict=False)
             except Exception as exc:
