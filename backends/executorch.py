@@ -82,6 +82,7 @@ class ExecuTorch(Backend):
 
     def export(self, gm: fx.GraphModule, example_inputs: tuple[Any, ...], path: Path, report: dict[str, Any]) -> None:
         et = executorch_modules()
+        gm = contiguous_constants(gm)
         quantized = has_qdq(gm)
         if quantized:
             gm, folded = folded_weights(gm, example_inputs)
@@ -305,6 +306,39 @@ def portable_qparams(gm: fx.GraphModule) -> fx.GraphModule:
             graph.erase_node(old)
     portable.recompile()
     return portable
+
+
+def contiguous_constants(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` whose tensor attributes are all contiguous (``gm`` itself untouched).
+
+    ExecuTorch's portable kernels require the operands of an op to share one dim order, and
+    ``channels-last`` leaves conv weights NHWC for eager CPUs. XNNPACK packs weights its own
+    way, so nothing is lost; the values are the same.
+    """
+    targets = sorted({str(n.target) for n in gm.graph.nodes if n.op == "get_attr"
+                      and isinstance(value := get_attr_value(gm, n), torch.Tensor)
+                      and value.layout is torch.strided and not _plain_strides(value)})
+    if not targets:
+        return gm
+    plain = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    plain.meta.update(gm.meta)
+    for target in targets:
+        owner_path, _, name = target.rpartition(".")
+        owner = plain.get_submodule(owner_path) if owner_path else plain
+        value = get_attr_value(gm, target).clone(memory_format=torch.contiguous_format)
+        if name in owner._parameters:
+            owner._parameters[name] = torch.nn.Parameter(value, requires_grad=owner._parameters[name].requires_grad)
+        elif name in owner._buffers:
+            owner._buffers[name] = value
+        else:
+            setattr(owner, name, value)
+    return plain
+
+
+def _plain_strides(value: torch.Tensor) -> bool:
+    """Row-major strides, checked as numbers: ``is_contiguous()`` also accepts an NHWC 1x1
+    kernel (size-one dims may have any stride), but convs choose their layout from the strides."""
+    return value.stride() == torch.empty(value.shape, device="meta").stride()
 
 
 def signed_activations(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:

@@ -3,6 +3,7 @@ from graphopt import register_preset
 
 from . import (  # noqa: F401
     canonicalize,
+    channels_last,
     eliminate_dead_code,
     fold_constants,
     fold_weight_quant,
@@ -13,4 +14,7 @@ from . import (  # noqa: F401
 
 # dead code goes first as well: a dead reader of a conv output would otherwise block its fusion,
 # and the preset would not be idempotent (found by the property kit)
-register_preset("mobile-fp32", "canonicalize,eliminate-dead-code,fold-constants,fuse-conv-bn-relu,eliminate-dead-code")
+# channels-last goes last: it only restrides weights, and every rewrite before it sees the
+# graph's usual layout
+register_preset("mobile-fp32", "canonicalize,eliminate-dead-code,fold-constants,fuse-conv-bn-relu,eliminate-dead-code,"
+                "channels-last")

@@ -170,7 +170,8 @@ def _match(gm: fx.GraphModule, bn: fx.Node, mutated: set[str]) -> _Fold:
     others = [u.name for u in layer.users if u is not bn]
     if others:
         raise _Decline(f"output of {layer.name} is also read by {', '.join(others)}")
-    if any(u.op == "output" for u in bn.users):
+    if any(u.op == "output" or (u.meta.get("layout_guard") and any(v.op == "output" for v in u.users))
+           for u in bn.users):  # a layout guard (channels-last) only restores the output's strides
         raise _Decline("batch-norm output is a graph output")
     _check_channel_axis(layer, bn)
     eps = ops.arg(bn, "eps")

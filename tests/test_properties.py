@@ -34,6 +34,13 @@ test_mobile_fp32_lowers_to_both_backends = property_test(
     "mobile-fp32", min_fired=2, backends=("onnx", "torchscript-mobile"), dtypes=("model",), settings=_fewer(8),
 )
 
+# conv chains make the layout change pay; views, flattens and permutes of NHWC tensors need guards
+test_channels_last = property_test(
+    "channels-last", min_fired=1, max_depth=6,
+    ops=["conv2d", "batch_norm", "relu", "add", "cat", "max_pool", "adaptive_avg_pool", "flatten", "reshape",
+         "permute", "mean", "linear"],
+)
+
 
 def test_every_registered_builtin_pass_has_a_property_test():
     tested = {name.removeprefix("test_").replace("_", "-") for name in globals() if name.startswith("test_")}
