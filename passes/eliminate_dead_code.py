@@ -49,6 +49,7 @@ def _remove_unread_attributes(gm: fx.GraphModule, ctx: graphopt.PassContext) -> 
 
     bytes_before = G.param_bytes(gm)
     removed = 0
+    emptied: set[str] = set()
     tensors = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
     for qualname, _ in tensors:
         if is_read(qualname) or not ctx.may_rewrite(f"drop attribute {qualname}"):
@@ -59,7 +60,9 @@ def _remove_unread_attributes(gm: fx.GraphModule, ctx: graphopt.PassContext) -> 
             del owner._parameters[field]
         elif field in owner._buffers:
             del owner._buffers[field]
+        emptied.add(owner_name)
         removed += 1
+    _plain_containers(gm, emptied - {""})
     # deepest first, so a parent emptied by removing its children goes too
     for name, module in sorted(gm.named_modules(remove_duplicate=False), key=lambda kv: -kv[0].count(".")):
         if not name or name in read_prefixes or is_read(name):
@@ -77,3 +80,30 @@ def _remove_unread_attributes(gm: fx.GraphModule, ctx: graphopt.PassContext) -> 
     if saved:
         ctx.record("bytes_removed", saved)
     return removed
+
+
+def _plain_containers(gm: fx.GraphModule, names: set[str]) -> None:
+    """Turn layers that lost parameters into plain ``nn.Module`` containers of what is left.
+
+    Capture keeps each inlined layer (an ``nn.Conv2d`` whose weight and bias the graph reads
+    by ``get_attr``) at its path, as ``fx.GraphModule`` does. Once fusion has replaced its weight
+    and the weight is dropped here, the layer's own ``forward`` refers to an attribute that is
+    gone; nothing calls it, but ``torch.jit.script`` compiles every submodule's ``forward`` and
+    failed on the optimized module. Called modules (``call_module`` targets) are never touched.
+    """
+    called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    for name in sorted(names, key=lambda n: n.count(".")):
+        if name in called or any(c.startswith(name + ".") for c in called):
+            continue
+        module = gm.get_submodule(name)
+        if type(module) is torch.nn.Module:
+            continue
+        plain = torch.nn.Module()
+        plain.training = module.training
+        plain._parameters = module._parameters
+        plain._buffers = module._buffers
+        plain._non_persistent_buffers_set = module._non_persistent_buffers_set
+        plain._modules = module._modules
+        parent_name, _, field = name.rpartition(".")
+        parent = gm.get_submodule(parent_name) if parent_name else gm
+        parent._modules[field] = plain

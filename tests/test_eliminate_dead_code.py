@@ -274,3 +274,15 @@ def test_training_mode_batch_norm_with_unused_output_is_kept():
     out = graphopt.PassManager("eliminate-dead-code", verify="none").run(gm, (torch.randn(4, 3),)).module
     out(torch.randn(4, 3) + 5)
     assert out.bn.running_mean.abs().sum() > 0  # the statistics update still happened
+
+
+def test_layers_left_without_their_weights_become_plain_containers():
+    # fusion replaces the conv's weight; once it is dropped, the Conv2d kept at its path could not
+    # run its own forward, and torch.jit.script (which compiles every submodule) failed
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
+    x = torch.randn(2, 3, 8, 8)  # (the bias=False conv keeps a bias=None entry, so it is not emptied)
+    out = graphopt.optimize(model, (x,), pipeline="mobile-fp32").module
+    assert type(out.get_submodule("0")) is nn.Module and not hasattr(out.get_submodule("0"), "weight")
+    assert isinstance(model[0], nn.Conv2d) and hasattr(model[0], "weight")  # the user's model untouched
+    scripted = torch.jit.script(out)
+    torch.testing.assert_close(scripted(x), model(x), rtol=1e-5, atol=1e-5)
