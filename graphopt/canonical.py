@@ -210,10 +210,14 @@ class _Rewriter:
 
     def collapse_aliases(self) -> int:
         count = 0
-        order = {n: i for i, n in enumerate(self.graph.nodes)}
+        order: dict[fx.Node, int] = {}
+        settled: set[tuple[Any, ...]] = set()  # spellings found canonical already, see _spelling
         for node in list(self.graph.nodes):
             alias = ops.alias_of(node)
-            if alias is None or fused_activation_op(node) is not None:
+            if alias is None:
+                continue
+            spelling = _spelling(node)
+            if spelling in settled or fused_activation_op(node) is not None:
                 continue
             bound = ops.bind_alias(alias, node.args, dict(node.kwargs))
             args = ops.canonical_args(alias, bound) if bound is not None else None
@@ -225,6 +229,8 @@ class _Rewriter:
                 continue
             if node.op == "call_function" and node.target is alias.spec.target and not node.kwargs \
                     and _same(node.args, args):
+                if spelling is not None:
+                    settled.add(spelling)
                 continue
             if alias.first_output and not _only_first_output_used(node):
                 continue
@@ -234,6 +240,8 @@ class _Rewriter:
                 continue
             if writes:
                 self._shapes_needed()
+                if not order:
+                    order.update((n, i) for i, n in enumerate(self.graph.nodes))
                 reason = _why_mutation_is_visible(node, bound[alias.params[0]], order)
                 if reason:
                     self.decline(node, f"in-place {node.target} kept: {reason}")
@@ -338,13 +346,25 @@ def emit_lowering(graph: fx.Graph, steps: tuple[ops.Step, ...], value: Any, path
     standard layers as it meets them.
     """
     for step in steps:
-        args = tuple(_materialize(graph, a, value, path, origin_meta) for a in step.args)
+        args = tuple([_materialize(graph, a, value, path, origin_meta) for a in step.args])
         kind = "call_method" if isinstance(step.target, str) else "call_function"
-        new = graph.create_node(kind, step.target, args, {})
+        new = _create_call(graph, kind, step.target, args)
         _inherit_meta(new, origin_meta, path)
         if not step.effect_only:
             value = new
     return value
+
+
+def _create_call(graph: fx.Graph, kind: str, target: Any, args: tuple[Any, ...]) -> fx.Node:
+    """``graph.create_node(kind, target, args)``, with the arguments set after creation:
+    create_node walks them with pytree for a warning about raw SymInts (module attributes
+    never are), which tripled the cost of a layer's call. Not where the graph's module has
+    node-creation hooks, which should see the node whole."""
+    if getattr(graph.owning_module, "_create_node_hooks", None):
+        return graph.create_node(kind, target, args)
+    node = graph.create_node(kind, target)
+    node.args = args
+    return node
 
 
 def _materialize(graph: fx.Graph, a: Any, value: Any, path: str, origin_meta: dict[str, Any]) -> Any:
@@ -367,6 +387,45 @@ def _inherit_meta(new: fx.Node, origin_meta: dict[str, Any], provenance: str) ->
 def _bind_schema(node: fx.Node) -> dict[str, Any]:
     names = [a.name for a in node.target._schema.arguments]
     return {**dict(zip(names, node.args)), **node.kwargs}
+
+
+#: argument values whose type and value alone decide what collapse_aliases does with a call
+_PLAIN_VALUES = frozenset({int, float, bool, type(None), torch.dtype, torch.device, torch.memory_format,
+                           torch.layout})
+_NODE = object()
+
+
+def _spelling(node: fx.Node) -> tuple[Any, ...] | None:
+    """A key for ``node``'s call such that calls with equal keys get the same verdict from
+    :meth:`_Rewriter.collapse_aliases` up to its canonical check: op, target, and the positional
+    args with graph values blanked and constants tagged with their types (``1`` and ``True``
+    differ). None when that is not so or not cheap to tell: keyword args, strings (conv
+    padding "same" resolves from the weight's shape), lists, tensors, other objects.
+
+    A captured model calls a few spellings thousands of times (every layer of a kind lowers to
+    the same call), so the alias table's binding and normalization run once per spelling.
+    """
+    if node.kwargs:
+        return None
+    key = _arg_key(node.args)
+    return None if key is None else (node.op, node.target, key)
+
+
+def _arg_key(value: Any) -> Any:
+    kind = type(value)
+    if kind is fx.Node:
+        return _NODE
+    if kind in _PLAIN_VALUES:
+        return kind, value
+    if kind is tuple:
+        parts = []
+        for item in value:
+            part = _arg_key(item)
+            if part is None:
+                return None
+            parts.append(part)
+        return tuple(parts)
+    return None
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -15,11 +15,13 @@ touched), keeps every module's own training flag, leaves the global RNG as it fo
 checks that the captured graph reproduces the model's outputs on the example inputs.
 
 Its cost is meant to stay within a small factor of bare tracing and linear in the graph's
-size: the copy copies standard module state directly, the graph is rewritten before any
-GraphModule exists and compiled to Python once at the end, it is run (shape recording and the
-reproduction check in one) by :func:`graphopt.graph.record_shapes`, once more before
-canonicalization only when that needs shapes (in-place spellings, aten structures), and the
-cyclic garbage collector is paused meanwhile.
+size: the copy copies standard module state, parameters and plain tensors directly, the graph
+is rewritten before any GraphModule exists and compiled to Python once at the end, it is run
+(shape recording and the reproduction check in one) by :func:`graphopt.graph.record_shapes`,
+once more before canonicalization only when that needs shapes (in-place spellings, aten
+structures), and the cyclic garbage collector is paused meanwhile. Runs of the copy save no
+state: they are undone from the user's own tensors (read, never written), in one foreach copy.
+Canonicalization settles each distinct call spelling once, not once per layer.
 """
 from __future__ import annotations
 
@@ -96,8 +98,8 @@ def _capture(
     concrete_args: dict[str, Any] | None,
 ) -> fx.GraphModule:
     fixed_kwargs = _fixed_kwargs(concrete_args)
-    root = _deepcopy(model)
-    isolated = _Isolation(root)
+    root, origins = _deepcopy(model)
+    isolated = _Isolation(root, origins)
     reference = _reference_outputs(root, inputs, fixed_kwargs, isolated)
     if mode == "symbolic":
         graph, lowered = _trace_symbolic(root, leaf_types, leaf_names, concrete_args, fixed_kwargs)
@@ -193,13 +195,12 @@ def _describe(inputs: tuple[torch.Tensor, ...]) -> str:
     return ", ".join(f"{'x'.join(map(str, t.shape)) or 'scalar'} {str(t.dtype).replace('torch.', '')}" for t in inputs)
 
 
-def _deepcopy(model: nn.Module) -> nn.Module:
-    # Tensors a hook computes from parameters (old-style weight_norm's ``weight``) refuse to be
-    # deep-copied; the copy gets a detached clone, which its hook recomputes on every call.
-    memo = {id(v): v.detach().clone() for m in model.modules() for v in vars(m).values()
-            if isinstance(v, torch.Tensor) and not v.is_leaf}
+def _deepcopy(model: nn.Module) -> tuple[nn.Module, _Origins]:
+    """A deep copy of ``model``, and the user's tensors that parameters and buffers of the copy
+    were cloned from (see :meth:`_Copier.tensor`)."""
+    copier = _Copier(model)
     try:
-        return _copy_module(model, memo)
+        return copier.module(model), copier.origins
     except Exception as exc:  # noqa: BLE001 - any failure means the same thing to the user
         raise CaptureError(
             f"could not copy {type(model).__name__} ({type(exc).__name__}: {_first_line(exc)}); capture "
@@ -214,42 +215,124 @@ _SHARED_TYPES = frozenset({
     types.BuiltinFunctionType, torch.dtype, torch.device, torch.memory_format, torch.layout,
 })
 _PLAIN_REDUCE: dict[type, bool] = {}
+#: id of a tensor of the copy -> (that tensor, the user's tensor it is a plain clone of)
+_Origins = dict[int, tuple[torch.Tensor, torch.Tensor]]
 
 
-def _copy_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
-    """``copy.deepcopy(module, memo)``, done directly for modules that pickle the standard way.
+class _Copier:
+    """``copy.deepcopy(model)``, with direct paths for what deep models are made of.
 
-    deepcopy of a module goes through ``__reduce_ex__``: a new instance, then every entry of
-    ``__getstate__()`` deep-copied and handed to ``__setstate__``. This does the same steps but
-    takes the usual state entries (numbers, strings, empty hook dicts, the parameter, buffer
-    and submodule dicts) without deepcopy's generic dispatch, which dominated capture's cost on
-    deep models. Tensors and any other value still go through deepcopy with the shared
-    ``memo``, so sharing between modules and tensors is kept as deepcopy keeps it.
+    deepcopy's generic dispatch dominated capture's cost on deep models. Modules that pickle
+    the standard way, their usual state entries (numbers, strings, empty hook dicts, the
+    parameter, buffer and submodule dicts) and plain tensors and parameters are copied
+    directly, in the steps deepcopy takes; any other value goes through deepcopy with the
+    shared ``memo``, so sharing between modules and tensors is kept as deepcopy keeps it.
     """
-    if id(module) in memo:
-        return memo[id(module)]
-    cls = type(module)
-    if not _reduces_plainly(cls):
-        return copy.deepcopy(module, memo)
-    state = module.__getstate__()
-    if not isinstance(state, dict):
-        return copy.deepcopy(module, memo)
-    new = cls.__new__(cls)
-    memo[id(module)] = new
-    copied = {}
-    for key, value in state.items():
-        kind = type(value)
-        if kind in _SHARED_TYPES:
-            copied[key] = value
-        elif kind is collections.OrderedDict and not value and id(value) not in memo:  # hook tables
-            copied[key] = memo[id(value)] = collections.OrderedDict()
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.memo: dict[Any, Any] = {}
+        self.origins: _Origins = {}
+        self._seeded = False
+
+    def deepcopy(self, value: Any) -> Any:
+        """``copy.deepcopy(value, memo)``, for every value the direct paths do not take.
+
+        Tensors a hook computes from parameters (old-style weight_norm's ``weight``) refuse to
+        be deep-copied; before the first deepcopy, ``memo`` gets a detached clone of each such
+        tensor a module holds, which its hook recomputes on every call. The direct paths never
+        copy a non-leaf tensor, so a model they copy entirely skips that scan of every
+        module's attributes.
+        """
+        if not self._seeded:
+            self._seeded = True
+            self.memo.update((id(v), v.detach().clone()) for m in self.model.modules() for v in vars(m).values()
+                             if isinstance(v, torch.Tensor) and not v.is_leaf)
+        return copy.deepcopy(value, self.memo)
+
+    def module(self, module: nn.Module) -> nn.Module:
+        """``copy.deepcopy(module, memo)``: for a class that pickles the standard way, a new
+        instance given a copy of every entry of ``__getstate__()`` through ``__setstate__``."""
+        memo = self.memo
+        if id(module) in memo:
+            return memo[id(module)]
+        cls = type(module)
+        if not _reduces_plainly(cls):
+            return self.deepcopy(module)
+        state = module.__getstate__()
+        if not isinstance(state, dict):
+            return self.deepcopy(module)
+        new = cls.__new__(cls)
+        memo[id(module)] = new
+        copied = {}
+        for key, value in state.items():
+            kind = type(value)
+            if kind in _SHARED_TYPES:
+                copied[key] = value
+            elif kind is collections.OrderedDict and not value and id(value) not in memo:  # hook tables
+                copied[key] = memo[id(value)] = collections.OrderedDict()
+            else:
+                copied[key] = self.state_value(key, value)
+        if hasattr(new, "__setstate__"):
+            new.__setstate__(copied)
         else:
-            copied[key] = _copy_state_value(key, value, memo)
-    if hasattr(new, "__setstate__"):
-        new.__setstate__(copied)
-    else:
-        new.__dict__.update(copied)
-    return new
+            new.__dict__.update(copied)
+        return new
+
+    def state_value(self, key: str, value: Any) -> Any:
+        """The copy of the module state entry ``key``."""
+        kind = type(value)
+        if kind in _SHARED_TYPES or (kind is tuple and all(type(v) in _SHARED_TYPES for v in value)):
+            return value
+        memo = self.memo
+        if id(value) in memo:
+            return memo[id(value)]
+        if key == "_modules" and kind is dict:
+            new: Any = {name: None if m is None else self.module(m) for name, m in value.items()}
+        elif key in ("_parameters", "_buffers") and kind is dict:
+            new = {name: None if t is None else self.tensor(t) for name, t in value.items()}
+        elif kind in (dict, collections.OrderedDict) and not value:
+            new = kind()
+        elif kind is set and all(type(v) is str for v in value):
+            new = set(value)
+        elif kind is list and all(type(v) in _SHARED_TYPES for v in value):  # conv's padding list
+            new = list(value)
+        else:
+            return self.deepcopy(value)
+        memo[id(value)] = new
+        return new
+
+    def tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``copy.deepcopy(tensor, memo)``, directly for a parameter and for a dense tensor that
+        is its storage's only view so far (offset 0, contiguous, the whole storage).
+
+        ``Parameter.__deepcopy__`` clones the data alone; ``Tensor.__deepcopy__`` clones the
+        storage once per ``memo`` (its ``memo["torch"]`` table) and views it as the original
+        did, and recording the clone's storage there keeps that: a later tensor sharing the
+        storage goes through deepcopy and views the same copy. Each direct clone is recorded
+        in ``origins`` with the user's tensor it came from, whose values it has until the copy
+        first runs (:class:`_Isolation` restores from there instead of saving a copy).
+        """
+        memo = self.memo
+        if id(tensor) in memo:
+            return memo[id(tensor)]
+        if type(tensor) is nn.Parameter:
+            new = nn.Parameter(tensor.data.clone(memory_format=torch.preserve_format), tensor.requires_grad)
+        elif type(tensor) is not torch.Tensor or not tensor.is_leaf or tensor.layout is not torch.strided \
+                or not (tensor.is_cpu or tensor.is_cuda) or tensor.is_quantized or tensor.is_conj() \
+                or tensor.is_neg() or tensor.grad is not None or tensor.__dict__:
+            return self.deepcopy(tensor)
+        else:
+            storage = tensor.untyped_storage()
+            storages = memo.setdefault("torch", {})
+            if storage._cdata in storages or tensor.storage_offset() != 0 or not tensor.is_contiguous() \
+                    or storage.nbytes() != tensor.numel() * tensor.element_size():
+                return self.deepcopy(tensor)
+            new = tensor.detach().clone().requires_grad_() if tensor.requires_grad else tensor.clone()
+            storages[storage._cdata] = new.untyped_storage()
+        memo[id(tensor)] = new
+        self.origins[id(new)] = (new, tensor)
+        return new
 
 
 def _reduces_plainly(cls: type) -> bool:
@@ -268,51 +351,6 @@ def _reduces_plainly(cls: type) -> bool:
     return known
 
 
-def _copy_tensor(tensor: torch.Tensor, memo: dict[Any, Any]) -> torch.Tensor:
-    """``copy.deepcopy(tensor, memo)``, as a plain clone for the usual case: a dense tensor that
-    is its storage's only view so far (offset 0, contiguous, the whole storage).
-
-    ``Tensor.__deepcopy__`` clones the storage once per ``memo`` (its ``memo["torch"]`` table)
-    and views it as the original did; recording the clone's storage there keeps that: a later
-    tensor sharing the storage goes through deepcopy and views the same copy.
-    """
-    if id(tensor) in memo:
-        return memo[id(tensor)]
-    if type(tensor) is not torch.Tensor or not tensor.is_leaf or tensor.layout is not torch.strided \
-            or not (tensor.is_cpu or tensor.is_cuda) or tensor.is_quantized or tensor.is_conj() \
-            or tensor.is_neg() or tensor.grad is not None or tensor.__dict__:
-        return copy.deepcopy(tensor, memo)
-    storage = tensor.untyped_storage()
-    storages = memo.setdefault("torch", {})
-    if storage._cdata in storages or tensor.storage_offset() != 0 or not tensor.is_contiguous() \
-            or storage.nbytes() != tensor.numel() * tensor.element_size():
-        return copy.deepcopy(tensor, memo)
-    new = tensor.detach().clone().requires_grad_() if tensor.requires_grad else tensor.clone()
-    storages[storage._cdata] = new.untyped_storage()
-    memo[id(tensor)] = new
-    return new
-
-
-def _copy_state_value(key: str, value: Any, memo: dict[int, Any]) -> Any:
-    kind = type(value)
-    if kind in _SHARED_TYPES or (kind is tuple and all(type(v) in _SHARED_TYPES for v in value)):
-        return value
-    if id(value) in memo:
-        return memo[id(value)]
-    if key == "_modules" and kind is dict:
-        new: Any = {name: None if m is None else _copy_module(m, memo) for name, m in value.items()}
-    elif key in ("_parameters", "_buffers") and kind is dict:
-        new = {name: None if t is None else _copy_tensor(t, memo) for name, t in value.items()}
-    elif kind in (dict, collections.OrderedDict) and not value:
-        new = kind()
-    elif kind is set and all(type(v) is str for v in value):
-        new = set(value)
-    else:
-        return copy.deepcopy(value, memo)
-    memo[id(value)] = new
-    return new
-
-
 # -- running modules without side effects ---------------------------------------------------------
 
 
@@ -323,12 +361,22 @@ def _fresh(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
 
 class _Isolation:
     """Runs of the capture's copy that leave no trace: inside, no grad and a fixed seed; after,
-    the global RNG and every parameter and buffer as they were before the first run (saved
-    once per capture, not per run)."""
+    the global RNG and every parameter and buffer as they were before the first run.
 
-    def __init__(self, module: nn.Module):
+    The values to restore are saved once per capture, not per run, and mostly not at all: a
+    tensor the copy cloned from the user's model is restored from the user's tensor (only
+    read, never written), whose values it had before the first run. Only other tensors (ones
+    deepcopy made, ones a run registered) are cloned, when a run first meets them. After each
+    run every tensor is restored, in one foreach copy for plain tensors: version counters
+    would say which ones a run wrote, but not writes through ``.data``, which models that keep
+    running statistics by hand make.
+    """
+
+    def __init__(self, module: nn.Module, origins: _Origins):
         self.module = module
-        self.saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (tensor, its value)
+        # id -> (tensor, its values before the first run), starting from (and adding to) the
+        # copy's origins; the tensor is kept so ids stay unique
+        self.saved = origins
 
     @contextmanager
     def __call__(self) -> Iterator[None]:
@@ -341,8 +389,25 @@ class _Isolation:
             try:
                 yield
             finally:
-                for t in tensors:
-                    t.copy_(self.saved[id(t)][1])
+                _restore(tensors, [self.saved[id(t)][1] for t in tensors])
+
+
+def _restore(tensors: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+    """``t.copy_(v)`` for each pair; plain tensors in one foreach call (a Python-level
+    ``copy_`` per tensor cost more than the copying itself on models of small layers)."""
+    plain, plain_values = [], []
+    for t, v in zip(tensors, values):
+        if type(t) in _PLAIN_TENSORS and type(v) in _PLAIN_TENSORS and t.layout is torch.strided \
+                and not t.is_quantized:
+            plain.append(t)
+            plain_values.append(v)
+        else:
+            t.copy_(v)
+    if plain:
+        torch._foreach_copy_(plain, plain_values)
+
+
+_PLAIN_TENSORS = frozenset({torch.Tensor, nn.Parameter})
 
 
 def _state_tensors(module: nn.Module) -> list[torch.Tensor]:
@@ -353,12 +418,16 @@ def _state_tensors(module: nn.Module) -> list[torch.Tensor]:
     stack = [module]
     while stack:
         m = stack.pop()
-        if id(m) in seen:
+        if m is None or id(m) in seen:
             continue
         seen.add(id(m))
-        for table in (m._parameters, m._buffers):
-            tensors.update((id(t), t) for t in table.values() if t is not None)
-        stack.extend(child for child in m._modules.values() if child is not None)
+        for t in m._parameters.values():
+            if t is not None:
+                tensors[id(t)] = t
+        for t in m._buffers.values():
+            if t is not None:
+                tensors[id(t)] = t
+        stack.extend(m._modules.values())
     return list(tensors.values())
 
 
@@ -424,13 +493,15 @@ def _graph_module(root: nn.Module, graph: fx.Graph, called: list[str]) -> fx.Gra
     empty = fx.Graph(tracer_cls=graph._tracer_cls, tracer_extras=graph._tracer_extras)
     gm = fx.GraphModule(root, empty, class_name=type(root).__name__)
     for target in sorted(dict.fromkeys(called), key=lambda t: t.count(".")):  # outer paths first
-        owner, name = _owner_of(gm, root, target)
-        module = root.get_submodule(target)
+        owner, name, parent = _owner_of(gm, root, target)
+        module = parent._modules.get(name) if parent is not None else None
+        if module is None:
+            module = root.get_submodule(target)
         if owner._modules.get(name) is not module:
             setattr(owner, name, module)
     for node in graph.nodes:
         if node.op in ("get_attr", "call_module") and not _holds(gm, node.target):
-            owner, name = _owner_of(gm, root, node.target)
+            owner, name, _ = _owner_of(gm, root, node.target)
             value = get_attr_value(root, node.target)
             if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
                 owner.register_buffer(name, value)
@@ -440,9 +511,10 @@ def _graph_module(root: nn.Module, graph: fx.Graph, called: list[str]) -> fx.Gra
     return gm
 
 
-def _owner_of(gm: fx.GraphModule, root: nn.Module, target: str) -> tuple[nn.Module, str]:
+def _owner_of(gm: fx.GraphModule, root: nn.Module, target: str) -> tuple[nn.Module, str, nn.Module | None]:
     """The module that holds ``target`` in ``gm`` (containers made along the way, with the
-    training flags of their counterparts in ``root``), and the attribute's own name."""
+    training flags of their counterparts in ``root``), the attribute's own name, and the
+    module at the owner's path in ``root`` (None if ``root`` has no submodule there)."""
     *path, name = target.split(".")
     owner: nn.Module = gm
     original: nn.Module | None = root
@@ -455,7 +527,7 @@ def _owner_of(gm: fx.GraphModule, root: nn.Module, target: str) -> tuple[nn.Modu
                 child.training = original.training
             setattr(owner, part, child)
         owner = child
-    return owner, name
+    return owner, name, original
 
 
 def _holds(gm: fx.GraphModule, target: str) -> bool:
@@ -563,8 +635,8 @@ class _CaptureTracer(fx.Tracer):
         value = arg.node
         # the meta the call_module node would have had (see fx's TracerBase.create_node)
         origin_meta: dict[str, Any] = {"stack_trace": _user_stack(self.stack_texts)}
-        if self.module_stack:
-            origin_meta["nn_module_stack"] = copy.copy(self.module_stack)
+        if self.module_stack:  # an OrderedDict: its copy() is copy.copy's result, without the reduce
+            origin_meta["nn_module_stack"] = self.module_stack.copy()
         self.lowered.append(path)
         return self.proxy(canonical.emit_lowering(self.graph, steps, value, path, origin_meta))
 
@@ -597,11 +669,17 @@ def _trace_symbolic(
             f"could not trace {type(root).__name__} symbolically{_where(exc)}: "
             f"{type(exc).__name__}: {_first_line(exc)}\n{_WAYS_OUT}"
         ) from None
+    finally:
+        # fx's trace leaves the tracer in a reference cycle (through a recursive nested
+        # function); emptying it lets what it holds (the copy's own containers, the lowerings)
+        # be freed when capture is done, not by a later collection of that cycle
+        state = vars(tracer).copy()
+        vars(tracer).clear()
     for node in graph.nodes:
-        if node.op == "call_module" and node.target in tracer.user_leaves:
+        if node.op == "call_module" and node.target in state["user_leaves"]:
             node.meta["keep_module"] = True
     _drop_specialized_arguments(graph, root, fixed_kwargs)
-    return graph, tracer.lowered
+    return graph, state["lowered"]
 
 
 def _drop_specialized_arguments(graph: fx.Graph, root: nn.Module, fixed: dict[str, Any]) -> None:
@@ -760,31 +838,32 @@ def _user_frames(trace: str) -> str:
     )
 
 
-_LIBRARY_FILES: dict[str, bool] = {}
-
-
-def _is_library_file_cached(path: str) -> bool:
-    known = _LIBRARY_FILES.get(path)
-    if known is None:
-        known = _LIBRARY_FILES[path] = _is_library_file(path)
-    return known
+_LIBRARY_FILES: dict[str, bool] = {}  # file name -> _is_library_file(file name)
 
 
 def _user_stack(texts: dict[tuple[tuple[str, int, str], ...], str]) -> str:
     """The current stack, user frames only, outermost first, formatted like fx's stack traces.
 
     (fx's own ``record_stack_traces`` symbolizes through torch._inductor, a multi-second import.)
-    Called for every traced node, so it walks frames directly and formats each distinct stack
-    once (``texts`` caches the text per tuple of (file, line, function)).
+    Called for every traced node, so it walks frames directly, with a dict lookup per frame
+    (a function call per frame cost more than the rest of the walk), and formats each distinct
+    stack once (``texts`` caches the text per tuple of (file, line, function)).
     """
     frames = []
+    library_files = _LIBRARY_FILES
+    stop = _trace_symbolic.__code__  # frames further out are capture's caller, not the model
     frame = sys._getframe(1)
-    while frame is not None and frame.f_code is not _trace_symbolic.__code__:
-        # frames further out than _trace_symbolic are the caller of capture, not the model
-        if not _is_library_file_cached(frame.f_code.co_filename):
+    while frame is not None:
+        code = frame.f_code
+        if code is stop:
+            break
+        library = library_files.get(code.co_filename)
+        if library is None:
+            library = library_files[code.co_filename] = _is_library_file(code.co_filename)
+        if not library:
             frames.append(frame)
         frame = frame.f_back
-    key = tuple((f.f_code.co_filename, f.f_lineno, f.f_code.co_name) for f in frames)
+    key = tuple([(f.f_code.co_filename, f.f_lineno, f.f_code.co_name) for f in frames])
     text = texts.get(key)
     if text is None:
         for f in frames:  # as traceback.StackSummary.extract: source of modules without a file

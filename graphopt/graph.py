@@ -82,9 +82,10 @@ def record_shapes(module: torch.nn.Module, inputs: Iterable[Any], graph: fx.Grap
     env: dict[fx.Node, Any] = {}
     pending = iter(graph.process_inputs(*inputs))
     lookup = env.__getitem__
+    reads: dict[tuple[type, str], bool] = {}  # see _fetch
     for node in graph.nodes:
         try:
-            value = _run_node(module, node, pending, lookup)
+            value = _run_node(module, node, pending, lookup, reads)
         except Exception as exc:  # noqa: BLE001 - say which node failed, keep the cause
             raise RuntimeError(
                 f"running node {node.name} ({node.format_node()}) failed: {type(exc).__name__}: {exc}"
@@ -115,19 +116,20 @@ def _last_uses(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
     return out
 
 
-def _run_node(module: torch.nn.Module, node: fx.Node, pending: Any, lookup: Any) -> Any:
+def _run_node(module: torch.nn.Module, node: fx.Node, pending: Any, lookup: Any,
+              reads: dict[tuple[type, str], bool]) -> Any:
     op = node.op
     if op == "call_function":
         if node.kwargs:
             return node.target(*map_arg(node.args, lookup), **map_arg(node.kwargs, lookup))
         return node.target(*map_arg(node.args, lookup))
     if op == "get_attr":
-        return _fetch(module, node.target)
+        return _fetch(module, node.target, reads)
     if op == "call_method":
         obj, *rest = map_arg(node.args, lookup)
         return getattr(obj, node.target)(*rest, **map_arg(node.kwargs, lookup))
     if op == "call_module":
-        return _fetch(module, node.target)(*map_arg(node.args, lookup), **map_arg(node.kwargs, lookup))
+        return _fetch(module, node.target, reads)(*map_arg(node.args, lookup), **map_arg(node.kwargs, lookup))
     if op == "placeholder":
         if str(node.target).startswith("*"):
             return list(pending)
@@ -146,14 +148,23 @@ _MISSING = object()
 _MODULE_GETATTR = torch.nn.Module.__getattr__
 
 
-def _fetch(module: torch.nn.Module, target: str) -> Any:
+def _fetch(module: torch.nn.Module, target: str, reads: dict[tuple[type, str], bool]) -> Any:
     """``get_attr_value(module, target)``, reading modules' parameter, buffer and submodule
     tables directly: plain ``getattr`` reaches them only after a failed normal lookup and a
-    call of ``nn.Module.__getattr__``, the slowest step of running a graph node by node."""
+    call of ``nn.Module.__getattr__``, the slowest step of running a graph node by node.
+
+    That holds where the module's class has no attribute of the name (which would come first)
+    and keeps Module's ``__getattr__``; ``reads`` remembers that per (class, name) for one run,
+    as the class lookup (a failing ``hasattr``) cost more than the rest of the read.
+    """
     obj: Any = module
     for part in target.split("."):
         kind = type(obj)
-        if isinstance(obj, torch.nn.Module) and kind.__getattr__ is _MODULE_GETATTR and not hasattr(kind, part):
+        direct = reads.get((kind, part))
+        if direct is None:
+            direct = reads[kind, part] = issubclass(kind, torch.nn.Module) and kind.__getattr__ is _MODULE_GETATTR \
+                and not hasattr(kind, part)
+        if direct:
             state = obj.__dict__
             if part in state:
                 obj = state[part]

@@ -718,6 +718,28 @@ def test_canonicalize_respects_the_rewrite_budget() -> None:
     assert [n.op for n in gm.graph.nodes].count("call_module") == 1
 
 
+def test_a_spelling_found_canonical_does_not_hide_one_that_differs_only_in_its_constants() -> None:
+    """canonicalize settles each distinct call spelling once; constants that differ in type
+    (``0`` and ``False``) or form (``1`` and ``(1, 1)``) make different spellings."""
+    conv2d, dropout = ops.SPECS["conv2d"].target, ops.SPECS["dropout"].target
+    graph = fx.Graph()
+    x, w = graph.placeholder("x"), graph.get_attr("weight")
+    canonical_conv = graph.call_function(conv2d, (x, w, None, (1, 1), (0, 0), (1, 1), 1))
+    int_conv = graph.call_function(conv2d, (canonical_conv, w, None, 1, 0, 1, 1))
+    int_flag = graph.call_function(dropout, (int_conv, 0.5, 0, False))
+    graph.output(graph.call_function(dropout, (int_flag, 0.5, False, False)))
+    root = nn.Module()
+    root.weight = nn.Parameter(torch.randn(2, 2, 1, 1))
+    gm = fx.GraphModule(root, graph)
+
+    assert canonicalize(gm) == 2  # the int conv spelled with tuples, the eval-mode dropout removed
+    calls = [n for n in gm.graph.nodes if n.op == "call_function"]
+    assert [n.target for n in calls] == [conv2d, conv2d, dropout]
+    assert calls[1].args[3:] == ((1, 1), (0, 0), (1, 1), 1)
+    assert calls[2].args[1:] == (0.5, 0, False)
+    assert canonicalize(gm) == 0
+
+
 def test_canonicalize_pass_is_registered() -> None:
     if not hasattr(graphopt, "register_pass"):
         pytest.skip("pass infrastructure not landed yet")
