@@ -28,7 +28,6 @@ from __future__ import annotations
 import collections
 import copy
 import copyreg
-import gc
 import inspect
 import linecache
 import os
@@ -48,7 +47,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 
 from . import canonical, ops
 from .errors import CaptureError, GraphoptError, InputError
-from .graph import as_input_tuple, get_attr_value, record_shapes, unique_attr_name
+from .graph import as_input_tuple, collector_paused, get_attr_value, record_shapes, unique_attr_name
 
 MODES = ("symbolic", "export")
 
@@ -85,7 +84,7 @@ def capture(
     _check_model(model)
     inputs = _check_inputs(example_inputs)
     leaf_types, leaf_names = _check_options(mode, leaf_modules, concrete_args)
-    with _collector_paused():
+    with collector_paused():
         return _capture(model, inputs, mode, leaf_types, leaf_names, concrete_args)
 
 
@@ -111,24 +110,6 @@ def _capture(
     _canonicalize(root, graph, inputs, isolated)
     _check_reproduces(root, reference, _propagate(root, graph, inputs, isolated))
     return _graph_module(root, graph, called)
-
-
-@contextmanager
-def _collector_paused() -> Iterator[None]:
-    """Pause Python's cyclic garbage collector while capturing.
-
-    Capture creates tens of thousands of long-lived objects (modules, tensors, fx nodes) and
-    almost no garbage; with the collector on, its full collections re-scan that growing heap
-    again and again, which made capture time grow faster than the graph. Collection resumes,
-    as it was, when capture returns or raises.
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 # -- checks on what the user passed -------------------------------------------------------------

@@ -368,6 +368,17 @@ class PassManager:
         budget: RewriteBudget | None = None,
     ) -> Result:
         """Capture ``model`` if needed (on a copy), run the pipeline, return module + report."""
+        with G.collector_paused():
+            return self._run(model, example_inputs, calibration_data=calibration_data, budget=budget)
+
+    def _run(
+        self,
+        model: Any,
+        example_inputs: Any,
+        *,
+        calibration_data: Iterable[Any] | None,
+        budget: RewriteBudget | None,
+    ) -> Result:
         from .capture import capture
 
         inputs = G.as_input_tuple(example_inputs)
