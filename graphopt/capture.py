@@ -107,9 +107,35 @@ def _capture(
     # the GraphModule keeps the layers the trace called, as GraphModule(root, traced graph) would
     called = lowered + [n.target for n in graph.nodes if n.op == "call_module"]
     canonical.ensure_provenance(graph)
+    _resolve_annotations(graph, root)
     _canonicalize(root, graph, inputs, isolated)
     _check_reproduces(root, reference, _propagate(root, graph, inputs, isolated))
     return _graph_module(root, graph, called)
+
+
+def _resolve_annotations(graph: fx.Graph, root: nn.Module) -> None:
+    """Turn string annotations of the inputs and output into the types they name.
+
+    Under ``from __future__ import annotations`` fx records ``forward``'s annotations as
+    strings and writes them into the generated code through aliases (``x : _torch_Tensor_``)
+    that ``torch.jit.script`` cannot resolve, so the captured module could not be scripted.
+    An annotation that does not evaluate in ``forward``'s module is dropped: it only
+    documented the user's code.
+    """
+    namespace = dict(getattr(getattr(type(root), "forward", None), "__globals__", {}))
+    for node in graph.nodes:
+        value = node.type
+        for _ in range(2):  # a quoted annotation ("T") is postponed once more: "'T'"
+            if not isinstance(value, str):
+                break
+            try:
+                value = eval(value, namespace)  # noqa: S307 - the user's own annotation
+            except Exception:  # noqa: BLE001 - any failure means: not resolvable here
+                value = None
+        if node.type is not None and (value is None or isinstance(value, str)):
+            node.type = None
+        elif value is not node.type:
+            node.type = value
 
 
 # -- checks on what the user passed -------------------------------------------------------------

@@ -757,3 +757,22 @@ def test_canonicalize_pass_is_registered() -> None:
     assert graphopt.get_pass("canonicalize").fn is module.canonicalize_pass
     assert module.canonicalize_pass(gm, Ctx()) == 3  # two layers inlined, F.relu spelled torch.relu
     assert _op_sequence(gm) == ["linear", "relu"]
+
+
+def test_postponed_annotations_become_types_so_the_module_scripts():
+    # this file uses `from __future__ import annotations`: fx records forward's annotations as
+    # strings and wrote them as aliases (`x : _torch_Tensor_`) that torch.jit.script cannot read
+    class Annotated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x: torch.Tensor, scale: "NoSuchType") -> torch.Tensor:  # noqa: F821
+            return self.conv(x) * scale
+
+    x, s = torch.randn(1, 3, 8, 8), torch.randn(1)
+    gm = graphopt.capture(Annotated(), (x, s))
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    assert [n.type for n in placeholders] == [torch.Tensor, None]  # unresolvable: dropped
+    assert "_torch_Tensor_" not in gm.code
+    torch.testing.assert_close(torch.jit.script(gm)(x, s), gm(x, s))
