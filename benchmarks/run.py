@@ -44,7 +44,7 @@ EXTERNAL = {"quantize": "bench_quantize", "prune": "bench_prune", "executorch": 
 MODES = {
     "quick": {"runs": 10, "spine_sizes": "500", "fusion_sizes": [300], "external_timeout": 240,
               "spine_timeout": 240, "fusion_timeout": 120},
-    "full": {"runs": 30, "spine_sizes": "500,2000,5000,20000", "fusion_sizes": [500, 2000, 5000],
+    "full": {"runs": 30, "spine_sizes": "500,2000,5000,20000,50000", "fusion_sizes": [500, 2000, 5000],
              "external_timeout": 480, "spine_timeout": 900, "fusion_timeout": 300},
 }
 
