@@ -23,7 +23,8 @@ strides works, and which strides the caller gets back:
   size-one dim are guarded without trying.
 - Opaque module calls, functions outside torch and tensor methods that read strides or memory
   directly (``stride``, ``data_ptr``, ``numpy``, ``as_strided``, ...) get a guard on every
-  input whose strides changed, without waiting for them to fail.
+  input whose strides changed, without waiting for them to fail. So does group norm, whose
+  NHWC kernel in PyTorch is far less precise on near-constant groups.
 - Graph outputs whose strides changed get a guard back to the memory format they had, so the
   caller sees the tensors the model returned.
 
@@ -50,7 +51,7 @@ import torch.fx as fx
 import graphopt
 from graphopt import ops
 from graphopt.graph import as_input_tuple, get_attr_value, preserved_state, tensor_meta
-from graphopt.purity import mutated_values
+from graphopt.purity import may_alias_input, mutated_values
 
 #: tensor methods whose result depends on strides or that hand memory to outside code
 _STRIDE_READERS = frozenset({
@@ -219,15 +220,18 @@ def _guard_until_runs(gm: fx.GraphModule, trials: list[tuple[tuple[Any, ...], St
             recorder = _StrideRecorder(gm, before, batch_checked)
             failed = _run(recorder, inputs)
             if failed is None:
+                output = next(n for n in gm.graph.nodes if n.op == "output")
                 for value in recorder.changed_outputs:
-                    readers = [n for n in value.users if n.op == "output"]
-                    guards.append(_insert_guard(gm, value, readers, recorder.output_formats[value]))
+                    guards.append(_insert_guard(gm, value, output, recorder.output_formats[value]))
                 break
             if not failed.changed:
                 raise _Undo(f"{failed.node.name} fails after the change "
                             f"({type(failed.cause).__name__}: {failed.cause})")
+            if _written_through(gm, failed.node):
+                raise _Undo(f"{failed.node.name} needs a copy of its input, but its result is a view "
+                            "that the graph writes through")
             for value in failed.changed:
-                guards.append(_insert_guard(gm, value, [failed.node]))
+                guards.append(_insert_guard(gm, value, failed.node))
         else:
             raise _Undo("layout guards did not converge")
 
@@ -303,7 +307,15 @@ class _StrideRecorder(fx.Interpreter):
                 self.output_formats[value] = fmt
 
 
+#: ops whose NHWC kernels are less precise: PyTorch's CPU group norm on a channels-last input
+#: computes the variance in one pass, 0.7-1.2e-2 from float64 on groups near a constant where the
+#: NCHW kernel is 3e-5 away (found by generated models, whose lowering to ONNX then failed)
+_ROW_MAJOR_INPUTS = ("group_norm",)
+
+
 def _reads_strides(node: fx.Node) -> bool:
+    if ops.is_op(node, *_ROW_MAJOR_INPUTS):
+        return True
     if node.op == "call_module":
         return True  # opaque: whatever it does with strides is out of sight
     if node.op == "call_method":
@@ -320,10 +332,13 @@ _BUILTINS = frozenset({operator.getitem, operator.add, operator.sub, operator.mu
                        operator.floordiv, operator.neg, operator.matmul, getattr})
 
 
-def _insert_guard(gm: fx.GraphModule, value: fx.Node, readers: list[fx.Node],
+def _insert_guard(gm: fx.GraphModule, value: fx.Node, reader: fx.Node,
                   memory_format: torch.memory_format = torch.contiguous_format) -> fx.Node:
-    """``value.contiguous(memory_format=...)`` read by ``readers`` in place of ``value``."""
-    with gm.graph.inserting_after(value):
+    """``value.contiguous(memory_format=...)``, read by ``reader`` in place of ``value``.
+
+    The copy is made right before the reader, not after ``value``: an in-place op between the
+    two (``v = conv(x); v.relu_(); return v``) must be in the copy too."""
+    with gm.graph.inserting_before(reader):
         kwargs = {} if memory_format is torch.contiguous_format else {"memory_format": memory_format}
         guard = gm.graph.call_method("contiguous", (value,), kwargs)
     guard.meta["layout_guard"] = True  # passes that care about graph outputs look through it
@@ -332,9 +347,27 @@ def _insert_guard(gm: fx.GraphModule, value: fx.Node, readers: list[fx.Node],
         guard.meta["stack_trace"] = value.meta["stack_trace"]
     if "tensor_meta" in value.meta:
         guard.meta["tensor_meta"] = value.meta["tensor_meta"]
-    for reader in readers:
-        reader.replace_input_with(value, guard)
+    reader.replace_input_with(value, guard)
     return guard
+
+
+def _written_through(gm: fx.GraphModule, reader: fx.Node) -> bool:
+    """Whether the graph writes into ``reader``'s result or a view of it. A reader given a copy
+    of its input would then write into the copy, and the original would miss the write."""
+    if not may_alias_input(reader):
+        return False
+    pending = [v for n in gm.graph.nodes for v in mutated_values(n)]
+    seen: set[fx.Node] = set()
+    while pending:
+        value = pending.pop()
+        if value is reader:
+            return True
+        if value in seen:
+            continue
+        seen.add(value)
+        if may_alias_input(value):
+            pending.extend(value.all_input_nodes)
+    return False
 
 
 def _format_of_strides(value: torch.Tensor, strides: tuple[int, ...]) -> torch.memory_format | None:

@@ -193,3 +193,60 @@ def test_second_run_changes_nothing():
     first = graphopt.optimize(model, inputs, pipeline="mobile-fp32")
     second = graphopt.optimize(first.module, inputs, pipeline="mobile-fp32")
     assert all(not r.changed for r in second.report.records), str(second.report)
+
+
+def test_a_guard_copies_the_value_after_in_place_writes_to_it():
+    # found by generated models: the output guard copied v2 right after the conv, before
+    # `v2.relu_()`, so the returned tensor missed the relu
+    class InPlaceBeforeOutput(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(2, 2, 1)
+            self.conv2 = nn.Conv2d(2, 3, 1)
+
+        def forward(self, x):
+            v2 = self.conv2(self.conv1(x))
+            v2.relu_()
+            return v2
+
+    model = InPlaceBeforeOutput().eval()
+    x = torch.randn(1, 2, 4, 4)
+    result, record = _run(model, (x,))
+    assert record.figures == {"weights_converted": 2, "layout_guards": 1}
+    with torch.no_grad():
+        torch.testing.assert_close(result.module(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_declines_when_a_guarded_view_is_written_through():
+    class WritesThroughView(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            y = self.b(self.a(x))
+            flat = y.view(y.size(0), -1)  # needs a copy under NHWC strides
+            flat.mul_(2)  # ... and writes through the view into y
+            return y.mean((2, 3))
+
+    model = WritesThroughView().eval()
+    x = torch.randn(2, 3, 5, 5)
+    result, record = _run(model, (x,))
+    assert record.rewrites == 0 and any("writes through" in note for note in record.notes)
+    with torch.no_grad():
+        torch.testing.assert_close(result.module(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_group_norm_gets_row_major_input_for_its_precision():
+    # PyTorch's channels-last group norm computes the variance in one pass: on groups near a
+    # constant it was ~200x further from float64 than the NCHW kernel (found by generated models)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1),
+                          nn.GroupNorm(8, 8)).eval()
+    x = 1 + 1e-3 * torch.randn(1, 3, 5, 5)
+    result, record = _run(model, (x,))
+    guard = _guards(result.module)[0]
+    assert [ops.op_name(u) for u in guard.users] == ["group_norm"]
+    with torch.no_grad():
+        want = model.double()(x.double())
+        got = result.module(x).double()
+    assert (got - want).abs().max() < 1e-3
