@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.fx as fx
 
+from graphopt.channels import set_tensor
 from graphopt.errors import LoweringError
 from graphopt.graph import add_constant, get_attr_value
 from graphopt.fileio import native_stdout_discarded
@@ -323,15 +324,14 @@ def contiguous_constants(gm: fx.GraphModule) -> fx.GraphModule:
     plain = fx.GraphModule(gm, copy.deepcopy(gm.graph))
     plain.meta.update(gm.meta)
     for target in targets:
-        owner_path, _, name = target.rpartition(".")
-        owner = plain.get_submodule(owner_path) if owner_path else plain
-        value = get_attr_value(gm, target).clone(memory_format=torch.contiguous_format)
-        if name in owner._parameters:
-            owner._parameters[name] = torch.nn.Parameter(value, requires_grad=owner._parameters[name].requires_grad)
-        elif name in owner._buffers:
-            owner._buffers[name] = value
-        else:
-            setattr(owner, name, value)
+        owner = target.rpartition(".")[0]
+        if owner and plain.get_submodule(owner) is gm.get_submodule(owner):
+            continue  # inside a module the graph calls, which the copy shares: never written
+        old = get_attr_value(gm, target)
+        value = old.detach().clone(memory_format=torch.contiguous_format)
+        if isinstance(old, torch.nn.Parameter):
+            value = torch.nn.Parameter(value, requires_grad=old.requires_grad)
+        set_tensor(plain, target, value)
     return plain
 
 

@@ -34,8 +34,6 @@ How each figure is measured:
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import math
 import sys
 import tempfile
@@ -48,6 +46,7 @@ import torch
 import torch.nn as nn
 
 from benchmarks import peers
+from benchmarks.rss import give_back_freed_memory, reset_peak_rss, status_bytes
 
 #: built-in examples (graphopt.examples), small ones first
 BUILTIN_MODELS = ("resnet_cnn", "mobilenet_cnn", "mlp", "transformer_block", "resnet18", "mobilenet_v2")
@@ -133,43 +132,15 @@ class Step:
     peak_rss_bytes: int | None
 
 
-def _status_kib(field_name: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # 5: reset the peak resident set size to the current one
-        return True
-    except OSError:
-        return False
-
-
-def _give_back_freed_memory() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
 def measure(fn: Callable[[], Any]) -> tuple[Any, Step]:
     """Run ``fn``; its result and :class:`Step` (see the module docstring for the method)."""
-    _give_back_freed_memory()
-    start = _status_kib("VmRSS")
-    resettable = start is not None and _reset_peak_rss()
+    give_back_freed_memory()
+    start = status_bytes("VmRSS")
+    resettable = start is not None and reset_peak_rss()
     t0 = time.perf_counter()
     result = fn()
     seconds = time.perf_counter() - t0
-    peak = _status_kib("VmHWM") if resettable else None
+    peak = status_bytes("VmHWM") if resettable else None
     return result, Step(seconds, max(0, peak - start) if peak is not None and start is not None else None)
 
 

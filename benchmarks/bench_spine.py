@@ -22,7 +22,6 @@ and returned to the system, less its parameter bytes (the copy's tensors), so th
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import os
@@ -33,6 +32,8 @@ import time
 
 import torch
 import torch.nn as nn
+
+from benchmarks.rss import give_back_freed_memory, reset_peak_rss, status_bytes
 
 
 NODES_PER_BLOCK = 9  # get_attr weight, conv2d, 4 get_attr for BN, batch_norm, relu, add
@@ -68,37 +69,6 @@ def blocks_for(target_nodes: int) -> int:
     return max(1, (target_nodes - FIXED_NODES) // NODES_PER_BLOCK)
 
 
-def _status_bytes(field: str) -> int | None:
-    """A ``VmRSS``/``VmHWM`` figure of this process from /proc, in bytes (None off Linux)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Make the peak RSS (VmHWM) restart from the current RSS; False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _settle() -> None:
-    """Collect garbage and hand free heap back to the system, so RSS counts live memory."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def _pipeline(gm, x):
     import graphopt
 
@@ -112,20 +82,20 @@ def measure_memory(model, x) -> dict:
     import graphopt
     from graphopt import graph as G
 
-    _settle()
-    before = _status_bytes("VmRSS")
-    if before is None or not _reset_peak_rss():  # no /proc: the process's peak so far
+    give_back_freed_memory()
+    before = status_bytes("VmRSS")
+    if before is None or not reset_peak_rss():  # no /proc: the process's peak so far
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         gm = graphopt.capture(model, x)
         _pipeline(gm, x)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
         return {"peak_rss_growth_bytes": peak, "param_bytes": G.param_bytes(gm)}
     gm = graphopt.capture(model, x)
-    _settle()
+    give_back_freed_memory()
     params = G.param_bytes(gm)
-    graph = max(0, _status_bytes("VmRSS") - before - params)
+    graph = max(0, status_bytes("VmRSS") - before - params)
     _pipeline(gm, x)
-    peak = _status_bytes("VmHWM") - before
+    peak = status_bytes("VmHWM") - before
     budget = 2 * params + graph
     return {"peak_rss_growth_bytes": peak, "param_bytes": params, "graph_bytes": graph,
             "memory_budget_bytes": budget, "peak_vs_budget": peak / budget if budget else None}

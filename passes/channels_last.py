@@ -50,6 +50,7 @@ import torch.fx as fx
 
 import graphopt
 from graphopt import ops
+from graphopt.channels import set_tensor
 from graphopt.graph import as_input_tuple, get_attr_value, preserved_state, tensor_meta
 from graphopt.purity import may_alias_input, mutated_values
 
@@ -159,17 +160,11 @@ def _is_channels_last(weight: torch.Tensor) -> bool:
 
 
 def _replace_attr(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
-    owner_path, _, name = target.rpartition(".")
-    owner = gm.get_submodule(owner_path) if owner_path else gm
-    old = getattr(owner, name)
+    """Put ``value`` in the slot of ``target``; a parameter stays a parameter, trainable as before."""
+    old = get_attr_value(gm, target)
     if isinstance(old, torch.nn.Parameter) and not isinstance(value, torch.nn.Parameter):
         value = torch.nn.Parameter(value.detach(), requires_grad=old.requires_grad)
-    if name in owner._parameters:
-        owner._parameters[name] = value
-    elif name in owner._buffers:
-        owner._buffers[name] = value
-    else:
-        setattr(owner, name, value)
+    set_tensor(gm, target, value)
 
 
 def _undo(gm: fx.GraphModule, original: dict[str, torch.Tensor], guards: list[fx.Node]) -> None:
