@@ -45,7 +45,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 from torch.export.graph_signature import InputKind, OutputKind
 
-from . import canonical, ops
+from . import canonical, lazy, ops
 from .errors import CaptureError, GraphoptError, InputError
 from .graph import as_input_tuple, collector_paused, get_attr_value, record_shapes, unique_attr_name
 
@@ -487,18 +487,18 @@ def _canonicalize(
 
 
 def _graph_module(root: nn.Module, graph: fx.Graph, called: list[str]) -> fx.GraphModule:
-    """The GraphModule of ``graph``, with the one code generation capture does.
+    """The GraphModule of ``graph``; its code is generated on first use (:mod:`graphopt.lazy`).
 
     Its module tree is what ``fx.GraphModule(root, traced graph)`` builds: fresh containers
     along the paths, the modules ``called`` by the trace themselves at their paths, and every
     other attribute the graph reads copied from ``root`` (plain tensors as buffers). It is
     built directly (GraphModule's own copy walks ``root`` once per attribute), then the graph
-    is attached, which compiles it. Each container gets the training flag of the module at
+    is attached. Each container gets the training flag of the module at
     its path in ``root`` (fx makes them in training mode).
     """
     # built on an empty graph that carries the tracer GraphModule records (for pickling)
     empty = fx.Graph(tracer_cls=graph._tracer_cls, tracer_extras=graph._tracer_extras)
-    gm = fx.GraphModule(root, empty, class_name=type(root).__name__)
+    gm = lazy.graph_module(root, empty, class_name=type(root).__name__)
     for target in sorted(dict.fromkeys(called), key=lambda t: t.count(".")):  # outer paths first
         owner, name, parent = _owner_of(gm, root, target)
         module = parent._modules.get(name) if parent is not None else None
@@ -607,7 +607,8 @@ def _spec(value: Any) -> str:
 class _CaptureTracer(fx.Tracer):
     """fx tracer that keeps standard layers, hooked, parametrized and user-chosen modules as leaves."""
 
-    def __init__(self, leaf_types: tuple[type[nn.Module], ...], leaf_names: frozenset[str]):
+    def __init__(self, leaf_types: tuple[type[nn.Module], ...] = (), leaf_names: frozenset[str] = frozenset()):
+        # (no-argument construction: unpickling a GraphModule re-traces its code with its graph's tracer)
         super().__init__()
         # buffers become graph values, so ``self.buf.add_(1)`` is recorded, not run while tracing
         self.proxy_buffer_attributes = True

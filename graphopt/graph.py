@@ -93,9 +93,21 @@ def record_shapes(module: torch.nn.Module, inputs: Iterable[Any], graph: fx.Grap
 
     The same job as ``ShapeProp(gm).propagate(*inputs)`` without the per-node cost of
     ``fx.Interpreter`` and of ShapeProp's symbolic-shape contiguity checks, and without
-    needing generated code (so capture can run a graph before its single recompile). Values
-    are freed after their last use. Buffer updates are kept: callers isolate the run (see
-    :func:`propagate_shapes`). A node that fails raises RuntimeError naming the node.
+    needing generated code (see :mod:`graphopt.lazy`). Values are freed after their last use.
+    Buffer updates are kept: callers isolate the run (see :func:`propagate_shapes`). A node
+    that fails raises RuntimeError naming the node.
+    """
+    return execute(module, inputs, graph, record=True)
+
+
+def execute(module: torch.nn.Module, inputs: Iterable[Any], graph: fx.Graph | None = None, *,
+            record: bool = False) -> Any:
+    """Run ``graph`` (default ``module.graph``) node by node on ``inputs`` and return what its
+    generated forward would return; with ``record``, as :func:`record_shapes`.
+
+    Each node does what its line of fx's generated code does, and values are freed after their
+    last use as that code frees them, so this computes what ``module(*inputs)`` computes without
+    generating and compiling the code (module hooks aside: see :func:`call`).
     """
     graph = graph if graph is not None else module.graph
     last_uses = _last_uses(graph)
@@ -110,11 +122,12 @@ def record_shapes(module: torch.nn.Module, inputs: Iterable[Any], graph: fx.Grap
             raise RuntimeError(
                 f"running node {node.name} ({node.format_node()}) failed: {type(exc).__name__}: {exc}"
             ) from exc
-        if isinstance(value, torch.Tensor):
-            node.meta["tensor_meta"] = tensor_metadata(value)
-        else:
-            _record_structure_meta(node, value)
-        node.meta["type"] = type(value)
+        if record:
+            if isinstance(value, torch.Tensor):
+                node.meta["tensor_meta"] = tensor_metadata(value)
+            else:
+                _record_structure_meta(node, value)
+            node.meta["type"] = type(value)
         if node.op == "output":
             return graph.process_outputs(value)
         if node.users:
@@ -122,6 +135,31 @@ def record_shapes(module: torch.nn.Module, inputs: Iterable[Any], graph: fx.Grap
         for dead in last_uses.get(node, ()):
             del env[dead]
     raise RuntimeError("the graph has no output node")
+
+
+def call(module: Any, args: tuple[Any, ...]) -> Any:
+    """``module(*args)``; a graph module whose code is stale (:mod:`graphopt.lazy`) and that has
+    no hooks runs node by node instead, so checking a graph never pays for its code."""
+    from .lazy import has_code
+
+    if isinstance(module, fx.GraphModule) and not has_code(module) and not _has_call_hooks(module):
+        try:
+            return execute(module, args)
+        except RuntimeError as exc:  # the node's own exception, as a call would raise it
+            cause = exc.__cause__
+            if cause is None:
+                raise
+            if hasattr(cause, "add_note"):  # Python 3.11+
+                cause.add_note(str(exc).split(" failed: ")[0])  # "running node ... (...)"
+            raise cause from None
+    return module(*args)
+
+
+def _has_call_hooks(module: torch.nn.Module) -> bool:
+    from torch.nn.modules import module as M
+
+    return bool(module._forward_hooks or module._forward_pre_hooks or M._global_forward_hooks
+                or M._global_forward_pre_hooks)
 
 
 def _last_uses(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:

@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 
 from . import graph as G
+from . import lazy
 from .errors import GraphoptError, PassError, PipelineError, VerificationError
 from .pass_infra import Invocation, PassContext, RewriteBudget, build_pipeline
 
@@ -232,7 +233,7 @@ class _Snapshot:
 
     def module(self) -> fx.GraphModule:
         if self._module is None:
-            self._module = fx.GraphModule(self.root, self.graph, self.class_name)
+            self._module = lazy.graph_module(self.root, self.graph, self.class_name)
             self._module.meta = self.meta
             self._module.train(self.training)
         return self._module

@@ -76,6 +76,7 @@ import torch.fx as fx
 
 from . import graph as G
 from .errors import InputError, ModelRunError, OptionError
+from .lazy import has_code, materialize
 
 __all__ = [
     "DISTRIBUTIONS",
@@ -424,7 +425,7 @@ def run(runnable: Callable[..., Any], inputs: Any) -> list[torch.Tensor]:
     args = _fresh(G.as_input_tuple(inputs))
     try:
         with torch.no_grad():
-            result = runnable(*args)
+            result = G.call(runnable, args)
     except Exception as exc:  # any user model/session error becomes one typed error
         raise ModelRunError(
             f"{_describe(runnable)} raised on inputs {_describe_inputs(args)}: {_first_line(exc)}"
@@ -439,6 +440,13 @@ def _positional_arity(runnable: Any) -> tuple[int, int | None] | None:
     if isinstance(schema, torch._C.FunctionSchema):
         params = [a for a in schema.arguments if a.name != "self"]
         return sum(not a.has_default_value() for a in params), len(params)
+    if isinstance(runnable, fx.GraphModule) and not has_code(runnable):
+        if type(runnable.graph._codegen) is fx.graph.CodeGen:  # forward's parameters: the placeholders
+            inputs = [n for n in runnable.graph.nodes if n.op == "placeholder"]
+            positional = [n for n in inputs if not str(n.target).startswith("*")]
+            variadic = len(positional) < len(inputs)
+            return sum(not n.args for n in positional), None if variadic else len(positional)
+        materialize(runnable)
     target = runnable.forward if isinstance(runnable, torch.nn.Module) else runnable
     try:
         signature = inspect.signature(target)
