@@ -1,9 +1,11 @@
 """The PassManager: runs a pipeline of passes with lint, shape propagation, verification of
 each pass's contract, rollback of failing passes, instrumentation hooks and a report.
 
-Rollback is cheap: before each pass the manager takes a *snapshot* (a copy of the graph and of
-the module containers, sharing the tensors). Passes must therefore never modify a tensor in
-place; the manager checks tensor version counters and names a pass that does.
+Rollback is cheap: before a pass the manager takes a *snapshot* (a copy of the graph and of
+the module containers, sharing the tensors), unless it holds one of the current state already
+(the caller's graph module, or the snapshot before a pass that changed nothing). Passes must
+therefore never modify a tensor in place; the manager checks tensor version counters and names
+a pass that does.
 """
 from __future__ import annotations
 
@@ -219,8 +221,9 @@ class Timing(Hook):
 
 class _Snapshot:
     """The state of a graph module before a pass: a copy of its graph and of its module tree's
-    containers, sharing the tensors. Building the runnable module (which compiles code) waits
-    until a rollback or a divergence search needs it."""
+    containers, sharing the tensors. Building the runnable module waits until a rollback or a
+    divergence search needs it; after :meth:`restore` the snapshot is spent (the manager
+    mutates what it returned)."""
 
     def __init__(self, gm: fx.GraphModule):
         self.graph = copy.deepcopy(gm.graph)
@@ -232,11 +235,32 @@ class _Snapshot:
         self._module: fx.GraphModule | None = None
 
     def module(self) -> fx.GraphModule:
+        """The state as a module, to run (not to mutate)."""
         if self._module is None:
             self._module = lazy.graph_module(self.root, self.graph, self.class_name)
             self._module.meta = self.meta
             self._module.train(self.training)
         return self._module
+
+    restore = module  # the manager takes the module itself; the snapshot is not used again
+    spent_by_restore = True
+
+
+class _Unchanged:
+    """The state of the working module while it still equals the caller's graph module, which
+    the manager never mutates: until a pass changes something, rollback copies that module
+    again and no snapshot is taken."""
+
+    spent_by_restore = False
+
+    def __init__(self, gm: fx.GraphModule):
+        self._gm = gm
+
+    def module(self) -> fx.GraphModule:
+        return self._gm
+
+    def restore(self) -> fx.GraphModule:
+        return _copy_graph_module(self._gm)
 
 
 def _shallow_tree(module: torch.nn.Module, prefix: str, keep: set[str]) -> torch.nn.Module:
@@ -383,10 +407,13 @@ class PassManager:
         from .capture import capture
 
         inputs = G.as_input_tuple(example_inputs)
+        clean: _Snapshot | _Unchanged | None = None  # the working module's state, if held already
         if isinstance(model, fx.GraphModule):
             gm = _copy_graph_module(model)  # never mutate the caller's graph module
             if any("tensor_meta" not in n.meta for n in gm.graph.nodes if n.op != "output"):
                 G.propagate_shapes(gm, inputs)
+            else:
+                clean = _Unchanged(model)
         else:
             gm = capture(model, inputs)
         budget = budget or RewriteBudget()
@@ -401,8 +428,8 @@ class PassManager:
         for iteration in range(self.max_iterations if self.fixed_point else 1):
             any_change = False
             for inv in self.invocations:
-                gm, current_outs, record = self._run_one(
-                    inv, gm, inputs, check_inputs, current_outs, calibration_data, budget, iteration
+                gm, current_outs, record, clean = self._run_one(
+                    inv, gm, clean, inputs, check_inputs, current_outs, calibration_data, budget, iteration
                 )
                 report.records.append(record)
                 any_change |= record.changed
@@ -427,9 +454,11 @@ class PassManager:
 
     # ------------------------------------------------------------------ one pass
 
-    def _run_one(self, inv, gm, inputs, check_inputs, current_outs, calibration_data, budget, iteration):
+    def _run_one(self, inv, gm, clean, inputs, check_inputs, current_outs, calibration_data, budget, iteration):
+        """Run one pass on ``gm``; returns the module to go on with, the outputs, the record and
+        what ``clean`` (the state the returned module has, when held without a copy) becomes."""
         p = inv.pass_
-        snapshot = _Snapshot(gm)
+        snapshot = clean if clean is not None else _Snapshot(gm)
         versions = _tensor_versions(gm)
         before_fp = _fingerprint(gm)
         ctx = PassContext(
@@ -477,7 +506,9 @@ class PassManager:
                 where = ""
                 try:
                     failed = check_inputs[idx[verdict.failed_input or 0]]
-                    div = verify.localize(snapshot.module(), gm, failed, tol)
+                    before = snapshot.module()
+                    with G.preserved_state(before), G.preserved_state(gm):  # both share tensors
+                        div = verify.localize(before, gm, failed, tol)
                     if div is not None:
                         where = f"; first divergent node: {div}"
                         verdict.divergence = div
@@ -510,10 +541,10 @@ class PassManager:
                 h.on_failure(inv, gm, record, error)
             if self.on_failure == "raise":
                 raise error
-            return snapshot.module(), current_outs, record
+            return snapshot.restore(), current_outs, record, None if snapshot.spent_by_restore else snapshot
         for h in self.hooks:
             h.after_pass(inv, gm, record)
-        return gm, new_outs, record
+        return gm, new_outs, record, None if changed else snapshot
 
     @staticmethod
     def _check_no_inplace(name: str, gm: fx.GraphModule, versions: dict[str, tuple[int, int]]) -> None:

@@ -334,3 +334,40 @@ def test_entry_point_passes_are_discovered(tmp_path, monkeypatch):
 def test_pass_names_must_be_kebab_case():
     with pytest.raises(PipelineError, match="kebab-case"):
         graphopt.register_pass("Bad_Name")
+
+
+def test_rollback_without_snapshots_restores_the_right_state_and_never_touches_the_caller(registry, x):
+    """A captured module carries shapes, so the manager holds the caller's module as the state
+    to roll back to until a pass changes something (no snapshot copy), and a snapshot after."""
+    torch.manual_seed(0)
+    captured = graphopt.capture(Small(), x)
+    structure = [(n.op, n.target, n.args) for n in captured.graph.nodes]
+    want = captured(*x)
+
+    @registry("t-noop")
+    def noop(gm, ctx):
+        return 0
+
+    @registry("t-wreck")
+    def wreck(gm, ctx):
+        for node in list(gm.graph.nodes):
+            if node.op == "call_function":
+                node.target = torch.sigmoid  # damage first, then fail
+        raise RuntimeError("boom")
+
+    @registry("t-drop-add")
+    def drop_add(gm, ctx):
+        for node in [n for n in gm.graph.nodes if n.target is operator.add and n.args[1] == 0.0]:
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+        return 1
+
+    result = graphopt.PassManager("t-noop,t-wreck,t-wreck,t-drop-add,t-wreck,t-noop").run(captured, x)
+    statuses = [r.status for r in result.report.records]
+    assert statuses == ["unchanged", "rolled-back", "rolled-back", "changed", "rolled-back", "unchanged"]
+    out = result.module
+    assert out is not captured
+    assert not [n for n in out.graph.nodes if n.target is operator.add]  # the change survived the rollback
+    assert not [n for n in out.graph.nodes if n.target is torch.sigmoid]
+    assert torch.equal(out(*x), want)
+    assert [(n.op, n.target, n.args) for n in captured.graph.nodes] == structure
