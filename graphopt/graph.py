@@ -101,23 +101,28 @@ def record_shapes(module: torch.nn.Module, inputs: Iterable[Any], graph: fx.Grap
 
 
 def execute(module: torch.nn.Module, inputs: Iterable[Any], graph: fx.Graph | None = None, *,
-            record: bool = False) -> Any:
+            record: bool = False, plan: "GraphRunner | None" = None) -> Any:
     """Run ``graph`` (default ``module.graph``) node by node on ``inputs`` and return what its
     generated forward would return; with ``record``, as :func:`record_shapes`.
 
     Each node does what its line of fx's generated code does, and values are freed after their
     last use as that code frees them, so this computes what ``module(*inputs)`` computes without
-    generating and compiling the code (module hooks aside: see :func:`call`).
+    generating and compiling the code (module hooks aside: see :func:`call`). ``plan`` carries
+    the freeing schedule and attribute reads of earlier runs (see :class:`GraphRunner`).
     """
     graph = graph if graph is not None else module.graph
-    last_uses = _last_uses(graph)
+    last_uses = plan.last_uses if plan is not None else _last_uses(graph)
+    attrs = plan.attrs if plan is not None else None
     env: dict[fx.Node, Any] = {}
     pending = iter(graph.process_inputs(*inputs))
     lookup = env.__getitem__
     reads: dict[tuple[type, str], bool] = {}  # see _fetch
     for node in graph.nodes:
         try:
-            value = _run_node(module, node, pending, lookup, reads)
+            if attrs is not None and node.op == "get_attr":
+                value = attrs[node]
+            else:
+                value = _run_node(module, node, pending, lookup, reads)
         except Exception as exc:  # noqa: BLE001 - say which node failed, keep the cause
             raise RuntimeError(
                 f"running node {node.name} ({node.format_node()}) failed: {type(exc).__name__}: {exc}"
@@ -137,14 +142,22 @@ def execute(module: torch.nn.Module, inputs: Iterable[Any], graph: fx.Graph | No
     raise RuntimeError("the graph has no output node")
 
 
-def call(module: Any, args: tuple[Any, ...]) -> Any:
-    """``module(*args)``; a graph module whose code is stale (:mod:`graphopt.lazy`) and that has
-    no hooks runs node by node instead, so checking a graph never pays for its code."""
-    from .lazy import has_code
+class GraphRunner:
+    """Runs a graph module node by node, as often as asked, raising what a call of the module
+    would raise (with a note naming the node). The freeing schedule and the attributes the
+    graph reads are worked out once: the module must not change between runs (verification
+    runs one state on several inputs)."""
 
-    if isinstance(module, fx.GraphModule) and not has_code(module) and not _has_call_hooks(module):
+    def __init__(self, module: fx.GraphModule):
+        self.__qualname__ = "graph module"  # how verification's messages name the runnable
+        self.module = module
+        self.last_uses = _last_uses(module.graph)
+        reads: dict[tuple[type, str], bool] = {}
+        self.attrs = {n: _fetch(module, n.target, reads) for n in module.graph.nodes if n.op == "get_attr"}
+
+    def __call__(self, *args: Any) -> Any:
         try:
-            return execute(module, args)
+            return execute(self.module, args, plan=self)
         except RuntimeError as exc:  # the node's own exception, as a call would raise it
             cause = exc.__cause__
             if cause is None:
@@ -152,7 +165,22 @@ def call(module: Any, args: tuple[Any, ...]) -> Any:
             if hasattr(cause, "add_note"):  # Python 3.11+
                 cause.add_note(str(exc).split(" failed: ")[0])  # "running node ... (...)"
             raise cause from None
-    return module(*args)
+
+
+def runner(module: Any) -> Any:
+    """What runs ``module`` for checking: a :class:`GraphRunner` for a graph module whose code
+    is stale (:mod:`graphopt.lazy`) and that has no hooks, so checking a graph never pays for
+    its code; else ``module`` itself."""
+    from .lazy import has_code
+
+    if isinstance(module, fx.GraphModule) and not has_code(module) and not _has_call_hooks(module):
+        return GraphRunner(module)
+    return module
+
+
+def call(module: Any, args: tuple[Any, ...]) -> Any:
+    """``module(*args)``, through :func:`runner`."""
+    return runner(module)(*args)
 
 
 def _has_call_hooks(module: torch.nn.Module) -> bool:
@@ -358,9 +386,14 @@ def add_parameter(gm: fx.GraphModule, hint: str, value: torch.Tensor, requires_g
 
 def param_bytes(module: torch.nn.Module) -> int:
     """Bytes held by the module's parameters and buffers (each storage counted once)."""
+    return tensor_bytes(list(module.parameters()) + list(module.buffers()))
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes held by ``tensors`` (each storage counted once)."""
     seen: set[int] = set()
     total = 0
-    for t in list(module.parameters()) + list(module.buffers()):
+    for t in tensors:
         key = t.untyped_storage().data_ptr() if t.numel() else id(t)
         if key in seen:
             continue

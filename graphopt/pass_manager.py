@@ -237,9 +237,20 @@ class _Snapshot:
     def module(self) -> fx.GraphModule:
         """The state as a module, to run (not to mutate)."""
         if self._module is None:
-            self._module = lazy.graph_module(self.root, self.graph, self.class_name)
-            self._module.meta = self.meta
-            self._module.train(self.training)
+            # the copied tree becomes the module's own (GraphModule(root, graph) would walk and
+            # rebuild it once per attribute the graph reads)
+            empty = fx.Graph(tracer_cls=self.graph._tracer_cls, tracer_extras=self.graph._tracer_extras)
+            gm = lazy.graph_module(torch.nn.Module(), empty, self.class_name)
+            state = gm.__dict__
+            for key in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
+                state[key] = self.root.__dict__[key]
+            for key, value in self.root.__dict__.items():
+                if isinstance(value, torch.Tensor):  # plain tensor attributes (fx constants)
+                    state[key] = value
+            gm.graph = self.graph
+            gm.meta = self.meta
+            gm.train(self.training)
+            self._module = gm
         return self._module
 
     restore = module  # the manager takes the module itself; the snapshot is not used again
@@ -287,11 +298,24 @@ def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     return _Snapshot(gm).module()
 
 
-def _tensor_versions(gm: fx.GraphModule) -> dict[str, tuple[int, int]]:
-    out = {}
-    for name, t in list(gm.named_parameters()) + list(gm.named_buffers()):
-        out[name] = (id(t), t._version)
+def _tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer by qualified name, each tensor once (under its first name),
+    from one walk of the module tree: a pass step needs them for versions, its fingerprint and
+    byte counts, and walking a tree of thousands of containers once per use was a fifth of a
+    large pipeline's time."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for prefix, module in gm.named_modules():
+        for table in (module._parameters, module._buffers):
+            for name, t in table.items():
+                if t is not None and id(t) not in seen:
+                    seen.add(id(t))
+                    out[f"{prefix}.{name}" if prefix else name] = t
     return out
+
+
+def _tensor_versions(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
+    return {name: (id(t), t._version) for name, t in tensors.items()}
 
 
 #: node.meta entries derived by analysis; anything else a pass writes there (fusion units,
@@ -309,7 +333,7 @@ def _leaf_key(value: Any) -> Any:
     return value
 
 
-def _fingerprint(gm: fx.GraphModule) -> tuple:
+def _fingerprint(gm: fx.GraphModule, tensors: dict[str, torch.Tensor]) -> tuple:
     """What a pass can change: graph structure, the tensors behind attributes, and the meta
     entries passes write. Cheaper than regenerating code, so unchanged graphs skip recompiling,
     shape propagation and verification."""
@@ -321,14 +345,14 @@ def _fingerprint(gm: fx.GraphModule) -> tuple:
     meta = frozenset(
         (n.name, k, repr(v)) for n in gm.graph.nodes for k, v in n.meta.items() if k not in _DERIVED_META
     )
-    tensors = frozenset((k, i) for k, (i, _) in _tensor_versions(gm).items())
-    return structure, tensors, meta
+    return structure, frozenset((k, id(t)) for k, t in tensors.items()), meta
 
 
 def _run_all(gm: torch.nn.Module, inputs: list[tuple]) -> list[list[torch.Tensor]]:
     """Outputs on every verification input, leaving buffers as they were."""
+    run = G.runner(gm)  # one plan for all the inputs
     with G.preserved_state(gm):
-        return [verify.run(gm, i) for i in inputs]
+        return [verify.run(run, i) for i in inputs]
 
 
 def _in_distribution(label: str) -> bool:
@@ -459,13 +483,14 @@ class PassManager:
         what ``clean`` (the state the returned module has, when held without a copy) becomes."""
         p = inv.pass_
         snapshot = clean if clean is not None else _Snapshot(gm)
-        versions = _tensor_versions(gm)
-        before_fp = _fingerprint(gm)
+        tensors = _tensors(gm)
+        versions = _tensor_versions(tensors)
+        before_fp = _fingerprint(gm, tensors)
         ctx = PassContext(
             pass_name=p.name, options=dict(inv.options), example_inputs=inputs,
             calibration_data=calibration_data, budget=budget,
         )
-        nodes_before, bytes_before = G.count_nodes(gm), G.param_bytes(gm)
+        nodes_before, bytes_before = G.count_nodes(gm), G.tensor_bytes(tensors.values())
         for h in self.hooks:
             h.before_pass(inv, gm, ctx)
         t0 = time.perf_counter()
@@ -475,8 +500,9 @@ class PassManager:
         changed = False
         try:
             rewrites = p(gm, ctx)
-            self._check_no_inplace(p.name, gm, versions)
-            changed = _fingerprint(gm) != before_fp
+            tensors = _tensors(gm)
+            self._check_no_inplace(p.name, tensors, versions)
+            changed = _fingerprint(gm, tensors) != before_fp
             if changed:
                 gm.graph.lint()
                 gm.recompile()
@@ -529,7 +555,7 @@ class PassManager:
             nodes_after=G.count_nodes(gm) if error is None else nodes_before,
             rewrites=max(rewrites, ctx.rewrites_granted) if error is None else 0,
             param_bytes_before=bytes_before,
-            param_bytes_after=G.param_bytes(gm) if error is None else bytes_before,
+            param_bytes_after=G.tensor_bytes(tensors.values()) if error is None else bytes_before,
             changed=changed, contract=str(p.contract), options=dict(inv.options),
             max_abs_error=verdict.max_abs if verdict is not None else None,
             min_sqnr_db=verdict.min_sqnr_db if verdict is not None else None,
@@ -547,8 +573,8 @@ class PassManager:
         return gm, new_outs, record, None if changed else snapshot
 
     @staticmethod
-    def _check_no_inplace(name: str, gm: fx.GraphModule, versions: dict[str, tuple[int, int]]) -> None:
-        now = {n: (id(t), t._version) for n, t in list(gm.named_parameters()) + list(gm.named_buffers())}
+    def _check_no_inplace(name: str, tensors: dict[str, torch.Tensor], versions: dict[str, tuple[int, int]]) -> None:
+        now = _tensor_versions(tensors)
         for key, (tid, ver) in versions.items():
             if key in now and now[key][0] == tid and now[key][1] != ver:
                 raise PassError(
