@@ -326,6 +326,10 @@ def _scaling_sections(scaling: dict[str, Any]) -> list[str]:
         parts.append("### Spine: capture + canonicalize + dead-code elimination vs torch.fx.symbolic_trace "
                      "(`benchmarks/bench_spine.py`)")
         parts.append(spine["markdown"].strip() if spine.get("markdown") else f"{spine['status']}: {spine.get('reason', '')}")
+    wide = scaling.get("spine_wide")
+    if wide:
+        parts.append("The same with 32-channel layers (parameters about as large as the graph):")
+        parts.append(wide["markdown"].strip() if wide.get("markdown") else f"{wide['status']}: {wide.get('reason', '')}")
     fusion = scaling.get("fusion")
     if fusion:
         parts.append("### Fusion: graphopt mobile-fp32 vs torch.fx and torch.ao on the same conv-BN-ReLU stacks")

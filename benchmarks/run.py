@@ -40,12 +40,15 @@ SECTIONS = ("latency", "quantize", "prune", "executorch", "scaling")
 #: the benchmark modules run in processes of their own, by section
 EXTERNAL = {"quantize": "bench_quantize", "prune": "bench_prune", "executorch": "bench_executorch"}
 
+#: layer width of the second spine run (bench_spine's default is 4)
+WIDE_CHANNELS = 32
+
 #: per mode: timed calls, spine sizes (bench_spine's target nodes), fusion sizes, time-outs in s
 MODES = {
-    "quick": {"runs": 10, "spine_sizes": "500", "fusion_sizes": [300], "external_timeout": 240,
-              "spine_timeout": 240, "fusion_timeout": 120},
-    "full": {"runs": 30, "spine_sizes": "500,2000,5000,20000,50000", "fusion_sizes": [500, 2000, 5000],
-             "external_timeout": 480, "spine_timeout": 900, "fusion_timeout": 300},
+    "quick": {"runs": 10, "spine_sizes": "500", "wide_spine_sizes": None, "fusion_sizes": [300],
+              "external_timeout": 240, "spine_timeout": 240, "fusion_timeout": 120},
+    "full": {"runs": 30, "spine_sizes": "500,2000,5000,20000,50000", "wide_spine_sizes": "2000,20000",
+             "fusion_sizes": [500, 2000, 5000], "external_timeout": 480, "spine_timeout": 900, "fusion_timeout": 300},
 }
 
 
@@ -123,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         if "scaling" in sections:
             show("bench_spine scaling (its own processes)")
             results["scaling"]["spine"] = run_spine(args.quick, mode["spine_sizes"], out / "scaling", mode["spine_timeout"])
+            if mode["wide_spine_sizes"]:  # the same with 32-channel layers: parameters as large as the graph
+                results["scaling"]["spine_wide"] = run_spine(args.quick, mode["wide_spine_sizes"], out / "scaling",
+                                                             mode["spine_timeout"], channels=WIDE_CHANNELS)
             progress.advance(task)
             show("fusion scaling (a process per size)")
             results["scaling"]["fusion"] = bench_fp32.fusion_scaling(mode["fusion_sizes"], mode["fusion_timeout"])
@@ -213,16 +219,17 @@ def run_external(module: str, args: argparse.Namespace, out: Path, timeout: floa
     return collected
 
 
-def run_spine(quick: bool, sizes: str, out: Path, timeout: float) -> dict[str, Any]:
-    """``benchmarks.bench_spine`` at ``sizes`` into ``out``; its rows and table."""
-    command = ["benchmarks.bench_spine", "--sizes", sizes, "--out", str(out)] + (["--quick"] if quick else [])
+def run_spine(quick: bool, sizes: str, out: Path, timeout: float, channels: int = 4) -> dict[str, Any]:
+    """``benchmarks.bench_spine`` at ``sizes`` (best of 3) into ``out``; its rows and table."""
+    command = ["benchmarks.bench_spine", "--sizes", sizes, "--out", str(out), "--repeat", "3" if not quick else "1"] \
+        + (["--quick"] if quick else []) + (["--channels", str(channels)] if channels != 4 else [])
     started = time.perf_counter()
     code, _, stderr = _subprocess(command, timeout)
     ran = {"command": "python -m " + " ".join(command), "seconds": time.perf_counter() - started}
     if code != 0:
         reason = f"timed out after {timeout:.0f} s" if code is None else _last_line(stderr, code)
         return {**ran, "status": "failed", "reason": reason}
-    name = "spine_quick" if quick else "spine"
+    name = ("spine_quick" if quick else "spine") + (f"_c{channels}" if channels != 4 else "")
     try:
         data = json.loads((out / f"{name}.json").read_text())
         table = (out / f"{name}.md").read_text()
