@@ -14,6 +14,7 @@ extends, is what ``torch.compile`` uses for the same reason).
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -22,19 +23,46 @@ from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.fx.graph import _PyTreeCodeGen
 
 
+def _stale_forward(graph: fx.Graph | None) -> Any:
+    """A forward that writes the code on its first call, then runs it, with the signature the
+    code will have (``inspect.signature`` of a stale module's forward names its inputs, as fx's
+    would). torch's own version re-enters ``__call__``, which runs the module's forward hooks
+    a second time on that first call."""
+
+    def _lazy_forward(self: "LazyGraphModule", *args: Any, **kwargs: Any) -> Any:
+        self.real_recompile()
+        return type(self).forward(self, *args, **kwargs)
+
+    _lazy_forward._graphopt_stale = True  # type: ignore[attr-defined]  # named as torch's: dynamo looks for it
+    if graph is not None and type(graph._codegen) is fx.graph.CodeGen:
+        parameters = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        for node in graph.find_nodes(op="placeholder"):
+            name = str(node.target)
+            if name.startswith("**"):
+                parameters.append(inspect.Parameter(name[2:], inspect.Parameter.VAR_KEYWORD))
+            elif name.startswith("*"):
+                parameters.append(inspect.Parameter(name[1:], inspect.Parameter.VAR_POSITIONAL))
+            else:
+                default = node.args[0] if node.args else inspect.Parameter.empty
+                parameters.append(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default))
+        try:
+            _lazy_forward.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+        except ValueError:  # an order Python would not accept: leave (*args, **kwargs)
+            pass
+    return _lazy_forward
+
+
 class LazyGraphModule(_LazyGraphModule):
     """A GraphModule whose forward is generated from the graph on first use."""
 
     # TorchScript compiles a module's properties unless told otherwise; ``code`` is Python
     __jit_unused_properties__ = [*fx.GraphModule.__jit_unused_properties__, "code"]
 
-    def _lazy_forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Generate the code, then run it. (torch's version re-enters ``__call__``, which runs
-        the module's hooks a second time on that first call.)"""
-        self.real_recompile()
-        return type(self).forward(self, *args, **kwargs)
+    forward = _stale_forward(None)  # GraphModule.__init__ sets the graph, which calls recompile()
 
-    forward = _lazy_forward
+    @classmethod
+    def _needs_recompile(cls) -> bool:
+        return getattr(cls.forward, "_graphopt_stale", False)
 
     def recompile(self) -> None:  # type: ignore[override]
         """Mark the code stale; it is regenerated when next needed."""
@@ -42,7 +70,7 @@ class LazyGraphModule(_LazyGraphModule):
         if isinstance(codegen, _PyTreeCodeGen):  # what GraphModule.recompile records up front
             self._in_spec = codegen.pytree_info.in_spec
             self._out_spec = codegen.pytree_info.out_spec
-        type(self).forward = type(self)._lazy_forward
+        type(self).forward = _stale_forward(self._graph)
 
     def __prepare_scriptable__(self) -> "LazyGraphModule":
         """``torch.jit.script`` reads the forward's source: generate it first."""

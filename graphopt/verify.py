@@ -440,13 +440,9 @@ def _positional_arity(runnable: Any) -> tuple[int, int | None] | None:
     if isinstance(schema, torch._C.FunctionSchema):
         params = [a for a in schema.arguments if a.name != "self"]
         return sum(not a.has_default_value() for a in params), len(params)
-    if isinstance(runnable, fx.GraphModule) and not has_code(runnable):
-        if type(runnable.graph._codegen) is fx.graph.CodeGen:  # forward's parameters: the placeholders
-            inputs = [n for n in runnable.graph.nodes if n.op == "placeholder"]
-            positional = [n for n in inputs if not str(n.target).startswith("*")]
-            variadic = len(positional) < len(inputs)
-            return sum(not n.args for n in positional), None if variadic else len(positional)
-        materialize(runnable)
+    if isinstance(runnable, fx.GraphModule) and not has_code(runnable) \
+            and type(runnable.graph._codegen) is not fx.graph.CodeGen:
+        materialize(runnable)  # a stale forward shows the signature of plain fx code only
     target = runnable.forward if isinstance(runnable, torch.nn.Module) else runnable
     try:
         signature = inspect.signature(target)

@@ -3,6 +3,7 @@ their graphs node by node, and that computes exactly what the generated code com
 from __future__ import annotations
 
 import copy
+import inspect
 import io
 import operator
 import pickle
@@ -109,11 +110,15 @@ def test_hooks_on_a_stale_module_run_as_on_any_call() -> None:
     assert torch.equal(gm(*inputs), out) and len(seen) == 2  # first real call: once, not twice
 
 
-def test_default_arguments_of_the_forward_are_kept() -> None:
+def test_default_arguments_and_the_signature_of_the_forward_are_kept() -> None:
     class WithDefault(nn.Module):
         def forward(self, x, scale: float = 3.0):
             return operator.mul(x, scale)
 
     gm = graphopt.capture(WithDefault(), (torch.ones(2),))
+    stale = inspect.signature(gm.forward)
+    assert list(stale.parameters) == ["x", "scale"] and stale.parameters["scale"].default == 3.0
     assert torch.equal(G.call(gm, (torch.ones(2),)), torch.full((2,), 3.0))
     assert torch.equal(materialize(gm)(torch.ones(2)), torch.full((2,), 3.0))
+    code = inspect.signature(gm.forward)  # the generated forward's own
+    assert list(code.parameters) == ["x", "scale"] and code.parameters["scale"].default == 3.0
