@@ -217,6 +217,20 @@ class TestAssertSound:
         with pytest.raises(AssertionError, match=r"without meta\['provenance'\]: mul"):
             gt.assert_sound("testkit-no-provenance", conv_case)
 
+    def test_catches_generated_code_that_differs_from_the_graph(self, conv_case, monkeypatch):
+        import graphopt.testing.soundness as soundness
+        from graphopt.lazy import materialize
+
+        def miswritten(gm):  # code that computes something else than the graph it was written from
+            materialize(gm)
+            written = type(gm).forward
+            type(gm).forward = lambda self, *args: written(self, *args) + 1
+            return gm
+
+        monkeypatch.setattr(soundness, "materialize", miswritten)
+        with pytest.raises(AssertionError, match="generated code of the optimized graph differs"):
+            gt.assert_sound("testkit-noop", conv_case, dtypes=("model",))
+
     def test_lowers_to_each_named_backend(self, conv_case):
         result = gt.assert_sound("testkit-noop", conv_case, backends=("onnx",), dtypes=("model",))
         assert isinstance(result.module, fx.GraphModule)

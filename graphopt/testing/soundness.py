@@ -3,7 +3,8 @@
 :func:`assert_sound` is the oracle: capture the case, run the pass (or pipeline) under a
 PassManager that verifies every pass and raises, then check what the manager does not: the
 result against the *original* eager model (so capture is checked too), in the model's dtype and
-in float64, the graph lints, every computing node keeps its provenance, a second run changes
+in float64, the graph lints, the code the optimized module writes on its first call computes
+exactly what running its graph node by node computes, every computing node keeps its provenance, a second run changes
 nothing for passes that declare themselves idempotent, the user's model and inputs are left
 untouched, and each named backend's round trip verifies.
 
@@ -30,6 +31,8 @@ from hypothesis import settings as Settings
 from .. import verify
 from ..capture import capture
 from ..errors import GraphoptError, PropertyTestError
+from ..graph import preserved_state
+from ..lazy import has_code, materialize
 from ..lowering import get_backend, lower
 from ..pass_infra import Contract, Lossy, available_passes
 from ..pass_manager import PassManager, Result
@@ -134,6 +137,7 @@ def _check_variant(pass_or_pipeline: Any, pipeline_text: str, case: Case, dtype:
     if reason is not None:
         raise fail(f"the optimized graph does not keep the contract against the original model: {reason}\n{verdict}")
 
+    _check_code_matches_graph(result.module, inputs, fail)
     missing = [n.name for n in result.module.graph.nodes if n.op in _COMPUTING_OPS and "provenance" not in n.meta]
     if missing:
         raise fail(f"node(s) without meta['provenance']: {', '.join(missing)}; rewrites must copy it "
@@ -168,6 +172,24 @@ def _end_to_end_contract(manager: PassManager, result: Result,
         return tolerance, lambda v: None if v.ok else (v.reason or "outputs differ beyond tolerance")
     budget = lossy[0] if len(lossy) == 1 else Lossy(min_sqnr_db=None)
     return tolerance, budget.check
+
+
+def _check_code_matches_graph(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...],
+                              fail: Callable[..., AssertionError]) -> None:
+    """The manager and ``verify`` run a module whose code is not written yet node by node
+    (graphopt.lazy); the code written on its first call must compute exactly the same."""
+    if has_code(gm):
+        return
+    fresh = lambda: tuple(t.clone() for t in inputs)  # noqa: E731
+    with torch.no_grad(), preserved_state(gm):
+        by_graph = verify.run(gm, fresh())
+        by_code = verify.run(materialize(gm), fresh())
+    for i, (a, b) in enumerate(zip(by_graph, by_code)):
+        try:
+            torch.testing.assert_close(b, a, rtol=0, atol=0, equal_nan=True)
+        except AssertionError as exc:
+            raise fail(f"output {i}: the generated code of the optimized graph differs from running it node "
+                       f"by node: {str(exc).splitlines()[0]}") from None
 
 
 def _check_second_run(manager: PassManager, result: Result, inputs: tuple[torch.Tensor, ...],
