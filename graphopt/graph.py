@@ -28,6 +28,7 @@ from torch.fx.node import map_aggregate, map_arg
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata, _extract_tensor_metadata
 
 from .errors import InputError
+from .lazy import has_code
 
 
 def as_input_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
@@ -171,8 +172,6 @@ def runner(module: Any) -> Any:
     """What runs ``module`` for checking: a :class:`GraphRunner` for a graph module whose code
     is stale (:mod:`graphopt.lazy`) and that has no hooks, so checking a graph never pays for
     its code; else ``module`` itself."""
-    from .lazy import has_code
-
     if isinstance(module, fx.GraphModule) and not has_code(module) and not _has_call_hooks(module):
         return GraphRunner(module)
     return module

@@ -2,8 +2,8 @@
 
 A ``torch.fx.GraphModule`` turns its graph into Python source and compiles it each time the
 graph is set or ``recompile()`` is called. On large graphs that is the dearest step of capture
-and of a pipeline, in time and in memory: at 20k nodes fx writes 1.7 MB of source, and
-Python's ``compile()`` of it peaks above 110 MiB, more than the graph itself. Capture, the
+and of a pipeline, in time and in memory: for a 20k-node graph fx writes megabytes of source,
+and Python's ``compile()`` of it peaks above the size of the graph itself. Capture, the
 PassManager and the graph runs they do (shape propagation, verification) need none of it:
 they run graphs node by node (:func:`graphopt.graph.execute`).
 
