@@ -128,13 +128,16 @@ def test_users_graph_module_is_never_mutated(registry, gm, x):
     assert gm.code == code_before and _mul_one_nodes(gm)
 
 
+def _wreck_then_raise(gm, ctx):
+    """A pass that damages the graph, then fails: rollback must undo the damage."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function":
+            node.target = torch.sigmoid  # damage first, then fail
+    raise RuntimeError("boom")
+
+
 def test_raising_pass_is_rolled_back_and_named(registry, gm, x):
-    @registry("t-crash")
-    def crash(gm, ctx):
-        for node in list(gm.graph.nodes):
-            if node.op == "call_function":
-                node.target = torch.sigmoid  # damage first, then fail
-        raise RuntimeError("boom")
+    registry("t-crash")(_wreck_then_raise)
 
     result = graphopt.PassManager("t-crash").run(gm, x)
     rec = result.report.records[0]
@@ -348,12 +351,7 @@ def test_rollback_without_snapshots_restores_the_right_state_and_never_touches_t
     def noop(gm, ctx):
         return 0
 
-    @registry("t-wreck")
-    def wreck(gm, ctx):
-        for node in list(gm.graph.nodes):
-            if node.op == "call_function":
-                node.target = torch.sigmoid  # damage first, then fail
-        raise RuntimeError("boom")
+    registry("t-wreck")(_wreck_then_raise)
 
     @registry("t-drop-add")
     def drop_add(gm, ctx):
