@@ -4,6 +4,10 @@
     graphopt passes
     graphopt models
     graphopt demo
+
+Exit codes: 0 done; 1 done, but some pass failed verification (rolled back, see the report);
+2 nothing or not everything was done: bad arguments, an output path that cannot be written
+(checked before the pipeline runs), or any graphopt error. Errors are one line on stderr.
 """
 from __future__ import annotations
 
@@ -59,9 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--verify", default="each", choices=["each", "final", "none"])
     o.add_argument("--on-failure", default="rollback", choices=["rollback", "raise"])
     o.add_argument("--option", action="append", default=[], metavar="PASS.NAME=VALUE")
-    o.add_argument("--backend", default=None, help="lower with this backend (onnx, torchscript-mobile, ...)")
-    o.add_argument("-o", "--output", default=None, help="output path (artifact, or .pt graph module file)")
-    o.add_argument("--report-json", default=None, help="also write the report as JSON here")
+    o.add_argument("--backend", default=None,
+                   help="lower with this backend (onnx, torchscript-mobile, ...); default: the one whose "
+                        "suffix -o has (.onnx, .ptl, .pte)")
+    o.add_argument("-o", "--output", default=None,
+                   help="output path: an artifact (.onnx, .ptl, .pte) or a graph module file (.pt); "
+                        "missing folders are created")
+    o.add_argument("--report-json", default=None,
+                   help="also write the report as JSON here (atomically; missing folders are created)")
     o.add_argument("--capture-mode", default="symbolic", choices=["symbolic", "export"])
 
     sub.add_parser("passes", help="list registered passes with contracts and options")
@@ -83,13 +92,96 @@ def main(argv: Sequence[str] | None = None) -> int:
         return {"optimize": cmd_optimize, "passes": cmd_passes, "models": cmd_models,
                 "backends": cmd_backends, "demo": cmd_demo}[args.command](args)
     except UsageError as exc:
-        print(str(exc), file=sys.stderr)
+        message = _one_line(str(exc))
+        print(message if message.startswith("graphopt") else f"graphopt: error: {message}", file=sys.stderr)
         return 2
     except GraphoptError as exc:
-        print(f"graphopt: error: {exc}", file=sys.stderr)
-        from .errors import ModelLoadError, OptionError, PipelineError, UnknownBackendError
+        print(f"graphopt: error: {_one_line(str(exc))}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # writing an output failed after all (disk full, permissions changed, ...)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"graphopt: error: {where}{_one_line(exc.strerror or str(exc))}", file=sys.stderr)
+        return 2
 
-        return 2 if isinstance(exc, (PipelineError, OptionError, UnknownBackendError, ModelLoadError)) else 1
+
+def _one_line(message: str) -> str:
+    """Messages may carry a hint on a line of its own; the command line prints one line."""
+    out = ""
+    for line in (ln.strip() for ln in message.splitlines()):
+        if line:
+            out += line if not out else (" " if out[-1] in ".:;,?!" else "; ") + line
+    return out
+
+
+def _check_folder(folder: Path, what: str) -> None:
+    """UsageError unless ``folder`` is a writable folder or can be made: the nearest part of it
+    that exists is a folder we may write in."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{what}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{what}: cannot write in folder {existing} (permission denied)")
+
+
+def _check_output_file(path: Path, flag: str) -> Path:
+    """``path`` if a file can be written there (missing folders are made when it is written)."""
+    if path.is_dir():
+        raise UsageError(f"{flag} {path}: is a folder; give a file path")
+    if path.exists() and not path.is_file():
+        raise UsageError(f"{flag} {path}: exists and is not a regular file")
+    _check_folder(path.parent, f"{flag} {path}")
+    return path
+
+
+def _plan_output(model_ref: str, backend: str | None, output: str | None) -> tuple[str | None, Path | None]:
+    """(backend or None for a graph module file, checked output path or None), before anything runs.
+
+    Without --backend, an -o suffix that is a backend's (.onnx, .ptl, .pte) picks that backend;
+    any other suffix (.pt) writes a graph module file. A --backend whose suffix differs from the
+    one -o has, when that suffix is another backend's, is refused.
+    """
+    from .errors import LoweringError
+    from .lowering import available_backends, get_backend
+
+    if output == "":
+        raise UsageError("-o: empty path; give a file path")
+    if backend is not None:
+        get_backend(backend)  # an unknown name fails here, with close names
+    if output is not None:
+        by_suffix = {cls.suffix.lower(): name for name, cls in available_backends().items() if cls.suffix}
+        implied = by_suffix.get(Path(output).suffix.lower())
+        if backend is None:
+            backend = implied
+        elif implied is not None and implied != backend:
+            raise UsageError(
+                f"-o {output}: {Path(output).suffix} is the {implied} backend's suffix but --backend is {backend}; "
+                f"write {Path(output).with_suffix(get_backend(backend).suffix or Path(output).suffix)} or "
+                f"drop --backend to lower with {implied}"
+            )
+    if backend is None:
+        return None, None if output is None else _check_output_file(Path(output), "-o")
+    cls = get_backend(backend)
+    missing = cls.unavailable()
+    if missing is not None:
+        raise LoweringError(f"{backend}: cannot run on this machine: {missing}")
+    out = Path(output if output is not None else Path(model_ref.split(":")[-1]).stem)
+    if out.is_dir():
+        raise UsageError(f"-o {out}: is a folder; give a file path such as {out / ('model' + cls.suffix)}")
+    if not out.suffix:
+        out = out.with_name(out.name + cls.suffix)
+    return backend, _check_output_file(out, "-o")
+
+
+def _write_json(path: Path, data) -> None:
+    """Write ``data`` as JSON atomically: the complete new file or the old one, never half of it."""
+    from .fileio import atomic_write
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as staged, open(staged, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
 
 
 def _console():
@@ -138,13 +230,22 @@ def cmd_optimize(args) -> int:
     from . import optimize
     from .models import load_model, save
 
+    # everything that can be checked without the model is checked first: no pipeline run is lost
+    shapes = [parse_shape(s) for s in args.input]
+    backend, out = _plan_output(args.model, args.backend, args.output)
+    report_json = None if args.report_json is None else _check_output_file(Path(args.report_json), "--report-json")
+    if out is not None and report_json is not None and out.resolve() == report_json.resolve():
+        raise UsageError(f"-o and --report-json name the same file {out}; give two paths")
     model, default_inputs = load_model(args.model)
     dtype = _DTYPES[args.dtype]
-    if args.input:
-        inputs = tuple(torch.randn(*parse_shape(s)).to(dtype) if dtype.is_floating_point
-                       else torch.zeros(parse_shape(s), dtype=dtype) for s in args.input)
+    if shapes:
+        inputs = tuple(torch.randn(*shape).to(dtype) if dtype.is_floating_point
+                       else torch.zeros(shape, dtype=dtype) for shape in shapes)
     elif default_inputs is not None:
         inputs = default_inputs
+        if dtype.is_floating_point:  # the model is converted below: its example inputs must follow
+            inputs = tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                           for t in inputs)
     else:
         raise UsageError(f"{args.model} has no default input: give --input SHAPE (e.g. --input 1x3x224x224)")
     if dtype is not torch.float32 and dtype.is_floating_point:
@@ -164,18 +265,19 @@ def cmd_optimize(args) -> int:
     console.print(result.report.table())
     for line in result.report.details():
         console.print(line, markup=False, highlight=False)
-    if args.report_json:
-        Path(args.report_json).write_text(json.dumps(result.report.to_dict(), indent=2))
-    if args.backend:
+    if report_json is not None:
+        _write_json(report_json, result.report.to_dict())
+    if backend is not None:
         from .lowering import lower
 
-        out = args.output or f"{Path(args.model.split(':')[-1]).stem}"
-        with console.status(f"lowering to {args.backend} and verifying in its runtime"):
-            artifact = lower(result.module, inputs, backend=args.backend, path=out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with console.status(f"lowering to {backend} and verifying in its runtime"):
+            artifact = lower(result.module, inputs, backend=backend, path=out)
         console.print(str(artifact), markup=False, highlight=False)
-    elif args.output:
-        n = save(result.module, args.output)
-        console.print(f"wrote {args.output} ({n} bytes): graph code + state, load with graphopt.models.load(path, trust_code=True)",
+    elif out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        n = save(result.module, out)
+        console.print(f"wrote {out} ({n} bytes): graph code + state, load with graphopt.models.load(path, trust_code=True)",
                       markup=False, highlight=False)
     return 1 if result.report.failed else 0
 
@@ -183,4 +285,5 @@ def cmd_optimize(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
+    _check_folder(Path(args.out), f"--out {args.out}")
     return run_demo(args.model, args.out)

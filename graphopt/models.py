@@ -60,10 +60,28 @@ def load_model(ref: str) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...] | No
 
 
 def _import_module(name: str):
+    """Import ``name``; a package in the current directory is found even when that directory is
+    not on ``sys.path`` (the ``graphopt`` console script, unlike ``python -m``, leaves it out)."""
     try:
-        return importlib.import_module(name)
+        try:
+            return importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name.split(".")[0] or not _put_cwd_on_path():
+                raise
+            return importlib.import_module(name)
     except Exception as exc:
         raise ModelLoadError(f"cannot import module {name!r}: {type(exc).__name__}: {exc}") from exc
+
+
+def _put_cwd_on_path() -> bool:
+    """Append the current directory to ``sys.path`` (after everything installed, so it shadows
+    nothing); False when it is there already."""
+    cwd = os.path.realpath(os.getcwd())
+    if any(isinstance(p, str) and os.path.realpath(p or os.curdir) == cwd for p in sys.path):
+        return False
+    sys.path.append(cwd)
+    importlib.invalidate_caches()
+    return True
 
 
 def _import_file(path: str):

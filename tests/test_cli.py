@@ -102,3 +102,214 @@ def test_optimize_with_onnx_backend_writes_a_verified_artifact(tmp_path):
     code, stdout, stderr = run_cli("optimize", "mlp", "--backend", "onnx", "-o", str(out))
     assert code == 0, stderr
     assert out.exists() and "verified in its runtime: ok" in stdout
+
+
+# ------------------------------------------------------------------ outputs, checked before the pipeline runs
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.fixture
+def no_pipeline(monkeypatch):
+    """Fail the test if the pipeline (or the demo) starts: the checks must come first."""
+    import graphopt
+    import graphopt.demo
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the pipeline ran before the output paths were checked")
+
+    monkeypatch.setattr(graphopt, "optimize", refuse)
+    monkeypatch.setattr(graphopt.demo, "run_demo", refuse)
+
+
+def test_missing_output_folders_are_created(tmp_path, capsys):
+    out = tmp_path / "a" / "b" / "m.pt"
+    report = tmp_path / "c" / "d" / "report.json"
+    assert main(["optimize", "mlp", "-o", str(out), "--report-json", str(report)]) == 0
+    assert json.loads(report.read_text())["pipeline"]
+    gm = load(out, trust_code=True)  # .pt keeps writing a graph module file
+    assert gm(torch.randn(4, 64)).shape == (4, 10)
+    assert sorted(p.name for p in (tmp_path / "a" / "b").iterdir()) == ["m.pt"]  # no staging left over
+
+
+@pytest.mark.parametrize(
+    "make_argv, message",
+    [
+        (lambda t: ["-o", str(t / "file.txt" / "m.pt")], "file.txt is a file, not a folder"),
+        (lambda t: ["-o", str(t / "file.txt" / "deeper" / "m.onnx")], "file.txt is a file, not a folder"),
+        (lambda t: ["-o", str(t)], "is a folder; give a file path"),
+        (lambda t: ["--backend", "onnx", "-o", str(t)], "is a folder; give a file path"),
+        (lambda t: ["-o", ""], "-o: empty path"),
+        (lambda t: ["--report-json", str(t)], "--report-json"),
+        (lambda t: ["--report-json", str(t / "file.txt" / "r.json")], "file.txt is a file, not a folder"),
+        (lambda t: ["-o", str(t / "same"), "--report-json", str(t / "same")], "name the same file"),
+    ],
+)
+def test_unwritable_output_paths_fail_in_one_line_before_the_pipeline(make_argv, message, tmp_path, capsys, no_pipeline):
+    (tmp_path / "file.txt").write_text("not a folder")
+    assert main(["optimize", "mlp", *make_argv(tmp_path)]) == 2
+    err = _one_line_error(capsys)
+    assert err.startswith("graphopt: error: ") and message in err
+    assert (tmp_path / "file.txt").read_text() == "not a folder"
+
+
+def test_output_in_a_folder_we_may_not_write_fails_in_one_line(tmp_path, capsys, monkeypatch, no_pipeline):
+    import os
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    if os.geteuid() == 0:  # root may write anywhere: make the check see what a user would
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p) == str(locked) else real_access(p, mode, **kw))
+    try:
+        for argv in (["optimize", "mlp", "-o", str(locked / "sub" / "m.pt")],
+                     ["optimize", "mlp", "--report-json", str(locked / "r.json")],
+                     ["demo", "--out", str(locked / "demo")]):
+            assert main(argv) == 2
+            assert f"cannot write in folder {locked} (permission denied)" in _one_line_error(capsys)
+    finally:
+        locked.chmod(0o700)
+    assert not any(locked.iterdir())
+
+
+def test_demo_out_that_is_a_file_fails_in_one_line(tmp_path, capsys, no_pipeline):
+    target = tmp_path / "demo"
+    target.write_text("a file")
+    assert main(["demo", "--out", str(target)]) == 2
+    assert f"--out {target}: {target} is a file, not a folder" in _one_line_error(capsys)
+    assert main(["demo", "--out", str(target / "inside")]) == 2
+    assert "is a file, not a folder" in _one_line_error(capsys)
+
+
+def test_report_json_is_written_atomically(tmp_path, monkeypatch):
+    from graphopt.pass_manager import Report
+
+    report = tmp_path / "report.json"
+    report.write_text('{"old": true}\n')
+    # json streams into the file; a value it cannot encode fails midway through the write
+    monkeypatch.setattr(Report, "to_dict", lambda self: {"pipeline": self.pipeline, "bad": object()})
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        main(["optimize", "mlp", "--report-json", str(report)])
+    assert report.read_text() == '{"old": true}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
+def test_oserror_while_writing_is_one_line_and_exit_code_2(tmp_path, capsys, monkeypatch):
+    import graphopt.models
+
+    def disk_full(gm, path):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(graphopt.models, "save", disk_full)
+    assert main(["optimize", "mlp", "-o", str(tmp_path / "m.pt")]) == 2
+    assert f"graphopt: error: {tmp_path / 'm.pt'}: No space left on device" == _one_line_error(capsys)
+
+
+# ------------------------------------------------------------------ backend from the -o suffix
+
+
+def test_onnx_suffix_without_backend_lowers_to_onnx(tmp_path, capsys):
+    import zipfile
+
+    import onnx
+
+    out = tmp_path / "m.onnx"
+    assert main(["optimize", "mlp", "-o", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert f"onnx: {out}" in stdout and "verified in its runtime: ok" in stdout
+    assert not zipfile.is_zipfile(out)  # not a torch zip named .onnx
+    onnx.checker.check_model(onnx.load(str(out)))
+
+
+@pytest.mark.parametrize("name, backend", [("m.onnx", "onnx"), ("m.ptl", "torchscript-mobile"),
+                                           ("m.pte", "executorch"), ("m.ONNX", "onnx")])
+def test_output_suffix_picks_the_backend(name, backend, tmp_path, capsys, monkeypatch):
+    import graphopt.lowering
+
+    chosen = {}
+
+    def fake_lower(module, inputs, backend, path, **kw):
+        chosen.update(backend=backend, path=path)
+        return "lowered"
+
+    monkeypatch.setattr(graphopt.lowering, "lower", fake_lower)
+    monkeypatch.setattr(graphopt.lowering.get_backend(backend), "unavailable", classmethod(lambda cls: None))
+    assert main(["optimize", "mlp", "-o", str(tmp_path / name)]) == 0
+    assert chosen == {"backend": backend, "path": tmp_path / name}
+
+
+def test_backend_that_contradicts_the_output_suffix_fails_in_one_line(tmp_path, capsys, no_pipeline):
+    assert main(["optimize", "mlp", "--backend", "torchscript-mobile", "-o", str(tmp_path / "m.onnx")]) == 2
+    err = _one_line_error(capsys)
+    assert ".onnx is the onnx backend's suffix but --backend is torchscript-mobile" in err
+    assert "m.ptl" in err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_unavailable_backend_picked_by_suffix_fails_before_the_pipeline(tmp_path, capsys, monkeypatch, no_pipeline):
+    import graphopt.lowering
+
+    cls = graphopt.lowering.get_backend("executorch")
+    monkeypatch.setattr(cls, "unavailable", classmethod(lambda c: "install graphopt[executorch]"))
+    assert main(["optimize", "mlp", "-o", str(tmp_path / "m.pte")]) == 2
+    assert "executorch: cannot run on this machine: install graphopt[executorch]" in _one_line_error(capsys)
+
+
+# ------------------------------------------------------------------ models, dtypes, error lines
+
+
+def test_package_in_the_current_directory_resolves_without_it_on_sys_path(tmp_path, capsys, monkeypatch):
+    """The `graphopt` console script does not put the current directory on sys.path."""
+    import os
+
+    pkg = tmp_path / "gopt_cwd_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "nets.py").write_text("import torch.nn as nn\ndef build():\n    return nn.Linear(4, 2)\n")
+    monkeypatch.chdir(tmp_path)
+    here = os.path.realpath(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if os.path.realpath(p or os.curdir) != here])
+    for name in ("gopt_cwd_pkg", "gopt_cwd_pkg.nets"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    try:
+        assert main(["optimize", "gopt_cwd_pkg.nets:build", "--input", "1x4", "-o", "m.pt"]) == 0, capsys.readouterr().err
+        assert load(tmp_path / "m.pt", trust_code=True)(torch.randn(1, 4)).shape == (1, 2)
+        assert main(["optimize", "gopt_no_such_pkg.nets:build", "--input", "1x4"]) == 2
+        assert "No module named 'gopt_no_such_pkg'" in _one_line_error(capsys)
+    finally:
+        for name in ("gopt_cwd_pkg", "gopt_cwd_pkg.nets"):
+            sys.modules.pop(name, None)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_dtype_converts_the_model_and_the_builtin_example_inputs(dtype, tmp_path, capsys):
+    out = tmp_path / "m.pt"
+    assert main(["optimize", "mlp", "--dtype", dtype, "-o", str(out)]) == 0, capsys.readouterr().err
+    gm = load(out, trust_code=True)
+    assert {t.dtype for t in gm.state_dict().values()} == {getattr(torch, dtype)}
+    assert gm(torch.randn(4, 64, dtype=getattr(torch, dtype))).dtype == getattr(torch, dtype)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["optimize", "mlp", "--dtype", "float8"], "argument --dtype: invalid choice: 'float8'"),
+        (["optimize", "mlp", "--input", "2x5"], "graphopt: error: MLP raised RuntimeError"),  # was exit code 1
+    ],
+)
+def test_every_failure_is_one_line_and_exit_code_2(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in _one_line_error(capsys)
+
+
+def test_multi_line_error_messages_are_joined_into_one_line(tmp_path, capsys):
+    model_file = tmp_path / "bad.py"
+    model_file.write_text("def build():\n    raise ValueError('first line\\n  second line')\n")
+    assert main(["optimize", f"{model_file}:build", "--input", "1x4"]) == 2
+    assert "raised ValueError: first line; second line" in _one_line_error(capsys)
