@@ -29,6 +29,7 @@ import contextlib
 import copy
 import logging
 import operator
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,7 @@ from graphopt.graph import add_constant, get_attr_value
 from graphopt.fileio import native_stdout_discarded
 from graphopt.lowering import Backend, exception_summary, other_kernels_tolerance, register_backend
 from graphopt.quantization import has_qdq, lowering_tolerance
+from graphopt import shapes
 from graphopt.quantization.qdq import DEQUANTIZE_PER_CHANNEL, DEQUANTIZE_PER_TENSOR, QUANTIZE_PER_CHANNEL, QUANTIZE_PER_TENSOR, has_dynamic_qdq
 
 _DELEGATES = ("xnnpack", "none")
@@ -68,10 +70,19 @@ class ExecuTorch(Backend):
     #: "xnnpack": delegate what XNNPACK supports, the rest runs on portable kernels;
     #: "none": portable kernels only (a reference, slow)
     delegate: str = "xnnpack"
+    #: keep the graph's dynamic dims (declared at capture) dynamic in the program, each up to
+    #: ``max_size`` (the runtime plans memory for that bound); False, or a graph torch.export
+    #: cannot keep dynamic, bakes in the example's shapes (``report["static_shapes"]`` says why)
+    dynamic: bool = True
+    max_size: int = 1024
 
     def __post_init__(self) -> None:
         if self.delegate not in _DELEGATES:
             raise LoweringError(f"executorch: delegate must be one of {', '.join(_DELEGATES)}, not {self.delegate!r}")
+        if not isinstance(self.dynamic, bool):
+            raise LoweringError(f"executorch: dynamic must be True or False, not {self.dynamic!r}")
+        if not isinstance(self.max_size, int) or isinstance(self.max_size, bool) or self.max_size < 2:
+            raise LoweringError(f"executorch: max_size must be an int >= 2, not {self.max_size!r}")
 
     @classmethod
     def unavailable(cls) -> str | None:
@@ -92,6 +103,10 @@ class ExecuTorch(Backend):
             report["converted_uint8_nodes"] = converted
         self._prepared = (gm, example_inputs)
         self._quantized = quantized
+        self._dynamic = self.dynamic and bool(shapes.sizes_for(gm))
+        if self.dynamic is False and shapes.sizes_for(gm):
+            report["static_shapes"] = "dynamic=False: the program has the example's shapes (" + \
+                "; ".join(shapes.describe(gm)) + ")"
         try:
             program = self._program(et, gm, example_inputs, report, delegate=self.delegate == "xnnpack")
         except LoweringError:
@@ -183,14 +198,31 @@ class ExecuTorch(Backend):
 
     def _program(self, et: SimpleNamespace, gm: fx.GraphModule, inputs: tuple[Any, ...], report: dict[str, Any],
                  delegate: bool) -> Any:
+        """The program, with the graph's dynamic dims where asked and torch.export and the
+        lowering keep them; else with the example's shapes, the reason in ``report``."""
+        if getattr(self, "_dynamic", False) and "static_shapes" not in report:
+            try:
+                program = self._lowered(et, gm, inputs, report, delegate, dynamic=True)
+                _run_at_second_sizes(et, program, gm, inputs)
+                return program
+            except Exception as exc:  # noqa: BLE001 - the static program is the way out
+                report["static_shapes"] = (f"the dynamic dims could not be kept ({exception_summary(exc)}); the "
+                                           f"program has the example's shapes ({'; '.join(shapes.describe(gm))})")
+        return self._lowered(et, gm, inputs, report, delegate, dynamic=False)
+
+    def _lowered(self, et: SimpleNamespace, gm: fx.GraphModule, inputs: tuple[Any, ...], report: dict[str, Any],
+                 delegate: bool, dynamic: bool) -> Any:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # executorch's own use of deprecated pytree names
             if not delegate:  # the portable kernels' own requirements (XNNPACK takes the graph as is)
                 gm = portable_qparams(gm)
             try:
-                exported = torch.export.export(gm, inputs, strict=False)
+                traced_at, spec = shapes.export_spec(gm, inputs, max_size=self.max_size) if dynamic else (inputs, None)
+                exported = torch.export.export(gm, traced_at, dynamic_shapes=spec, strict=False)
             except Exception as exc:
                 raise LoweringError(f"torch.export failed: {exception_summary(exc)}") from exc
+            if spec is not None:
+                report["inferred_view_dims"] = inferred_view_dims(exported.graph_module)
             partitioners = [et.XnnpackPartitioner()] if delegate else []
             edge = et.to_edge_transform_and_lower(exported, partitioner=partitioners)
             delegated, portable, nodes, subgraphs = delegation(edge.exported_program().graph_module)
@@ -201,6 +233,48 @@ class ExecuTorch(Backend):
                 node_count=sum(delegated.values()) + sum(portable.values()),
             )
             return edge.to_executorch()
+
+
+_VIEWS = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default,
+          torch.ops.aten.flatten.using_ints)
+
+
+def inferred_view_dims(module: fx.GraphModule) -> int:
+    """Spell views whose result has one symbolic size as reshapes to constant sizes and -1
+    (``flatten(x, 1)`` of an ``s0 x 64 x 1 x 1`` tensor -> ``reshape(x, [-1, 64])``, the same
+    view), so XNNPACK, which takes a reshape with one inferred dim but none with symbolic
+    sizes, keeps it delegated; returns how many."""
+    changed = 0
+    for node in module.graph.nodes:
+        if node.op != "call_function" or node.target not in _VIEWS:
+            continue
+        value = node.meta.get("val")
+        if not isinstance(value, torch.Tensor):
+            continue
+        symbolic = [i for i, size in enumerate(value.shape) if not isinstance(size, int)]
+        if len(symbolic) != 1:
+            continue
+        sizes = [size if isinstance(size, int) else -1 for size in value.shape]
+        node.target = torch.ops.aten.reshape.default
+        node.args = (node.args[0], sizes)
+        node.kwargs = {}
+        changed += 1
+    if changed:
+        module.graph.eliminate_dead_code()  # the size reads nothing needs any more
+        module.recompile()
+    return changed
+
+
+def _run_at_second_sizes(et: SimpleNamespace, program: Any, gm: fx.GraphModule, inputs: tuple[Any, ...]) -> None:
+    """Run a program exported with dynamic dims at their second sizes in the runtime: some
+    kernels (XNNPACK's, portable split) fail to resize where torch.export allowed the dims."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "trial.pte"
+        path.write_bytes(program.buffer)
+        method = _load_method(et, path)
+        resized = shapes.resized_inputs(gm, inputs)
+        with native_stdout_discarded(stderr=True):  # the runtime logs the failing kernel
+            method.execute([x.contiguous() if isinstance(x, torch.Tensor) else x for x in resized])
 
 
 def _load_method(et: SimpleNamespace, path: Path) -> Any:
@@ -387,7 +461,8 @@ def delegation(program_module: fx.GraphModule) -> tuple[collections.Counter, col
 
 def _bookkeeping(node: fx.Node) -> bool:
     """getitem and delegate calls: plumbing, not operators."""
-    return node.target is operator.getitem or "executorch_call_delegate" in str(node.target)
+    return node.target is operator.getitem or "executorch_call_delegate" in str(node.target) \
+        or "sym_size" in str(node.target)  # a size read: the runtime's prim op, not a kernel
 
 
 def _op_name(target: Any) -> str:

@@ -10,8 +10,10 @@ Python (a ``TracerWarning``: the file would hold the example's values as constan
 says which exporter wrote the file and why the first was not used.
 
 Weights go into the one ``.onnx`` file; only a model over the 2 GB protobuf limit gets external
-data files, which land next to it. ``dynamic_batch=True`` makes dimension 0 of every input and
-output symbolic and verifies the file at another batch size too.
+data files, which land next to it. The graph's dynamic dims (declared at capture, the batch by
+default: :mod:`graphopt.shapes`) are symbolic in the file, named as declared, and
+:func:`graphopt.lower` verifies it at their second sizes too; ``dynamic=False`` writes the
+example's shapes (the report says so).
 
 A quantized graph (quantize/dequantize nodes, e.g. from the ``mobile-int8`` preset) is written
 as QuantizeLinear/DequantizeLinear around float operators, which ONNX Runtime fuses into its
@@ -38,6 +40,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from graphopt import graph as G
+from graphopt import shapes
 from graphopt.backends._quantized_onnx import integer_linears
 from graphopt.errors import LoweringError
 from graphopt.fileio import native_stdout_discarded
@@ -70,16 +73,17 @@ class Onnx(Backend):
     exporter: str = "auto"
     #: ONNX opset of the default domain
     opset: int = 18
-    #: symbolic dimension 0 ("batch") on every input and output
-    dynamic_batch: bool = False
+    #: keep the graph's dynamic dims (declared at capture: the batch by default) symbolic in the
+    #: file, named as declared; False writes the example's shapes
+    dynamic: bool = True
 
     def __post_init__(self) -> None:
         if self.exporter not in _EXPORTERS:
             raise LoweringError(f"onnx: exporter must be one of {', '.join(_EXPORTERS)}, not {self.exporter!r}")
         if not isinstance(self.opset, int) or self.opset not in _OPSETS:
             raise LoweringError(f"onnx: opset must be an int from {_OPSETS.start} to {_OPSETS.stop - 1}, not {self.opset!r}")
-        if not isinstance(self.dynamic_batch, bool):
-            raise LoweringError(f"onnx: dynamic_batch must be True or False, not {self.dynamic_batch!r}")
+        if not isinstance(self.dynamic, bool):
+            raise LoweringError(f"onnx: dynamic must be True or False, not {self.dynamic!r}")
         self._tried: list[str] = []
 
     # ----------------------------------------------------------------------- export + load
@@ -94,7 +98,10 @@ class Onnx(Backend):
         and what to do.
         """
         external_data = G.param_bytes(gm) > _SINGLE_FILE_LIMIT
-        report.update(opset=self.opset, external_data=external_data, dynamic_batch=self.dynamic_batch)
+        report.update(opset=self.opset, external_data=external_data)
+        if not self.dynamic and shapes.sizes_for(gm):
+            report["static_shapes"] = "dynamic=False: the file has the example's shapes " + \
+                "; ".join(shapes.describe(gm))
         graphs = {"torchscript": gm, "dynamo": gm}
         if has_qdq(gm):
             _refuse_saturating_weights(gm)
@@ -149,13 +156,6 @@ class Onnx(Backend):
         (found by a 2,000-case campaign: batch norm with batch statistics on near-constant input)."""
         return lowering_tolerance(gm) if has_qdq(gm) else other_kernels_tolerance()
 
-    def verification_inputs(self, example_inputs: tuple[Any, ...]) -> list[tuple[str, tuple[Any, ...]]]:
-        sets = [("example inputs", example_inputs)]
-        if self.dynamic_batch:
-            batch = _batch_size(example_inputs) + 2
-            sets.append((f"inputs at batch size {batch}", tuple(_rebatch(x, batch) for x in example_inputs)))
-        return sets
-
     # ------------------------------------------------------------------------------ probes
 
     def probe(self, module: fx.GraphModule, inputs: tuple[Any, ...]) -> str | None:
@@ -204,14 +204,11 @@ class Onnx(Backend):
         output_names = ["output"] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))]
         common = dict(opset_version=self.opset, input_names=input_names, output_names=output_names)
         if exporter == "dynamo":
-            dynamic_shapes = None
-            if self.dynamic_batch:
-                batch = torch.export.Dim("batch")
-                dynamic_shapes = tuple({0: batch} if isinstance(x, torch.Tensor) and x.dim() else None for x in inputs)
-            torch.onnx.export(gm, inputs, str(path), dynamo=True, external_data=external_data, verbose=False,
+            traced_at, dynamic_shapes = shapes.export_spec(gm, inputs) if self.dynamic else (inputs, None)
+            torch.onnx.export(gm, traced_at, str(path), dynamo=True, external_data=external_data, verbose=False,
                               dynamic_shapes=dynamic_shapes, **common)
             return
-        dynamic_axes = {name: {0: "batch"} for name in input_names + output_names} if self.dynamic_batch else None
+        dynamic_axes = _dynamic_axes(gm, inputs, input_names, output_names) if self.dynamic else None
         with recording_warnings() as caught, native_stdout_discarded():
             torch.onnx.export(gm, inputs, str(path), dynamo=False, dynamic_axes=dynamic_axes, **common)
         unsound = tracer_warning(caught)
@@ -246,13 +243,28 @@ def _refuse_saturating_weights(gm: fx.GraphModule) -> None:
     )
 
 
-def _batch_size(inputs: tuple[Any, ...]) -> int:
-    return next((x.shape[0] for x in inputs if isinstance(x, torch.Tensor) and x.dim()), 1)
-
-
-def _rebatch(x: Any, batch: int) -> Any:
-    """``x`` with dimension 0 of size ``batch``, its rows repeated (verification varies the values)."""
-    if not isinstance(x, torch.Tensor) or not x.dim():
-        return x
-    reps = -(-batch // x.shape[0])
-    return x.repeat(reps, *([1] * (x.dim() - 1)))[:batch].contiguous()
+def _dynamic_axes(gm: fx.GraphModule, inputs: tuple[Any, ...], input_names: list[str],
+                  output_names: list[str]) -> dict[str, dict[int, str]] | None:
+    """The TorchScript exporter's ``dynamic_axes``: each input's declared dynamic dims by name,
+    and each output dim that changes when they do (seen by running the graph at the second
+    sizes), named after the input dim of the same sizes or ``<output>_dim<d>``."""
+    sizes = shapes.sizes_for(gm)
+    if not sizes:
+        return None
+    axes: dict[str, dict[int, str]] = {}
+    dims = shapes.input_dims(gm)
+    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]  # the exporter's input names
+    for name, d in zip(placeholders, dims):
+        if d is not None and d.dynamic and name in input_names:
+            axes[name] = dict(d.dynamic)
+    with torch.no_grad():
+        first = pytree.tree_leaves(G.call(gm, inputs))
+        second = pytree.tree_leaves(G.call(gm, shapes.resized_inputs(gm, inputs, sizes)))
+    by_sizes = {(size, sizes[name]): name for name, size in shapes.dynamic_names(gm).items()}
+    for out_name, a, b in zip(output_names, first, second):
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() == b.dim():
+            varying = {d: by_sizes.get((p, q), f"{out_name}_dim{d}") for d, (p, q) in enumerate(zip(a.shape, b.shape))
+                       if p != q}
+            if varying:
+                axes[out_name] = varying
+    return axes

@@ -14,14 +14,19 @@ from typing import Any
 from . import errors, graph, ops
 from .errors import *  # noqa: F401,F403
 from .pass_infra import (
+    Check,
+    Constraint,
     Contract,
     Exact,
     Invocation,
     Lossy,
+    OneOf,
     Pass,
     PassContext,
+    Range,
     available_passes,
     available_presets,
+    check_patterns,
     get_pass,
     register_pass,
     register_preset,
@@ -60,5 +65,6 @@ __all__ = [
     "Contract", "Exact", "Lossy", "Pass", "PassContext", "Invocation", "PassManager", "PassRecord",
     "Report", "Result", "Hook", "PrintGraph", "Timing", "available_passes", "available_presets",
     "capture", "get_pass", "register_pass", "register_preset", "unregister_pass", "optimize", "bisect",
+    "Constraint", "Range", "OneOf", "Check", "check_patterns",
     *_LAZY,
 ]

@@ -45,9 +45,9 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 from torch.export.graph_signature import InputKind, OutputKind
 
-from . import canonical, lazy, ops
+from . import canonical, lazy, ops, shapes
 from .errors import CaptureError, GraphoptError, InputError
-from .graph import as_input_tuple, collector_paused, get_attr_value, record_shapes, unique_attr_name
+from .graph import as_input_tuple, collector_paused, execute, get_attr_value, record_shapes, unique_attr_name
 
 MODES = ("symbolic", "export")
 
@@ -69,8 +69,17 @@ def capture(
     mode: str = "symbolic",
     leaf_modules: Sequence[type[nn.Module] | str] = (),
     concrete_args: dict[str, Any] | None = None,
+    dynamic_shapes: Any = "batch",
 ) -> fx.GraphModule:
     """Capture ``model`` into a canonical GraphModule, run on ``example_inputs`` to record shapes.
+
+    ``dynamic_shapes`` declares the input dims the graph stays generic over (see
+    :mod:`graphopt.shapes`): ``"batch"`` (default, dim 0 of every tensor input), ``"static"``,
+    or per input ``{dim: name}`` dicts (a sequence, or a dict by parameter name). Each
+    dynamic dim is checked: the model and the captured graph are run at a second size of it
+    and must agree; a dim the model or the graph cannot vary is kept static, with the reason
+    recorded on the graph (:func:`graphopt.shapes.describe`). Other sizes of a static dim are
+    refused with an :class:`InputError` when the graph module is called.
 
     ``example_inputs`` is a tensor or a tuple of tensors, passed positionally. ``leaf_modules``
     (symbolic mode) lists module types (instances of them and of their subclasses) or qualified
@@ -84,8 +93,10 @@ def capture(
     _check_model(model)
     inputs = _check_inputs(example_inputs)
     leaf_types, leaf_names = _check_options(mode, leaf_modules, concrete_args)
+    names = [n for n in shapes.forward_parameter_names(model) if n not in (concrete_args or {})]
+    dims = shapes.normalize(dynamic_shapes, inputs, names)
     with collector_paused():
-        return _capture(model, inputs, mode, leaf_types, leaf_names, concrete_args)
+        return _capture(model, inputs, mode, leaf_types, leaf_names, concrete_args, dims)
 
 
 def _capture(
@@ -95,22 +106,88 @@ def _capture(
     leaf_types: tuple[type[nn.Module], ...],
     leaf_names: frozenset[str],
     concrete_args: dict[str, Any] | None,
+    dims: list[dict[int, Any]],
 ) -> fx.GraphModule:
     fixed_kwargs = _fixed_kwargs(concrete_args)
     root, origins = _deepcopy(model)
     isolated = _Isolation(root, origins)
     reference = _reference_outputs(root, inputs, fixed_kwargs, isolated)
+    static: dict[str, str] = {}
+    second = _model_at_second_sizes(root, inputs, dims, fixed_kwargs, isolated, static)
     if mode == "symbolic":
         graph, lowered = _trace_symbolic(root, leaf_types, leaf_names, concrete_args, fixed_kwargs)
     else:
-        graph, lowered = _trace_export(root, inputs), []
+        graph, lowered = _trace_export(root, inputs, shapes.build(inputs, dims, static), static), []
     # the GraphModule keeps the layers the trace called, as GraphModule(root, traced graph) would
     called = lowered + [n.target for n in graph.nodes if n.op == "call_module"]
     canonical.ensure_provenance(graph)
     _resolve_annotations(graph, root)
     _canonicalize(root, graph, inputs, isolated)
     _check_reproduces(root, reference, _propagate(root, graph, inputs, isolated))
+    shapes.declare(graph, shapes.build(inputs, dims, static))
+    _check_generic(root, graph, inputs, dims, static, second, isolated)
     return _graph_module(root, graph, called)
+
+
+# -- dynamic dims ---------------------------------------------------------------------------------
+
+
+def _model_at_second_sizes(
+    model: nn.Module, inputs: tuple[torch.Tensor, ...], dims: list[dict[int, Any]], kwargs: dict[str, Any],
+    isolated: _Isolation, static: dict[str, str],
+) -> tuple[dict[str, int], tuple[Any, ...], Any] | None:
+    """Run the model with every dynamic dim at its second size; the sizes, inputs and outputs.
+
+    A dim the model cannot run at another size (``view(2, -1)``) is added to ``static`` with
+    the model's error, and the others are tried without it.
+    """
+    recorded = shapes.build(inputs, dims, static)
+    sizes = shapes.sizes_for(recorded)
+    if not sizes:
+        return None
+    try:
+        resized = shapes.resized_inputs(recorded, inputs, sizes)
+        with isolated():
+            return sizes, resized, model(*_fresh(resized), **kwargs)
+    except Exception:  # noqa: BLE001 - find the dims at fault, one at a time
+        pass
+    for name, size in sizes.items():
+        try:
+            with isolated():
+                model(*_fresh(shapes.resized_inputs(recorded, inputs, {name: size})), **kwargs)
+        except Exception as exc:  # noqa: BLE001 - the user's code may raise anything
+            static[name] = (f"the model raised {type(exc).__name__} at {name}={size}{_where(exc)}: "
+                            f"{_first_line(exc)[:200]}")
+    if len(static) == len(sizes):
+        return None
+    if not static:  # each dim runs alone but not all together: keep them all static
+        for name in sizes:
+            static[name] = "the model does not run with all dynamic dims at other sizes together"
+        return None
+    return _model_at_second_sizes(model, inputs, dims, kwargs, isolated, static)
+
+
+def _check_generic(
+    root: nn.Module, graph: fx.Graph, inputs: tuple[torch.Tensor, ...], dims: list[dict[int, Any]],
+    static: dict[str, str], second: tuple[dict[str, int], tuple[Any, ...], Any] | None, isolated: _Isolation,
+) -> None:
+    """Check that the graph reproduces the model at the second sizes; a dim at which it does
+    not (the front end specialized it) is recorded static with the difference."""
+    if second is None or all(name in static for name in second[0]):
+        return
+    sizes, resized, want = second
+    try:
+        with isolated():
+            got = _plain(execute(root, _fresh(resized), graph))
+        problem = _reproduction_problem(want, got)
+    except Exception as exc:  # noqa: BLE001
+        problem = f"{type(exc).__name__}: {_first_line(exc)[:200]}"
+    if not problem:
+        return
+    where = ", ".join(f"{k}={v}" for k, v in sizes.items())
+    for name in sizes:
+        static.setdefault(name, f"the captured graph does not reproduce the model at {where} ({problem})")
+    shapes.declare(graph, shapes.build(inputs, dims, static))
 
 
 def _resolve_annotations(graph: fx.Graph, root: nn.Module) -> None:
@@ -560,18 +637,21 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _check_reproduces(root: nn.Module, reference: Any, got: Any) -> None:
+def _reproduction_problem(reference: Any, got: Any) -> str:
+    """How ``got`` differs from the model's outputs ``reference``, or ''."""
     want_leaves, want_spec = pytree.tree_flatten(reference)
     got_leaves, got_spec = pytree.tree_flatten(_plain(got))
-    problem = ""
     if want_spec != got_spec:
-        problem = f"the graph returns {got_spec} where the model returns {want_spec}"
-    else:
-        for i, (w, g) in enumerate(zip(want_leaves, got_leaves)):
-            problem = _difference(w, g)
-            if problem:
-                problem = f"output {i}: {problem}"
-                break
+        return f"the graph returns {got_spec} where the model returns {want_spec}"
+    for i, (w, g) in enumerate(zip(want_leaves, got_leaves)):
+        problem = _difference(w, g)
+        if problem:
+            return f"output {i}: {problem}"
+    return ""
+
+
+def _check_reproduces(root: nn.Module, reference: Any, got: Any) -> None:
+    problem = _reproduction_problem(reference, got)
     if problem:
         raise CaptureError(
             f"the captured graph of {type(root).__name__} does not reproduce the model on the example "
@@ -726,7 +806,20 @@ def _erase_guard_cone(graph: fx.Graph, placeholder: fx.Node) -> None:
 # -- export front end -----------------------------------------------------------------------------
 
 
-def _trace_export(root: nn.Module, inputs: tuple[torch.Tensor, ...]) -> fx.Graph:
+def _trace_export(root: nn.Module, inputs: tuple[torch.Tensor, ...],
+                  recorded: list[shapes.InputDims | None] | None = None,
+                  static: dict[str, str] | None = None) -> fx.Graph:
+    """Export ``root``; with dynamic dims in ``recorded``, symbolic in those. Examples of size 0
+    or 1 at a dynamic dim (which export specializes) are traced at the dim's second size; a
+    dynamic export that fails is retried static, the reason added to ``static``."""
+    traced_at, dynamic = shapes.export_spec(recorded or [], inputs)
+    if dynamic is not None:
+        try:
+            return _unlift(torch.export.export(root, traced_at, dynamic_shapes=dynamic), root)
+        except Exception as exc:  # noqa: BLE001 - export raises many kinds; static is the way out
+            reason = f"torch.export cannot keep it dynamic: {type(exc).__name__}: {_first_line(exc)[:200]}"
+            for name in shapes.dynamic_names(recorded):
+                static.setdefault(name, reason)
     try:
         program = torch.export.export(root, inputs)
     except Exception as exc:  # noqa: BLE001 - export raises many kinds

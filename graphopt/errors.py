@@ -25,6 +25,15 @@ class OptionError(PipelineError):
     """A pass option is unknown or has a value of the wrong type."""
 
 
+class TrainingModeError(GraphoptError):
+    """The model is in training mode (batch norms using batch statistics, active dropout) but
+    the pipeline optimizes for inference: call ``model.eval()`` first. ``parts`` lists where."""
+
+    def __init__(self, message: str, *, parts=()):
+        super().__init__(message)
+        self.parts = list(parts)
+
+
 class PassError(GraphoptError):
     """A pass raised, left an invalid graph, or broke the rules passes must follow."""
 
@@ -76,3 +85,10 @@ class UnsupportedNodesError(LoweringError):
 class QuantizationError(GraphoptError):
     """Quantization could not be done as asked: bad calibration data (NaN/inf, none at all, wrong
     arity), an unknown configuration, or a quantized graph that breaks a backend's rules."""
+
+
+class CalibrationDataError(InputError, QuantizationError):
+    """Calibration data that does not fit the model: a batch holding NaN/inf, of another shape
+    (beyond the batch dim) or dtype than the example inputs, of the wrong arity, or no batch at
+    all. The message names the batch. An InputError (the pass manager raises it rather than
+    rolling the pass back), and a QuantizationError as these errors were before."""

@@ -19,7 +19,7 @@ import contextlib
 import gc
 import os
 import re
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.fx as fx
@@ -102,9 +102,11 @@ def record_shapes(module: torch.nn.Module, inputs: Iterable[Any], graph: fx.Grap
 
 
 def execute(module: torch.nn.Module, inputs: Iterable[Any], graph: fx.Graph | None = None, *,
-            record: bool = False, plan: "GraphRunner | None" = None) -> Any:
+            record: bool = False, plan: "GraphRunner | None" = None,
+            observe: "Callable[[fx.Node, Any], None] | None" = None) -> Any:
     """Run ``graph`` (default ``module.graph``) node by node on ``inputs`` and return what its
-    generated forward would return; with ``record``, as :func:`record_shapes`.
+    generated forward would return; with ``record``, as :func:`record_shapes`; ``observe`` is
+    called with each node and its value.
 
     Each node does what its line of fx's generated code does, and values are freed after their
     last use as that code frees them, so this computes what ``module(*inputs)`` computes without
@@ -134,6 +136,8 @@ def execute(module: torch.nn.Module, inputs: Iterable[Any], graph: fx.Graph | No
             else:
                 _record_structure_meta(node, value)
             node.meta["type"] = type(value)
+        if observe is not None:
+            observe(node, value)
         if node.op == "output":
             return graph.process_outputs(value)
         if node.users:

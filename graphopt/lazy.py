@@ -22,6 +22,8 @@ import torch.fx as fx
 from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.fx.graph import _PyTreeCodeGen
 
+from .shapes import check_call
+
 
 def _stale_forward(graph: fx.Graph | None) -> Any:
     """A forward that writes the code on its first call, then runs it, with the signature the
@@ -72,10 +74,24 @@ class LazyGraphModule(_LazyGraphModule):
             self._out_spec = codegen.pytree_info.out_spec
         type(self).forward = _stale_forward(self._graph)
 
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the module, refusing inputs the graph was not made for (see
+        :func:`graphopt.shapes.check_call`): a static dim of another size is an InputError,
+        never a wrong answer."""
+        if args and not _tracing():
+            check_call(self._graph, args)
+        return super().__call__(*args, **kwargs)
+
     def __prepare_scriptable__(self) -> "LazyGraphModule":
         """``torch.jit.script`` reads the forward's source: generate it first."""
         self.real_recompile()
         return self
+
+
+def _tracing() -> bool:
+    """Whether a tracer (TorchScript's, dynamo, torch.export) is running the module: the guard
+    then stays out of the trace (it reads sizes into Python)."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
 
 
 def graph_module(root: torch.nn.Module | dict[str, Any], graph: fx.Graph,

@@ -35,10 +35,12 @@ Backend class (registered under the entry point's name)::
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import difflib
 import inspect
 import logging
+import math
 import re
 import time
 import warnings
@@ -53,6 +55,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from . import graph as G
+from . import lazy, shapes
 from .plugins import load_entry_points
 from .errors import GraphoptError, InputError, LoweringError, ModelRunError, UnknownBackendError, UnsupportedNodesError
 from .fileio import atomic_write
@@ -292,6 +295,9 @@ def lower(
     path: str | Path | None = None,
     verify: bool = True,
     tolerance: Tolerance | None = None,
+    reference: Callable[..., Any] | None = None,
+    reference_tolerance: Tolerance | None = None,
+    dynamic_shapes: Any = "batch",
     **options: Any,
 ) -> Artifact:
     """Lower ``module`` with ``backend`` to ``path``, reload it in the backend's runtime and
@@ -309,6 +315,16 @@ def lower(
     :class:`LoweringError` with the verdict, and ``path`` is left as it was. ``verify=False``
     skips the comparison (``artifact.verdict`` is then None) but still loads the file once in
     the runtime.
+
+    Dynamic dims: the graph's (declared at capture, see :mod:`graphopt.shapes`; a graph module
+    that has none recorded gets ``dynamic_shapes``, checked) stay dynamic in the file where the
+    backend can keep them, and the artifact is also verified with every dynamic dim at its
+    second size. A backend that baked the example's shapes in says so in
+    ``report["static_shapes"]``. ``reference`` (the original model, say) is run on the same
+    input sets and the artifact compared with it too, within ``reference_tolerance`` (default:
+    the lowering's tolerance for a float graph; for an int8 graph only shapes are held, its
+    distance from the float model being the quantizer's to report): the verdicts are in
+    ``report["against_reference"]``. Pass ``Tolerance(math.inf, math.inf)`` for a pruned graph.
 
     Raises :class:`UnknownBackendError` (with close names), :class:`InputError` when the
     inputs do not fit the module, and :class:`LoweringError` for bad options, an unwritable
@@ -331,7 +347,9 @@ def lower(
     if not target.suffix:
         target = target.with_name(target.name + backend_cls.suffix)
     inputs = G.as_input_tuple(example_inputs)
-    gm = module if isinstance(module, fx.GraphModule) else _capture(module, inputs)
+    gm = module if isinstance(module, fx.GraphModule) else _capture(module, inputs, dynamic_shapes)
+    if not shapes.is_declared(gm):
+        gm = _declared_copy(gm, inputs, dynamic_shapes)
 
     report: dict[str, Any] = {
         "backend": backend, "path": str(target), "options": {**backend_cls.options(), **options},
@@ -359,7 +377,7 @@ def lower(
             if verify:
                 if tolerance is None:
                     tolerance = lowering.default_tolerance(gm)
-                verdict = _verify(lowering, gm, runner, inputs, tolerance, report)
+                verdict = _verify(lowering, gm, runner, inputs, tolerance, report, reference, reference_tolerance)
             else:
                 verdict = None
 
@@ -367,12 +385,28 @@ def lower(
     return Artifact(target, backend, size, verdict, report, runner, output_spec)
 
 
-def _capture(module: torch.nn.Module, inputs: tuple[Any, ...]) -> fx.GraphModule:
+def _capture(module: torch.nn.Module, inputs: tuple[Any, ...], dynamic_shapes: Any) -> fx.GraphModule:
     if not isinstance(module, torch.nn.Module):
         raise InputError(f"lower() takes an nn.Module or fx.GraphModule, not {type(module).__name__}")
     from .capture import capture
 
-    return capture(module, inputs)
+    return capture(module, inputs, dynamic_shapes=dynamic_shapes)
+
+
+def _declared_copy(gm: fx.GraphModule, inputs: tuple[Any, ...], spec: Any) -> fx.GraphModule:
+    """A graph module over a copy of ``gm``'s graph (the caller's stays as it is) with
+    ``spec``'s dynamic dims recorded, checked by running it at the second sizes."""
+    graph = fx.Graph(tracer_cls=gm.graph._tracer_cls)
+    graph.output(graph.graph_copy(gm.graph, {}))
+    graph._codegen = copy.deepcopy(gm.graph._codegen)
+    copied = lazy.graph_module(gm, graph, class_name=type(gm).__name__)
+
+    def run(args: tuple[Any, ...]) -> Any:
+        with torch.no_grad(), G.preserved_state(copied):
+            return G.call(copied, args)
+
+    shapes.declare_checked(copied, inputs, spec, run)
+    return copied
 
 
 @contextlib.contextmanager
@@ -429,16 +463,31 @@ def _timed(report: dict[str, Any], step: str) -> Iterator[None]:
         report["timings_s"][step] = round(time.perf_counter() - start, 3)
 
 
+def _input_sets(lowering: Backend, gm: fx.GraphModule, inputs: tuple[Any, ...],
+                report: dict[str, Any]) -> list[tuple[str, tuple[Any, ...]]]:
+    """The backend's input sets, then the example with every dynamic dim at its second size
+    (unless the backend baked the example's shapes in: ``report["static_shapes"]``)."""
+    sets = list(lowering.verification_inputs(inputs))
+    sizes = shapes.sizes_for(gm)
+    resized = shapes.resized_inputs(gm, inputs, sizes)
+    if resized is not None and "static_shapes" not in report:
+        sets.append((f"inputs at {', '.join(f'{k}={v}' for k, v in sizes.items())}", resized))
+    report["dynamic_dims"] = shapes.describe(gm)
+    return sets
+
+
 def _verify(
     lowering: Backend, gm: fx.GraphModule, runner: Callable[..., Any], inputs: tuple[Any, ...],
-    tolerance: Tolerance | None, report: dict[str, Any],
+    tolerance: Tolerance | None, report: dict[str, Any], reference: Callable[..., Any] | None = None,
+    reference_tolerance: Tolerance | None = None,
 ) -> Verdict:
-    """Compare the runtime with the graph on every input set of the backend; the first verdict."""
+    """Compare the runtime with the graph (and with ``reference``) on every input set; the
+    first verdict."""
     from . import verify
 
     verdicts = {}
     with _timed(report, "verify"):
-        for label, check_inputs in lowering.verification_inputs(inputs):
+        for label, check_inputs in _input_sets(lowering, gm, inputs, report):
             try:
                 verify.run(gm, check_inputs)
             except ModelRunError as exc:
@@ -454,7 +503,31 @@ def _verify(
                     lowering, gm, inputs,
                     f"{lowering.runtime} gives different results from the graph on the {label}: {verdict}",
                 )
+            if reference is not None:
+                if reference_tolerance is None:
+                    reference_tolerance = verify.Tolerance(math.inf, math.inf) if _is_lossy(gm) else tolerance
+                _against_reference(lowering, gm, reference, runner, label, check_inputs, reference_tolerance, report)
     return next(iter(verdicts.values()))
+
+
+def _against_reference(lowering: Backend, gm: fx.GraphModule, reference: Callable[..., Any],
+                       runner: Callable[..., Any], label: str, check_inputs: tuple[Any, ...],
+                       tolerance: Tolerance | None, report: dict[str, Any]) -> None:
+    """Compare the runtime with the original model on one input set (see :func:`lower`)."""
+    from . import verify
+
+    with _eval_mode(reference) if isinstance(reference, torch.nn.Module) else contextlib.nullcontext():
+        verdict = verify.compare(reference, runner, check_inputs, tolerance=tolerance, localize=False)
+    report.setdefault("against_reference", {})[label] = verdict.to_dict()
+    if not verdict.ok:
+        raise _failure(lowering, gm, check_inputs,
+                       f"{lowering.runtime} gives different results from the original model on the {label}: {verdict}")
+
+
+def _is_lossy(gm: fx.GraphModule) -> bool:
+    """Whether ``gm`` computes something other than its float model (quantize/dequantize ops)."""
+    return any("quantize" in str(getattr(n.target, "__name__", n.target)) for n in gm.graph.nodes
+               if n.op in ("call_function", "call_method"))
 
 # ------------------------------------------------------------------- naming offending nodes
 

@@ -10,14 +10,28 @@ A pass is a named transformation of a canonical ``fx.GraphModule`` with a declar
 
 Options are the keyword-only parameters of the function (or the dataclass fields of a class
 pass with a ``run(self, gm, ctx)`` method); pipeline strings set them by name.
+
+An option's annotation may carry the rules its values follow, as ``typing.Annotated``
+metadata (:class:`Range`, :class:`OneOf`, :class:`Check`, and a string for its doc)::
+
+    @graphopt.register_pass("thin-out")
+    def thin_out(gm, ctx, *, ratio: Annotated[float, Range(ge=0, lt=1)] = 0.5,
+                 mode: Annotated[str, OneOf(lambda: MODES)] = "fast") -> int: ...
+
+Every value given for an option (pipeline string, ``options=`` from Python, the CLI) is checked
+against its type and its rules when the pipeline is built, before any pass runs; a bad value is
+an :class:`OptionError` naming the pass, the option, the value and what is allowed.
 """
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import difflib
 import inspect
 import math
+import numbers
 import re
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
@@ -44,6 +58,15 @@ class Contract:
         from . import verify
 
         return verify.Tolerance.for_dtype(dtype)
+
+    @property
+    def has_budget(self) -> bool:
+        """Whether the contract bounds how far outputs may move (a lossy one may only keep shapes)."""
+        return True
+
+    def for_options(self, options: dict[str, Any]) -> "Contract":
+        """The contract of one invocation, given its resolved options (see ``Lossy.budget_option``)."""
+        return self
 
 
 @dataclass(frozen=True)
@@ -81,12 +104,24 @@ class Lossy(Contract):
 
     ``min_sqnr_db``: signal-to-quantization-noise ratio of every output against the graph
     before the pass; ``max_rel_error``: max |a-b| / max|ref| per output. Unset figures are not
-    checked. Shapes and dtypes must still match.
+    checked. Shapes and dtypes must still match. With neither figure set the contract has no
+    budget: the manager measures and reports the SQNR but accepts any value ("no budget").
+    ``budget_option``: the name of a pass option that, when not None, sets ``min_sqnr_db`` for
+    that invocation (``prune-channels{min_sqnr=20}``).
     """
 
     min_sqnr_db: float | None = 20.0
     max_rel_error: float | None = None
+    budget_option: str | None = None
     lossy: bool = dataclasses.field(default=True, init=False)
+
+    @property
+    def has_budget(self) -> bool:
+        return self.min_sqnr_db is not None or self.max_rel_error is not None
+
+    def for_options(self, options: dict[str, Any]) -> "Lossy":
+        value = options.get(self.budget_option) if self.budget_option else None
+        return self if value is None else dataclasses.replace(self, min_sqnr_db=float(value))
 
     def tolerance(self, dtype: torch.dtype):
         from . import verify
@@ -109,10 +144,135 @@ class Lossy(Contract):
             parts.append(f"sqnr>={self.min_sqnr_db:g}dB")
         if self.max_rel_error is not None:
             parts.append(f"rel<={self.max_rel_error:g}")
-        return "lossy(" + (",".join(parts) or "shapes") + ")"
+        return "lossy(" + (",".join(parts) or "no budget") + ")"
 
 
 # --------------------------------------------------------------------------- options
+
+
+class Constraint:
+    """A rule the values of an option follow, declared in its annotation
+    (``Annotated[int, Range(ge=1)]``) and checked when a pipeline is built.
+
+    Subclasses say what is allowed (``allowed``: words completing "must be ...") and test a
+    value (``accepts``); ``hint`` may add a suggestion to the error. ``None`` is never checked
+    (whether an option may be None is its type's business).
+    """
+
+    def allowed(self) -> str:
+        raise NotImplementedError
+
+    def accepts(self, value: Any) -> bool:
+        raise NotImplementedError
+
+    def hint(self, value: Any) -> str:
+        return ""
+
+
+def _num(x: float) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+@dataclass(frozen=True)
+class Range(Constraint):
+    """Numbers within bounds: ``Range(ge=0, lt=1)`` is [0, 1), ``Range(ge=1)`` is >= 1.
+    ``why`` (optional) says what the number means, for the error message."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    why: str = ""
+
+    def __post_init__(self) -> None:
+        if self.ge is not None and self.gt is not None or self.le is not None and self.lt is not None:
+            raise TypeError("Range: give at most one lower bound (ge or gt) and one upper bound (le or lt)")
+
+    def allowed(self) -> str:
+        low = self.ge if self.ge is not None else self.gt
+        high = self.le if self.le is not None else self.lt
+        if low is not None and high is not None:
+            text = (f"in {'[' if self.ge is not None else '('}{_num(low)}, {_num(high)}"
+                    f"{']' if self.le is not None else ')'}")
+        elif low is not None:
+            text = f"{'>=' if self.ge is not None else '>'} {_num(low)}"
+        elif high is not None:
+            text = f"{'<=' if self.le is not None else '<'} {_num(high)}"
+        else:
+            text = "a number"
+        return text + (f" ({self.why})" if self.why else "")
+
+    def accepts(self, value: Any) -> bool:
+        if not isinstance(value, numbers.Real) or isinstance(value, bool) or math.isnan(value):
+            return False
+        return ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+                and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
+
+
+@dataclass(frozen=True)
+class OneOf(Constraint):
+    """One of ``choices``: an iterable, or a function returning one (read at check time, so a
+    registry that grows later, like quantization configs, is seen as it is then)."""
+
+    choices: Iterable[Any] | Callable[[], Iterable[Any]]
+    why: str = ""
+
+    def values(self) -> list[Any]:
+        return list(self.choices() if callable(self.choices) else self.choices)
+
+    def allowed(self) -> str:
+        return "one of " + ", ".join(map(str, self.values())) + (f" ({self.why})" if self.why else "")
+
+    def accepts(self, value: Any) -> bool:
+        try:
+            return value in self.values()
+        except TypeError:  # unhashable value against a mapping of choices
+            return False
+
+    def hint(self, value: Any) -> str:
+        close = difflib.get_close_matches(str(value), [str(v) for v in self.values()], n=1)
+        return f"; did you mean {close[0]!r}?" if close else ""
+
+
+@dataclass(frozen=True)
+class Check(Constraint):
+    """Any rule: ``predicate(value) -> bool``, described by ``description`` (completing "must
+    be ..."). The predicate may instead raise OptionError with a more specific message."""
+
+    predicate: Callable[[Any], bool]
+    description: str
+
+    def allowed(self) -> str:
+        return self.description
+
+    def accepts(self, value: Any) -> bool:
+        return bool(self.predicate(value))
+
+
+def check_patterns(pass_name: str, option: str, patterns: Iterable[str], names: Iterable[str],
+                   *, match: Callable[[str, str], bool] | None = None, what: str = "layer") -> None:
+    """Raise OptionError when one of ``patterns`` (glob patterns, ``fnmatch`` rules by default)
+    matches none of ``names``; the message names the pattern and a few names that exist.
+
+    For options naming parts of the graph (``skip=``, per-layer settings): a pattern that
+    matches nothing is usually a typo, and silently doing nothing hides it. Call it at the
+    start of the pass, where the graph is known.
+    """
+    import fnmatch
+
+    match = match or fnmatch.fnmatchcase
+    known = list(dict.fromkeys(n for n in names if n))
+    for pattern in patterns:
+        if any(match(n, pattern) for n in known):
+            continue
+        close = difflib.get_close_matches(pattern, known, n=3, cutoff=0.5)
+        shown = close or known[:6]
+        listing = ", ".join(map(repr, shown)) + (", ..." if not close and len(known) > len(shown) else "")
+        raise OptionError(
+            f"pass {pass_name!r}: option {option} pattern {pattern!r} matches no {what} of the graph; "
+            + (f"did you mean one of {listing}?" if close else f"{what}s are named like: {listing or '(none)'}")
+            + " (glob patterns: * matches anything, including dots)"
+        )
 
 
 @dataclass(frozen=True)
@@ -121,6 +281,7 @@ class Option:
     type: Any
     default: Any
     doc: str = ""
+    checks: tuple[Constraint, ...] = ()
 
     def parse(self, text: str, pass_name: str) -> Any:
         """Convert a pipeline-string value to the option's type."""
@@ -131,6 +292,104 @@ class Option:
         if isinstance(value, str) and self.type not in (str, Any):
             return self.parse(value, pass_name)
         return value
+
+    def validate(self, value: Any, pass_name: str) -> Any:
+        """Raise OptionError unless ``value`` (coerced) has the option's type and follows its rules."""
+        if not _accepts(value, self.type):
+            raise OptionError(
+                f"pass {pass_name!r}: option {self.name} must be {_type_name(self.type)}, "
+                f"got {value!r} ({type(value).__name__})"
+            )
+        if value is not None:
+            for check in self.checks:
+                if not check.accepts(value):
+                    raise OptionError(
+                        f"pass {pass_name!r}: option {self.name} must be {check.allowed()}, "
+                        f"got {value!r}{check.hint(value)}"
+                    )
+        return value
+
+
+_UNION_TYPES = (typing.Union, types.UnionType)
+
+
+def _accepts(value: Any, tp: Any) -> bool:
+    """Whether a Python value fits annotation ``tp`` (what cannot be checked is accepted)."""
+    if tp is Any or tp is inspect.Parameter.empty or tp is object:
+        return True
+    if tp is None or tp is type(None):
+        return value is None
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Annotated:
+        return _accepts(value, args[0])
+    if origin is typing.Literal:
+        return any(type(value) is type(a) and value == a for a in args)
+    if origin in _UNION_TYPES:
+        return any(_accepts(value, a) for a in args)
+    if origin is collections.abc.Callable or tp in (typing.Callable, collections.abc.Callable):
+        return callable(value)
+    if origin in (tuple, list, collections.abc.Sequence) or tp in (tuple, list):
+        if not isinstance(value, (tuple, list)):
+            return False
+        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+            return len(value) == len(args) and all(_accepts(v, a) for v, a in zip(value, args))
+        return all(_accepts(v, args[0]) for v in value) if args else True
+    if origin in (dict, collections.abc.Mapping) or tp is dict:
+        if not isinstance(value, collections.abc.Mapping):
+            return False
+        key, val = args if len(args) == 2 else (Any, Any)
+        return all(_accepts(k, key) and _accepts(v, val) for k, v in value.items())
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if isinstance(origin, type):
+        return isinstance(value, origin)
+    if isinstance(tp, type):
+        return isinstance(value, tp)
+    return True  # type variables, forward references, protocols: not checked
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(str, args))
+    if origin in _UNION_TYPES:
+        return " or ".join(_type_name(a) for a in args)
+    if tp is type(None):
+        return "None"
+    if tp is float:
+        return "a number"
+    if tp is int:
+        return "an int"
+    if tp is bool:
+        return "true or false"
+    if tp is str:
+        return "a string"
+    if isinstance(tp, type) and origin is None:
+        return tp.__name__
+    if origin in (tuple, list) and (len(args) == 1 or len(args) == 2 and args[1] is Ellipsis):
+        plural = {str: "strings", int: "ints", float: "numbers", bool: "booleans"}.get(args[0])
+        return f"a list of {plural}" if plural else f"a list of {_type_name(args[0])}"
+    return re.sub(r"\b(?:[a-z_]\w*\.)+", "", str(tp))  # typing.Callable[[x.Y], ...] -> Callable[[Y], ...]
+
+
+def _annotation(tp: Any) -> tuple[Any, tuple[Constraint, ...], str]:
+    """Split ``Annotated[T, Range(...), "doc"]`` (also inside ``| None``) into T, rules, doc."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Annotated:
+        base, checks, doc = _annotation(args[0])
+        extra = tp.__metadata__
+        checks += tuple(m for m in extra if isinstance(m, Constraint))
+        doc = next((m for m in extra if isinstance(m, str)), doc)
+        return base, checks, doc
+    if origin in _UNION_TYPES and any(typing.get_origin(a) is typing.Annotated for a in args):
+        parts = [_annotation(a) for a in args]
+        base = typing.Union[tuple(p[0] for p in parts)]  # type: ignore[index]
+        return base, tuple(c for p in parts for c in p[1]), next((p[2] for p in parts if p[2]), "")
+    return tp, (), ""
 
 
 def _convert(text: str, tp: Any, default: Any, where: str) -> Any:
@@ -210,7 +469,8 @@ class Pass:
                     + (f"; did you mean {hint[0]!r}?" if hint else "")
                     + f" (its options: {known})"
                 )
-            out[key] = self.options[key].coerce(value, self.name)
+            option = self.options[key]
+            out[key] = option.validate(option.coerce(value, self.name), self.name)
         return out
 
     def __call__(self, gm: fx.GraphModule, ctx: "PassContext") -> int:
@@ -232,6 +492,11 @@ class Invocation:
     @property
     def name(self) -> str:
         return self.pass_.name
+
+    @property
+    def contract(self) -> Contract:
+        """The pass's contract under these options (a budget option may set its figure)."""
+        return self.pass_.contract.for_options(self.options)
 
     def __str__(self) -> str:
         changed = {k: v for k, v in self.options.items() if v != self.pass_.options[k].default}
@@ -291,26 +556,28 @@ class PassContext:
 
 _PASSES: dict[str, Pass] = {}
 _PRESETS: dict[str, str] = {}
+_INFERENCE_PRESETS: set[str] = set()  # presets whose passes assume an inference-mode model
 _DISCOVERED = False
 ENTRY_POINT_GROUP = "graphopt.passes"
 
 
 def _options_from_function(fn: Callable) -> dict[str, Option]:
     sig = inspect.signature(fn)
-    hints = typing.get_type_hints(fn) if fn.__annotations__ else {}
+    hints = typing.get_type_hints(fn, include_extras=True) if fn.__annotations__ else {}
     opts = {}
     for p in sig.parameters.values():
         if p.kind is inspect.Parameter.KEYWORD_ONLY:
             if p.default is inspect.Parameter.empty:
                 raise TypeError(f"option {p.name!r} of pass {fn.__name__} needs a default value")
-            opts[p.name] = Option(p.name, hints.get(p.name, type(p.default)), p.default)
+            tp, checks, doc = _annotation(hints.get(p.name, type(p.default)))
+            opts[p.name] = Option(p.name, tp, p.default, doc, checks)
     return opts
 
 
 def _options_from_class(cls: type) -> dict[str, Option]:
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"class pass {cls.__name__} must be a dataclass (its fields are its options)")
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     opts = {}
     for f in dataclasses.fields(cls):
         if f.default is not dataclasses.MISSING:
@@ -319,7 +586,8 @@ def _options_from_class(cls: type) -> dict[str, Option]:
             default = f.default_factory()  # type: ignore[misc]
         else:
             raise TypeError(f"option {f.name!r} of pass {cls.__name__} needs a default value")
-        opts[f.name] = Option(f.name, hints.get(f.name, type(default)), default, f.metadata.get("doc", ""))
+        tp, checks, doc = _annotation(hints.get(f.name, type(default)))
+        opts[f.name] = Option(f.name, tp, default, f.metadata.get("doc", doc), checks)
     return opts
 
 
@@ -371,9 +639,42 @@ def unregister_pass(name: str) -> None:
     _PASSES.pop(name, None)
 
 
-def register_preset(name: str, pipeline: str) -> None:
-    """Name a pipeline string so it can be used wherever a pass name can."""
+def register_preset(name: str, pipeline: str, *, inference: bool = False) -> None:
+    """Name a pipeline string so it can be used wherever a pass name can.
+
+    ``inference=True``: the preset's passes assume an inference-mode model; the PassManager
+    refuses a model in training mode (TrainingModeError) before running it."""
     _PRESETS[name] = pipeline
+    if inference:
+        _INFERENCE_PRESETS.add(name)
+    else:
+        _INFERENCE_PRESETS.discard(name)
+
+
+def inference_presets(spec: Any) -> list[str]:
+    """Presets meant for inference that a pipeline spec names, directly or nested in presets."""
+    _discover()
+    found: list[str] = []
+
+    def walk(item: Any, depth: int) -> None:
+        if depth > 8:
+            return
+        if isinstance(item, (list, tuple)):
+            for x in item:
+                walk(x, depth)
+        elif isinstance(item, str):
+            try:
+                names = [name for name, _ in parse_pipeline_string(item)]
+            except PipelineError:
+                return
+            for name in names:
+                if name in _PRESETS and name not in _PASSES:
+                    if name in _INFERENCE_PRESETS and name not in found:
+                        found.append(name)
+                    walk(_PRESETS[name], depth + 1)
+
+    walk(spec, 0)
+    return found
 
 
 def _discover() -> None:

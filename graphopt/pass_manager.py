@@ -20,9 +20,10 @@ import torch
 import torch.fx as fx
 
 from . import graph as G
-from . import lazy
-from .errors import GraphoptError, PassError, PipelineError, VerificationError
-from .pass_infra import Invocation, PassContext, RewriteBudget, build_pipeline
+from . import lazy, shapes
+from .errors import CalibrationDataError, GraphoptError, OptionError, PassError, PipelineError, VerificationError
+from .errors import TrainingModeError
+from .pass_infra import Invocation, PassContext, RewriteBudget, build_pipeline, inference_presets
 
 VerifyMode = Literal["each", "final", "none"]
 
@@ -59,6 +60,9 @@ class PassRecord:
     options: dict[str, Any] = field(default_factory=dict)
     max_abs_error: float | None = None
     min_sqnr_db: float | None = None
+    #: "ok" (checked against its contract), "no budget" (lossy without a numeric budget: outputs
+    #: changed, measured where verified, never judged) or None (not checked, or failed: see status)
+    check: str | None = None
     error: str | None = None
     declines: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -97,14 +101,45 @@ class Report:
     records: list[PassRecord] = field(default_factory=list)
     final_verdict: Any = None
     seconds: float = 0.0
+    #: lossy passes without a numeric budget that changed the graph (their loss is not judged)
+    unbudgeted: list[str] = field(default_factory=list)
+    #: remarks about the whole run (a model in training mode, ...), shown before the passes' own
+    notes: list[str] = field(default_factory=list)
+    #: the graph's inputs with their dynamic dims by name, and dims kept static with why
+    #: (:func:`graphopt.shapes.describe`); ``checked_at``: the second sizes verification used
+    shapes: list[str] = field(default_factory=list)
+    checked_at: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "pipeline": self.pipeline,
             "seconds": self.seconds,
+            "notes": list(self.notes),
+            "shapes": list(self.shapes),
+            "checked_at": dict(self.checked_at),
             "passes": [r.to_dict() for r in self.records],
+            "final_check": self.final_check,
+            "unbudgeted_lossy_passes": list(self.unbudgeted),
             "final_verdict": self.final_verdict.to_dict() if self.final_verdict is not None else None,
         }
+
+    @property
+    def final_check(self) -> str | None:
+        """"ok", "no budget" (within shapes, but a lossy pass without a budget changed the
+        outputs: nothing judges how much), "mismatch", or None when not checked."""
+        if self.final_verdict is None:
+            return None
+        if not self.final_verdict.ok:
+            return "mismatch"
+        return "no budget" if self.unbudgeted else "ok"
+
+    def final_check_text(self) -> str:
+        v = self.final_verdict
+        if self.final_check != "no budget":
+            return str(v)
+        return (f"no budget: output SQNR {_fmt_db(v.min_sqnr_db)} dB (max_abs {v.max_abs:.3g}, max_rel {v.max_rel:.3g}; "
+                f"{v.inputs_checked} input(s) x {len(v.outputs)} output(s)); lossy pass(es) without a numeric budget "
+                f"changed the outputs ({', '.join(self.unbudgeted)}), so only shapes and non-finite values are judged")
 
     @property
     def failed(self) -> list[PassRecord]:
@@ -121,26 +156,36 @@ class Report:
         for r in self.records:
             status = {"changed": "[green]changed", "unchanged": "unchanged",
                       "rolled-back": "[red]rolled back", "failed": "[red]failed"}.get(r.status, r.status)
+            if r.check == "no budget":
+                status = "[yellow]changed, no budget"
             t.add_row(
                 r.name, status, str(r.rewrites), f"{r.nodes_before} -> {r.nodes_after}",
                 f"{_fmt_bytes(r.param_bytes_before)} -> {_fmt_bytes(r.param_bytes_after)}",
                 "-" if r.max_abs_error is None else f"{r.max_abs_error:.2e}",
-                "-" if r.min_sqnr_db is None else ("inf" if r.min_sqnr_db == float("inf") else f"{r.min_sqnr_db:.1f}"),
+                "-" if r.min_sqnr_db is None else _fmt_db(r.min_sqnr_db),
                 f"{r.seconds * 1e3:.1f}",
             )
         return t
 
     def details(self) -> list[str]:
-        lines = []
+        lines = list(self.notes)
+        if self.shapes:
+            where = f"; every check also at {', '.join(f'{k}={v}' for k, v in self.checked_at.items())}" \
+                if self.checked_at else "; static shapes: other sizes are refused"
+            lines.insert(0, f"inputs: {' | '.join(self.shapes)}{where}")
         for r in self.records:
             if r.error:
                 lines.append(f"{r.name}: {r.error}")
+            if r.check == "no budget":
+                measured = (f"output SQNR {_fmt_db(r.min_sqnr_db)} dB against the graph before it"
+                            if r.min_sqnr_db is not None else "output SQNR not measured (verify='each' measures it)")
+                lines.append(f"{r.name}: no budget: {measured}; its {r.contract} contract accepts any loss")
             for node, reason in r.declines:
                 lines.append(f"{r.name}: declined at {node}: {reason}")
             for note in r.notes:
                 lines.append(f"{r.name}: {note}")
         if self.final_verdict is not None:
-            lines.append(f"final check against the captured model: {self.final_verdict}")
+            lines.append(f"final check against the captured model: {self.final_check_text()}")
         return lines
 
     def __str__(self) -> str:
@@ -151,6 +196,10 @@ class Report:
         for line in self.details():
             console.print(line, markup=False, highlight=False)
         return console.export_text()
+
+
+def _fmt_db(value: float) -> str:
+    return "inf" if value == float("inf") else "-inf" if value == float("-inf") else f"{value:.1f}"
 
 
 def _fmt_bytes(n: int) -> str:
@@ -359,6 +408,40 @@ def _in_distribution(label: str) -> bool:
     return label == "example" or "(uniform)" in label or "(normal)" in label
 
 
+def _resized_reason(labels: list[str], before: list, after: list, at_example: Any) -> str | None:
+    """Why a lossy pass's outputs at the second sizes of the dynamic dims break its contract.
+
+    A lossy budget is judged at the example's sizes (an SQNR over the one scalar a batch-1 run
+    may return says nothing); at the second sizes, whose inputs repeat the example's rows, the
+    outputs must keep their shapes and their error may not exceed four times the largest error
+    seen at the example's sizes, plus the dtype's float tolerance. A pass that specialized a
+    dynamic dim fails here (shapes change, or the values of other rows are wrong)."""
+    for i, label in enumerate(labels):
+        if not shapes.is_resized_label(label):
+            continue
+        loose = verify.Tolerance(float("inf"), float("inf"))
+        v = verify.compare_outputs([before[i]], [after[i]], loose, input_labels=[label])
+        if not v.ok:
+            return v.reason
+        for figures, seen in zip(v.outputs, at_example.outputs):
+            scale = figures.max_abs / figures.max_rel if figures.max_rel > 0 else 0.0
+            base = verify.Tolerance.for_dtype(getattr(torch, figures.dtype.removeprefix("torch."), torch.float32)) \
+                if figures.dtype.startswith("torch.float") else verify.Tolerance(0.0, 0.0)
+            allowed = 4 * seen.max_abs + base.allowed(scale)
+            if figures.max_abs > allowed:
+                return (f"output {figures.index} on {label}: max abs error {figures.max_abs:.3g}, over 4x the "
+                        f"{seen.max_abs:.3g} seen at the example's sizes (the pass may have specialized a dynamic dim)")
+    return None
+
+
+def _declare_dims(gm: fx.GraphModule, inputs: tuple[Any, ...], spec: Any) -> None:
+    def run(args: tuple[Any, ...]) -> Any:
+        with torch.no_grad(), G.preserved_state(gm):
+            return G.call(gm, args)
+
+    shapes.declare_checked(gm, inputs, spec, run)
+
+
 def _ref_dtype(outs: list[torch.Tensor]) -> torch.dtype:
     for o in outs:
         if isinstance(o, torch.Tensor) and o.is_floating_point():
@@ -396,6 +479,8 @@ class PassManager:
         if on_failure not in ("rollback", "raise"):
             raise PipelineError(f"on_failure must be 'rollback' or 'raise', not {on_failure!r}")
         self.invocations = build_pipeline(pipeline, options)
+        #: presets of the pipeline meant for inference: a model in training mode is refused
+        self.inference_presets = inference_presets(pipeline)
         self.verify_mode = verify
         self.on_failure = on_failure
         self.fixed_point = fixed_point
@@ -415,10 +500,17 @@ class PassManager:
         *,
         calibration_data: Iterable[Any] | None = None,
         budget: RewriteBudget | None = None,
+        dynamic_shapes: Any = "batch",
     ) -> Result:
-        """Capture ``model`` if needed (on a copy), run the pipeline, return module + report."""
+        """Capture ``model`` if needed (on a copy), run the pipeline, return module + report.
+
+        ``dynamic_shapes`` declares the input dims the result stays generic over, as
+        :func:`graphopt.capture` takes it (default: the batch dim); a graph module that
+        recorded its dims at capture keeps them. Every check runs at the example's sizes and
+        at a second size of each dynamic dim."""
         with G.collector_paused():
-            return self._run(model, example_inputs, calibration_data=calibration_data, budget=budget)
+            return self._run(model, example_inputs, calibration_data=calibration_data, budget=budget,
+                             dynamic_shapes=dynamic_shapes)
 
     def _run(
         self,
@@ -427,24 +519,36 @@ class PassManager:
         *,
         calibration_data: Iterable[Any] | None,
         budget: RewriteBudget | None,
+        dynamic_shapes: Any = "batch",
     ) -> Result:
         from .capture import capture
 
         inputs = G.as_input_tuple(example_inputs)
         clean: _Snapshot | _Unchanged | None = None  # the working module's state, if held already
         if isinstance(model, fx.GraphModule):
+            # before anything runs it: a training-mode batch norm updates the caller's statistics
+            notes = self._training_mode_notes(model)
             gm = _copy_graph_module(model)  # never mutate the caller's graph module
             if any("tensor_meta" not in n.meta for n in gm.graph.nodes if n.op != "output"):
                 G.propagate_shapes(gm, inputs)
             else:
                 clean = _Unchanged(model)
+            if not shapes.is_declared(gm):  # a graph captured elsewhere: declare, check it runs
+                _declare_dims(gm, inputs, dynamic_shapes)
+                clean = None
         else:
-            gm = capture(model, inputs)
+            gm = capture(model, inputs, dynamic_shapes=dynamic_shapes)
+            notes = self._training_mode_notes(gm)
         budget = budget or RewriteBudget()
-        report = Report(self.pipeline_string)
+        report = Report(self.pipeline_string, notes=notes, shapes=shapes.describe(gm), checked_at=shapes.sizes_for(gm))
         start = time.perf_counter()
         check_inputs = verify.verification_inputs(inputs, synthesize=self.synthesize, seed=self.seed) \
             if self.verify_mode != "none" else [inputs]
+        labels = verify.input_labels(len(check_inputs))
+        resized = shapes.resized_inputs(gm, inputs) if self.verify_mode != "none" else None
+        if resized is not None:  # every check also at a second size of each dynamic dim
+            check_inputs.append(resized)
+            labels.append(shapes.label(report.checked_at))
         reference = _run_all(gm, check_inputs) if self.verify_mode != "none" else None
         current_outs = reference
 
@@ -453,19 +557,21 @@ class PassManager:
             any_change = False
             for inv in self.invocations:
                 gm, current_outs, record, clean = self._run_one(
-                    inv, gm, clean, inputs, check_inputs, current_outs, calibration_data, budget, iteration
+                    inv, gm, clean, inputs, check_inputs, labels, current_outs, calibration_data, budget, iteration
                 )
                 report.records.append(record)
                 any_change |= record.changed
-                lossy |= record.changed and inv.pass_.contract.lossy
+                lossy |= record.changed and inv.contract.lossy
+                if record.check == "no budget" and inv.name not in report.unbudgeted:
+                    report.unbudgeted.append(inv.name)
             if not any_change:
                 break
 
         if self.verify_mode != "none":
             tol = verify.Tolerance(float("inf"), float("inf")) if lossy else None
             final = _run_all(gm, check_inputs)
-            labels = verify.input_labels(len(check_inputs))
-            idx = [i for i, label in enumerate(labels) if not lossy or _in_distribution(label)]
+            idx = [i for i, label in enumerate(labels)
+                   if not lossy or _in_distribution(label) or shapes.is_resized_label(label)]
             report.final_verdict = verify.compare_outputs([reference[i] for i in idx], [final[i] for i in idx], tol,
                                                           input_labels=[labels[i] for i in idx])
             if not report.final_verdict.ok and self.on_failure == "raise":
@@ -476,12 +582,33 @@ class PassManager:
         report.seconds = time.perf_counter() - start
         return Result(gm, report)
 
+    def _training_mode_notes(self, gm: fx.GraphModule) -> list[str]:
+        """Refuse a training-mode graph for an inference pipeline (TrainingModeError, before any
+        pass runs); for other pipelines, one note for the report."""
+        parts = training_mode_parts(gm)
+        if not parts:
+            return []
+        shown = "; ".join(parts[:4]) + (f"; and {len(parts) - 4} more" if len(parts) > 4 else "")
+        if self.inference_presets:
+            presets = ", ".join(repr(p) for p in self.inference_presets)
+            raise TrainingModeError(
+                f"the model is in training mode ({shown}), but the pipeline ({presets}) optimizes for inference: "
+                "its passes fold batch norms and constants and check every rewrite against outputs that training "
+                "mode makes batch-dependent or random. Call model.eval() before graphopt.optimize "
+                "(fine-tune after optimizing, e.g. with graphopt.passes.prune_channels.batch_norm_training)",
+                parts=parts,
+            )
+        return [f"the model is in training mode ({shown}): passes that assume inference decline there, and "
+                "verification compares outputs that differ from run to run, so rollbacks below may come from that "
+                "and not from the pass they name. Call model.eval() first to optimize for inference"]
+
     # ------------------------------------------------------------------ one pass
 
-    def _run_one(self, inv, gm, clean, inputs, check_inputs, current_outs, calibration_data, budget, iteration):
+    def _run_one(self, inv, gm, clean, inputs, check_inputs, labels, current_outs, calibration_data, budget, iteration):
         """Run one pass on ``gm``; returns the module to go on with, the outputs, the record and
         what ``clean`` (the state the returned module has, when held without a copy) becomes."""
         p = inv.pass_
+        contract = inv.contract  # a budget option may set its figure for this invocation
         snapshot = clean if clean is not None else _Snapshot(gm)
         tensors = _tensors(gm)
         versions = _tensor_versions(tensors)
@@ -519,15 +646,16 @@ class PassManager:
         new_outs = current_outs
         if error is None and changed and self.verify_mode == "each":
             new_outs = _run_all(gm, check_inputs)
-            tol = p.contract.tolerance(_ref_dtype(current_outs[0]))
-            labels = verify.input_labels(len(check_inputs))
+            tol = contract.tolerance(_ref_dtype(current_outs[0]))
             # a lossy budget (SQNR of int8, say) is only meaningful on inputs like the ones the
             # pass was calibrated for: judge it on the example and in-range synthesized inputs,
             # not on the x100 / x1e-3 / edge-value stress inputs
-            idx = [i for i, label in enumerate(labels) if not p.contract.lossy or _in_distribution(label)]
+            idx = [i for i, label in enumerate(labels) if not contract.lossy or _in_distribution(label)]
             verdict = verify.compare_outputs([current_outs[i] for i in idx], [new_outs[i] for i in idx], tol,
                                              input_labels=[labels[i] for i in idx])
-            reason = p.contract.check(verdict)
+            reason = contract.check(verdict)
+            if reason is None and contract.lossy:
+                reason = _resized_reason(labels, current_outs, new_outs, verdict)
             if reason is not None:
                 where = ""
                 try:
@@ -541,7 +669,7 @@ class PassManager:
                 except Exception:  # localization is best effort; the verdict stands
                     pass
                 error = VerificationError(
-                    f"pass {p.name!r} broke its {p.contract} contract: {reason}{where}. "
+                    f"pass {p.name!r} broke its {contract} contract: {reason}{where}. "
                     "The pass was rolled back; run graphopt.bisect to find the rewrite at fault.",
                     pass_name=p.name, verdict=verdict,
                 )
@@ -549,23 +677,26 @@ class PassManager:
         if error is None:
             status = "changed" if changed else "unchanged"
         else:
-            changed, status = False, "rolled-back" if self.on_failure == "rollback" else "failed"
+            # the user's mistake (a bad option, bad calibration data), not the pass's: always raised
+            fatal = self.on_failure == "raise" or isinstance(error, (OptionError, CalibrationDataError))
+            changed, status = False, "failed" if fatal else "rolled-back"
         record = PassRecord(
             name=p.name, status=status, seconds=seconds, nodes_before=nodes_before,
             nodes_after=G.count_nodes(gm) if error is None else nodes_before,
             rewrites=max(rewrites, ctx.rewrites_granted) if error is None else 0,
             param_bytes_before=bytes_before,
             param_bytes_after=G.tensor_bytes(tensors.values()) if error is None else bytes_before,
-            changed=changed, contract=str(p.contract), options=dict(inv.options),
+            changed=changed, contract=str(contract), options=dict(inv.options),
             max_abs_error=verdict.max_abs if verdict is not None else None,
             min_sqnr_db=verdict.min_sqnr_db if verdict is not None else None,
+            check=_check_word(error, changed, contract, verdict),
             error=str(error) if error else None, declines=ctx.declines, notes=ctx.notes,
             figures=ctx.figures, iteration=iteration,
         )
         if error is not None:
             for h in self.hooks:
                 h.on_failure(inv, gm, record, error)
-            if self.on_failure == "raise":
+            if fatal:
                 raise error
             return snapshot.restore(), current_outs, record, None if snapshot.spent_by_restore else snapshot
         for h in self.hooks:
@@ -583,6 +714,60 @@ class PassManager:
                     "The shared tensor is now changed and cannot be restored: re-capture the model.",
                     pass_name=name,
                 )
+
+
+def _check_word(error: BaseException | None, changed: bool, contract: Any, verdict: Any) -> str | None:
+    """``PassRecord.check``: "no budget" for a lossy change nothing bounds (measured or not),
+    "ok" for a verified contract, None when unchecked or failed."""
+    if error is not None:
+        return None
+    if changed and contract.lossy and not contract.has_budget:
+        return "no budget"
+    return "ok" if verdict is not None else None
+
+
+def training_mode_parts(gm: fx.GraphModule) -> list[str]:
+    """Where ``gm`` computes differently than it would in eval mode, one description each:
+    batch norms normalizing with batch statistics although they hold running statistics (and
+    updating them on every call), active dropout, and modules kept as calls that are in
+    training mode and behave differently there. Empty for an inference graph (a model whose
+    ``training`` flag is set but changes nothing, such as a plain conv net, is not listed)."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+    from torch.nn.modules.dropout import _DropoutNd
+    from torch.nn.modules.instancenorm import _InstanceNorm
+
+    from . import ops
+
+    def behaves_differently(m: torch.nn.Module) -> bool:
+        if not m.training:
+            return False
+        if isinstance(m, _DropoutNd):
+            return m.p != 0
+        if isinstance(m, (_BatchNorm, _InstanceNorm)):
+            return m.track_running_stats or isinstance(m, _BatchNorm) and m.running_mean is not None
+        if isinstance(m, (torch.nn.RNNBase, torch.nn.MultiheadAttention)):
+            return float(getattr(m, "dropout", 0) or 0) > 0
+        return False
+
+    parts: list[str] = []
+    for node in gm.graph.nodes:
+        where = G.provenance(node)
+        if ops.is_op(node, "batch_norm"):
+            if ops.arg(node, "training") is not False and ops.arg(node, "running_mean") is not None:
+                parts.append(f"batch norm {where!r} normalizes with batch statistics and updates its running ones")
+        elif ops.is_op(node, "dropout"):
+            if ops.arg(node, "training") is not False and ops.arg(node, "p") != 0:
+                parts.append(f"dropout {where!r} zeroes values at random")
+        elif node.op == "call_module":
+            try:
+                module = gm.get_submodule(str(node.target))
+            except AttributeError:
+                continue
+            found = [type(m).__name__ for m in module.modules() if behaves_differently(m)]
+            if found:
+                parts.append(f"module {str(node.target)!r} ({type(module).__name__}) runs "
+                             f"{', '.join(sorted(set(found)))} in training mode")
+    return parts
 
 
 def _last_frame(exc: BaseException) -> str:
@@ -607,11 +792,13 @@ def optimize(
     options: dict[str, dict[str, Any]] | None = None,
     hooks: Sequence[Hook] = (),
     fixed_point: bool = False,
+    dynamic_shapes: Any = "batch",
 ) -> Result:
-    """Capture (if needed) and optimize ``model`` with ``pipeline``; returns ``Result``."""
+    """Capture (if needed) and optimize ``model`` with ``pipeline``; returns ``Result``.
+    ``dynamic_shapes``: the input dims the result stays generic over (see :func:`graphopt.capture`)."""
     pm = PassManager(pipeline, verify=verify, on_failure=on_failure, options=options, hooks=hooks,
                      fixed_point=fixed_point)
-    return pm.run(model, example_inputs, calibration_data=calibration_data)
+    return pm.run(model, example_inputs, calibration_data=calibration_data, dynamic_shapes=dynamic_shapes)
 
 
 @dataclass

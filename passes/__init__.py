@@ -17,4 +17,4 @@ from . import (  # noqa: F401
 # channels-last goes last: it only restrides weights, and every rewrite before it sees the
 # graph's usual layout
 register_preset("mobile-fp32", "canonicalize,eliminate-dead-code,fold-constants,fuse-conv-bn-relu,eliminate-dead-code,"
-                "channels-last")
+                "channels-last", inference=True)

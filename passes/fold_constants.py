@@ -28,9 +28,12 @@ Never folded (each candidate is listed in the report with the reason):
   itself is read elsewhere: after ``eliminate-dead-code`` the model grows by at most 64 KiB per
   folded tensor;
 - a shape query about a dynamic dimension. Folding a shape bakes the *example input's* size into
-  the model: pass ``dynamic_batch=True`` (or ``dynamic_dims=(0, 2, ...)``) for a model meant to
-  run with other sizes, and those dims of every graph input, and of every value computed from
-  them, are never folded. ``fold_shapes=False`` folds no shape of a non-constant at all.
+  the model, so the dims the graph declared dynamic at capture (the batch by default, see
+  :mod:`graphopt.shapes`), and every dim of every value that depends on them, are never
+  folded: through canonical ops by their shape rules, through any other op (views, permutes)
+  by running the graph at the dynamic dims' second sizes and seeing which dims change. A
+  graph captured with ``dynamic_shapes="static"`` folds every shape, and refuses other sizes
+  when called. ``fold_shapes=False`` folds no shape of a non-constant at all.
 
 - a ``torch.Size`` that would reach the output or Python-level code (the graph spells it as a
   plain tuple); as a shape argument of a torch op it is folded.
@@ -52,14 +55,15 @@ from __future__ import annotations
 import math
 import operator
 import os
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.fx as fx
 
 import graphopt
 from graphopt import graph as G
-from graphopt import ops, purity
+from graphopt import ops, purity, shapes
+from graphopt.pass_infra import Range
 
 #: Smallest budget per folded tensor when ``max_bytes`` is unset.
 DEFAULT_MIN_BUDGET = 64 * 1024
@@ -77,21 +81,18 @@ def fold_constants(
     ctx: graphopt.PassContext,
     *,
     fold_shapes: bool = True,
-    dynamic_batch: bool = False,
-    dynamic_dims: tuple[int, ...] = (),
-    max_bytes: int | None = None,
+    max_bytes: Annotated[int | None, Range(ge=0, why="bytes per folded tensor")] = None,
 ) -> int:
     """Evaluate constant subgraphs once and store their results as buffers or literals.
 
     Options: ``fold_shapes`` folds static shape queries (``x.size(1)``) to Python values;
-    ``dynamic_batch``/``dynamic_dims`` name input dims that must stay symbolic; ``max_bytes``
+    the dynamic dims the graph recorded at capture stay symbolic; ``max_bytes``
     caps each folded tensor (default: max(64 KiB, bytes of parameters the fold lets go)).
     Returns the number of values folded.
     """
     bytes_before = G.param_bytes(gm)
     read_before = _read_attributes(gm)
-    dynamic = tuple(sorted(set(dynamic_dims) | ({0} if dynamic_batch else set())))
-    analysis = _ConstantAnalysis(gm, ctx, fold_shapes=fold_shapes, dynamic_dims=dynamic)
+    analysis = _ConstantAnalysis(gm, ctx, fold_shapes=fold_shapes)
     analysis.run()
     boundaries = _choose_boundaries(gm, analysis.values, ctx, max_bytes)
 
@@ -129,15 +130,18 @@ class _ConstantAnalysis:
     the set of its dims that depend on a dynamic input dim (None: any of them may).
     """
 
-    def __init__(self, gm: fx.GraphModule, ctx: graphopt.PassContext, *, fold_shapes: bool,
-                 dynamic_dims: tuple[int, ...]):
+    def __init__(self, gm: fx.GraphModule, ctx: graphopt.PassContext, *, fold_shapes: bool):
         self.gm, self.ctx = gm, ctx
         self.fold_shapes = fold_shapes
-        self.dynamic_dims = dynamic_dims
         self.values: dict[fx.Node, Any] = {}
         self.dynamic: dict[fx.Node, frozenset[int] | None] = {}
         self.partial_shapes: dict[fx.Node, tuple[int | None, ...]] = {}
         self.written = _written_values(gm)
+        # the dynamic dims recorded at capture (graphopt.shapes), per placeholder
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        self.declared = dict(zip(placeholders, shapes.dynamic_dims_of_inputs(gm)))
+        self.any_dynamic = any(self.declared.values())
+        self._varying: Any = None  # dims seen to vary between two runs, for ops of unknown shape rules
 
     def run(self) -> None:
         with torch.no_grad():
@@ -228,18 +232,30 @@ class _ConstantAnalysis:
 
     def _dynamic_dims_of(self, node: fx.Node) -> frozenset[int] | None:
         """Dims of a non-constant tensor that may vary with the dynamic input dims."""
-        if not self.dynamic_dims:
+        if not self.any_dynamic:
             return frozenset()
         if node.op == "placeholder":
-            tm = G.tensor_meta(node)
-            if tm is None:
-                return frozenset()
-            rank = len(tm.shape)
-            return frozenset(d % rank for d in self.dynamic_dims if -rank <= d < rank)
+            return self.declared.get(node, frozenset())
         inputs = [i for i in node.all_input_nodes if i not in self.values]
         if all(self.dynamic.get(i, frozenset()) == frozenset() for i in inputs):
             return frozenset()
-        return _propagate_dynamic_dims(node, inputs, self.dynamic)
+        dims = _propagate_dynamic_dims(node, inputs, self.dynamic)
+        if dims is None:  # an op without a shape rule here (view, permute, ...): watch it vary
+            dims = self.varying().get(node)
+        return dims
+
+    def varying(self) -> dict[fx.Node, frozenset[int] | None]:
+        """Per node, the dims that differ between runs at the example's sizes and at the second
+        sizes of the declared dynamic dims (:func:`graphopt.shapes.varying_dims`); empty when
+        the graph declares none or the run fails (every dim then counts as dynamic)."""
+        if self._varying is None:
+            self._varying = shapes.varying_dims(self.gm, self.ctx.example_inputs, _execute) or {}
+        return self._varying
+
+
+def _execute(gm: fx.GraphModule, inputs: Any, observe: Any) -> Any:
+    with torch.no_grad(), G.preserved_state(gm):
+        return G.execute(gm, [t.clone() if isinstance(t, torch.Tensor) else t for t in inputs], observe=observe)
 
 
 def _propagate_dynamic_dims(node: fx.Node, inputs: list[fx.Node],

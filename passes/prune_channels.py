@@ -38,7 +38,8 @@ Per-layer ratios: ``ratios="layer1.*=0.3;layer4.*=0.6"`` (``fnmatch`` patterns o
 i.e. module paths; ``;`` separates entries so the option fits in a pipeline string). A group's
 ratio is that of the first pattern, in the order written, matching one of the layers whose
 output channels it holds; otherwise ``ratio``. ``skip="fc;head.*"`` leaves every group touching a
-matching layer (its inputs or outputs) whole.
+matching layer (its inputs or outputs) whole. A pattern of either option that matches no layer
+of the graph is an OptionError (listing layer names that exist), not a silent no-op.
 
 Frozen groups (graph outputs, graph inputs, opaque modules, ops without a channel rule) are
 left whole and reported with the reason. Figures recorded: ``groups`` (per group: layers,
@@ -46,7 +47,12 @@ channels before/after, dead channels removed, exact or not), and ``parameters``,
 ``bytes`` before and after.
 
 Contract: lossy with no numeric budget (pruning live channels changes outputs until the model
-is fine-tuned); shapes and dtypes of the outputs never change. Removing dead channels alone
+is fine-tuned); shapes and dtypes of the outputs never change. The output SQNR of a lossy cut
+against the graph before it is measured on the example inputs and recorded (``output_sqnr_db``);
+the report says "no budget" rather than "ok". ``min_sqnr=20`` sets a budget: like quantize's,
+a cut below it fails (on the example inputs here, and on the manager's in-distribution
+verification inputs through the contract, which the option turns into ``sqnr>=20dB``) and is
+rolled back. Removing dead channels alone
 (``ratio=0``) is exact, which the tests check.
 """
 from __future__ import annotations
@@ -54,7 +60,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import math
-from typing import Any, Callable, Iterator, Literal
+from typing import Annotated, Any, Callable, Iterator, Literal
 
 import numpy as np
 import torch
@@ -67,25 +73,31 @@ from graphopt import ops
 from graphopt.costs import costs
 from graphopt.errors import OptionError, PassError
 from graphopt.graph import as_input_tuple, get_attr_value, propagate_shapes
+from graphopt.pass_infra import Check, Range, check_patterns
+from graphopt.quantization.calibration import check_batch
 
 Importance = Callable[[C.ChannelGroup, fx.GraphModule], Any]
 
 
-@graphopt.register_pass("prune-channels", contract=graphopt.Lossy(min_sqnr_db=None), after=("canonicalize",),
+@graphopt.register_pass("prune-channels", contract=graphopt.Lossy(min_sqnr_db=None, budget_option="min_sqnr"),
+                        after=("canonicalize",),
                         idempotent=False)
 def prune_channels(
     gm: fx.GraphModule,
     ctx: graphopt.PassContext,
     *,
-    ratio: float = 0.3,
-    ratios: str | dict[str, float] = "",
+    ratio: Annotated[float, Range(ge=0, lt=1, why="the fraction of channels removed")] = 0.3,
+    ratios: Annotated[str | dict[str, float], Check(
+        lambda v: _ratios_ok(v), "'pattern=ratio;...' entries (or a dict {pattern: ratio}) with every ratio in [0, 1)",
+    )] = "",
     importance: Literal["l1", "l2", "bn_scale"] | Importance = "l1",
     aggregation: Literal["mean", "sum", "max"] = "mean",
-    round_to: int = 1,
-    min_channels: int = 1,
+    round_to: Annotated[int, Range(ge=1)] = 1,
+    min_channels: Annotated[int, Range(ge=1)] = 1,
     skip: str | tuple[str, ...] = "",
     prune_dead: bool = True,
     recalibrate: bool = True,
+    min_sqnr: float | None = None,
 ) -> int:
     """Remove whole channels (dead ones exactly, then the least important) from coupled groups.
 
@@ -94,7 +106,9 @@ def prune_channels(
     across a group: mean, sum, max; round_to: kept counts are multiples of it; min_channels:
     floor per group; skip: layer patterns left whole "a;b.*"; prune_dead: remove exactly dead
     channels even at ratio 0; recalibrate: with calibration data, re-estimate the statistics
-    of batch norms whose inputs changed. Rewrites counted: one per group cut.
+    of batch norms whose inputs changed; min_sqnr: budget in dB for the output SQNR against
+    the graph before the cut (below it the pass fails and the manager rolls it back; unset: no
+    budget, the SQNR is only reported). Rewrites counted: one per group cut.
     """
     per_layer = _parse_ratios(ratio, ratios)
     skipped = _parse_patterns(skip)
@@ -107,6 +121,9 @@ def prune_channels(
     outputs_before = _output_shapes(gm)
     before = costs(gm)
     analysis = C.analyze(gm)
+    layer_names = [layer.name for layer in analysis.layers]
+    check_patterns(ctx.pass_name, "skip", skipped, layer_names)
+    check_patterns(ctx.pass_name, "ratios", [p for p, _ in per_layer], layer_names)
     dead = C.dead_units(analysis, ctx.example_inputs) if prune_dead else {}
 
     drop: list[int] = []
@@ -154,6 +171,11 @@ def prune_channels(
                  + (f" ({n_dead * group.width} dead, removed exactly)" if n_dead else "")
                  + ("" if exact else f" at ratio {group_ratio:g}"))
 
+    reference_outputs = None
+    if drop and changed:  # a lossy cut: measure what it costs on the example inputs
+        from graphopt import verify
+
+        reference_outputs = verify.run(gm, ctx.example_inputs)
     if drop:
         C.prune(gm, analysis, drop, bias_deltas)
         propagate_shapes(gm, ctx.example_inputs)
@@ -162,7 +184,10 @@ def prune_channels(
                             "a bug in the channel analysis; please report it with the model",
                             pass_name=ctx.pass_name)
         if recalibrate and changed and ctx.calibration_data is not None:
-            ctx.record("batch_norms_recalibrated", _recalibrate_batch_norms(gm, ctx.calibration_data, changed))
+            ctx.record("batch_norms_recalibrated", _recalibrate_batch_norms(gm, ctx.calibration_data, changed,
+                                                                            ctx.example_inputs))
+    if reference_outputs is not None:
+        _check_output_sqnr(gm, ctx, reference_outputs, min_sqnr)
     after = costs(gm)
     ctx.record("groups", report)
     for key in ("parameters", "macs", "bytes"):
@@ -173,6 +198,25 @@ def prune_channels(
                  f"MACs {before.macs} -> {after.macs} ({ratios_now['macs']:.2f}x), "
                  f"bytes {before.bytes} -> {after.bytes}")
     return len(report)
+
+
+def _check_output_sqnr(gm: fx.GraphModule, ctx: graphopt.PassContext, reference_outputs: list[torch.Tensor],
+                       min_sqnr: float | None) -> None:
+    """Record the output SQNR of the cut graph against the graph before it (on the example
+    inputs) and fail, like quantize's budget, when it is below ``min_sqnr``."""
+    from graphopt import verify
+
+    outputs = verify.run(gm, ctx.example_inputs)
+    sqnr = [verify.sqnr_db(r, o) for r, o in zip(reference_outputs, outputs) if r.is_floating_point()]
+    ctx.record("output_sqnr_db", sqnr)
+    worst = min(sqnr, default=math.inf)
+    if min_sqnr is not None and worst < min_sqnr:
+        raise PassError(f"prune-channels: output SQNR {worst:.1f} dB on the example inputs is below the min_sqnr "
+                        f"budget of {min_sqnr:g} dB. Prune less (a lower ratio, per-layer ratios=..., skip=...), "
+                        "or lower min_sqnr", pass_name=ctx.pass_name)
+    ctx.note(f"output SQNR {worst:.1f} dB on the example inputs against the graph before the cut; "
+             + (f"budget min_sqnr={min_sqnr:g} dB" if min_sqnr is not None
+                else "no budget (set min_sqnr=... to roll back cuts that lose more)"))
 
 
 @contextlib.contextmanager
@@ -225,7 +269,8 @@ def _ceil_to(value: int, step: int) -> int:
     return -(-value // step) * step
 
 
-def _recalibrate_batch_norms(gm: fx.GraphModule, calibration_data: Any, changed: list[fx.Node]) -> int:
+def _recalibrate_batch_norms(gm: fx.GraphModule, calibration_data: Any, changed: list[fx.Node],
+                             example_inputs: tuple[Any, ...] | None = None) -> int:
     """Re-estimate running mean/var of the inference batch norms downstream of ``changed``.
 
     Pruning live input channels shifts the distribution every later batch norm sees, and its
@@ -268,8 +313,8 @@ def _recalibrate_batch_norms(gm: fx.GraphModule, calibration_data: Any, changed:
 
     estimator = Estimator(gm)
     with torch.no_grad():
-        for batch in calibration_data:
-            estimator.run(*as_input_tuple(batch))
+        for i, batch in enumerate(calibration_data):  # a bad batch: CalibrationDataError naming it
+            estimator.run(*(as_input_tuple(batch) if example_inputs is None else check_batch(example_inputs, batch, i)))
     for node, (count, total, squares) in sums.items():
         if count < 2:
             continue
@@ -327,6 +372,12 @@ def _parse_ratios(ratio: float, ratios: str | dict[str, float]) -> list[tuple[st
     for pattern, value in entries:
         _check_ratio(f"ratios[{pattern}]", value)
     return [(p, float(v)) for p, v in entries]
+
+
+def _ratios_ok(ratios: str | dict[str, float]) -> bool:
+    """The ``ratios`` check run when the pipeline is built: its OptionError says what is wrong."""
+    _parse_ratios(0.0, ratios)
+    return True
 
 
 def _check_ratio(what: str, value: float) -> None:
@@ -415,4 +466,5 @@ def _bn_scores(group: C.ChannelGroup, gm: fx.GraphModule) -> list[np.ndarray]:
 # in ONNX Runtime than the original (measured: 30% pruned, 44.7 ms unrounded vs 41.2 ms
 # original vs 23.5 ms rounded to 8). canonicalize first (prune-channels declares it runs after
 # it), then dead code: an unused reader of a channel (say ``y.sum(1)``) would freeze its group.
-graphopt.register_preset("mobile-pruned", "canonicalize,eliminate-dead-code,prune-channels{round_to=8},mobile-fp32")
+graphopt.register_preset("mobile-pruned", "canonicalize,eliminate-dead-code,prune-channels{round_to=8},mobile-fp32",
+                         inference=True)

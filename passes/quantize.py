@@ -32,8 +32,10 @@ models dominated by linear layers whose activation ranges vary from input to inp
 
 Options: ``mode`` (static | dynamic), ``config``, ``calibration`` (static only); ``skip`` (glob
 patterns on node names, module paths or weight names) and ``keep_float_worst=N`` (the N weighted
-layers with the worst isolated SQNR) keep layers float; ``per_layer_report=true`` records
-per-layer SQNR in the report.
+layers with the worst isolated SQNR) keep layers float (a skip pattern matching nothing is an
+OptionError); ``per_layer_report=true`` records per-layer SQNR in the report. Calibration
+batches (held-out ones included) must match the example inputs in dtype and in shape beyond dim
+0 and hold no NaN/inf; a batch that does not is a CalibrationDataError (an InputError) naming it.
 
 Budget (both modes): outputs must keep an SQNR of at least 15 dB (noise power 3% of the signal,
 about 18% RMS relative error) on in-distribution held-out inputs. Measured int8 SQNR with good
@@ -47,7 +49,7 @@ import copy
 import fnmatch
 import math
 from collections import Counter
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.fx as fx
@@ -58,7 +60,8 @@ from graphopt.errors import QuantizationError
 from graphopt.graph import add_constant, copy_provenance, get_attr_value, provenance
 from graphopt.quantization import calibration as calib
 from graphopt.quantization import evaluation, kernels, qdq
-from graphopt.quantization.configs import BackendConfig, get_config
+from graphopt.pass_infra import OneOf, Range, check_patterns
+from graphopt.quantization.configs import BackendConfig, available_configs, get_config
 from graphopt.quantization.observers import Observer, make_observer
 from graphopt.quantization.placement import Plan, Unit, plan_dynamic_quantization, plan_quantization, weight_axis
 from graphopt.quantization.qparams import (
@@ -74,7 +77,7 @@ CONTRACT = graphopt.Lossy(min_sqnr_db=15.0)
 #: dropped. Without mobile-fp32's channels-last: int8 kernels take their weights prepacked, and
 #: the QDQ graph's float convs are a simulation, not what runs on the device.
 graphopt.register_preset("mobile-int8", "canonicalize,eliminate-dead-code,fold-constants,fuse-conv-bn-relu,"
-                         "eliminate-dead-code,quantize,fold-weight-quantization,eliminate-dead-code")
+                         "eliminate-dead-code,quantize,fold-weight-quantization,eliminate-dead-code", inference=True)
 
 
 @graphopt.register_pass("quantize", contract=CONTRACT, after=("fuse-conv-bn-relu",))
@@ -83,14 +86,14 @@ def quantize(
     ctx: graphopt.PassContext,
     *,
     mode: Literal["static", "dynamic"] = "static",
-    config: str = "x86",
+    config: Annotated[str, OneOf(available_configs, why="registered quantization configs")] = "x86",
     calibration: Literal["minmax", "moving_average", "histogram", "mse", "entropy"] = "histogram",
-    percentile: float = 99.99,
-    bins: int = 2048,
-    max_calibration_batches: int = 64,
-    held_out_batches: int = 1,
+    percentile: Annotated[float, Range(gt=50, le=100, why="percent of values inside the range")] = 99.99,
+    bins: Annotated[int, Range(ge=1)] = 2048,
+    max_calibration_batches: Annotated[int, Range(ge=1)] = 64,
+    held_out_batches: Annotated[int, Range(ge=0)] = 1,
     skip: tuple[str, ...] = (),
-    keep_float_worst: int = 0,
+    keep_float_worst: Annotated[int, Range(ge=0)] = 0,
     per_layer_report: bool = False,
 ) -> int:
     """Int8 quantization: calibrated QDQ pairs, or linears quantizing inputs at run time (mode=dynamic).
@@ -106,6 +109,7 @@ def quantize(
     if qdq.has_qdq(gm):
         ctx.note("the graph already holds quantize/dequantize nodes; left as it is")
         return 0
+    check_patterns(ctx.pass_name, "skip", skip, _layer_names(gm))
     cfg = get_config(config)
     if mode == "dynamic":
         data = calib.measurement_data(ctx.example_inputs, ctx.calibration_data, batches=held_out_batches)
@@ -168,6 +172,24 @@ def quantize(
 
 
 # ------------------------------------------------------------------------- vetoes
+
+
+def _layer_names(gm: fx.GraphModule) -> list[str]:
+    """Every name a skip pattern may match (see ``_Veto``): node names, module paths, the names
+    of folded nodes, weight names and their modules. Module paths of weighted layers come first
+    (they are what the error message lists)."""
+    first, rest = [], []
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            rest += [str(node.target), str(node.target).rpartition(".")[0]]
+        elif node.op not in ("placeholder", "output"):
+            names = [provenance(node), node.name, *node.meta.get("folded_from", ())]
+            (first if ops.is_op(node, *_WEIGHTED_OPS) else rest).extend(names)
+    return [n for n in dict.fromkeys(first + rest) if n]
+
+
+_WEIGHTED_OPS = ("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "linear")
+
 
 
 class _Veto:

@@ -18,6 +18,7 @@ import graphopt.passes.fold_weight_quant  # noqa: F401  (registers the passes an
 import graphopt.passes.fuse_conv_bn_relu  # noqa: F401
 import graphopt.passes.quantize  # noqa: F401
 from graphopt import ops
+from graphopt.errors import GraphoptError, LoweringError
 from graphopt.graph import get_attr_value
 from graphopt.quantization import kernels, qdq
 from graphopt.quantization.onnx_symbolics import register_torchscript_symbolics
@@ -203,6 +204,12 @@ class TestThePass:
 # --------------------------------------------------------------------------- lowering
 
 
+def assert_refused_without_vnni(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...], path) -> None:
+    """The ONNX lowering refuses int8 weights beyond +-64 on an x86 CPU without VNNI, saying why
+    and what to do, and writes nothing."""
+    with pytest.raises(LoweringError, match=r"int8 weights exceed \+-64 .*no VNNI.*config='x86'") as info:
+        graphopt.lower(gm, inputs, backend="onnx", path=path)
+    assert isinstance(info.value, GraphoptError) and not path.exists()
 
 
 class TestOnnxRuntime:
@@ -210,6 +217,11 @@ class TestOnnxRuntime:
     @pytest.mark.parametrize("config", ["x86", "xnnpack"])
     def test_linears_fuse_into_dynamic_quantize_matmul(self, x, config, tmp_path):
         gm, _ = dynamic(Mlp(), x, pipeline="mobile-int8", config=config)
+        if config == "xnnpack" and not kernels.has_vnni():
+            # AVX2 without VNNI: ONNX Runtime's int8 kernels would saturate on xnnpack's full-range
+            # weights, and the lowering refuses them (on VNNI CPUs they lower and verify, below)
+            assert_refused_without_vnni(gm, (x,), tmp_path / "m.onnx")
+            return
         artifact = graphopt.lower(gm, (x,), backend="onnx", path=tmp_path / "m.onnx")
         assert artifact.verdict.ok and artifact.report["integer_linears"] == 3
         written = artifact.report["op_counts"]
@@ -220,6 +232,26 @@ class TestOnnxRuntime:
         assert not leftovers & set(optimized)
         # the parameters choose_qparams chooses and exact integer products: a step off anywhere would be ~1e-3
         assert artifact.verdict.outputs[0].max_rel < 1e-4
+
+    @pytest.mark.parametrize("config", ["x86", "xnnpack"])
+    def test_without_vnni_full_range_weights_are_refused_and_7_bit_ones_lowered(self, config, monkeypatch,
+                                                                              tmp_path):
+        """Runs on every CPU: the VNNI detection the backend asks says no, as on an AVX2-only CPU."""
+        monkeypatch.setattr(kernels, "has_vnni", lambda: False)
+        gm, _ = dynamic(Mlp(), X2, pipeline="mobile-int8", config=config)
+        if config == "xnnpack":
+            assert len(kernels.saturating_weights(gm)) == 3  # int8 weights up to 127 in each linear
+            assert_refused_without_vnni(gm, (X2,), tmp_path / "m.onnx")
+        else:  # 7-bit weights (+-64) cannot saturate: lowered and verified as on any CPU
+            assert kernels.saturating_weights(gm) == []
+            artifact = graphopt.lower(gm, (X2,), backend="onnx", path=tmp_path / "m.onnx")
+            assert artifact.verdict.ok and artifact.report["integer_linears"] == 3
+
+    @pytest.mark.parametrize("flags, vnni", [("fpu sse avx2 fma", False), ("avx2 avx512f avx512_vnni", True),
+                                             ("avx2 avx_vnni", True)])
+    def test_vnni_is_detected_from_the_cpu_flags(self, flags, vnni, monkeypatch):
+        monkeypatch.setattr(kernels.Path, "read_text", lambda self, *a, **k: f"flags\t\t: {flags}\n")
+        assert kernels.has_vnni.__wrapped__() is vnni  # the uncached detection
 
     def test_unfolded_weights_fuse_too(self, tmp_path):
         gm, _ = dynamic(Mlp(), X2)

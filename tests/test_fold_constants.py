@@ -28,14 +28,15 @@ PASS = "fold-constants"
 
 
 def fold(model: nn.Module | fx.GraphModule, inputs: tuple, *, then_dce: bool = False, verify: str = "each",
-         budget: RewriteBudget | None = None, **options):
-    """Capture ``model`` and run fold-constants (then eliminate-dead-code if asked).
+         budget: RewriteBudget | None = None, dynamic_shapes="static", **options):
+    """Capture ``model`` (static shapes unless asked: these tests fold shapes) and run
+    fold-constants (then eliminate-dead-code if asked).
 
     Returns (graph module, fold-constants record)."""
     pipeline = [PASS, "eliminate-dead-code"] if then_dce else [PASS]
     manager = graphopt.PassManager(pipeline, verify=verify, on_failure="raise",
                                    options={PASS: options} if options else None)
-    result = manager.run(model, inputs, budget=budget)
+    result = manager.run(model, inputs, budget=budget, dynamic_shapes=dynamic_shapes)
     return result.module, result.report.records[0]
 
 
@@ -193,7 +194,7 @@ class TestShapeArithmetic:
 
     def test_dynamic_batch_keeps_the_batch_dim_symbolic(self):
         model = Model(lambda m, x: torch.relu(x).reshape(x.size(0), x.size(1) * x.size(2)))
-        gm, record = fold(model, (torch.randn(2, 3, 4),), dynamic_batch=True)
+        gm, record = fold(model, (torch.randn(2, 3, 4),), dynamic_shapes="batch")
         (reshape,) = [n for n in gm.graph.nodes if n.target == "reshape"]
         assert isinstance(reshape.args[1], fx.Node) and reshape.args[2] == 12
         assert [n.target for n in calls(gm)] == [torch.relu, "size", "reshape"]
@@ -203,13 +204,13 @@ class TestShapeArithmetic:
 
     def test_dynamic_batch_keeps_shape_entries_of_the_batch_dim(self):
         model = Model(lambda m, x: x.reshape(x.shape[0], x.shape[1] * x.shape[2]))
-        gm, record = fold(model, (torch.randn(2, 3, 4),), dynamic_batch=True)
+        gm, record = fold(model, (torch.randn(2, 3, 4),), dynamic_shapes="batch")
         assert [n.target for n in calls(gm)] == [getattr, operator.getitem, "reshape"]
         torch.testing.assert_close(gm(torch.randn(5, 3, 4)).shape, torch.Size([5, 12]))
 
     def test_dynamic_dim_propagates_through_canonical_ops(self):
         model = Model(lambda m, x: torch.relu(x).reshape(torch.relu(x).shape[0], -1))
-        gm, record = fold(model, (torch.randn(2, 3),), dynamic_batch=True)
+        gm, record = fold(model, (torch.randn(2, 3),), dynamic_shapes="batch")
         assert record.rewrites == 0
         torch.testing.assert_close(gm(torch.randn(7, 3)).shape, torch.Size([7, 3]))
 

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.jit.mobile import _load_for_lite_interpreter
 
+import graphopt
 from graphopt import lowering
 from graphopt.backends import onnx as onnx_backend
 from graphopt.backends import torchscript_mobile
@@ -195,7 +196,7 @@ def dynamo_cnn(out_dir):
 def dynamo_heaviside(out_dir):
     """Exported at batch 1 with a dynamic batch; the default exporter lacks heaviside."""
     gm, inputs = _built(Heaviside, 1, 8)
-    return gm, inputs, lower(gm, inputs, backend="onnx", path=out_dir / "heaviside.onnx", dynamic_batch=True)
+    return gm, inputs, lower(gm, inputs, backend="onnx", path=out_dir / "heaviside.onnx")
 
 
 def _run_onnx(path: Path, *inputs: torch.Tensor) -> list[np.ndarray]:
@@ -368,8 +369,8 @@ class TestOnnxExporters:
 
     def test_dynamic_batch_runs_at_batch_3_when_exported_at_batch_1(self, tmp_path):
         gm, inputs = _built(ConvBnReluNet, 1, 3, 16, 16)
-        artifact = lower(gm, inputs, backend="onnx", path=tmp_path / "d.onnx", dynamic_batch=True)
-        assert list(artifact.report["verification"]) == ["example inputs", "inputs at batch size 3"]
+        artifact = lower(gm, inputs, backend="onnx", path=tmp_path / "d.onnx")
+        assert list(artifact.report["verification"]) == ["example inputs", "inputs at batch=3"]
         x3 = torch.randn(3, 3, 16, 16)
         (out,) = _run_onnx(artifact.path, x3)
         assert out.shape == (3, 10)
@@ -380,11 +381,45 @@ class TestOnnxExporters:
         x3 = torch.randn(3, 8)
         torch.testing.assert_close(torch.from_numpy(_run_onnx(artifact.path, x3)[0]), gm(x3), rtol=1e-4, atol=1e-5)
 
-    def test_dynamic_batch_is_refused_for_a_graph_fixed_to_one_batch_size(self, tmp_path):
+    def test_a_graph_fixed_to_one_batch_size_is_lowered_static_and_says_why(self, tmp_path):
         gm, inputs = _built(FixedBatch, 1, 6)
-        with pytest.raises(LoweringError, match="graph itself fails on the inputs at batch size 3"):
-            lower(gm, inputs, backend="onnx", path=tmp_path / "f.onnx", dynamic_batch=True)
-        assert list(tmp_path.iterdir()) == []
+        artifact = lower(gm, inputs, backend="onnx", path=tmp_path / "f.onnx")
+        assert list(artifact.report["verification"]) == ["example inputs"]
+        assert "kept static at 1: the model raised RuntimeError at batch=3" in artifact.report["dynamic_dims"][0]
+        with pytest.raises(InputError, match="dim 0 is 3, but the graph is specialized to 1"):
+            gm(torch.randn(3, 6))
+
+    def test_dynamic_false_writes_the_example_shapes_and_says_so(self, tmp_path):
+        gm, inputs = _built(ConvBnReluNet, 2, 3, 16, 16)
+        artifact = lower(gm, inputs, backend="onnx", path=tmp_path / "s.onnx", dynamic=False)
+        assert "dynamic=False" in artifact.report["static_shapes"]
+        assert list(artifact.report["verification"]) == ["example inputs"]
+        assert _run_onnx(artifact.path, inputs[0])[0].shape == (2, 10)
+        with pytest.raises(Exception, match="(?i)dimension|shape"):
+            _run_onnx(artifact.path, torch.randn(3, 3, 16, 16))
+
+    def test_raw_graph_modules_get_a_checked_batch_dim_and_stay_unchanged(self, tmp_path):
+        traced = fx.symbolic_trace(ConvBnReluNet().eval())
+        inputs = (torch.randn(2, 3, 16, 16),)
+        artifact = lower(traced, inputs, backend="onnx", path=tmp_path / "t.onnx")
+        assert list(artifact.report["verification"]) == ["example inputs", "inputs at batch=1"]
+        assert not any("graphopt_dims" in n.meta for n in traced.graph.nodes)  # the caller's graph is untouched
+
+    def test_lowering_is_also_checked_against_the_original_model(self, tmp_path):
+        model = ConvBnReluNet().eval()
+        inputs = (torch.randn(2, 3, 16, 16),)
+        gm = graphopt.optimize(model, inputs, "mobile-fp32").module
+        artifact = lower(gm, inputs, backend="onnx", path=tmp_path / "r.onnx", reference=model)
+        assert set(artifact.report["against_reference"]) == {"example inputs", "inputs at batch=1"}
+        assert all(v["ok"] for v in artifact.report["against_reference"].values())
+
+        class Other(nn.Module):  # a "reference" that computes something else is a failed lowering
+            def forward(self, x):
+                return model(x) + 1.0
+
+        with pytest.raises(LoweringError, match="different results from the original model"):
+            lower(gm, inputs, backend="onnx", path=tmp_path / "bad.onnx", reference=Other().eval())
+        assert not (tmp_path / "bad.onnx").exists()
 
 # ---------------------------------------------------------------------- unsupported nodes
 
@@ -477,13 +512,13 @@ class TestRequests:
 
     def test_unknown_option_suggests_the_close_one(self, tmp_path):
         gm, inputs = _built(Mlp, 2, 16)
-        with pytest.raises(LoweringError, match="no option 'dynamic_batches'; did you mean 'dynamic_batch'"):
-            lower(gm, inputs, backend="onnx", path=tmp_path / "m", dynamic_batches=True)
+        with pytest.raises(LoweringError, match="no option 'dynamc'; did you mean 'dynamic'"):
+            lower(gm, inputs, backend="onnx", path=tmp_path / "m", dynamc=True)
 
     @pytest.mark.parametrize(
         "backend, options, match",
         [("onnx", {"exporter": "fast"}, "exporter must be one of"), ("onnx", {"opset": 11}, "opset must be"),
-         ("onnx", {"dynamic_batch": "yes"}, "dynamic_batch must be"),
+         ("onnx", {"dynamic": "yes"}, "dynamic must be"),
          ("torchscript-mobile", {"method": "compile"}, "method must be one of")],
     )
     def test_bad_option_values_are_refused_before_exporting(self, tmp_path, backend, options, match):
@@ -538,7 +573,7 @@ class TestRegistry:
         backends = lowering.available_backends()
         assert backends["onnx"] is onnx_backend.Onnx
         assert backends["torchscript-mobile"] is torchscript_mobile.TorchScriptMobile
-        assert onnx_backend.Onnx.options() == {"exporter": "auto", "opset": 18, "dynamic_batch": False}
+        assert onnx_backend.Onnx.options() == {"exporter": "auto", "opset": 18, "dynamic": True}
 
     def test_importing_the_backends_package_registers_the_builtins(self, monkeypatch):
         for name in ("graphopt.backends", "graphopt.backends.onnx", "graphopt.backends.torchscript_mobile"):

@@ -198,6 +198,57 @@ def test_lossy_contract_checks_its_budget(registry, gm, x):
     assert bad.status == "rolled-back" and "SQNR" in bad.error
 
 
+def _noise_pass(gm, ctx, *, scale: float = 1e-4, budget: float | None = None):
+    name = graphopt.graph.add_parameter(gm, "w_noisy", gm.w + scale * torch.randn_like(gm.w))
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.target == "w":
+            node.target = name
+    return 1
+
+
+@pytest.mark.parametrize("verify", ["each", "final"])
+def test_a_lossy_pass_without_a_budget_reports_its_sqnr_and_no_budget_not_ok(registry, gm, x, verify):
+    registry("t-unbudgeted", contract=graphopt.Lossy(min_sqnr_db=None))(_noise_pass)
+    torch.manual_seed(0)
+    report = graphopt.PassManager("t-unbudgeted{scale=3.0}", verify=verify).run(gm, x).report
+    (record,) = report.records
+    assert record.status == "changed" and record.check == "no budget" and record.contract == "lossy(no budget)"
+    if verify == "each":  # measured against the graph before the pass, and far below any sane budget
+        assert record.min_sqnr_db < 10
+    assert report.final_verdict.ok and report.final_check == "no budget" and report.unbudgeted == ["t-unbudgeted"]
+    final = next(line for line in report.details() if line.startswith("final check"))
+    assert final.startswith("final check against the captured model: no budget: output SQNR ")
+    assert f"{report.final_verdict.min_sqnr_db:.1f} dB" in final and "t-unbudgeted" in final
+    text = str(report)
+    assert "changed, no budget" in text and "t-unbudgeted: no budget: " in text
+    assert "captured model: ok" not in text
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["final_check"] == "no budget" and data["unbudgeted_lossy_passes"] == ["t-unbudgeted"]
+    assert data["passes"][0]["check"] == "no budget"
+    if verify == "each":
+        assert data["passes"][0]["min_sqnr_db"] == pytest.approx(record.min_sqnr_db)
+
+
+def test_exact_and_budgeted_passes_still_say_ok(registry, gm, x):
+    registry("t-budgeted", contract=graphopt.Lossy(min_sqnr_db=20.0))(_noise_pass)
+    report = graphopt.PassManager("t-budgeted").run(gm, x).report
+    assert report.records[0].check == "ok" and report.final_check == "ok" and not report.unbudgeted
+    assert "final check against the captured model: ok: " in str(report)
+    assert report.to_dict()["final_check"] == "ok"
+
+
+def test_a_budget_option_sets_the_lossy_contract_of_each_invocation(registry, gm, x):
+    registry("t-optional-budget", contract=graphopt.Lossy(min_sqnr_db=None, budget_option="budget"))(_noise_pass)
+    unbudgeted = graphopt.PassManager("t-optional-budget{scale=10.0}").run(gm, x).report.records[0]
+    assert unbudgeted.status == "changed" and unbudgeted.check == "no budget"
+    # the manager's contract check rolls it back, as it does quantize's fixed budget
+    bad = graphopt.PassManager("t-optional-budget{scale=10.0,budget=20}").run(gm, x).report.records[0]
+    assert bad.status == "rolled-back" and bad.contract == "lossy(sqnr>=20dB)"
+    assert "broke its lossy(sqnr>=20dB) contract" in bad.error and "< budget 20" in bad.error
+    good = graphopt.PassManager("t-optional-budget{budget=20}").run(gm, x).report.records[0]
+    assert good.status == "changed" and good.check == "ok" and good.min_sqnr_db > 20
+
+
 def test_unknown_pass_and_option_fail_before_running_with_suggestions(registry, gm, x):
     ran = []
 
@@ -369,3 +420,64 @@ def test_rollback_without_snapshots_restores_the_right_state_and_never_touches_t
     assert not [n for n in out.graph.nodes if n.target is torch.sigmoid]
     assert torch.equal(out(*x), want)
     assert [(n.op, n.target, n.args) for n in captured.graph.nodes] == structure
+
+
+# --------------------------------------------------------------------------- training mode
+
+
+def _bn_dropout_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.5),
+                         nn.Conv2d(8, 4, 1))
+
+
+class _PassesRun(graphopt.Hook):
+    def __init__(self):
+        self.names = []
+
+    def before_pass(self, inv, gm, ctx):
+        self.names.append(inv.name)
+
+
+@pytest.mark.parametrize("preset", ["mobile-fp32", "mobile-int8", "mobile-pruned"])
+def test_a_model_in_training_mode_is_refused_by_inference_presets_before_any_pass(preset):
+    model, inputs = _bn_dropout_net().train(), (torch.randn(2, 3, 8, 8),)
+    hook = _PassesRun()
+    with pytest.raises(graphopt.TrainingModeError, match=r"training mode .* Call model\.eval\(\)") as info:
+        graphopt.optimize(model, inputs, preset, hooks=[hook])
+    assert isinstance(info.value, graphopt.GraphoptError) and hook.names == []
+    message = str(info.value)
+    assert "batch norm '1'" in message and "dropout '3'" in message and repr(preset) in message
+    assert "channels-last" not in message  # no pass is blamed
+    model.eval()  # what the message asks for: then nothing is rolled back
+    assert not graphopt.optimize(model, inputs, preset, calibration_data=[inputs] * 4).report.failed
+
+
+def test_one_submodule_in_training_mode_is_enough_and_named():
+    model, inputs = _bn_dropout_net().eval(), (torch.randn(2, 3, 8, 8),)
+    model[1].train()
+    with pytest.raises(graphopt.TrainingModeError) as info:
+        graphopt.optimize(model, inputs)  # the default pipeline: mobile-fp32
+    assert info.value.parts == ["batch norm '1' normalizes with batch statistics and updates its running ones"]
+    # a nested preset counts, and so does a graph module (refused before it runs, so the
+    # caller's batch-norm statistics stay as they were)
+    traced = fx.symbolic_trace(model)
+    mean = traced.get_submodule("1").running_mean.clone()
+    with pytest.raises(graphopt.TrainingModeError, match="'mobile-fp32'"):
+        graphopt.PassManager("canonicalize,mobile-fp32").run(traced, inputs)
+    assert torch.equal(traced.get_submodule("1").running_mean, mean)
+
+
+def test_a_training_flag_that_changes_nothing_is_not_an_error():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4, track_running_stats=False)).train()
+    result = graphopt.optimize(model, (torch.randn(2, 3, 8, 8),), "mobile-fp32")
+    assert not result.report.failed and result.report.notes == []
+
+
+def test_other_pipelines_get_one_note_about_training_mode(registry, x):
+    registry("t-noop2")(lambda gm, ctx: 0)
+    model, inputs = _bn_dropout_net().train(), (torch.randn(2, 3, 8, 8),)
+    report = graphopt.PassManager("t-noop2,t-noop2").run(model, inputs).report
+    notes = [line for line in report.details() if "training mode" in line]
+    assert len(notes) == 1 and "model.eval()" in notes[0] and notes == report.notes
+    assert json.loads(json.dumps(report.to_dict()))["notes"] == notes

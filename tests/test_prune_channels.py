@@ -6,6 +6,8 @@ Models are captured with graphopt.capture; most tests call the pass function wit
 """
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.fx as fx
@@ -514,6 +516,49 @@ class TestReportAndSafety:
         record = result.report.records[0]
         assert record.status == "changed" and record.rewrites == 3
         assert result.module(*inputs).shape == (2, 10)
+
+    @pytest.mark.parametrize("verify", ["each", "final"])
+    def test_without_a_budget_the_report_gives_the_sqnr_and_says_no_budget_not_ok(self, verify):
+        model, inputs = self.model()
+        report = graphopt.optimize(model, inputs, "prune-channels{ratio=0.9}", verify=verify).report
+        (record,) = report.records
+        assert record.status == "changed" and record.check == "no budget" and record.contract == "lossy(no budget)"
+        (sqnr,) = record.figures["output_sqnr_db"]  # measured by the pass itself, whatever the verify mode
+        assert sqnr < 10 and any(f"output SQNR {sqnr:.1f} dB" in note and "no budget" in note for note in record.notes)
+        if verify == "each":
+            assert record.min_sqnr_db < 10
+        assert report.final_check == "no budget" and report.unbudgeted == ["prune-channels"]
+        text = str(report)
+        assert "captured model: no budget: output SQNR" in text and "captured model: ok" not in text
+        data = json.loads(json.dumps(report.to_dict()))
+        assert data["final_check"] == "no budget" and data["passes"][0]["check"] == "no budget"
+        assert data["passes"][0]["figures"]["output_sqnr_db"] == [pytest.approx(sqnr)]
+        assert data["passes"][0]["options"]["min_sqnr"] is None
+
+    @pytest.mark.parametrize("verify", ["each", "none"])
+    def test_min_sqnr_rolls_back_a_cut_below_it(self, verify):
+        model, inputs = self.model()
+        result = graphopt.optimize(model, inputs, "prune-channels{ratio=0.9,min_sqnr=20}", verify=verify)
+        (record,) = result.report.records
+        assert record.status == "rolled-back" and record.contract == "lossy(sqnr>=20dB)" and record.check is None
+        assert "below the min_sqnr budget of 20 dB" in record.error
+        assert weight(result.module, "3").shape[0] == 32 and not result.report.unbudgeted
+        if verify == "each":
+            assert result.report.final_check == "ok"
+        data = json.loads(json.dumps(result.report.to_dict()))
+        assert data["passes"][0]["status"] == "rolled-back" and data["passes"][0]["options"]["min_sqnr"] == 20
+        with pytest.raises(PassError, match="min_sqnr budget of 20 dB"):
+            graphopt.optimize(model, inputs, "prune-channels{ratio=0.9,min_sqnr=20}", on_failure="raise")
+
+    def test_min_sqnr_keeps_a_cut_within_it_and_says_ok(self):
+        model, inputs = self.model()
+        result = graphopt.optimize(model, inputs, "prune-channels", verify="each", options={
+            "prune-channels": {"ratio": 0.1, "min_sqnr": 3.0}})
+        (record,) = result.report.records
+        assert record.status == "changed" and record.check == "ok" and record.contract == "lossy(sqnr>=3dB)"
+        assert record.min_sqnr_db >= 3.0 and record.figures["output_sqnr_db"][0] >= 3.0
+        assert result.report.final_check == "ok" and "captured model: ok" in str(result.report)
+        assert weight(result.module, "3").shape[0] < 32
 
 
 @pytest.mark.parametrize("backend", ["onnx", "torchscript-mobile"])

@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 
 from .. import graph as G
-from ..errors import QuantizationError
+from ..errors import CalibrationDataError, QuantizationError
 from .observers import Observer
 
 #: synthesized kinds that look like data (see graphopt.verify.DISTRIBUTIONS)
@@ -40,10 +40,58 @@ def _as_batch(item: Any, arity: int, index: int) -> tuple[Any, ...]:
     batch = G.as_input_tuple(item) if isinstance(item, (torch.Tensor, list, tuple)) else None
     if batch is None or len(batch) != arity:
         got = "a " + type(item).__name__ if batch is None else f"{len(batch)} value(s)"
-        raise QuantizationError(
+        raise CalibrationDataError(
             f"calibration batch #{index} holds {got} but the model takes {arity} input(s); "
             "calibration_data must yield input tuples (drop labels: e.g. (x,) for x, y in loader)"
         )
+    return batch
+
+
+def _dims(shape: Any) -> str:
+    return "x".join(map(str, shape)) or "scalar"
+
+
+def check_batches(example_inputs: tuple[Any, ...], batches: list[tuple[Any, ...]], *,
+                  held_out_from: int | None = None) -> None:
+    """Raise CalibrationDataError naming the first batch that holds NaN/inf, or whose tensors
+    differ from the example inputs in dtype or in shape beyond dim 0 (the batch size may vary).
+
+    Checked before anything runs on the data, so a bad batch is reported as such and not as a
+    torch error from inside the graph. ``held_out_from``: index of the first held-out batch
+    (named so in the message)."""
+    for i, batch in enumerate(batches):
+        check_batch(example_inputs, batch, i, held_out=held_out_from is not None and i >= held_out_from)
+
+
+def check_batch(example_inputs: tuple[Any, ...], item: Any, index: int, *, held_out: bool = False) -> tuple[Any, ...]:
+    """One batch of calibration data as an input tuple, checked as :func:`check_batches` does
+    (and for its arity); for passes that stream the data themselves."""
+    batch = _as_batch(item, len(example_inputs), index)
+    label = f"calibration batch #{index}" + (" (held out)" if held_out else "")
+    for k, (x, ref) in enumerate(zip(batch, example_inputs)):
+        where = f"{label}, input {k}"
+        if isinstance(ref, torch.Tensor):
+            if not isinstance(x, torch.Tensor):
+                raise CalibrationDataError(
+                    f"{where}: a {type(x).__name__} where the example input is a tensor "
+                    f"({_dims(ref.shape)} {str(ref.dtype)[6:]}); yield tensors like the example inputs"
+                )
+            if x.dtype != ref.dtype:
+                raise CalibrationDataError(
+                    f"{where}: dtype {str(x.dtype)[6:]} where the example input is {str(ref.dtype)[6:]}; "
+                    f"convert the batch (e.g. x.to({ref.dtype}))"
+                )
+            if x.dim() != ref.dim() or tuple(x.shape[1:]) != tuple(ref.shape[1:]):
+                raise CalibrationDataError(
+                    f"{where}: shape {_dims(x.shape)} does not fit the example input's {_dims(ref.shape)} "
+                    "(only dim 0, the batch size, may differ)"
+                )
+        if isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex()) \
+                and not bool(torch.isfinite(x).all()):
+            raise CalibrationDataError(
+                f"{where}: {int((~torch.isfinite(x)).sum())} non-finite value(s) (NaN/inf); "
+                "remove or clean that batch"
+            )
     return batch
 
 
@@ -67,10 +115,11 @@ def collect(example_inputs: tuple[Any, ...], calibration_data: Iterable[Any] | N
         return CalibrationData([example_inputs, *synthesized], [example_inputs], True,
                                f"example inputs + {len(synthesized)} synthesized batches (no calibration data)")
     if isinstance(calibration_data, torch.Tensor):
-        raise QuantizationError("calibration_data is one tensor; pass an iterable of input tuples, e.g. [(x,)]")
+        raise CalibrationDataError("calibration_data is one tensor; pass an iterable of input tuples, e.g. [(x,)]")
     taken = [_as_batch(item, arity, i) for i, item in enumerate(itertools.islice(calibration_data, max_batches + held_out))]
     if not taken:
-        raise QuantizationError("calibration_data yielded no batches; pass at least one input tuple")
+        raise CalibrationDataError("calibration_data yielded no batches; pass at least one input tuple")
+    check_batches(example_inputs, taken, held_out_from=len(taken) - held_out if len(taken) > held_out > 0 else None)
     if len(taken) > held_out > 0:
         batches, kept = taken[:-held_out], taken[-held_out:]
         where = f"{len(kept)} held-out batch(es)"
@@ -89,11 +138,12 @@ def measurement_data(example_inputs: tuple[Any, ...], calibration_data: Iterable
         return CalibrationData([], [example_inputs], False,
                                "no calibration needed; error measured on the example inputs")
     if isinstance(calibration_data, torch.Tensor):
-        raise QuantizationError("calibration_data is one tensor; pass an iterable of input tuples, e.g. [(x,)]")
+        raise CalibrationDataError("calibration_data is one tensor; pass an iterable of input tuples, e.g. [(x,)]")
     arity = len(example_inputs)
     taken = [_as_batch(item, arity, i) for i, item in enumerate(itertools.islice(calibration_data, max(batches, 1)))]
     if not taken:
-        raise QuantizationError("calibration_data yielded no batches; pass at least one input tuple, or none at all")
+        raise CalibrationDataError("calibration_data yielded no batches; pass at least one input tuple, or none at all")
+    check_batches(example_inputs, taken, held_out_from=0)
     return CalibrationData([], taken, False, f"no calibration needed; error measured on {len(taken)} given batch(es)")
 
 

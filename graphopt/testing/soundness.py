@@ -159,7 +159,7 @@ def _end_to_end_contract(manager: PassManager, result: Result,
     values are checked.
     """
     changed = {r.name for r in result.report.records if r.changed}
-    contracts: list[Contract] = [inv.pass_.contract for inv in manager.invocations if inv.name in changed]
+    contracts: list[Contract] = [inv.contract for inv in manager.invocations if inv.name in changed]
     tolerances = [c.tolerance(dtype) for c in contracts]
     explicit = [t for t in tolerances if t is not None]
     tolerance = None
