@@ -268,7 +268,10 @@ class _Converter:
         rest = fx.map_arg(tuple(value.args[1:]), lambda n: self.env[n])
         kwargs = fx.map_arg(dict(value.kwargs), lambda n: self.env[n])
         if value.op == "call_method":
-            return self.graph.call_method(str(value.target), (source, *rest), kwargs)
+            # int8 kernels write NHWC: a view by sizes read at run time may not fit their
+            # strides; reshape is the same view where it fits and a copy where not
+            method = "reshape" if value.target == "view" else str(value.target)
+            return self.graph.call_method(method, (source, *rest), kwargs)
         return self.graph.call_function(value.target, (source, *rest), kwargs)
 
     def dynamic_fake_quantize(self, dq: fx.Node) -> fx.Node:

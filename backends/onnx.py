@@ -115,6 +115,8 @@ class Onnx(Backend):
             self._tried.append(exporter)
             try:
                 self._export_with(exporter, graphs[exporter], example_inputs, path, external_data, report)
+                if exporter == "torchscript" and self.exporter == "auto" and self.dynamic:
+                    _check_other_sizes(gm, example_inputs, path, report)
             except Exception as exc:
                 failures.append(f"the {exporter} exporter failed: {exception_summary(exc)}")
                 for leftover in set(path.parent.iterdir()) - existing:  # so the next exporter starts clean
@@ -241,6 +243,31 @@ def _refuse_saturating_weights(gm: fx.GraphModule) -> None:
         "in this runtime and cannot be verified. Quantize with config='x86' (7-bit weights; the mobile-int8 "
         "default), or lower on a CPU with VNNI or an ARM machine"
     )
+
+
+def _check_other_sizes(gm: fx.GraphModule, inputs: tuple[Any, ...], path: Path, report: dict[str, Any]) -> None:
+    """The TorchScript exporter traces: where the graph turns a size into a Python number the
+    file holds the example's. Run the file at the dynamic dims' second sizes, so ``auto``
+    falls back to the dynamo exporter (which keeps sizes symbolic) when it is wrong there."""
+    resized = shapes.resized_inputs(gm, inputs)
+    if resized is None:
+        return
+    import onnxruntime as ort
+    from graphopt.verify import compare_outputs
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    expected = {i.name for i in session.get_inputs()}
+    tensors = [x for x in resized if isinstance(x, torch.Tensor)]
+    feed = {name: x.numpy() for name, x in zip(report["input_names"], tensors) if name in expected}
+    try:
+        got = session.run(None, feed)
+    except Exception as exc:
+        raise LoweringError(f"the trace holds the example's sizes: {exception_summary(exc)}") from None
+    with torch.no_grad():
+        want = pytree.tree_leaves(G.call(gm, resized))
+    verdict = compare_outputs([want], [got], other_kernels_tolerance())
+    if not verdict.ok:
+        raise LoweringError(f"the trace holds the example's sizes: {verdict.reason}")
 
 
 def _dynamic_axes(gm: fx.GraphModule, inputs: tuple[Any, ...], input_names: list[str],

@@ -33,8 +33,9 @@ import torch
 import torch.backends.xnnpack
 import torch.fx as fx
 
+from graphopt import shapes
 from graphopt.errors import LoweringError
-from graphopt.lowering import Backend, exception_summary, recording_warnings, register_backend, tracer_warning
+from graphopt.lowering import Backend, exception_summary, other_kernels_tolerance, recording_warnings, register_backend, tracer_warning
 from graphopt.quantization import has_qdq, lowering_tolerance
 
 _METHODS = ("auto", "script", "trace")
@@ -192,7 +193,29 @@ class TorchScriptMobile(Backend):
         if unsound is not None:
             # only right for the example values: verification on other inputs decides
             report["trace_warning"] = unsound
+        self._check_trace_sizes(gm, traced, inputs)
         return traced
+
+    def _check_trace_sizes(self, gm: fx.GraphModule, traced: torch.jit.ScriptModule, inputs: tuple[Any, ...]) -> None:
+        """A trace records the example's sizes wherever the graph turns a size into a Python
+        number; with dynamic dims, refuse a trace that is wrong at their second sizes."""
+        resized = shapes.resized_inputs(gm, inputs)
+        if resized is None:
+            return
+        from graphopt.verify import compare
+
+        try:
+            verdict = compare(gm, traced, resized, tolerance=other_kernels_tolerance(), synthesize=0, localize=False)
+            problem = None if verdict.ok else str(verdict)
+        except Exception as exc:  # noqa: BLE001 - the trace raising at other sizes is the same finding
+            problem = exception_summary(exc)
+        if problem is not None:
+            raise LoweringError(
+                f"torch.jit.script failed ({self._script_error or 'method=trace'}) and the trace holds the example's "
+                f"sizes: at {shapes.label(shapes.sizes_for(gm))[len('example at '):]} it {problem[:300]}. Make the "
+                "graph scriptable, lower with backend='onnx' or 'executorch', or capture with dynamic_shapes='static' "
+                "for a fixed-size model"
+            )
 
     def _optimize_for_mobile(self, frozen: torch.jit.ScriptModule, report: dict[str, Any]) -> torch.jit.ScriptModule:
         if not self.mobile_optimize:
@@ -229,15 +252,21 @@ def _quantized_engine(engine: str) -> Iterator[None]:
 
 
 def _without_annotations(gm: fx.GraphModule) -> fx.GraphModule:
-    """``gm`` without type annotations, sharing its parameters and submodules.
+    """``gm`` in a form ``torch.jit.script`` reads, sharing its parameters and submodules.
 
-    FX writes an annotated input as ``x : _torch_Tensor_``, an alias defined only for its
-    generated code, which ``torch.jit.script`` cannot resolve; capture keeps the annotations of
-    the user's ``forward``.
+    - No type annotations: FX writes an annotated input as ``x : _torch_Tensor_``, an alias
+      defined only for its generated code, which ``torch.jit.script`` cannot resolve; capture
+      keeps the annotations of the user's ``forward``.
+    - aten overloads called as their packets: TorchScript resolves ``torch.ops.aten.slice``
+      (picking the overload from the arguments, as for any builtin) but not the attribute
+      ``torch.ops.aten.slice.Tensor``, which graphs captured with ``torch.export`` call.
     """
-    if all(node.type is None for node in gm.graph.nodes):
+    overloads = [n for n in gm.graph.nodes if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)]
+    if all(node.type is None for node in gm.graph.nodes) and not overloads:
         return gm
     graph = copy.deepcopy(gm.graph)  # copies nodes with shallow copies of their meta: cheap
     for node in graph.nodes:
         node.type = None
+        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+            node.target = node.target.overloadpacket
     return fx.GraphModule(gm, graph)

@@ -165,7 +165,22 @@ class _Rewriter:
                 count += self._convolution(node)
             elif node.target is aten.addmm.default:
                 count += self._addmm_as_linear(node)
+            elif node.target is aten.sym_size.int:
+                count += self._size_method(node)
         return count
+
+    def _size_method(self, node: fx.Node) -> int:
+        """``aten.sym_size.int(x, d)`` (torch.export's read of a dynamic size) -> ``x.size(d)``:
+        the spelling symbolic capture records, which fold-constants reads and TorchScript
+        scripts."""
+        if not self._allowed(node, "aten.sym_size -> size"):
+            return 0
+        with self.graph.inserting_before(node):
+            size = self.graph.call_method("size", tuple(node.args), dict(node.kwargs))
+        size.meta.update(node.meta)
+        node.replace_all_uses_with(size)
+        self.graph.erase_node(node)
+        return 1
 
     def _convolution(self, node: fx.Node) -> int:
         bound = _bind_schema(node)

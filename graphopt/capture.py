@@ -117,7 +117,7 @@ def _capture(
     if mode == "symbolic":
         graph, lowered = _trace_symbolic(root, leaf_types, leaf_names, concrete_args, fixed_kwargs)
     else:
-        graph, lowered = _trace_export(root, inputs, shapes.build(inputs, dims, static), static), []
+        graph, lowered = _trace_export(root, inputs, dims, static), []
     # the GraphModule keeps the layers the trace called, as GraphModule(root, traced graph) would
     called = lowered + [n.target for n in graph.nodes if n.op == "call_module"]
     canonical.ensure_provenance(graph)
@@ -126,6 +126,8 @@ def _capture(
     _check_reproduces(root, reference, _propagate(root, graph, inputs, isolated))
     shapes.declare(graph, shapes.build(inputs, dims, static))
     _check_generic(root, graph, inputs, dims, static, second, isolated)
+    if mode == "export":
+        _extend_to_size_one(root, graph, inputs, dims, static, fixed_kwargs, isolated)
     return _graph_module(root, graph, called)
 
 
@@ -806,20 +808,42 @@ def _erase_guard_cone(graph: fx.Graph, placeholder: fx.Node) -> None:
 # -- export front end -----------------------------------------------------------------------------
 
 
-def _trace_export(root: nn.Module, inputs: tuple[torch.Tensor, ...],
-                  recorded: list[shapes.InputDims | None] | None = None,
+def _trace_export(root: nn.Module, inputs: tuple[torch.Tensor, ...], dims: list[dict[int, Any]] | None = None,
                   static: dict[str, str] | None = None) -> fx.Graph:
-    """Export ``root``; with dynamic dims in ``recorded``, symbolic in those. Examples of size 0
-    or 1 at a dynamic dim (which export specializes) are traced at the dim's second size; a
-    dynamic export that fails is retried static, the reason added to ``static``."""
-    traced_at, dynamic = shapes.export_spec(recorded or [], inputs)
-    if dynamic is not None:
+    """Export ``root``; with dynamic dims in ``dims``, symbolic in those.
+
+    Examples of size 0 or 1 at a dynamic dim (which export specializes) are traced at the
+    dim's second size. Where export finds the model constrains a dim (``seq <= 64``), its
+    suggested fixes are taken and the dim's range recorded in ``dims`` (the graph refuses sizes
+    outside it); a dim export specializes, or a dynamic export that still fails, is recorded
+    in ``static`` with the reason and the model exported with the example's shapes there."""
+    static = static if static is not None else {}
+    recorded = shapes.build(inputs, dims or [], static)
+    traced_at, dynamic = shapes.export_spec(recorded, inputs)
+    reason = ""
+    for _ in range(3 if dynamic is not None else 0):
         try:
-            return _unlift(torch.export.export(root, traced_at, dynamic_shapes=dynamic), root)
+            program = torch.export.export(root, traced_at, dynamic_shapes=dynamic)
         except Exception as exc:  # noqa: BLE001 - export raises many kinds; static is the way out
             reason = f"torch.export cannot keep it dynamic: {type(exc).__name__}: {_first_line(exc)[:200]}"
-            for name in shapes.dynamic_names(recorded):
+            refined = _refined(exc, dynamic)
+            if refined is None:
+                break
+            dynamic = refined
+            continue
+        if _record_export_ranges(program, dynamic, dims, static):
+            return _unlift(program, root)
+        break  # a dim became static: export again with the example's shapes there
+    else:
+        if dynamic is not None:
+            reason = reason or "torch.export's suggested fixes did not converge"
+    if dynamic is not None:
+        names = shapes.dynamic_names(shapes.build(inputs, dims or [], static))
+        if names and reason:
+            for name in names:
                 static.setdefault(name, reason)
+        if names and not reason:  # some dims static, the rest still dynamic: export once more
+            return _trace_export(root, inputs, dims, static)
     try:
         program = torch.export.export(root, inputs)
     except Exception as exc:  # noqa: BLE001 - export raises many kinds
@@ -830,6 +854,85 @@ def _trace_export(root: nn.Module, inputs: tuple[torch.Tensor, ...],
             "branches with torch.cond."
         ) from None
     return _unlift(program, root)
+
+
+def _refined(exc: BaseException, dynamic: Any) -> Any:
+    """``dynamic`` with torch.export's suggested fixes for ``exc`` applied, or None."""
+    from torch.export.dynamic_shapes import refine_dynamic_shapes_from_suggested_fixes
+
+    text = str(exc)
+    if "Suggested fixes:" not in text:
+        return None
+    # only the fixes themselves: the parser chokes on the advice torch prints after them
+    fixes = re.findall(r"^\s+\w+ = .+$", text.split("Suggested fixes:", 1)[1], flags=re.MULTILINE)
+    try:
+        refined = refine_dynamic_shapes_from_suggested_fixes("Suggested fixes:\n" + "\n".join(fixes), dynamic)
+    except Exception:  # noqa: BLE001 - a message it cannot read: no refinement
+        return None
+    return None if refined == dynamic else refined
+
+
+def _record_export_ranges(program: torch.export.ExportedProgram, dynamic: Any, dims: list[dict[int, Any]],
+                          static: dict[str, str]) -> bool:
+    """Copy the range torch.export kept for each dynamic dim into ``dims`` (as a ``Dim`` of the
+    same name and those bounds); a dim it specialized to a number, or tied to another by an
+    expression, goes to ``static``. False when one did (the caller exports again)."""
+    placeholders = [n for n in program.graph.nodes if n.op == "placeholder"
+                    and program.graph_signature.input_specs[0] is not None]
+    user = [n for n, spec in zip(placeholders, program.graph_signature.input_specs) if spec.kind == InputKind.USER_INPUT]
+    ranges = {str(k): v for k, v in program.range_constraints.items()}
+    all_kept = True
+    for i, entry in enumerate(dims):
+        for dim, value in list(entry.items()):
+            name = value if isinstance(value, str) else value.__name__
+            if name in static:
+                continue
+            given = dynamic[i].get(dim) if i < len(dynamic) and isinstance(dynamic[i], dict) else None
+            if isinstance(given, int) or given is None:
+                static[name] = f"torch.export specialized it to {given if given is not None else 'the example size'}"
+                all_kept = False
+                continue
+            size = user[i].meta["val"].shape[dim] if i < len(user) and "val" in user[i].meta else None
+            expr = str(size.node.expr) if isinstance(size, torch.SymInt) else None
+            if expr is None or expr not in ranges:
+                static[name] = (f"torch.export tied it to other sizes ({expr})" if expr is not None
+                                else "torch.export specialized it to the example size")
+                all_kept = False
+                continue
+            # export keeps a dim generic from 2 on (it specializes 0 and 1); size 1 is checked
+            # apart (_extend_to_size_one)
+            low, high = shapes.finite(ranges[expr].lower), shapes.finite(ranges[expr].upper)
+            bounds = {"min": max(low or 0, 2)} | ({"max": high} if high is not None else {})
+            entry[dim] = torch.export.Dim(name, **bounds)
+    return all_kept
+
+
+def _extend_to_size_one(root: nn.Module, graph: fx.Graph, inputs: tuple[torch.Tensor, ...], dims: list[dict[int, Any]],
+                        static: dict[str, str], kwargs: dict[str, Any], isolated: _Isolation) -> None:
+    """torch.export keeps a dim generic from size 2 on; where the exported graph reproduces the
+    model at size 1 too, that size is accepted (batch 1 is the common case on a phone)."""
+    recorded = shapes.build(inputs, dims, static)
+    for name, size in shapes.dynamic_names(recorded).items():
+        low, high = shapes.input_dims_bounds(recorded, name) or (0, None)
+        if low != 2:
+            continue
+        ok = size == 1  # an example of size 1 was traced at the second size, and checked at 1
+        if not ok:
+            resized = shapes.resized_inputs(recorded, inputs, {name: 1})
+            try:
+                with isolated():
+                    want = root(*_fresh(resized), **kwargs)
+                with isolated():
+                    got = execute(root, _fresh(resized), graph)
+                ok = not _reproduction_problem(want, got)
+            except Exception:  # noqa: BLE001 - the model or the graph refuses size 1: keep the bound
+                ok = False
+        if ok:
+            for entry in dims:
+                for dim, value in list(entry.items()):
+                    if (value if isinstance(value, str) else value.__name__) == name:
+                        entry[dim] = torch.export.Dim(name, min=1, **({"max": high} if high is not None else {}))
+    shapes.declare(graph, shapes.build(inputs, dims, static))
 
 
 def _unlift(program: torch.export.ExportedProgram, root: nn.Module) -> fx.Graph:

@@ -132,7 +132,7 @@ def build(inputs: Sequence[Any], dims: Sequence[dict[int, Any]],
                 continue
             dynamic[dim] = name
             if _is_export_dim(value):
-                bounds[name] = (int(getattr(value, "min", 0) or 0), _finite(getattr(value, "max", None)))
+                bounds[name] = (int(getattr(value, "min", 0) or 0), finite(getattr(value, "max", None)))
         out.append(InputDims(tuple(int(s) for s in x.shape), dynamic, bounds, reasons))
     return out
 
@@ -147,7 +147,8 @@ def declare(graph: fx.Graph, recorded: Sequence[InputDims | None]) -> None:
             node.meta[META_KEY] = d
 
 
-def _finite(value: Any) -> int | None:
+def finite(value: Any) -> int | None:
+    """``value`` as an int, or None for an unbounded one (torch's int_oo, sympy's oo, None)."""
     try:
         value = int(value)
     except Exception:  # noqa: BLE001 - torch's unbounded int_oo, None, ...
@@ -191,12 +192,20 @@ def describe(gm: fx.GraphModule | fx.Graph) -> list[str]:
         if node.op != "placeholder" or META_KEY not in node.meta:
             continue
         d: InputDims = node.meta[META_KEY]
-        shape = "x".join(d.dynamic.get(i, str(s)) for i, s in enumerate(d.shape)) or "scalar"
+        shape = "x".join(_named(d, i, s) for i, s in enumerate(d.shape)) or "scalar"
         line = f"{node.target}: {shape}"
         for dim, reason in d.static_reasons.items():
             line += f"; dim {dim} kept static at {d.shape[dim]}: {reason}"
         lines.append(line)
     return lines
+
+
+def _named(d: InputDims, dim: int, size: int) -> str:
+    name = d.dynamic.get(dim)
+    if name is None:
+        return str(size)
+    low, high = d.bounds.get(name, (0, None))
+    return name if high is None else f"{name}({low}..{high})"
 
 
 # ------------------------------------------------------------------------------ second sizes
@@ -300,9 +309,16 @@ def check_call(graph: fx.Graph, args: Sequence[Any]) -> None:
                     raise InputError(
                         f"input {node.target!r} dim {dim} is {got}, but the graph is specialized to {want} at that "
                         f"dim ({why}); pass inputs of shape {_fmt(d.expected())}, or capture again with the dim "
-                        f"declared dynamic, e.g. dynamic_shapes={{{node.target!r}: {{{dim}: 'd{dim}'}}}}"
+                        f"declared dynamic, e.g. dynamic_shapes={{{node.target!r}: {{{dim}: {BATCH if dim == 0 else f'd{dim}'!r}}}}}"
                     )
                 continue
+            low, high = d.bounds.get(name, (0, None))
+            if got < low or (high is not None and got > high):
+                raise InputError(
+                    f"input {node.target!r} dim {dim} ({name}) is {got}, outside the sizes the graph was captured for "
+                    f"({low} to {high if high is not None else 'any'}); the model constrains it there (torch.export's "
+                    "range), so pass a size in that range"
+                )
             first = seen.setdefault(name, (got, f"{node.target}[{dim}]"))
             if first[0] != got:
                 raise InputError(f"input {node.target!r} dim {dim} ({name}) is {got} but {first[1]}, the same "

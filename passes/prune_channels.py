@@ -69,7 +69,7 @@ import torch.nn.functional as F
 
 import graphopt
 from graphopt import channels as C
-from graphopt import ops
+from graphopt import ops, shapes
 from graphopt.costs import costs
 from graphopt.errors import OptionError, PassError
 from graphopt.graph import as_input_tuple, get_attr_value, propagate_shapes
@@ -314,7 +314,8 @@ def _recalibrate_batch_norms(gm: fx.GraphModule, calibration_data: Any, changed:
     estimator = Estimator(gm)
     with torch.no_grad():
         for i, batch in enumerate(calibration_data):  # a bad batch: CalibrationDataError naming it
-            estimator.run(*(as_input_tuple(batch) if example_inputs is None else check_batch(example_inputs, batch, i)))
+            estimator.run(*(as_input_tuple(batch) if example_inputs is None
+                            else check_batch(example_inputs, batch, i, dynamic=shapes.dynamic_dims_of_inputs(gm))))
     for node, (count, total, squares) in sums.items():
         if count < 2:
             continue

@@ -55,7 +55,7 @@ import torch
 import torch.fx as fx
 
 import graphopt
-from graphopt import ops
+from graphopt import ops, shapes
 from graphopt.errors import QuantizationError
 from graphopt.graph import add_constant, copy_provenance, get_attr_value, provenance
 from graphopt.quantization import calibration as calib
@@ -112,12 +112,13 @@ def quantize(
     check_patterns(ctx.pass_name, "skip", skip, _layer_names(gm))
     cfg = get_config(config)
     if mode == "dynamic":
-        data = calib.measurement_data(ctx.example_inputs, ctx.calibration_data, batches=held_out_batches)
+        data = calib.measurement_data(ctx.example_inputs, ctx.calibration_data, batches=held_out_batches,
+                                      dynamic=shapes.dynamic_dims_of_inputs(gm))
         measure: _Calibrator | _WeightScales = _WeightScales(gm, cfg)
         planner = plan_dynamic_quantization
     else:
-        data = calib.collect(ctx.example_inputs, ctx.calibration_data,
-                             max_batches=max_calibration_batches, held_out=held_out_batches)
+        data = calib.collect(ctx.example_inputs, ctx.calibration_data, max_batches=max_calibration_batches,
+                             held_out=held_out_batches, dynamic=shapes.dynamic_dims_of_inputs(gm))
         measure = _Calibrator(gm, cfg, calibration, bins, percentile, data.batches)
         planner = plan_quantization
     veto = _Veto(ctx, skip)

@@ -276,7 +276,7 @@ class TestCalibrationData:
         batches = data(4)
         batches[2] = (torch.randn(2, 4, 8, 8),)
         with pytest.raises(InputError, match=r"calibration batch #2, input 0: shape 2x4x8x8 does not fit "
-                                             r"the example input's 2x3x8x8 \(only dim 0, the batch size, may differ\)"):
+                                             r"the example input's 2x3x8x8 \(only dim 0, declared dynamic, may differ"):
             run("quantize", calibration_data=batches)
 
     def test_wrong_dtype_names_the_batch(self):

@@ -13,7 +13,7 @@ import itertools
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.fx as fx
@@ -52,18 +52,22 @@ def _dims(shape: Any) -> str:
 
 
 def check_batches(example_inputs: tuple[Any, ...], batches: list[tuple[Any, ...]], *,
-                  held_out_from: int | None = None) -> None:
+                  held_out_from: int | None = None, dynamic: Sequence[frozenset[int]] | None = None) -> None:
     """Raise CalibrationDataError naming the first batch that holds NaN/inf, or whose tensors
-    differ from the example inputs in dtype or in shape beyond dim 0 (the batch size may vary).
+    differ from the example inputs in dtype or in shape at a dim that is not dynamic
+    (``dynamic``: the dynamic dims of each input, as the graph declares them,
+    :func:`graphopt.shapes.dynamic_dims_of_inputs`; default: dim 0).
 
     Checked before anything runs on the data, so a bad batch is reported as such and not as a
     torch error from inside the graph. ``held_out_from``: index of the first held-out batch
     (named so in the message)."""
     for i, batch in enumerate(batches):
-        check_batch(example_inputs, batch, i, held_out=held_out_from is not None and i >= held_out_from)
+        check_batch(example_inputs, batch, i, held_out=held_out_from is not None and i >= held_out_from,
+                    dynamic=dynamic)
 
 
-def check_batch(example_inputs: tuple[Any, ...], item: Any, index: int, *, held_out: bool = False) -> tuple[Any, ...]:
+def check_batch(example_inputs: tuple[Any, ...], item: Any, index: int, *, held_out: bool = False,
+                dynamic: Sequence[frozenset[int]] | None = None) -> tuple[Any, ...]:
     """One batch of calibration data as an input tuple, checked as :func:`check_batches` does
     (and for its arity); for passes that stream the data themselves."""
     batch = _as_batch(item, len(example_inputs), index)
@@ -81,10 +85,13 @@ def check_batch(example_inputs: tuple[Any, ...], item: Any, index: int, *, held_
                     f"{where}: dtype {str(x.dtype)[6:]} where the example input is {str(ref.dtype)[6:]}; "
                     f"convert the batch (e.g. x.to({ref.dtype}))"
                 )
-            if x.dim() != ref.dim() or tuple(x.shape[1:]) != tuple(ref.shape[1:]):
+            free = dynamic[k] if dynamic is not None and k < len(dynamic) else frozenset({0})
+            if x.dim() != ref.dim() or any(a != b for d, (a, b) in enumerate(zip(x.shape, ref.shape)) if d not in free):
+                allowed = (f"dim{'s' if len(free) > 1 else ''} {', '.join(map(str, sorted(free)))}, declared dynamic,"
+                           if free else "no dim")
                 raise CalibrationDataError(
                     f"{where}: shape {_dims(x.shape)} does not fit the example input's {_dims(ref.shape)} "
-                    "(only dim 0, the batch size, may differ)"
+                    f"(only {allowed} may differ; see dynamic_shapes=)"
                 )
         if isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex()) \
                 and not bool(torch.isfinite(x).all()):
@@ -96,7 +103,7 @@ def check_batch(example_inputs: tuple[Any, ...], item: Any, index: int, *, held_
 
 
 def collect(example_inputs: tuple[Any, ...], calibration_data: Iterable[Any] | None, *,
-            max_batches: int, held_out: int) -> CalibrationData:
+            max_batches: int, held_out: int, dynamic: Sequence[frozenset[int]] | None = None) -> CalibrationData:
     """Take up to ``max_batches + held_out`` batches; the last ``held_out`` are kept for
     measuring error when more than ``held_out`` batches exist (else the example inputs are)."""
     arity = len(example_inputs)
@@ -119,7 +126,8 @@ def collect(example_inputs: tuple[Any, ...], calibration_data: Iterable[Any] | N
     taken = [_as_batch(item, arity, i) for i, item in enumerate(itertools.islice(calibration_data, max_batches + held_out))]
     if not taken:
         raise CalibrationDataError("calibration_data yielded no batches; pass at least one input tuple")
-    check_batches(example_inputs, taken, held_out_from=len(taken) - held_out if len(taken) > held_out > 0 else None)
+    check_batches(example_inputs, taken, held_out_from=len(taken) - held_out if len(taken) > held_out > 0 else None,
+                  dynamic=dynamic)
     if len(taken) > held_out > 0:
         batches, kept = taken[:-held_out], taken[-held_out:]
         where = f"{len(kept)} held-out batch(es)"
@@ -130,7 +138,7 @@ def collect(example_inputs: tuple[Any, ...], calibration_data: Iterable[Any] | N
 
 
 def measurement_data(example_inputs: tuple[Any, ...], calibration_data: Iterable[Any] | None, *,
-                     batches: int) -> CalibrationData:
+                     batches: int, dynamic: Sequence[frozenset[int]] | None = None) -> CalibrationData:
     """Batches to measure a dynamically quantized graph's error on: nothing is calibrated, so
     the first ``batches`` batches of ``calibration_data`` are all held out; without data, the
     example inputs (no warning: dynamic quantization needs no calibration data)."""
@@ -143,7 +151,7 @@ def measurement_data(example_inputs: tuple[Any, ...], calibration_data: Iterable
     taken = [_as_batch(item, arity, i) for i, item in enumerate(itertools.islice(calibration_data, max(batches, 1)))]
     if not taken:
         raise CalibrationDataError("calibration_data yielded no batches; pass at least one input tuple, or none at all")
-    check_batches(example_inputs, taken, held_out_from=0)
+    check_batches(example_inputs, taken, held_out_from=0, dynamic=dynamic)
     return CalibrationData([], taken, False, f"no calibration needed; error measured on {len(taken)} given batch(es)")
 
 
