@@ -18,7 +18,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--report-json", default=None,
                    help="also write the report as JSON here (atomically; missing folders are created)")
     o.add_argument("--capture-mode", default="symbolic", choices=["symbolic", "export"])
+    o.add_argument("--dynamic", default="batch", metavar="SPEC",
+                   help="input dims that stay dynamic: 'batch' (default: dim 0), 'static', or "
+                        "INPUT.DIM=NAME,... with INPUT a forward parameter name or input index "
+                        "(e.g. input_ids.0=batch,input_ids.1=seq)")
 
     sub.add_parser("passes", help="list registered passes with contracts and options")
     sub.add_parser("models", help="list built-in example models")
@@ -226,11 +230,31 @@ def cmd_backends(args) -> int:
     return 0
 
 
+def parse_dynamic(text: str) -> Any:
+    """``--dynamic``: 'batch', 'static', or INPUT.DIM=NAME pairs -> what capture's dynamic_shapes takes."""
+    if text in ("batch", "static"):
+        return text
+    by_name: dict[str, dict[int, str]] = {}
+    for item in text.split(","):
+        m = re.fullmatch(r"([A-Za-z_]\w*|\d+)\.(-?\d+)=([A-Za-z_]\w*)", item.strip())
+        if not m:
+            raise UsageError(f"--dynamic {text!r}: expected 'batch', 'static' or INPUT.DIM=NAME pairs joined by ',', "
+                             "e.g. input_ids.0=batch,input_ids.1=seq")
+        by_name.setdefault(m.group(1), {})[int(m.group(2))] = m.group(3)
+    if all(key.isdigit() for key in by_name):  # by input index
+        count = max(int(key) for key in by_name) + 1
+        return tuple(by_name.get(str(i)) for i in range(count))
+    if any(key.isdigit() for key in by_name):
+        raise UsageError(f"--dynamic {text!r}: name every input by index or every input by parameter name, not both")
+    return by_name
+
+
 def cmd_optimize(args) -> int:
     from . import optimize
     from .models import load_model, save
 
     # everything that can be checked without the model is checked first: no pipeline run is lost
+    dynamic = parse_dynamic(args.dynamic)
     shapes = [parse_shape(s) for s in args.input]
     backend, out = _plan_output(args.model, args.backend, args.output)
     report_json = None if args.report_json is None else _check_output_file(Path(args.report_json), "--report-json")
@@ -255,13 +279,16 @@ def cmd_optimize(args) -> int:
         pass_name, key, value = _parse_option(text)
         options.setdefault(pass_name, {})[key] = value
     console = _console()
+    original = model
+    if isinstance(dynamic, tuple) and len(dynamic) < len(inputs):
+        dynamic = dynamic + (None,) * (len(inputs) - len(dynamic))
     with console.status(f"optimizing {args.model} with {args.pipeline} (verify={args.verify})"):
         if args.capture_mode != "symbolic":
             from .capture import capture
 
-            model = capture(model, inputs, mode=args.capture_mode)
+            model = capture(model, inputs, mode=args.capture_mode, dynamic_shapes=dynamic)
         result = optimize(model, inputs, args.pipeline, verify=args.verify, on_failure=args.on_failure,
-                          options=options or None)
+                          options=options or None, dynamic_shapes=dynamic)
     console.print(result.report.table())
     for line in result.report.details():
         console.print(line, markup=False, highlight=False)
@@ -272,7 +299,11 @@ def cmd_optimize(args) -> int:
 
         out.parent.mkdir(parents=True, exist_ok=True)
         with console.status(f"lowering to {backend} and verifying in its runtime"):
-            artifact = lower(result.module, inputs, backend=backend, path=out)
+            # checked against the graph and the model itself; a lossy pipeline's distance from the
+            # model is the report's to give (only shapes are held against the model then)
+            lossy = any(r.changed and r.contract.startswith("lossy") for r in result.report.records)
+            artifact = lower(result.module, inputs, backend=backend, path=out, reference=original,
+                             reference_tolerance=_loose() if lossy else None)
         console.print(str(artifact), markup=False, highlight=False)
     elif out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -280,6 +311,12 @@ def cmd_optimize(args) -> int:
         console.print(f"wrote {out} ({n} bytes): graph code + state, load with graphopt.models.load(path, trust_code=True)",
                       markup=False, highlight=False)
     return 1 if result.report.failed else 0
+
+
+def _loose() -> Any:
+    from .verify import Tolerance
+
+    return Tolerance(float("inf"), float("inf"))
 
 
 def cmd_demo(args) -> int:

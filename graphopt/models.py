@@ -9,6 +9,7 @@ A reference is one of:
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import os
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from . import lazy, shapes
 from .errors import ModelLoadError
 
 FORMAT_VERSION = 1
@@ -124,6 +126,9 @@ def save(gm: fx.GraphModule, path: str | os.PathLike) -> int:
         "globals": {name: _describe_global(value) for name, value in code.globals.items()},
         "state": dict(gm.state_dict()),
         "requires_grad": [k for k, p in gm.named_parameters() if p.requires_grad],
+        # the dynamic and static dims of each input (graphopt.shapes), so the loaded module
+        # refuses the sizes the saved one refused
+        "input_dims": [None if d is None else dataclasses.asdict(d) for d in shapes.input_dims(gm)],
     }
     with atomic_write(path) as f:
         torch.save(payload, f)
@@ -195,4 +200,7 @@ def load(path: str | os.PathLike, *, trust_code: bool = False) -> fx.GraphModule
         holder.register_buffer(name, t)
     tracer = fx.Tracer()
     tracer.proxy_buffer_attributes = True
-    return fx.GraphModule(holder, tracer.trace(holder))
+    graph = tracer.trace(holder)
+    recorded = [None if d is None else shapes.InputDims(**d) for d in payload.get("input_dims", [])]
+    shapes.declare(graph, recorded + [None] * (sum(n.op == "placeholder" for n in graph.nodes) - len(recorded)))
+    return lazy.graph_module(holder, graph, class_name="GraphoptLoaded")

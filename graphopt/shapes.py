@@ -20,8 +20,8 @@ verification and lowering check the graph on; :func:`check_call` is the guard a 
 runs on each call, refusing a static dim of another size with an :class:`InputError` that
 names the dim instead of answering wrongly.
 
-The second size of a dim is 1 when the example's is larger, else example + 2 (so batch-1
-examples are checked at batch 3), kept inside a ``Dim``'s bounds.
+The second size of a dim is 1 when the example's is larger, else 2 (so batch-1 examples are
+checked at batch 2), kept inside a ``Dim``'s bounds.
 """
 from __future__ import annotations
 
@@ -212,10 +212,11 @@ def _named(d: InputDims, dim: int, size: int) -> str:
 
 
 def second_size(size: int, bounds: tuple[int, int | None] | None = None) -> int:
-    """The size a dynamic dim is also checked at: 1 below a larger example, else example + 2."""
+    """The size a dynamic dim is also checked at: 1 below a larger example, else 2 (the
+    cheapest sizes that still tell a specialized graph from a generic one), within ``bounds``."""
     low, high = bounds if bounds is not None else (0, None)
     low = max(low, 1)
-    candidates = [1, size + 2, size + 1, 2, 3] if size > 1 else [size + 2, size + 1, 2, 3]
+    candidates = [1, size + 2, size + 1, 2, 3] if size > 1 else [2, 3]
     for c in candidates:
         if c != size and c >= low and (high is None or c <= high):
             return c
@@ -337,39 +338,26 @@ def _fmt(shape: Iterable[Any]) -> str:
 
 def varying_dims(gm: fx.GraphModule, inputs: Sequence[Any],
                  execute: Callable[..., Any]) -> dict[fx.Node, frozenset[int] | None] | None:
-    """For every node, the dims of its tensor value that differ between a run on ``inputs``
-    and a run at the second sizes (None for a node whose rank or structure changed); None
-    when the graph has no dynamic dim or the run at the second sizes fails."""
+    """For every tensor node, the dims whose size at the second sizes differs from its recorded
+    ``tensor_meta`` (the example's); None for a node whose rank changed or that has no record.
+    None when the graph has no dynamic dim or the run at the second sizes fails."""
     resized = resized_inputs(gm, inputs)
     if resized is None:
         return None
-    first: dict[fx.Node, Any] = {}
-    second: dict[fx.Node, Any] = {}
-    try:
-        execute(gm, inputs, observe=lambda n, v: first.__setitem__(n, _shape_sig(v)))
-        execute(gm, resized, observe=lambda n, v: second.__setitem__(n, _shape_sig(v)))
-    except Exception:  # noqa: BLE001 - the caller then treats every dim as possibly dynamic
-        return None
     out: dict[fx.Node, frozenset[int] | None] = {}
-    for node, a in first.items():
-        b = second.get(node)
-        if isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b):
-            out[node] = frozenset(i for i, (p, q) in enumerate(zip(a, b)) if p != q)
-        elif a == b:
-            out[node] = frozenset()
+
+    def observe(node: fx.Node, value: Any) -> None:
+        meta = node.meta.get("tensor_meta")
+        if isinstance(value, torch.Tensor) and hasattr(meta, "shape") and len(meta.shape) == value.dim():
+            out[node] = frozenset(i for i, (p, q) in enumerate(zip(meta.shape, value.shape)) if p != q)
         else:
             out[node] = None
+
+    try:
+        execute(gm, resized, observe=observe)
+    except Exception:  # noqa: BLE001 - the caller then treats every dim as possibly dynamic
+        return None
     return out
-
-
-def _shape_sig(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return tuple(value.shape)
-    if isinstance(value, (list, tuple)):
-        return ("seq", tuple(_shape_sig(v) for v in value))
-    if isinstance(value, (int, float, bool)) or value is None:
-        return ("value", value)
-    return ("other", type(value).__name__)
 
 
 # ------------------------------------------------------------------------------ torch.export

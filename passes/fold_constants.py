@@ -208,6 +208,8 @@ class _ConstantAnalysis:
             self.ctx.decline(node, f"not folded: {subject.name} is written in place by {self.written[subject].name}")
             return
         dynamic = self.dynamic.get(subject, frozenset())
+        if dynamic is None:  # after an op without a shape rule here (view, permute, ...): watch it vary
+            dynamic = self.varying().get(subject)
         rank = len(tm.shape)
         dims = tuple(None if dynamic is None or d in dynamic else int(s) for d, s in enumerate(tm.shape))
         if what == "rank":
@@ -239,10 +241,7 @@ class _ConstantAnalysis:
         inputs = [i for i in node.all_input_nodes if i not in self.values]
         if all(self.dynamic.get(i, frozenset()) == frozenset() for i in inputs):
             return frozenset()
-        dims = _propagate_dynamic_dims(node, inputs, self.dynamic)
-        if dims is None:  # an op without a shape rule here (view, permute, ...): watch it vary
-            dims = self.varying().get(node)
-        return dims
+        return _propagate_dynamic_dims(node, inputs, self.dynamic)
 
     def varying(self) -> dict[fx.Node, frozenset[int] | None]:
         """Per node, the dims that differ between runs at the example's sizes and at the second

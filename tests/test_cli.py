@@ -313,3 +313,46 @@ def test_multi_line_error_messages_are_joined_into_one_line(tmp_path, capsys):
     model_file.write_text("def build():\n    raise ValueError('first line\\n  second line')\n")
     assert main(["optimize", f"{model_file}:build", "--input", "1x4"]) == 2
     assert "raised ValueError: first line; second line" in _one_line_error(capsys)
+
+
+# ------------------------------------------------------------------------------ dynamic dims
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("batch", "batch"),
+    ("static", "static"),
+    ("0.0=batch,0.1=seq", ({0: "batch", 1: "seq"},)),
+    ("1.0=batch", (None, {0: "batch"})),
+    ("input_ids.0=batch,input_ids.1=seq,mask.0=batch", {"input_ids": {0: "batch", 1: "seq"}, "mask": {0: "batch"}}),
+])
+def test_dynamic_specs_parse(text, expected):
+    from graphopt.cli import parse_dynamic
+
+    assert parse_dynamic(text) == expected
+
+
+@pytest.mark.parametrize("text", ["0.0", "x.y=batch", "0.0=batch,x.0=batch", "0.0=2"])
+def test_bad_dynamic_specs_are_one_line_usage_errors(text, capsys):
+    assert main(["optimize", "mlp", "--dynamic", text]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--dynamic" in err
+
+
+def test_static_shapes_from_the_command_line_are_reported_and_refused_at_other_sizes(tmp_path, capsys):
+    out, report = tmp_path / "m.pt", tmp_path / "r.json"
+    assert main(["optimize", "mlp", "--dynamic", "static", "-o", str(out), "--report-json", str(report)]) == 0
+    data = json.loads(report.read_text())
+    assert data["checked_at"] == {} and "static shapes: other sizes are refused" in capsys.readouterr().out
+    module = load(out, trust_code=True)
+    (placeholder,) = [n for n in module.graph.nodes if n.op == "placeholder"]
+    shape = placeholder.meta["graphopt_dims"].shape
+    with pytest.raises(Exception, match="specialized"):
+        module(torch.randn(shape[0] + 1, *shape[1:]))
+
+
+def test_lowering_from_the_command_line_checks_the_second_batch_and_the_model(tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    assert main(["optimize", "mlp", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "every check also at batch=" in printed
+    assert "verified in its runtime: ok" in printed

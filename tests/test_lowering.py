@@ -370,7 +370,7 @@ class TestOnnxExporters:
     def test_dynamic_batch_runs_at_batch_3_when_exported_at_batch_1(self, tmp_path):
         gm, inputs = _built(ConvBnReluNet, 1, 3, 16, 16)
         artifact = lower(gm, inputs, backend="onnx", path=tmp_path / "d.onnx")
-        assert list(artifact.report["verification"]) == ["example inputs", "inputs at batch=3"]
+        assert list(artifact.report["verification"]) == ["example inputs", "inputs at batch=2"]
         x3 = torch.randn(3, 3, 16, 16)
         (out,) = _run_onnx(artifact.path, x3)
         assert out.shape == (3, 10)
@@ -385,7 +385,7 @@ class TestOnnxExporters:
         gm, inputs = _built(FixedBatch, 1, 6)
         artifact = lower(gm, inputs, backend="onnx", path=tmp_path / "f.onnx")
         assert list(artifact.report["verification"]) == ["example inputs"]
-        assert "kept static at 1: the model raised RuntimeError at batch=3" in artifact.report["dynamic_dims"][0]
+        assert "kept static at 1: the model raised RuntimeError at batch=2" in artifact.report["dynamic_dims"][0]
         with pytest.raises(InputError, match="dim 0 is 3, but the graph is specialized to 1"):
             gm(torch.randn(3, 6))
 

@@ -79,12 +79,32 @@ def saturating_weights(gm: fx.GraphModule) -> list[str]:
     return found
 
 
+#: float ops that move, select or average values without growing them: an output computed from
+#: one dequantized value through these is off by no more than that value's steps
+_NON_EXPANDING = frozenset({"mean", "reshape", "view", "flatten", "permute", "transpose", "contiguous", "squeeze",
+                            "unsqueeze", "select", "getitem", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
+                            "avg_pool1d", "avg_pool2d", "max_pool1d", "max_pool2d", "clone", "t"})
+
+
 def output_steps(gm: fx.GraphModule) -> list[float | None]:
     """Per graph output (flattened in order), the quantization step of the dequantize that
-    produces it, or None for an output computed in float."""
+    produces it, directly or through ops that only move, select or average its values
+    (``dequantize -> reshape -> mean``); None for an output computed in float otherwise."""
     (output,) = [n for n in gm.graph.nodes if n.op == "output"]
     leaves = torch.utils._pytree.tree_leaves(output.args[0])
-    return [qdq.tensor_qparams(v).scale if qdq.is_dequantize(v) else None for v in leaves]
+    return [_source_step(v) if isinstance(v, fx.Node) else None for v in leaves]
+
+
+def _source_step(node: fx.Node) -> float | None:
+    for _ in range(64):
+        if qdq.is_dequantize(node):
+            return qdq.tensor_qparams(node).scale
+        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+        tensors = [a for a in node.all_input_nodes if a.op != "get_attr"]
+        if node.op not in ("call_function", "call_method") or name not in _NON_EXPANDING or len(tensors) < 1:
+            return None
+        node = node.args[0] if isinstance(node.args[0], fx.Node) else tensors[0]
+    return None
 
 
 def lowering_tolerance(gm: fx.GraphModule):
