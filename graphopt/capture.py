@@ -49,7 +49,9 @@ from . import canonical, lazy, ops, shapes
 from .errors import CaptureError, GraphoptError, InputError
 from .graph import as_input_tuple, collector_paused, execute, get_attr_value, record_shapes, unique_attr_name
 
-MODES = ("symbolic", "export")
+MODES = ("auto", "symbolic", "export")
+#: output node meta: which front end captured the graph, and why symbolic tracing was not it
+FRONT_END_KEY = "graphopt_front_end"
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _OWN_FILES = {os.path.abspath(__file__), os.path.abspath(canonical.__file__)}
@@ -66,7 +68,7 @@ def capture(
     model: nn.Module,
     example_inputs: Any,
     *,
-    mode: str = "symbolic",
+    mode: str = "auto",
     leaf_modules: Sequence[type[nn.Module] | str] = (),
     concrete_args: dict[str, Any] | None = None,
     dynamic_shapes: Any = "batch",
@@ -81,6 +83,9 @@ def capture(
     recorded on the graph (:func:`graphopt.shapes.describe`). Other sizes of a static dim are
     refused with an :class:`InputError` when the graph module is called.
 
+    ``mode``: ``"auto"`` (default) traces symbolically and, where that fails (Python control
+    flow on shapes, code fx cannot trace), captures with ``torch.export``; :func:`front_end`
+    says which one ran and why. ``"symbolic"`` or ``"export"`` use one front end only.
     ``example_inputs`` is a tensor or a tuple of tensors, passed positionally. ``leaf_modules``
     (symbolic mode) lists module types (instances of them and of their subclasses) or qualified
     names to keep as opaque calls. ``concrete_args`` (symbolic mode) maps forward parameter
@@ -96,7 +101,40 @@ def capture(
     names = [n for n in shapes.forward_parameter_names(model) if n not in (concrete_args or {})]
     dims = shapes.normalize(dynamic_shapes, inputs, names)
     with collector_paused():
-        return _capture(model, inputs, mode, leaf_types, leaf_names, concrete_args, dims)
+        if mode != "auto" or leaf_modules or concrete_args:  # those options are symbolic tracing's
+            gm = _capture(model, inputs, "export" if mode == "export" else "symbolic", leaf_types, leaf_names,
+                          concrete_args, dims)
+            return _record_front_end(gm, "torch.export" if mode == "export" else "symbolic", "")
+        try:
+            return _record_front_end(_capture(model, inputs, "symbolic", leaf_types, leaf_names, concrete_args,
+                                              [dict(d) for d in dims]), "symbolic", "")
+        except CaptureError as exc:
+            symbolic_failure = str(exc).split("\n")[0]
+        try:
+            gm = _capture(model, inputs, "export", (), frozenset(), None, [dict(d) for d in dims])
+        except CaptureError as exc:
+            raise CaptureError(
+                f"neither front end captures {type(model).__name__}.\n  symbolic tracing: {symbolic_failure}\n"
+                f"  torch.export: {str(exc).split(chr(10))[0]}\n"
+                "Ways out: keep the submodule with the failing line opaque (leaf_modules=, symbolic tracing), fix "
+                "Python-level arguments with concrete_args=, or express data-dependent branches with torch.cond."
+            ) from None
+        return _record_front_end(gm, "torch.export", symbolic_failure)
+
+
+def _record_front_end(gm: fx.GraphModule, front_end: str, why: str) -> fx.GraphModule:
+    output = next(iter(reversed(gm.graph.nodes)))
+    output.meta[FRONT_END_KEY] = {"front_end": front_end, "symbolic_failure": why}
+    return gm
+
+
+def front_end(gm: fx.GraphModule) -> dict[str, str] | None:
+    """Which front end captured ``gm`` (``symbolic`` or ``torch.export``) and, for export, why
+    symbolic tracing did not (None for a graph module graphopt did not capture)."""
+    for node in reversed(gm.graph.nodes):
+        if node.op == "output":
+            return node.meta.get(FRONT_END_KEY)
+    return None
 
 
 def _capture(
@@ -113,11 +151,12 @@ def _capture(
     isolated = _Isolation(root, origins)
     reference = _reference_outputs(root, inputs, fixed_kwargs, isolated)
     static: dict[str, str] = {}
-    second = _model_at_second_sizes(root, inputs, dims, fixed_kwargs, isolated, static)
     if mode == "symbolic":
+        second = _model_at_second_sizes(root, inputs, dims, fixed_kwargs, isolated, static)
         graph, lowered = _trace_symbolic(root, leaf_types, leaf_names, concrete_args, fixed_kwargs)
-    else:
+    else:  # export may bound the dims (seq <= 64): the second sizes are chosen inside those ranges
         graph, lowered = _trace_export(root, inputs, dims, static), []
+        second = _model_at_second_sizes(root, inputs, dims, fixed_kwargs, isolated, static)
     # the GraphModule keeps the layers the trace called, as GraphModule(root, traced graph) would
     called = lowered + [n.target for n in graph.nodes if n.op == "call_module"]
     canonical.ensure_provenance(graph)
@@ -643,13 +682,27 @@ def _reproduction_problem(reference: Any, got: Any) -> str:
     """How ``got`` differs from the model's outputs ``reference``, or ''."""
     want_leaves, want_spec = pytree.tree_flatten(reference)
     got_leaves, got_spec = pytree.tree_flatten(_plain(got))
-    if want_spec != got_spec:
+    if want_spec != got_spec and not _same_fields(want_spec, got_spec):
         return f"the graph returns {got_spec} where the model returns {want_spec}"
     for i, (w, g) in enumerate(zip(want_leaves, got_leaves)):
         problem = _difference(w, g)
         if problem:
             return f"output {i}: {problem}"
     return ""
+
+
+def _same_fields(want: pytree.TreeSpec, got: pytree.TreeSpec) -> bool:
+    """Whether two output structures differ only in the mapping type holding the same fields in
+    the same order: torch.export returns a ``ModelOutput``'s fields as a plain dict."""
+    if want.num_children != got.num_children:
+        return False
+    if want.type is not got.type:
+        mappings = all(isinstance(t, type) and issubclass(t, dict) for t in (want.type, got.type))
+        if not mappings or list(want.context or []) != list(got.context or []):
+            return False
+    elif want.context != got.context:
+        return False
+    return all(w == g or _same_fields(w, g) for w, g in zip(want.children(), got.children()))
 
 
 def _check_reproduces(root: nn.Module, reference: Any, got: Any) -> None:

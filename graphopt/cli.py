@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "missing folders are created")
     o.add_argument("--report-json", default=None,
                    help="also write the report as JSON here (atomically; missing folders are created)")
-    o.add_argument("--capture-mode", default="symbolic", choices=["symbolic", "export"])
+    o.add_argument("--capture-mode", default="auto", choices=["auto", "symbolic", "export"],
+                   help="auto (default): symbolic tracing, torch.export where that fails")
     o.add_argument("--dynamic", default="batch", metavar="SPEC",
                    help="input dims that stay dynamic: 'batch' (default: dim 0), 'static', or "
                         "INPUT.DIM=NAME,... with INPUT a forward parameter name or input index "
@@ -283,7 +284,7 @@ def cmd_optimize(args) -> int:
     if isinstance(dynamic, tuple) and len(dynamic) < len(inputs):
         dynamic = dynamic + (None,) * (len(inputs) - len(dynamic))
     with console.status(f"optimizing {args.model} with {args.pipeline} (verify={args.verify})"):
-        if args.capture_mode != "symbolic":
+        if args.capture_mode != "auto":
             from .capture import capture
 
             model = capture(model, inputs, mode=args.capture_mode, dynamic_shapes=dynamic)

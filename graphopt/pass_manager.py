@@ -521,7 +521,7 @@ class PassManager:
         budget: RewriteBudget | None,
         dynamic_shapes: Any = "batch",
     ) -> Result:
-        from .capture import capture
+        from .capture import capture, front_end
 
         inputs = G.as_input_tuple(example_inputs)
         clean: _Snapshot | _Unchanged | None = None  # the working module's state, if held already
@@ -539,6 +539,10 @@ class PassManager:
         else:
             gm = capture(model, inputs, dynamic_shapes=dynamic_shapes)
             notes = self._training_mode_notes(gm)
+            captured = front_end(gm)
+            if captured is not None and captured["symbolic_failure"]:
+                notes.append(f"captured with {captured['front_end']}: symbolic tracing failed "
+                             f"({captured['symbolic_failure']})")
         budget = budget or RewriteBudget()
         report = Report(self.pipeline_string, notes=notes, shapes=shapes.describe(gm), checked_at=shapes.sizes_for(gm))
         start = time.perf_counter()

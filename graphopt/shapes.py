@@ -205,7 +205,9 @@ def _named(d: InputDims, dim: int, size: int) -> str:
     if name is None:
         return str(size)
     low, high = d.bounds.get(name, (0, None))
-    return name if high is None else f"{name}({low}..{high})"
+    if high is None:
+        return name if low <= 1 else f"{name}(>={low})"
+    return f"{name}({low}..{high})"
 
 
 # ------------------------------------------------------------------------------ second sizes

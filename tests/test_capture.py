@@ -620,7 +620,7 @@ def test_model_fx_cannot_trace_names_the_line_and_export_captures_it() -> None:
     model = _ShapeBranch().eval()
     x = torch.randn(3, 4)
     with pytest.raises(CaptureError) as info:
-        capture(model, (x,))
+        capture(model, (x,), mode="symbolic")
     message = str(info.value)
     assert "test_capture.py" in message and "if x.shape[0] > 1" in message
     assert "leaf_modules=" in message and "concrete_args=" in message and 'mode="export"' in message
@@ -628,6 +628,36 @@ def test_model_fx_cannot_trace_names_the_line_and_export_captures_it() -> None:
     gm = capture(model, (x,), mode="export")
     assert torch.equal(gm(x), model(x))
     assert "linear" in _op_sequence(gm)
+
+
+def test_auto_mode_falls_back_to_export_and_says_why() -> None:
+    from graphopt import shapes
+    from graphopt.capture import front_end
+
+    model = _ShapeBranch().eval()
+    gm = capture(model, (torch.randn(3, 4),))  # mode="auto"
+    used = front_end(gm)
+    assert used["front_end"] == "torch.export" and "if x.shape[0] > 1" in used["symbolic_failure"]
+    for batch in (2, 5):  # the branch export took holds from batch 2 on, which it keeps dynamic
+        x = torch.randn(batch, 4)
+        assert torch.allclose(gm(x), model(x))
+    assert shapes.describe(gm) == ["x: batch(>=2)x4"]
+    with pytest.raises(InputError, match="outside the sizes"):  # batch 1 takes the other branch
+        gm(torch.randn(1, 4))
+    assert front_end(capture(_ConvBnRelu(), (torch.randn(1, 3, 4, 4),)))["front_end"] == "symbolic"
+
+
+def test_a_model_neither_front_end_captures_gets_both_reasons() -> None:
+    class DataDependent(nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:  # a branch on values: neither fx nor torch.export follows it
+                return x * 2
+            return x - 1
+
+    with pytest.raises(CaptureError, match="neither front end") as info:
+        capture(DataDependent(), (torch.randn(2, 3),))
+    assert "symbolic tracing:" in str(info.value) and "torch.export:" in str(info.value)
+    assert "torch.cond" in str(info.value)
 
 
 def test_export_mode_refuses_symbolic_only_options() -> None:

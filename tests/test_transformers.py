@@ -1,0 +1,65 @@
+"""Hugging Face models, small random configs (no download): capture with the default mode falls
+back to torch.export where symbolic tracing cannot follow transformers' code, keeps the batch
+dynamic, and the result is verified through mobile-fp32 and in ONNX Runtime at two batch sizes."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import graphopt
+from graphopt import shapes
+from graphopt.capture import front_end
+
+T = pytest.importorskip("transformers", reason="transformers is not installed (pip install 'graphopt[test]')")
+
+SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+
+
+def _text() -> tuple[torch.Tensor, ...]:
+    return (torch.randint(0, 100, (2, 8)),)
+
+
+def _image() -> tuple[torch.Tensor, ...]:
+    return (torch.randn(2, 3, 32, 32),)
+
+
+MODELS = {
+    "bert": (lambda: T.BertModel(T.BertConfig(vocab_size=100, max_position_embeddings=64, **SMALL)), _text),
+    "gpt2": (lambda: T.GPT2LMHeadModel(T.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                                                     use_cache=False)), _text),
+    "vit": (lambda: T.ViTForImageClassification(T.ViTConfig(image_size=32, patch_size=8, num_labels=5, **SMALL)),
+            _image),
+}
+
+
+def _logits(out):
+    return out["logits"] if "logits" in out else out["last_hidden_state"]
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_captured_optimized_and_lowered_with_a_dynamic_batch(name, tmp_path):
+    torch.manual_seed(0)
+    make, inputs = MODELS[name]
+    model, example = make().eval(), inputs()
+    gm = graphopt.capture(model, example)
+    used = front_end(gm)
+    assert used["front_end"] == "torch.export" and "symbolically" in used["symbolic_failure"]
+    assert shapes.describe(gm)[0].split(":")[1].strip().startswith("batch")
+    result = graphopt.optimize(gm, example, "mobile-fp32")
+    assert not result.report.failed and result.report.final_verdict.ok, result.report
+    artifact = graphopt.lower(result.module, example, backend="onnx", path=tmp_path / name, reference=model)
+    assert set(artifact.report["verification"]) == {"example inputs", "inputs at batch=1"}
+    for batch in (1, 3):
+        x = tuple(t[:1].repeat(batch, *[1] * (t.dim() - 1)) for t in inputs())
+        want = _logits(model(*x))
+        torch.testing.assert_close(_logits(result.module(*x)), want, rtol=1e-4, atol=1e-5)
+        got = artifact.run(*x)
+        got = got[0] if isinstance(got, (list, tuple)) else _logits(got)
+        torch.testing.assert_close(torch.as_tensor(got), want, rtol=1e-4, atol=1e-5)
+
+
+def test_the_report_says_which_front_end_captured_and_why():
+    torch.manual_seed(0)
+    make, inputs = MODELS["vit"]
+    result = graphopt.optimize(make().eval(), inputs(), "eliminate-dead-code")
+    assert any(note.startswith("captured with torch.export: symbolic tracing failed") for note in result.report.notes)
