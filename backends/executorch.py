@@ -266,15 +266,16 @@ def inferred_view_dims(module: fx.GraphModule) -> int:
 
 
 def _run_at_second_sizes(et: SimpleNamespace, program: Any, gm: fx.GraphModule, inputs: tuple[Any, ...]) -> None:
-    """Run a program exported with dynamic dims at their second sizes in the runtime: some
-    kernels (XNNPACK's, portable split) fail to resize where torch.export allowed the dims."""
+    """Run a program exported with dynamic dims at the example's sizes and at the second sizes
+    in the runtime: some kernels (XNNPACK's, portable split) fail to resize where torch.export
+    allowed the dims, and a program traced at size 2 (export specializes 1) may fail at 1."""
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "trial.pte"
         path.write_bytes(program.buffer)
         method = _load_method(et, path)
-        resized = shapes.resized_inputs(gm, inputs)
-        with native_stdout_discarded(stderr=True):  # the runtime logs the failing kernel
-            method.execute([x.contiguous() if isinstance(x, torch.Tensor) else x for x in resized])
+        for trial in (inputs, shapes.resized_inputs(gm, inputs)):
+            with native_stdout_discarded(stderr=True):  # the runtime logs the failing kernel
+                method.execute([x.contiguous() if isinstance(x, torch.Tensor) else x for x in trial])
 
 
 def _load_method(et: SimpleNamespace, path: Path) -> Any:

@@ -942,7 +942,7 @@ def _record_export_ranges(program: torch.export.ExportedProgram, dynamic: Any, d
                 continue
             given = dynamic[i].get(dim) if i < len(dynamic) and isinstance(dynamic[i], dict) else None
             if isinstance(given, int) or given is None:
-                static[name] = f"torch.export specialized it to {given if given is not None else 'the example size'}"
+                static[name] = "torch.export specialized it: the model's code fixes this size"
                 all_kept = False
                 continue
             size = user[i].meta["val"].shape[dim] if i < len(user) and "val" in user[i].meta else None

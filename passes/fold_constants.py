@@ -241,6 +241,12 @@ class _ConstantAnalysis:
         inputs = [i for i in node.all_input_nodes if i not in self.values]
         if all(self.dynamic.get(i, frozenset()) == frozenset() for i in inputs):
             return frozenset()
+        if any(not _is_tensor_node(i) for i in inputs):
+            # a number computed from a dynamic size (pad by x.shape[0] % 2, view(n // 2, ...)) may
+            # set any dim of the result, in ways two runs can miss (1 and 2 both pad to 2 rows):
+            # every dim of the result is dynamic
+            tm = G.tensor_meta(node)
+            return frozenset(range(len(tm.shape))) if tm is not None else None
         return _propagate_dynamic_dims(node, inputs, self.dynamic)
 
     def varying(self) -> dict[fx.Node, frozenset[int] | None]:
@@ -255,6 +261,12 @@ class _ConstantAnalysis:
 def _execute(gm: fx.GraphModule, inputs: Any, observe: Any) -> Any:
     with torch.no_grad(), G.preserved_state(gm):
         return G.execute(gm, [t.clone() if isinstance(t, torch.Tensor) else t for t in inputs], observe=observe)
+
+
+def _is_tensor_node(node: fx.Node) -> bool:
+    """Whether ``node``'s recorded value is a tensor (shape propagation records its type)."""
+    kind = node.meta.get("type")
+    return isinstance(kind, type) and issubclass(kind, torch.Tensor)
 
 
 def _propagate_dynamic_dims(node: fx.Node, inputs: list[fx.Node],

@@ -377,3 +377,22 @@ def test_bert_in_export_mode_keeps_batch_and_sequence_dynamic(tmp_path):
         _close(torch.as_tensor(out[0] if isinstance(out, (list, tuple)) else out), want)
     with pytest.raises(InputError, match="outside the sizes"):
         result.module(torch.randint(0, 100, (1, 65)), torch.ones(1, 65, dtype=torch.long))
+
+
+class PairRows(nn.Module):
+    """Pads the batch to an even count: 1 and 2 rows both pad to 2, so two runs at those sizes
+    look alike; p.shape[0] // 2 must not be folded to 1 (found by the property kit)."""
+
+    def forward(self, x):
+        p = torch.nn.functional.pad(x, (0, 0, 0, x.shape[0] % 2))
+        g = p.view(p.shape[0] // 2, 2, p.shape[1])
+        return g.flip(1).reshape(-1, x.shape[1])[:x.shape[0]]
+
+
+@pytest.mark.parametrize("example_batch", [1, 2])
+def test_a_size_computed_from_the_batch_is_not_folded_when_two_sizes_agree(example_batch):
+    model = PairRows().eval()
+    result = graphopt.optimize(model, (torch.randn(example_batch, 3),), "mobile-fp32")
+    for b in (3, 4, 5):
+        x = torch.randn(b, 3)
+        torch.testing.assert_close(result.module(x), model(x), rtol=0, atol=0)
