@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import os
 
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 
 import graphopt
-from graphopt.testing import property_test
-from graphopt.testing.strategies import models
+from graphopt.testing import PropertyStats, property_test
+from graphopt.testing.strategies import OTHER_BATCH_SIZES, inputs_at_batch, models
 
 
 def _fewer(n: int) -> settings:
@@ -34,11 +34,16 @@ test_mobile_fp32_lowers_to_both_backends = property_test(
     "mobile-fp32", min_fired=2, backends=("onnx", "torchscript-mobile"), dtypes=("model",), settings=_fewer(8),
 )
 
+#: kinds that read sizes at run time (x.view(x.size(0), -1), a token expand-ed to x.shape[0], ...):
+#: mixed into the op lists below so every pass is checked for keeping the batch dynamic
+#: (assert_sound compares with the model at batch 1, 3 and 5)
+_SHAPE_READS = ["shape_view", "expand_token", "new_tensor", "position", "shape_split", "batch_pairs"]
+
 # conv chains make the layout change pay; views, flattens and permutes of NHWC tensors need guards
 test_channels_last = property_test(
     "channels-last", min_fired=1, max_depth=6,
     ops=["conv2d", "batch_norm", "relu", "add", "cat", "max_pool", "adaptive_avg_pool", "flatten", "reshape",
-         "permute", "mean", "linear"],
+         "permute", "mean", "linear", *_SHAPE_READS],
 )
 
 
@@ -49,10 +54,12 @@ def test_every_registered_builtin_pass_has_a_property_test():
 
 
 # pruning needs a channel that no graph output pins: conv chains give it one
+# (shape reads end most chains: mixed in, they halve how often prune-channels alone fires, so
+# they go to the preset, where channel shuffles and tokens read the channel count a cut changes)
 test_prune_channels = property_test("prune-channels", min_fired=1, ops=["conv2d", "batch_norm", "relu", "add"],
                                     max_depth=6)
-test_mobile_pruned = property_test("mobile-pruned", min_fired=1, ops=["conv2d", "batch_norm", "relu", "add"],
-                                   max_depth=6)
+test_mobile_pruned = property_test("mobile-pruned", min_fired=1,
+                                   ops=["conv2d", "batch_norm", "relu", "add", *_SHAPE_READS], max_depth=6)
 # int8 is lossy and has a budget (15 dB SQNR on held-out calibration data) that random models
 # with random weights do not always meet: the property is that quantize either meets its budget
 # and then holds it end to end, or declines by rolling back with the reason, never that it
@@ -98,3 +105,65 @@ def test_quantize():
 
 
 test_fold_weight_quantization = test_quantize  # the same property covers both int8 passes
+
+
+# Every preset on models that read their batch size (x.reshape(x.shape[0], -1), a class token
+# expanded to x.shape[0], x.new_ones(x.shape[0], k), torch.arange(x.shape[0]), the batch padded
+# to pairs): the batch stays dynamic (report.checked_at) and the optimized module equals the
+# model in eager PyTorch at batch 1, 3 and 5, on fresh rows, within the float tolerance where
+# every change was exact; where a lossy pass changed the graph (int8, pruning), shapes and finite
+# values: their budgets hold at the example's sizes, and a batch-dependent term such as
+# torch.arange(x.shape[0]) leaves int8's calibrated range at other batch sizes. The only
+# rollback allowed is quantize declining for its SQNR budget: a rolled-back exact pass is a
+# rewrite that verification caught, at the example or at the second batch size.
+_batch_stats = PropertyStats("every preset at batch 1,3,5")
+_BUILT_IN_PRESETS = ("mobile-fp32", "mobile-int8", "mobile-pruned")
+
+
+@_fewer(20)
+@given(case=models(require=("batch_read",)))
+def _presets_at_other_batches(case):
+    import torch
+
+    from graphopt import verify
+
+    _batch_stats.drawn += 1
+    fired = False
+    for preset in _BUILT_IN_PRESETS:  # (other tests register presets of their own)
+        manager = graphopt.PassManager(preset)
+        result = manager.run(case.module, case.example_inputs)
+        report = result.report
+        where = f"preset {preset!r} on\n{case.code}\nreport:\n{report}"
+        assert report.checked_at, f"the batch was made static: {report.shapes}; {where}"
+        for record in report.records:
+            assert record.status in ("changed", "unchanged") or (
+                record.name == "quantize" and record.status == "rolled-back" and "dB" in record.error
+            ), f"{record.name} {record.status}: {record.error}; {where}"
+        lossy_passes = {inv.name for inv in manager.invocations if inv.contract.lossy}
+        lossy = any(r.changed and r.name in lossy_passes for r in report.records)
+        fired |= any(r.rewrites for r in report.records)
+        gen = torch.Generator().manual_seed(len(case.code))
+        for size in OTHER_BATCH_SIZES:
+            inputs = inputs_at_batch(case.example_inputs, size) if lossy else tuple(
+                torch.randn(size, *x.shape[1:], generator=gen).to(x.dtype) for x in case.example_inputs)
+            want, got = verify.run(case.module, inputs), verify.run(result.module, inputs)
+            assert [g.shape for g in got] == [w.shape for w in want], f"shapes at batch {size}; {where}"
+            assert all(bool(torch.isfinite(g).all()) for g, w in zip(got, want) if torch.isfinite(w).all()), \
+                f"non-finite outputs at batch {size}; {where}"
+            if not lossy:
+                verdict = verify.compare_outputs([want], [got], input_labels=[f"batch {size}"])
+                assert verdict.ok, f"{verdict.reason}; {where}"
+    _batch_stats.valid += 1
+    _batch_stats.fired += fired
+    _batch_stats.shape_reading += 1
+    _batch_stats.batch_reading += 1
+    event(f"example batch {case.example_inputs[0].shape[0]}")
+
+
+def test_presets_keep_the_batch_dynamic_on_shape_reading_models():
+    global _batch_stats
+    _batch_stats = test_presets_keep_the_batch_dynamic_on_shape_reading_models.stats = \
+        PropertyStats("every preset at batch 1,3,5")
+    _presets_at_other_batches()
+    # "drawn"/"valid" in the summary are shape-reading models: each one drawn reads its batch size
+    assert _batch_stats.valid >= min(5, settings().max_examples) and _batch_stats.fired >= 1, _batch_stats

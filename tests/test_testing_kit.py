@@ -18,6 +18,7 @@ import graphopt.testing as gt
 from graphopt import graph as G
 from graphopt.errors import PropertyTestError, UnknownBackendError
 from graphopt.testing import profiles
+from graphopt.testing.strategies import inputs_at_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(max_depth=3, max_width=6, spatial=(2, 6))
@@ -100,7 +101,22 @@ def claim_a_rewrite(gm: fx.GraphModule, ctx: graphopt.PassContext) -> int:
     return 1
 
 
+def keep_four_rows(gm: fx.GraphModule, ctx: graphopt.PassContext) -> int:
+    """Cut the output to its first four rows (once): exact at the example's batch (1 here) and
+    at the second size the PassManager checks (below 4), wrong from batch 5 on."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    value = out.args[0]
+    if isinstance(value, fx.Node) and value.target is operator.getitem and value.args[1] == slice(None, 4):
+        return 0
+    with gm.graph.inserting_before(out):
+        cut = gm.graph.call_function(operator.getitem, (value, slice(None, 4)))
+    G.copy_provenance(cut, value)
+    out.args = (cut,)
+    return 1
+
+
 TEST_PASSES = {
+    "testkit-keep-four-rows": (keep_four_rows, True),
     "testkit-perturb-weight": (perturb_first_weight, True),
     "testkit-times-one-idempotent": (times_one_every_run, True),
     "testkit-times-one-not-idempotent": (times_one_every_run, False),
@@ -138,6 +154,60 @@ class TestModels:
         assert not any(m.training for m in case.module.modules())
         assert all(p.dtype == spec.dtype for p in case.module.parameters())
 
+    @settings(FAST, max_examples=60)
+    @given(gt.model_specs(dtypes=(torch.float32, torch.float64, torch.float16)))
+    def test_generated_models_run_at_other_batch_sizes(self, spec):
+        case = gt.case_from_code(gt.render(spec))
+        for size in (1, 3, 5):
+            inputs = inputs_at_batch(case.example_inputs, size)
+            assert all(x.shape == (size, *shape[1:]) for x, shape in zip(inputs, spec.input_shapes))
+            with torch.no_grad():
+                out = case.module(*inputs)
+            out = out if isinstance(out, tuple) else (out,)
+            assert tuple(tuple(o.shape) for o in out) == tuple((size, *s[1:]) for s in spec.output_shapes)
+
+    @settings(FAST, max_examples=30)
+    @given(gt.models(require=("batch_read",), dtypes=(torch.float32, torch.float64)))
+    def test_shape_reading_models_run_at_other_batch_sizes_and_read_the_batch(self, case):
+        assert {"shape_read", "batch_read"} <= case.features
+        assert any(read in case.code for read in (".shape[0]", ".size(0)"))
+        assert "len(" not in case.code.split("def randomize_")[0]  # capture refuses it: see the xfail below
+        reference = outputs(case)
+        for size in (1, 3, 5):
+            with torch.no_grad():
+                out = case.module(*inputs_at_batch(case.example_inputs, size))
+            out = out if isinstance(out, tuple) else (out,)
+            assert [o.shape[1:] for o in out] == [r.shape[1:] for r in reference]
+            assert all(o.shape[0] == size and bool(torch.isfinite(o).all()) for o in out)
+
+    def test_example_batches_of_one_and_of_more_are_drawn(self):
+        """Both directions of the second size graphopt checks a dynamic batch at: 1 -> 3, 2 -> 1."""
+        drawn = set()
+        for batch in (1, 2):
+            spec = find(gt.model_specs(**SMALL), lambda s, batch=batch: s.input_shapes[0][0] == batch,
+                        settings=settings(max_examples=200, database=None, phases=[Phase.generate]))
+            drawn.add(spec.input_shapes[0][0])
+        assert drawn == {1, 2}
+
+    def test_about_a_third_of_the_models_read_shapes(self):
+        counts = {"all": 0, "shape_read": 0, "batch_read": 0}
+
+        @settings(max_examples=150, database=None, derandomize=True, phases=[Phase.generate],
+                  suppress_health_check=[HealthCheck.too_slow])
+        @given(gt.model_specs())
+        def count(spec):
+            counts["all"] += 1
+            counts["shape_read"] += "shape_read" in spec.features
+            counts["batch_read"] += "batch_read" in spec.features
+
+        count()
+        assert 0.2 <= counts["shape_read"] / counts["all"] <= 0.6, counts
+        assert counts["batch_read"] >= counts["all"] / 10, counts
+
+    def test_unknown_required_feature_is_an_error_listing_the_known_ones(self):
+        with pytest.raises(PropertyTestError, match="unknown feature.*'reads_shapes'.*choose from depthwise"):
+            gt.models(require=["reads_shapes"])
+
     @FAST
     @given(gt.models(dtypes=(torch.float32, torch.float64)))
     def test_code_rebuilds_an_identical_model(self, case):
@@ -165,7 +235,8 @@ class TestModels:
 
     @pytest.mark.parametrize("feature", ["depthwise", "grouped", "residual", "broadcast", "shared_value",
                                          "module_reuse", "tied_weights", "inplace", "batch_stats_norm",
-                                         "multi_output", "dead_value", "module", "functional", "method"])
+                                         "multi_output", "dead_value", "module", "functional", "method",
+                                         "shape_read", "batch_read"])
     def test_every_structural_feature_is_generated(self, feature):
         case = find(gt.models(**SMALL), lambda c: feature in c.features,
                     settings=settings(max_examples=2000, database=None, phases=[Phase.generate]))
@@ -231,6 +302,25 @@ class TestAssertSound:
         with pytest.raises(AssertionError, match="generated code of the optimized graph differs"):
             gt.assert_sound("testkit-noop", conv_case, dtypes=("model",))
 
+    def test_catches_a_pass_that_breaks_a_batch_size_verification_does_not_run(self, conv_case):
+        # the PassManager checks the example's batch (1) and its second size (below 4): batch 5
+        # is assert_sound's own check against the original model
+        with pytest.raises(AssertionError, match=r"at batch 5 \(the example's is 1\).*shape"):
+            gt.assert_sound("testkit-keep-four-rows", conv_case, dtypes=("model",))
+
+    def test_catches_a_graph_made_static_although_the_model_takes_any_batch(self, conv_case, monkeypatch):
+        import graphopt.testing.soundness as soundness
+
+        monkeypatch.setattr(soundness, "capture", lambda m, x: graphopt.capture(m, x, dynamic_shapes="static"))
+        with pytest.raises(AssertionError, match="refuses other batch sizes.*model runs at batch 3"):
+            gt.assert_sound("testkit-noop", conv_case, dtypes=("model",))
+
+    def test_a_model_that_takes_one_batch_size_only_is_not_held_to_others(self):
+        code = CONV_BN_RELU.replace("return torch.relu(self.bn(self.conv(x)))",
+                                    "return torch.relu(self.bn(self.conv(x))).view(1, 4, 6, 6)")
+        result = gt.assert_sound("testkit-noop", gt.case_from_code(code), dtypes=("model",))
+        assert not result.report.checked_at  # capture kept the batch static, with the model's error
+
     def test_lowers_to_each_named_backend(self, conv_case):
         result = gt.assert_sound("testkit-noop", conv_case, backends=("onnx",), dtypes=("model",))
         assert isinstance(result.module, fx.GraphModule)
@@ -256,6 +346,14 @@ class TestPropertyTest:
         test()
         assert test.stats.valid == test.stats.fired == 3
 
+    def test_counts_the_cases_that_read_shapes(self):
+        test = gt.property_test("testkit-claims-rewrite", settings=settings(max_examples=4, deadline=None),
+                                require=("batch_read",), **SMALL)
+        test()
+        stats = test.stats
+        assert stats.valid == stats.shape_reading == stats.batch_reading == 4
+        assert "4 reading shapes (4 the batch size)" in str(stats)
+
     def test_fails_when_too_few_cases_are_valid(self):
         test = gt.property_test("testkit-claims-rewrite", min_valid=10,
                                 settings=settings(max_examples=3, deadline=None), **SMALL)
@@ -279,6 +377,22 @@ class TestPropertyTest:
     def test_all_registered_passes_lists_built_ins_and_user_passes(self):
         names = gt.all_registered_passes()
         assert "eliminate-dead-code" in names and "testkit-noop" in names and names == sorted(names)
+
+
+# --------------------------------------------------------------------------- len(x)
+
+LEN_OF_THE_BATCH = CONV_BN_RELU.replace("return torch.relu(self.bn(self.conv(x)))",
+                                        "return torch.relu(self.bn(self.conv(x))).reshape(len(x), -1)")
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="symbolic tracing refuses len() of a traced tensor ('len' is not supported in "
+                          "symbolic tracing), and torch.export, which capture falls back to, specializes it: "
+                          "the batch is kept static, so the strategies do not spell batch reads as len(x); "
+                          "once this passes, add 'len({v.name})' to strategies._batch_reads")
+def test_len_reads_the_batch_without_specializing_it():
+    result = gt.assert_sound("mobile-fp32", gt.case_from_code(LEN_OF_THE_BATCH), dtypes=("model",))
+    assert result.report.checked_at  # the batch stayed dynamic
 
 
 # --------------------------------------------------------------------------- profiles

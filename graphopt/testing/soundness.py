@@ -6,10 +6,14 @@ result against the *original* eager model (so capture is checked too), in the mo
 in float64, the graph lints, the code the optimized module writes on its first call computes
 exactly what running its graph node by node computes, every computing node keeps its provenance, a second run changes
 nothing for passes that declare themselves idempotent, the user's model and inputs are left
-untouched, and each named backend's round trip verifies.
+untouched, each named backend's round trip verifies, and wherever the model runs at batch sizes
+1, 3 and 5 the batch stayed dynamic and the result keeps the contract there too (generated
+models read shapes, ``x.reshape(x.shape[0], -1)``: a pass that bakes the example's batch in
+fails here).
 
 :func:`property_test` turns that into a pytest test over generated models, counting how many
-cases ran and how often the pass fired, and failing when either is too low::
+cases ran, how many read shapes and how often the pass fired, and failing when too few ran or
+fired::
 
     test_fuse = graphopt.testing.property_test("fuse-conv-bn-relu", min_fired=5,
                                                ops=["conv2d", "batch_norm", "relu"])
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,13 +35,13 @@ from hypothesis import settings as Settings
 
 from .. import verify
 from ..capture import capture
-from ..errors import GraphoptError, PropertyTestError
+from ..errors import GraphoptError, ModelRunError, PropertyTestError
 from ..graph import preserved_state
 from ..lazy import has_code, materialize
 from ..lowering import get_backend, lower
 from ..pass_infra import Contract, Lossy, available_passes
 from ..pass_manager import PassManager, Result
-from .strategies import Case, models
+from .strategies import OTHER_BATCH_SIZES, Case, inputs_at_batch, models
 
 __all__ = ["assert_sound", "PropertyStats", "property_test", "check_pass", "all_registered_passes"]
 
@@ -61,7 +66,9 @@ def assert_sound(
     and inputs converted to it (float64 separates a wrong rewrite from rounding).
     ``idempotent``: None checks a second run for the passes registered ``idempotent=True``;
     True checks it for every pass; False skips it. ``backends``: names for
-    :func:`graphopt.lower`, whose own verification of the reloaded artifact must pass.
+    :func:`graphopt.lower`, whose own verification of the reloaded artifact must pass. At
+    batch sizes 1, 3 and 5 (:data:`~graphopt.testing.strategies.OTHER_BATCH_SIZES`) where the
+    model runs, the batch must have stayed dynamic and the result must keep the contract.
 
     Raises AssertionError saying what failed, with the verdict or error and the case's code
     (paste-able: it defines ``model`` and ``example_inputs``); UnknownBackendError for a
@@ -128,7 +135,8 @@ def _check_variant(pass_or_pipeline: Any, pipeline_text: str, case: Case, dtype:
     # wrong rewrite, check every distribution verify synthesizes.
     synthesize = len(verify.DISTRIBUTIONS) if dtype == torch.float64 else manager.synthesize
     changed = {r.name for r in result.report.records if r.changed}
-    if any(inv.pass_.contract.lossy for inv in manager.invocations if inv.name in changed):
+    lossy = any(inv.pass_.contract.lossy for inv in manager.invocations if inv.name in changed)
+    if lossy:
         # a lossy budget (int8 SQNR) holds on inputs like the calibration data, not on x100 or
         # edge-value stress inputs: the example plus the in-range uniform one
         synthesize = 1
@@ -136,6 +144,7 @@ def _check_variant(pass_or_pipeline: Any, pipeline_text: str, case: Case, dtype:
     reason = check(verdict)
     if reason is not None:
         raise fail(f"the optimized graph does not keep the contract against the original model: {reason}\n{verdict}")
+    _check_other_batches(module, result, inputs, tolerance, check, lossy, fail)
 
     _check_code_matches_graph(result.module, inputs, fail)
     missing = [n.name for n in result.module.graph.nodes if n.op in _COMPUTING_OPS and "provenance" not in n.meta]
@@ -172,6 +181,63 @@ def _end_to_end_contract(manager: PassManager, result: Result,
         return tolerance, lambda v: None if v.ok else (v.reason or "outputs differ beyond tolerance")
     budget = lossy[0] if len(lossy) == 1 else Lossy(min_sqnr_db=None)
     return tolerance, budget.check
+
+
+def _check_other_batches(module: torch.nn.Module, result: Result, inputs: tuple[torch.Tensor, ...],
+                         tolerance: verify.Tolerance | None, check: Callable[[verify.Verdict], str | None],
+                         lossy: bool, fail: Callable[..., AssertionError]) -> None:
+    """The optimized module against the original model at batch sizes 1, 3 and 5.
+
+    Wherever the model runs at a batch other than the example's, the batch must have stayed
+    dynamic (``report.checked_at`` names it: a graph made static there specialized the batch,
+    at capture or in a pass) and the optimized module must keep the contract there too: an
+    exact one on rows that differ from one another (a rewrite that mixes up rows cannot hide
+    behind repeated ones). A lossy pipeline is held to shapes, dtypes and finite values only,
+    on the example's rows repeated: its budget holds on inputs like the calibration data, and
+    a model whose values depend on the batch (``torch.arange(x.shape[0])``, batch statistics)
+    leaves that range at other batch sizes; the PassManager already bounds its error at the
+    second size.
+    """
+    batch = next((x.shape[0] for x in inputs if isinstance(x, torch.Tensor) and x.dim() >= 1), None)
+    if batch is None:
+        return
+    for size in OTHER_BATCH_SIZES:
+        resized = inputs_at_batch(inputs, size)
+        if not lossy:
+            resized = _distinct_rows(resized, seed=size)
+        try:
+            want = verify.run(module, resized)
+        except ModelRunError:
+            continue  # the model itself does not take this batch: nothing to keep
+        where = f"batch {size} (the example's is {batch})"
+        if not result.report.checked_at and size != batch:
+            shapes_text = "; ".join(result.report.shapes) or "no dims recorded"
+            raise fail(f"the optimized graph refuses other batch sizes ({shapes_text}), but the model runs at {where}: "
+                       "the batch dim was specialized (at capture or by a pass)")
+        try:
+            got = verify.run(result.module, resized)
+        except GraphoptError as exc:
+            raise fail(f"the optimized graph fails at {where}, where the model runs: {exc}") from exc
+        if lossy:
+            v = verify.compare_outputs([want], [got], verify.Tolerance(math.inf, math.inf), input_labels=[where])
+            reason = v.reason
+        else:
+            reason = check(verify.compare_outputs([want], [got], tolerance, input_labels=[where]))
+        if reason is not None:
+            raise fail(f"at {where} the optimized graph does not keep the contract against the original model: "
+                       f"{reason}")
+
+
+def _distinct_rows(inputs: tuple[Any, ...], seed: int) -> tuple[Any, ...]:
+    """Floating-point inputs plus seeded noise of half their scale: repeated rows made distinct."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for x in inputs:
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            noise = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+            x = x + (0.5 * noise * float(x.abs().mean().clamp(min=1e-3))).to(x.dtype)
+        out.append(x)
+    return tuple(out)
 
 
 def _check_code_matches_graph(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...],
@@ -254,13 +320,16 @@ def _failure(case: Case, pipeline: str, where: str, headline: str, report: Any =
 @dataclass
 class PropertyStats:
     """What a property test saw: cases drawn, cases that ran through :func:`assert_sound`,
-    and cases on which the pipeline fired (made at least one rewrite)."""
+    cases on which the pipeline fired (made at least one rewrite), and valid cases whose model
+    reads shapes (``shape_reading``; ``batch_reading``: the batch size itself)."""
 
     pipeline: str
     drawn: int = 0
     valid: int = 0
     fired: int = 0
     rewrites: int = 0
+    shape_reading: int = 0
+    batch_reading: int = 0
 
     def record(self, result: Result) -> int:
         """Count one valid case; returns the rewrites the pipeline made on it."""
@@ -285,7 +354,8 @@ class PropertyStats:
 
     def __str__(self) -> str:
         return (f"{self.drawn} drawn, {self.valid} valid, fired on {self.fired}, "
-                f"{self.rewrites} rewrite(s) in total")
+                f"{self.rewrites} rewrite(s) in total, {self.shape_reading} reading shapes "
+                f"({self.batch_reading} the batch size)")
 
 
 def property_test(
@@ -322,7 +392,14 @@ def property_test(
             rewrites = stats.record(assert_sound(pass_or_pipeline, case, backends=backends,
                                                  idempotent=idempotent, dtypes=dtypes))
             event("fired" if rewrites else "did not fire")
-            target(float(rewrites), label="rewrites")  # steer generation toward cases that fire
+            reads = "batch size" if "batch_read" in case.features else "shapes" if "shape_read" in case.features \
+                else None
+            stats.shape_reading += reads is not None
+            stats.batch_reading += reads == "batch size"
+            event(f"model reads {reads}" if reads else "model reads no shape")
+            if rewrites:  # steer generation toward cases that fire, once one has: hill-climbing from
+                # a score of 0 spends the rest of the examples on variations of a case that does not
+                target(float(rewrites), label="rewrites")
 
         # Keeps each pipeline's saved failures apart in the example database.
         run_case._hypothesis_internal_add_digest = label.encode()  # type: ignore[attr-defined]

@@ -37,9 +37,10 @@ from hypothesis import strategies as st
 
 from .. import verify
 from ..errors import PropertyTestError
+from ..shapes import resize as _resize
 
-__all__ = ["Case", "ModelSpec", "LayerSpec", "OP_KINDS", "models", "model_specs", "render", "case_from_code",
-           "randomize_"]
+__all__ = ["Case", "ModelSpec", "LayerSpec", "FEATURES", "OP_KINDS", "OTHER_BATCH_SIZES", "models", "model_specs",
+           "render", "case_from_code", "inputs_at_batch", "randomize_"]
 
 
 # --------------------------------------------------------------------------- cases
@@ -54,7 +55,9 @@ class Case:
     every layer in order (a module called twice appears twice); ``features`` names the
     structural traits present (``depthwise``, ``grouped``, ``residual``, ``broadcast``,
     ``shared_value``, ``module_reuse``, ``tied_weights``, ``inplace``, ``batch_stats_norm``,
-    ``multi_output``, ``dead_value``, spelling styles ``module``/``functional``/``method``).
+    ``multi_output``, ``dead_value``, spelling styles ``module``/``functional``/``method``, and
+    ``shape_read``/``batch_read`` for models that read a size at run time / the batch size);
+    all are listed in :data:`FEATURES`.
     """
 
     module: nn.Module
@@ -257,6 +260,7 @@ class _Config:
     batch: tuple[int, int]
     allow_reuse: bool
     allow_inplace: bool
+    require: frozenset[str] = frozenset()
 
     @property
     def max_spatial(self) -> int:
@@ -560,9 +564,9 @@ def _batch_norm(b: _Builder, v: _Value) -> None:
     affine = b.pick([True, False])
     # One draw in eight keeps no running statistics: eval mode then normalizes with the batch's
     # own statistics, which no pass may fold into constants (only when there are several values
-    # per channel to take statistics over).
-    values_per_channel = math.prod(v.shape) // c
-    batch_stats = b.draw(_below(8)) == 7 and values_per_channel > 1
+    # per channel to take statistics over at every batch size, batch 1 included).
+    values_per_sample = math.prod(v.shape[2:])
+    batch_stats = b.draw(_below(8)) == 7 and values_per_sample > 1
     spelling = "module" if batch_stats else b.pick(["module", "functional", "functional-keywords"])
     if spelling == "module":
         cls = "BatchNorm2d" if len(v.shape) == 4 else "BatchNorm1d"
@@ -787,8 +791,9 @@ def _adaptive_avg_pool(b: _Builder, v: _Value, size: int | None = None) -> None:
 def _flatten(b: _Builder, v: _Value) -> None:
     i = b.begin()
     out_shape = (v.shape[0], math.prod(v.shape[1:]))
+    # every spelling keeps the batch generic: -1 or a read of the batch size, never its number
     options = ["module", "torch.flatten({x}, 1)", "{x}.flatten(1)", "{x}.reshape({x}.shape[0], -1)",
-               f"{{x}}.reshape({v.shape[0]}, -1)"]
+               f"{{x}}.reshape(-1, {out_shape[1]})"]
     if v.contiguous:
         options.append("{x}.view({x}.size(0), -1)")
     text = b.pick(options)
@@ -797,6 +802,8 @@ def _flatten(b: _Builder, v: _Value) -> None:
         text = f"self.flat{i}({{x}})"
     else:
         b.tag(_style(text))
+    if "{x}.shape" in text or "{x}.size" in text:
+        b.tag("shape_read", "batch_read")
     # A flattened tensor may be a view of its input: never overwrite it in place.
     b.assign(i, text.format(x=v.name), out_shape, [v], fresh=False, contiguous=True)
     b.end("flatten")
@@ -825,7 +832,9 @@ def _reshape(b: _Builder, v: _Value) -> None:
     if target[2:] == (1, 1):
         options.append("{x}.unsqueeze(-1).unsqueeze(-1)")
     text = b.pick(options)
-    batch = b.pick([str(v.shape[0]), f"{v.name}.shape[0]", f"{v.name}.size(0)"])
+    batch = b.pick(["-1", *_batch_reads(v)]) if "{n}" in text else ""
+    if batch not in ("", "-1"):
+        b.tag("shape_read", "batch_read")
     b.tag(_style(text))
     b.assign(i, text.format(x=v.name, n=batch), target, [v], fresh=False, contiguous=True)
     b.end("reshape")
@@ -863,6 +872,246 @@ def _mean(b: _Builder, v: _Value) -> None:
     b.tag(_style(text))
     b.assign(i, text.format(x=v.name, d=dim_text, k=keepdim), shape, [v])
     b.end("mean")
+
+
+# ------------------------------------------------------------------ shapes read at run time
+#
+# Kinds that compute sizes from the tensors they transform (``x.shape[0]``, ``x.size(-1)``),
+# as real models do: flatten-for-the-classifier views, channel shuffles, class tokens
+# expanded to the batch, tensors made to match the batch, position terms, splits by computed
+# sizes. They tag ``shape_read``, and ``batch_read`` when the batch size itself is read: a
+# pass that folds such a read into the example's number specializes the batch, which the
+# graph declares dynamic. Every drawn model runs at any batch size (``_build_case`` checks 1,
+# 3 and 5), so these models test exactly that.
+#
+# ``len(x)`` is left out of the spellings: symbolic tracing refuses ``len`` of a traced tensor,
+# and torch.export, which capture then falls back to, specializes it, so the batch is kept
+# static (tests/test_testing_kit.py::test_len_reads_the_batch_without_specializing_it, xfail).
+
+
+def _batch_reads(v: _Value) -> list[str]:
+    """Spellings of a read of ``v``'s batch size."""
+    return [f"{v.name}.shape[0]", f"{v.name}.size(0)"]
+
+
+def _dim_read(b: _Builder, v: _Value, dim: int) -> str:
+    """A read of ``v``'s size at ``dim`` (dims counted from the end when negative)."""
+    return b.pick([f"{v.name}.shape[{dim}]", f"{v.name}.size({dim})"])
+
+
+def _shape_view_targets(b: _Builder, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
+    """Views ``_shape_view`` can draw for a value of ``shape``: (name, resulting shape)."""
+    n, c = shape[0], shape[1]
+    rest = math.prod(shape[1:])
+    out: list[tuple[str, tuple[int, ...]]] = []
+    if len(shape) > 2 and rest <= _MAX_FEATURES:
+        out.append(("batch-flat", (n, rest)))
+    if len(shape) == 4:
+        out.append(("flatten-view", (n, c, shape[2] * shape[3])))
+        out.append(("merge-spatial", (n, c, shape[2] * shape[3])))
+        if c % 2 == 0:
+            out.append(("channel-shuffle", shape))
+    if len(shape) == 3:
+        length = shape[2]
+        if length % 2 == 0 and 2 * c <= b.cfg.max_width:
+            out.append(("fold-length", (n, 2 * c, length // 2)))
+        out += [("unflatten", (n, c, a, length // a)) for a in range(2, length) if length % a == 0][:1]
+    if len(shape) == 2:
+        out.append(("to-image", (n, c, 1, 1)))
+        out += [("to-tokens", (n, c // a, a)) for a in (2, 4) if c % a == 0 and c > a][:1]
+    return out
+
+
+def _shape_view(b: _Builder, v: _Value) -> None:
+    """A view or reshape whose sizes are read from the tensor: ``x.reshape(x.shape[0], -1)``,
+    ``x.view(x.size(0), x.size(1) * 2, -1)``, ``x.flatten(1).view(x.size(0), C, -1)``, a
+    channel shuffle (``view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, -1, h, w)``)."""
+    i = b.begin()
+    target, shape = b.pick(_shape_view_targets(b, v.shape))
+    x = v.name
+    n = b.pick(_batch_reads(v))
+    # .view only where the value is laid out for it; a flatten's result can always be split
+    method = b.pick(["reshape", "view"]) if v.contiguous else "reshape"
+    if target == "batch-flat":
+        text = b.pick([f"{x}.{method}({n}, -1)", f"torch.reshape({x}, ({n}, -1))"])
+    elif target == "flatten-view":
+        flat = b.pick(["method", "module"])
+        if flat == "module":
+            flat_text = f"{b.module(f'flat{i}', 'nn.Flatten()')}({x})"
+        else:
+            flat_text = f"{x}.flatten(1)"
+        text = f"{flat_text}.view({n}, {b.pick([_dim_read(b, v, 1), str(v.shape[1])])}, -1)"
+    elif target == "merge-spatial":
+        text = f"{x}.{method}({n}, {_dim_read(b, v, 1)}, {_dim_read(b, v, 2)} * {_dim_read(b, v, 3)})"
+    elif target == "channel-shuffle":
+        h, w = _dim_read(b, v, 2), _dim_read(b, v, 3)
+        text = (f"{x}.{method}({n}, 2, {_dim_read(b, v, 1)} // 2, {h}, {w}).transpose(1, 2)"
+                f".reshape({n}, -1, {h}, {w})")
+    elif target == "fold-length":
+        text = f"{x}.{method}({n}, {_dim_read(b, v, 1)} * 2, -1)"
+    elif target == "unflatten":
+        text = f"{x}.{method}({n}, {_dim_read(b, v, 1)}, {shape[2]}, -1)"
+    elif target == "to-image":
+        text = b.pick([f"{x}.{method}({n}, -1, 1, 1)", f"{x}.{method}({n}, {_dim_read(b, v, -1)}, 1, 1)"])
+    else:  # to-tokens
+        text = f"{x}.{method}({n}, {_dim_read(b, v, -1)} // {shape[2]}, {shape[2]})"
+    b.tag("shape_read", "batch_read", _style(text.replace(x, "{x}", 1)))
+    # a view may share its input's memory: never overwrite it in place
+    b.assign(i, text, shape, [v], fresh=False, contiguous=v.contiguous or target == "channel-shuffle")
+    b.end("shape_view")
+
+
+def _expand_token(b: _Builder, v: _Value) -> None:
+    """A learned token expanded to the batch and concatenated, as ViT's class token:
+    ``torch.cat([self.tok.expand(x.shape[0], -1, -1), x], dim=1)``."""
+    i = b.begin()
+    t = b.pick([k for k in (1, 2) if v.shape[1] + k <= b.cfg.max_width])
+    token_shape = (1, t, *v.shape[2:])
+    tok = b.parameter(f"tok{i}", token_shape)
+    n = b.pick(_batch_reads(v))
+    rank = len(v.shape)
+    keep = ", ".join(["-1"] * (rank - 1))
+    expanded = b.pick([
+        f"{tok}.expand({n}, {keep})",
+        f"{tok}.expand({n}, {', '.join(map(str, token_shape[1:]))})",
+        f"{tok}.repeat({n}, {', '.join(['1'] * (rank - 1))})",
+        f"torch.broadcast_to({tok}, ({n}, {', '.join(map(str, token_shape[1:]))}))",
+    ])
+    first, second = (expanded, v.name) if b.pick([True, False]) else (v.name, expanded)
+    text = b.pick(["torch.cat([{a}, {b}], dim=1)", "torch.cat(({a}, {b}), 1)"])
+    b.tag("shape_read", "batch_read", "functional" if expanded.startswith("torch.") else "method")
+    b.assign(i, text.format(a=first, b=second), (v.shape[0], v.shape[1] + t, *v.shape[2:]), [v])
+    b.end("expand_token")
+
+
+def _new_tensor(b: _Builder, v: _Value) -> None:
+    """A tensor made to the input's batch, then concatenated, added or multiplied:
+    ``torch.cat([x, x.new_ones(x.shape[0], 1, h, w)], 1)``, ``x * x.new_full((x.size(0), c, 1, 1), 2.0)``."""
+    i = b.begin()
+    x = v.name
+    rank = len(v.shape)
+    use = b.pick(["cat", "add", "mul"] if v.shape[1] < b.cfg.max_width else ["add", "mul"])
+    if use == "cat":
+        k = b.pick([k for k in (1, 2) if v.shape[1] + k <= b.cfg.max_width])
+        made_shape = (v.shape[0], k, *v.shape[2:])
+        fill = b.pick([1.0, 0.0, 0.5])
+    else:
+        # broadcast over the spatial dims, or over the channels too
+        made_shape = (v.shape[0], b.pick([v.shape[1], 1]), *(1,) * (rank - 2))
+        fill = b.pick([0.0, 0.5]) if use == "add" else b.pick([1.0, 2.0])
+    n = b.pick(_batch_reads(v))
+    dims = [n] + [_dim_read(b, v, d) if b.flag() and size == v.shape[d] else str(size)
+                  for d, size in enumerate(made_shape) if d > 0]
+    # torch's factories take read sizes as one tuple: fx cannot trace torch.zeros(x.size(0), 1)
+    sizes = ", ".join(dims)
+    named = {1.0: ("new_ones", "ones"), 0.0: ("new_zeros", "zeros")}.get(fill)
+    options = [f"{x}.new_full(({sizes}), {fill!r})", f"torch.full(({sizes}), {fill!r}, dtype={x}.dtype)"]
+    if named is not None:
+        options = [f"{x}.{named[0]}({sizes})", f"{x}.{named[0]}(({sizes}))",
+                   f"torch.{named[1]}(({sizes}), dtype={x}.dtype)", *options]
+    made = b.pick(options)
+    if use == "cat":
+        first, second = (x, made) if b.pick([True, False]) else (made, x)
+        text, shape = f"torch.cat([{first}, {second}], dim=1)", (v.shape[0], v.shape[1] + made_shape[1], *v.shape[2:])
+    else:
+        symbol = "+" if use == "add" else "*"
+        text, shape = f"{x} {symbol} {made}", v.shape
+    b.tag("shape_read", "batch_read", "functional" if made.startswith("torch.") else "method")
+    b.assign(i, text, shape, [v])
+    b.end("new_tensor")
+
+
+def _position(b: _Builder, v: _Value) -> None:
+    """A position term from ``torch.arange`` over a dim's size, cast to the value's dtype and
+    added: ``x + torch.arange(x.shape[-1]).to(x.dtype) * 0.1`` (the last dim, static), or one
+    per sample, ``torch.arange(x.size(0)).to(x.dtype).view(-1, 1, 1, 1)`` (the batch)."""
+    i = b.begin()
+    x = v.name
+    rank = len(v.shape)
+    over = b.pick([-1, 0])
+    size = _dim_read(b, v, over)
+    positions = b.pick([f"torch.arange({size}).to({x}.dtype)", f"torch.arange({size}, dtype={x}.dtype)",
+                        f"torch.arange({size}, device={x}.device).type_as({x})"])
+    if over == 0:
+        positions += f".view(-1{', 1' * (rank - 1)})"
+        b.tag("batch_read")
+    scale = b.pick(["* 0.1", f"/ {_dim_read(b, v, over)}", "module"])
+    if scale == "module":
+        # a learned scale per position of the last dim (a weight: randomize_ keeps it near +-1)
+        weight = b.parameter(f"pos{i}_weight", (v.shape[-1],))
+        term = f"{positions} * 0.1 * {weight}"
+    else:
+        term = f"{positions} {scale}"
+    first, second = (x, term) if b.pick([True, False]) else (f"({term})", x)
+    b.tag("shape_read", "functional")
+    b.assign(i, f"{first} + {second}", v.shape, [v])
+    b.end("position")
+
+
+def _shape_split(b: _Builder, v: _Value) -> None:
+    """A split or chunk by sizes computed from the shape: halves
+    (``torch.split(x, [x.size(1) // 2, x.size(1) - x.size(1) // 2], 1)``), a leading token and
+    the rest (``x.split([1, x.shape[1] - 1], dim=1)``), the last position and the rest."""
+    i = b.begin()
+    x = v.name
+    c = v.shape[1]
+    options = ["halves", "first"] if c >= 2 else []
+    if c % 2 == 0:
+        options += ["split-half", "chunk"]
+    if len(v.shape) > 2 and v.shape[-1] >= 2:
+        options.append("last")
+    how = b.pick(options)
+    ch = _dim_read(b, v, 1)
+    dim = 1
+    if how == "halves":
+        text, sizes = f"torch.split({x}, [{ch} // 2, {ch} - {ch} // 2], dim=1)", (c // 2, c - c // 2)
+    elif how == "first":
+        text, sizes = f"{x}.split([1, {ch} - 1], dim=1)", (1, c - 1)
+    elif how == "split-half":
+        text, sizes = f"{x}.split({ch} // 2, 1)", (c // 2, c // 2)
+    elif how == "chunk":
+        text, sizes = b.pick([f"{x}.chunk({ch} // {c // 2}, 1)", f"torch.chunk({x}, {ch} // {c // 2}, dim=1)"]), \
+            (c // 2, c // 2)
+    else:
+        last = _dim_read(b, v, -1)
+        text, sizes, dim = f"torch.split({x}, [{last} - 1, 1], dim=-1)", (v.shape[-1] - 1, 1), len(v.shape) - 1
+    names = (f"v{i}_0", f"v{i}_1")
+    b.forward(f"{names[0]}, {names[1]} = {text}")
+    b.use(v)
+    b.tag("shape_read", _style(text.replace(x, "{x}", 1)))
+    for name, size in zip(names, sizes):
+        shape = tuple(size if d == dim else s for d, s in enumerate(v.shape))
+        b.values.append(_Value(name, shape, fresh=False, contiguous=False))
+    b.end("shape_split")
+
+
+def _batch_pairs(b: _Builder, v: _Value) -> None:
+    """Rows mixed in pairs, with the batch padded to an even size and cut back: arithmetic on
+    the batch size (``x.shape[0] % 2``, ``p.shape[0] // 2``) feeding ``pad`` and ``view``::
+
+        p = F.pad(x, (0, 0, 0, x.shape[0] % 2))
+        g = p.view(p.shape[0] // 2, 2, c)
+        v = (g - g.mean(1, keepdim=True)).reshape(-1, c)[:x.shape[0]]
+
+    ``p``'s batch is the same at batch 1 and 2 (both pad to 2): a dim that depends on the
+    batch need not change between two batch sizes."""
+    i = b.begin()
+    x, rest = v.name, v.shape[1:]
+    rest_text = ", ".join(map(str, rest))
+    n = b.pick(_batch_reads(v))
+    padded, groups = f"v{i}_p", f"v{i}_g"
+    if b.pick(["pad", "cat"]) == "pad":
+        b.forward(f"{padded} = F.pad({x}, ({'0, 0, ' * len(rest)}0, {n} % 2))")
+    else:
+        b.forward(f"{padded} = torch.cat([{x}, {x}.new_zeros(({n} % 2, {rest_text}))])")
+    b.forward(f"{groups} = {padded}.{b.pick(['view', 'reshape'])}"
+              f"({b.pick([f'{padded}.shape[0]', f'{padded}.size(0)'])} // 2, 2, {rest_text})")
+    keep = ", ".join(["-1"] * len(rest))
+    mixed = b.pick([f"({groups} - {groups}.mean(1, keepdim=True))", f"{groups}.flip(1)",
+                    f"{groups}.amax(1, keepdim=True).expand(-1, 2, {keep})"])
+    b.tag("shape_read", "batch_read", "functional")
+    b.assign(i, f"{mixed}.reshape(-1, {rest_text})[:{n}]", v.shape, [v], fresh=False, contiguous=False)
+    b.end("batch_pairs")
 
 
 def _reuse(b: _Builder, v: _Value) -> None:
@@ -917,6 +1166,12 @@ _KINDS: dict[str, _Kind] = {
     "reshape": _Kind(lambda b, v: bool(_reshape_targets(v.shape)), _reshape),
     "permute": _Kind(_rank(3, 4), _permute),
     "mean": _Kind(_rank(3, 4), _mean),
+    "shape_view": _Kind(lambda b, v: bool(_shape_view_targets(b, v.shape)), _shape_view),
+    "expand_token": _Kind(lambda b, v: v.shape[1] < b.cfg.max_width, _expand_token),
+    "new_tensor": _Kind(_rank(2, 3, 4), _new_tensor),
+    "position": _Kind(_rank(2, 3, 4), _position),
+    "shape_split": _Kind(lambda b, v: v.shape[1] >= 2 or (len(v.shape) > 2 and v.shape[-1] >= 2), _shape_split),
+    "batch_pairs": _Kind(_rank(2, 3, 4), _batch_pairs),
 }
 
 #: Kinds grouped by family, with the family's weight. A step draws a family first, then a kind
@@ -930,9 +1185,18 @@ _WEIGHTED_FAMILIES: tuple[tuple[tuple[str, ...], int], ...] = (
     (("cat", "split"), 1),
     (("max_pool", "avg_pool", "adaptive_avg_pool", "mean"), 1),
     (("flatten", "reshape", "permute"), 1),
+    # sizes read at run time (x.shape[0], x.size(-1)): what a batch-specializing pass breaks
+    (("shape_view", "expand_token", "new_tensor", "position", "shape_split", "batch_pairs"), 3),
 )
 _FAMILIES = tuple(family for family, _ in _WEIGHTED_FAMILIES)
 _CONVS, _NORMS, _ACTS = _FAMILIES[1], _FAMILIES[2], _FAMILIES[0]
+_SHAPE_READS = _FAMILIES[-1]
+
+#: Every feature a case may carry (:attr:`Case.features`), for ``models(require=...)``.
+FEATURES: tuple[str, ...] = (
+    "depthwise", "grouped", "residual", "broadcast", "shared_value", "module_reuse", "tied_weights", "inplace",
+    "batch_stats_norm", "multi_output", "dead_value", "module", "functional", "method", "shape_read", "batch_read",
+)
 
 #: Every op kind ``models(ops=...)`` accepts, simplest first (the order shrinking prefers).
 OP_KINDS: tuple[str, ...] = tuple(k for family in _FAMILIES for k in family)
@@ -1005,8 +1269,10 @@ def _step(draw: Callable[[st.SearchStrategy], Any], b: _Builder, first: bool) ->
     try:
         # The value to transform: the most recent one by default; earlier ones give branches.
         v = b.values[-1 - draw(_below(min(4, len(b.values))))]
-        families = [([_KINDS[k] for k in kinds], w) for kinds, w in
-                    ((_allowed(b, f, v), w) for f, w in _WEIGHTED_FAMILIES) if kinds]
+        # models required to read shapes draw those kinds four times as often (fewer rejected)
+        boost = 4 if b.cfg.require & {"shape_read", "batch_read"} else 1
+        families = [([_KINDS[k] for k in kinds], w * boost if f is _SHAPE_READS else w) for kinds, f, w in
+                    ((_allowed(b, f, v), f, w) for f, w in _WEIGHTED_FAMILIES) if kinds]
         families += [([extra], w) for extra, w in ((_BLOCK, 3), (_SQUEEZE_EXCITE, 1), (_REUSE, 1))
                      if extra.applies(b, v)]
         if families:
@@ -1042,6 +1308,7 @@ def _specs(draw: Callable[[st.SearchStrategy], Any], cfg: _Config) -> ModelSpec:
         features.add("dead_value")
     if any(v.uses > 1 for v in b.values):
         features.add("shared_value")
+    assume(cfg.require <= features)
     return ModelSpec(
         input_shapes=(shape,) * input_count, dtype=dtype, seed=seed, layers=tuple(b.layers),
         outputs=tuple(v.name for v in outputs), output_shapes=tuple(v.shape for v in outputs),
@@ -1071,9 +1338,14 @@ def model_specs(
     batch: tuple[int, int] = (1, 2),
     allow_reuse: bool = True,
     allow_inplace: bool = True,
+    require: Iterable[str] = (),
 ) -> st.SearchStrategy[ModelSpec]:
     """Strategy of :class:`ModelSpec` (the drawn structure, before rendering); see :func:`models`."""
     kinds = _check_kinds(ops)
+    required = frozenset(require)
+    if not required <= set(FEATURES):
+        raise PropertyTestError(f"models(require=...): unknown feature(s) {sorted(required - set(FEATURES))}; "
+                                f"choose from {', '.join(FEATURES)}")
     if max_depth < 1 or max_width < 1 or not dtypes or not (1 <= spatial[0] <= spatial[1]) \
             or not (1 <= batch[0] <= batch[1]):
         raise PropertyTestError(
@@ -1081,12 +1353,41 @@ def model_specs(
             f"1 <= low <= high for spatial and batch; got max_depth={max_depth}, max_width={max_width}, "
             f"dtypes={tuple(dtypes)}, spatial={spatial}, batch={batch}"
         )
-    cfg = _Config(kinds, max_depth, max_width, tuple(dtypes), tuple(spatial), tuple(batch), allow_reuse, allow_inplace)
+    cfg = _Config(kinds, max_depth, max_width, tuple(dtypes), tuple(spatial), tuple(batch), allow_reuse, allow_inplace,
+                  required)
     return _specs(cfg)
+
+
+#: Batch sizes every drawn model also runs at, besides its example's: models are generic over
+#: the batch, which graphopt declares dynamic by default (:mod:`graphopt.shapes`).
+OTHER_BATCH_SIZES: tuple[int, ...] = (1, 3, 5)
+
+
+def inputs_at_batch(example_inputs: Sequence[Any], size: int) -> tuple[Any, ...]:
+    """``example_inputs`` at batch ``size``: rows repeated or cut (:func:`graphopt.shapes.resize`)
+    in every tensor whose dim 0 is the first tensor's, the inputs ``dynamic_shapes="batch"``
+    makes dynamic; other inputs as they are."""
+    batched = [x for x in example_inputs if isinstance(x, torch.Tensor) and x.dim() >= 1]
+    if not batched:
+        return tuple(example_inputs)
+    batch = batched[0].shape[0]
+    return tuple(_resize(x, {0: size}) if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == batch
+                 else x for x in example_inputs)
 
 
 def _build_case(spec: ModelSpec) -> Case:
     case = case_from_code(render(spec), ops=spec.ops, features=spec.features)
+    for size in OTHER_BATCH_SIZES:
+        try:
+            with torch.no_grad():
+                outputs = case.module(*inputs_at_batch(case.example_inputs, size))
+        except Exception as exc:
+            raise _kit_bug(f"raises {type(exc).__name__} at batch {size}: {exc}", case) from exc
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        got = tuple(tuple(o.shape) for o in outputs)
+        want = tuple((size, *s[1:]) for s in spec.output_shapes)
+        if got != want:
+            raise _kit_bug(f"returns shapes {got} at batch {size}, not {want}", case)
     for inputs in verify.verification_inputs(case.example_inputs, synthesize=len(verify.DISTRIBUTIONS)):
         try:
             with torch.no_grad():
@@ -1120,6 +1421,7 @@ def models(
     batch: tuple[int, int] = (1, 2),
     allow_reuse: bool = True,
     allow_inplace: bool = True,
+    require: Iterable[str] = (),
 ) -> st.SearchStrategy[Case]:
     """Strategy of :class:`Case`: random valid models with seeded weights and finite inputs.
 
@@ -1127,10 +1429,19 @@ def models(
     this many steps, each adding one layer or a small block (conv[-norm][-activation][+residual],
     or a squeeze-excite gate); ``max_width``: at most this many channels/features per value;
     ``dtypes``: model dtypes to draw from (float16 works on CPU for every kind here);
-    ``spatial``: range of input heights/widths/lengths; ``batch``: range of batch sizes;
+    ``spatial``: range of input heights/widths/lengths; ``batch``: range of the example's batch
+    size (1 and 2 by default, so the second size graphopt checks a dynamic batch at is drawn
+    both above and below it);
     ``allow_reuse``: a module called at two sites and weights tied between layers;
     ``allow_inplace``: in-place spellings (``torch.relu_``, ``x += y``, ``nn.ReLU(inplace=True)``)
-    on values nothing else reads.
+    on values nothing else reads; ``require``: only models with all these :data:`FEATURES`,
+    e.g. ``("batch_read",)`` for models that read their batch size (``x.reshape(x.shape[0], -1)``).
+
+    Every model runs at every batch size (checked at 1, 3 and 5): nothing spells the example's
+    batch as a number, and about a third of the models read shapes at run time
+    (``x.view(x.size(0), x.size(1) * 2, -1)``, a class token ``expand``-ed to ``x.shape[0]``,
+    ``x.new_ones(x.shape[0], k)``, ``torch.arange(x.shape[-1])``, splits by computed sizes),
+    features ``shape_read`` and ``batch_read``.
     """
-    specs = model_specs(ops, max_depth, max_width, dtypes, spatial, batch, allow_reuse, allow_inplace)
+    specs = model_specs(ops, max_depth, max_width, dtypes, spatial, batch, allow_reuse, allow_inplace, require)
     return specs.map(_build_case)
