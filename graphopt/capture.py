@@ -163,6 +163,7 @@ def _capture(
     _resolve_annotations(graph, root)
     _canonicalize(root, graph, inputs, isolated)
     _check_reproduces(root, reference, _propagate(root, graph, inputs, isolated))
+    _keep_output_container(graph, reference)
     shapes.declare(graph, shapes.build(inputs, dims, static))
     _check_generic(root, graph, inputs, dims, static, second, isolated)
     if mode == "export":
@@ -689,6 +690,16 @@ def _reproduction_problem(reference: Any, got: Any) -> str:
         if problem:
             return f"output {i}: {problem}"
     return ""
+
+
+def _keep_output_container(graph: fx.Graph, reference: Any) -> None:
+    """Record the model's output structure on the output node where the graph returns the same
+    fields in another container: the graph module then returns the model's type."""
+    want = pytree.tree_flatten(reference)[1]
+    output = next(iter(reversed(graph.nodes)))
+    got = pytree.tree_flatten(output.args[0])[1]
+    if want != got and _same_fields(want, got):
+        output.meta[lazy.OUTPUT_SPEC_KEY] = want
 
 
 def _same_fields(want: pytree.TreeSpec, got: pytree.TreeSpec) -> bool:

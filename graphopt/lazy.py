@@ -19,10 +19,15 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.fx.graph import _PyTreeCodeGen
 
 from .shapes import check_call
+
+#: output node meta: the structure the model returns its outputs in, where the graph's differs
+#: only in container type (torch.export gives a ModelOutput's fields as a dict)
+OUTPUT_SPEC_KEY = "graphopt_output_spec"
 
 
 def _stale_forward(graph: fx.Graph | None) -> Any:
@@ -78,9 +83,17 @@ class LazyGraphModule(_LazyGraphModule):
         """Run the module, refusing inputs the graph was not made for (see
         :func:`graphopt.shapes.check_call`): a static dim of another size is an InputError,
         never a wrong answer."""
-        if args and not _tracing():
+        if _tracing():
+            return super().__call__(*args, **kwargs)
+        if args:
             check_call(self._graph, args)
-        return super().__call__(*args, **kwargs)
+        out = super().__call__(*args, **kwargs)
+        spec = next(reversed(self._graph.nodes)).meta.get(OUTPUT_SPEC_KEY) if len(self._graph.nodes) else None
+        if spec is not None:  # the model's own container (a ModelOutput where export gave a dict)
+            leaves = pytree.tree_leaves(out)
+            if len(leaves) == spec.num_leaves:
+                out = pytree.tree_unflatten(leaves, spec)
+        return out
 
     def __prepare_scriptable__(self) -> "LazyGraphModule":
         """``torch.jit.script`` reads the forward's source: generate it first."""

@@ -51,10 +51,14 @@ def test_captured_optimized_and_lowered_with_a_dynamic_batch(name, tmp_path):
     assert set(artifact.report["verification"]) == {"example inputs", "inputs at batch=1"}
     for batch in (1, 3):
         x = tuple(t[:1].repeat(batch, *[1] * (t.dim() - 1)) for t in inputs())
-        want = _logits(model(*x))
-        torch.testing.assert_close(_logits(result.module(*x)), want, rtol=1e-4, atol=1e-5)
+        original = model(*x)
+        want = _logits(original)
+        optimized = result.module(*x)
+        assert type(optimized) is type(original)  # the model's ModelOutput, not export's dict
+        torch.testing.assert_close(_logits(optimized), want, rtol=1e-4, atol=1e-5)
         got = artifact.run(*x)
-        got = got[0] if isinstance(got, (list, tuple)) else _logits(got)
+        assert type(got) is type(original)
+        got = _logits(got)
         torch.testing.assert_close(torch.as_tensor(got), want, rtol=1e-4, atol=1e-5)
 
 
