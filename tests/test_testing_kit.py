@@ -431,3 +431,20 @@ def test_worked_example_passes_its_own_property_test():
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "drop-redundant-relu: property test passed" in done.stdout
+
+
+def test_worked_example_passes_under_pytest_in_a_users_folder(tmp_path):
+    """As the README says to use it: a test file of the user's, outside graphopt's tests/ (no
+    conftest loads a profile), run by pytest. graphopt's profile applies there, not
+    hypothesis's default (whose 200 ms deadline fails generated models), and the example-count
+    variable is honoured."""
+    test_file = tmp_path / "test_my_pass.py"
+    test_file.write_text((ROOT / "examples" / "property_test_custom_pass.py").read_text())
+    env = {k: v for k, v in os.environ.items() if k not in (profiles.ENV_VAR, profiles.EXAMPLES_VAR)}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+                           str(test_file)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:]
+    few = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+                          str(test_file)], capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                         env={**env, profiles.EXAMPLES_VAR: "3"})
+    assert "drawn=3" in few.stdout  # 3 examples, too few to fire 3 times: the test says so

@@ -43,6 +43,29 @@ for _name, _profile in PROFILES.items():
     settings.register_profile(f"graphopt-{_name}", _profile)
 
 
+def selected() -> settings:
+    """The settings of the profile ``$GRAPHOPT_HYPOTHESIS_PROFILE`` names (``ci`` by default),
+    with ``$GRAPHOPT_HYPOTHESIS_EXAMPLES`` applied, without loading it: what
+    :func:`graphopt.testing.property_test` runs with where the project loaded no profile of its
+    own (a user's test file, with no conftest that calls :func:`load_profile`)."""
+    name = os.environ.get(ENV_VAR) or DEFAULT_PROFILE
+    if name not in PROFILES:
+        raise PropertyTestError(f"unknown hypothesis profile {name!r} (given by {ENV_VAR}); "
+                                f"choose one of {', '.join(PROFILES)}, e.g. {ENV_VAR}=dev")
+    count = os.environ.get(EXAMPLES_VAR)
+    if count is None:
+        return PROFILES[name]
+    if not count.isdigit() or int(count) < 1:
+        raise PropertyTestError(f"{EXAMPLES_VAR}={count!r} is not a positive whole number of examples")
+    return settings(PROFILES[name], max_examples=int(count))
+
+
+def hypothesis_defaults_in_force() -> bool:
+    """Whether hypothesis runs on its own profiles ('default', or 'ci' under CI=true) rather
+    than one a project loaded: their 200 ms deadline and health checks fail generated models."""
+    return getattr(settings, "_current_profile", "default") in ("default", "ci")
+
+
 def load_profile(name: str | None = None) -> str:
     """Make profile ``name`` (default: ``$GRAPHOPT_HYPOTHESIS_PROFILE``, else ``ci``) hypothesis's
     current settings; returns the name loaded."""

@@ -34,6 +34,7 @@ from hypothesis import assume, event, given, target
 from hypothesis import settings as Settings
 
 from .. import verify
+from . import profiles
 from ..capture import capture
 from ..errors import GraphoptError, ModelRunError, PropertyTestError
 from ..graph import preserved_state
@@ -404,10 +405,13 @@ def property_test(
         # Keeps each pipeline's saved failures apart in the example database.
         run_case._hypothesis_internal_add_digest = label.encode()  # type: ignore[attr-defined]
         runner = given(case=strategy)(run_case)
-        if settings is not None:
-            runner = settings(runner)
+        chosen = settings
+        if chosen is None and profiles.hypothesis_defaults_in_force():
+            chosen = profiles.selected()  # a user's test file: graphopt's profile, not hypothesis's
+        if chosen is not None:
+            runner = chosen(runner)
         runner()
-        examples = (settings or Settings.default).max_examples
+        examples = (chosen or Settings.default).max_examples
         stats.check(min_valid if min_valid is not None else max(1, examples // 2), min_fired)
 
     test.__name__ = test.__qualname__ = "test_" + "".join(c if c.isalnum() else "_" for c in label)
