@@ -340,23 +340,35 @@ def _fmt(shape: Iterable[Any]) -> str:
 
 def varying_dims(gm: fx.GraphModule, inputs: Sequence[Any],
                  execute: Callable[..., Any]) -> dict[fx.Node, frozenset[int] | None] | None:
-    """For every tensor node, the dims whose size at the second sizes differs from its recorded
-    ``tensor_meta`` (the example's); None for a node whose rank changed or that has no record.
-    None when the graph has no dynamic dim or the run at the second sizes fails."""
-    resized = resized_inputs(gm, inputs)
-    if resized is None:
+    """For every tensor node, the dims whose size at the second sizes, or at a third, larger
+    size of each dynamic dim, differs from its recorded ``tensor_meta`` (the example's); None
+    for a node whose rank changed or that has no record. Two sizes besides the example's,
+    because one can agree with it by coincidence (a batch padded to an even count has 2 rows
+    at batch 1 and at batch 2). None when the graph has no dynamic dim or a run fails."""
+    second = sizes_for(gm)
+    if not second:
         return None
+    dims = input_dims(gm)
+    third = {}
+    for name, size in dynamic_names(dims).items():
+        low, high = input_dims_bounds(dims, name) or (0, None)
+        candidates = [c for c in (size + second[name] + 4, size + 3, size + 1) if high is None or c <= high]
+        third[name] = candidates[0] if candidates else second[name]
     out: dict[fx.Node, frozenset[int] | None] = {}
 
     def observe(node: fx.Node, value: Any) -> None:
         meta = node.meta.get("tensor_meta")
+        if out.get(node, frozenset()) is None:
+            return
         if isinstance(value, torch.Tensor) and hasattr(meta, "shape") and len(meta.shape) == value.dim():
-            out[node] = frozenset(i for i, (p, q) in enumerate(zip(meta.shape, value.shape)) if p != q)
+            changed = frozenset(i for i, (p, q) in enumerate(zip(meta.shape, value.shape)) if p != q)
+            out[node] = out.get(node, frozenset()) | changed
         else:
             out[node] = None
 
     try:
-        execute(gm, resized, observe=observe)
+        for sizes in (second, third):
+            execute(gm, resized_inputs(gm, inputs, sizes), observe=observe)
     except Exception:  # noqa: BLE001 - the caller then treats every dim as possibly dynamic
         return None
     return out
