@@ -941,8 +941,7 @@ def _record_export_ranges(program: torch.export.ExportedProgram, dynamic: Any, d
     """Copy the range torch.export kept for each dynamic dim into ``dims`` (as a ``Dim`` of the
     same name and those bounds); a dim it specialized to a number, or tied to another by an
     expression, goes to ``static``. False when one did (the caller exports again)."""
-    placeholders = [n for n in program.graph.nodes if n.op == "placeholder"
-                    and program.graph_signature.input_specs[0] is not None]
+    placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
     user = [n for n, spec in zip(placeholders, program.graph_signature.input_specs) if spec.kind == InputKind.USER_INPUT]
     ranges = {str(k): v for k, v in program.range_constraints.items()}
     all_kept = True
