@@ -96,7 +96,7 @@ def capture(
     the ways out) and :class:`InputError` when the model does not run on ``example_inputs``.
     """
     _check_model(model)
-    inputs = _check_inputs(example_inputs)
+    inputs = _check_inputs(as_input_tuple(example_inputs, model))
     leaf_types, leaf_names = _check_options(mode, leaf_modules, concrete_args)
     names = [n for n in shapes.forward_parameter_names(model) if n not in (concrete_args or {})]
     dims = shapes.normalize(dynamic_shapes, inputs, names)

@@ -31,16 +31,43 @@ from .errors import InputError
 from .lazy import has_code
 
 
-def as_input_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
-    """Normalize example inputs: a tensor becomes a 1-tuple; lists become tuples."""
+def as_input_tuple(example_inputs: Any, module: Any = None) -> tuple[torch.Tensor, ...]:
+    """Normalize example inputs: a tensor becomes a 1-tuple; lists become tuples; a dict of
+    keyword inputs (``{"input_ids": ..., "attention_mask": ...}``) becomes the positional tuple
+    ``module``'s forward takes them in, when they are its leading parameters."""
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
     if isinstance(example_inputs, (list, tuple)):
         return tuple(example_inputs)
+    if isinstance(example_inputs, dict) and module is not None:
+        return _keyword_inputs(example_inputs, module)
     raise InputError(
         f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}; "
         "pass e.g. (torch.randn(1, 3, 224, 224),)"
     )
+
+
+def _keyword_inputs(given: dict[str, Any], module: Any) -> tuple[Any, ...]:
+    import inspect
+
+    try:
+        params = [p for p in inspect.signature(module.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        params = []
+    names = [p.name for p in params]
+    unknown = [k for k in given if k not in names]
+    if unknown:
+        raise InputError(f"example inputs name {', '.join(map(repr, unknown))}, which forward does not take "
+                         f"positionally (its parameters: {', '.join(names) or 'none'})")
+    leading = names[:len(given)]
+    if set(leading) != set(given):
+        missing = [n for n in leading if n not in given]
+        raise InputError(
+            f"keyword example inputs must be forward's leading parameters ({', '.join(leading)}); "
+            f"{', '.join(missing)} is missing: pass it too, or pass a tuple in forward's order"
+        )
+    return tuple(given[n] for n in leading)
 
 
 @contextlib.contextmanager

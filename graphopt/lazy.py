@@ -85,8 +85,8 @@ class LazyGraphModule(_LazyGraphModule):
         never a wrong answer."""
         if _tracing():
             return super().__call__(*args, **kwargs)
-        if args:
-            check_call(self._graph, args)
+        if args or kwargs:
+            check_call(self._graph, args, kwargs)
         out = super().__call__(*args, **kwargs)
         spec = next(reversed(self._graph.nodes)).meta.get(OUTPUT_SPEC_KEY) if len(self._graph.nodes) else None
         if spec is not None:  # the model's own container (a ModelOutput where export gave a dict)

@@ -346,7 +346,7 @@ def lower(
         )
     if not target.suffix:
         target = target.with_name(target.name + backend_cls.suffix)
-    inputs = G.as_input_tuple(example_inputs)
+    inputs = G.as_input_tuple(example_inputs, module)
     gm = module if isinstance(module, fx.GraphModule) else _capture(module, inputs, dynamic_shapes)
     if not shapes.is_declared(gm):
         gm = _declared_copy(gm, inputs, dynamic_shapes)

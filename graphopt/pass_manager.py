@@ -523,7 +523,7 @@ class PassManager:
     ) -> Result:
         from .capture import capture, front_end
 
-        inputs = G.as_input_tuple(example_inputs)
+        inputs = G.as_input_tuple(example_inputs, model)
         clean: _Snapshot | _Unchanged | None = None  # the working module's state, if held already
         if isinstance(model, fx.GraphModule):
             # before anything runs it: a training-mode batch norm updates the caller's statistics

@@ -293,11 +293,13 @@ def is_resized_label(text: str) -> bool:
 # ------------------------------------------------------------------------------ the guard
 
 
-def check_call(graph: fx.Graph, args: Sequence[Any]) -> None:
+def check_call(graph: fx.Graph, args: Sequence[Any], kwargs: dict[str, Any] | None = None) -> None:
     """Refuse inputs whose static dims differ from the example's, or whose dims sharing a name
     differ from one another, with an :class:`InputError` naming the dim and the way out."""
     seen: dict[str, tuple[int, str]] = {}
-    for node, value in zip(graph.find_nodes(op="placeholder"), args):
+    placeholders = graph.find_nodes(op="placeholder")
+    values = list(args) + [(kwargs or {}).get(str(n.target)) for n in placeholders[len(args):]]
+    for node, value in zip(placeholders, values):
         d = node.meta.get(META_KEY)
         if d is None or type(value) not in _PLAIN:  # fake and functional tensors: a tracer's call
             continue

@@ -67,3 +67,26 @@ def test_the_report_says_which_front_end_captured_and_why():
     make, inputs = MODELS["vit"]
     result = graphopt.optimize(make().eval(), inputs(), "eliminate-dead-code")
     assert any(note.startswith("captured with torch.export: symbolic tracing failed") for note in result.report.notes)
+
+
+def test_keyword_inputs_as_hugging_face_models_are_called(tmp_path):
+    torch.manual_seed(0)
+    config = T.BertConfig(vocab_size=100, max_position_embeddings=64, num_labels=3, **SMALL)
+    model = T.BertForSequenceClassification(config).eval()
+    ids, mask = torch.randint(0, 100, (2, 8)), torch.ones(2, 8, dtype=torch.long)
+    example = {"input_ids": ids, "attention_mask": mask}
+    result = graphopt.optimize(model, example, "mobile-fp32")
+    assert result.report.shapes == ["input_ids: batchx8", "attention_mask: batchx8"]
+    assert result.report.final_verdict.ok
+    i3, m3 = torch.randint(0, 100, (3, 8)), torch.ones(3, 8, dtype=torch.long)
+    out = result.module(input_ids=i3, attention_mask=m3)  # called by keyword, as the model is
+    assert type(out) is T.modeling_outputs.SequenceClassifierOutput
+    torch.testing.assert_close(out.logits, model(input_ids=i3, attention_mask=m3).logits)
+    with pytest.raises(graphopt.InputError, match="input 'input_ids' dim 1 is 9"):  # keywords are guarded too
+        result.module(input_ids=torch.randint(0, 100, (3, 9)), attention_mask=torch.ones(3, 9, dtype=torch.long))
+    artifact = graphopt.lower(result.module, example, backend="onnx", path=tmp_path / "bert", reference=model)
+    assert set(artifact.report["verification"]) == {"example inputs", "inputs at batch=1"}
+    with pytest.raises(graphopt.InputError, match="leading parameters"):
+        graphopt.capture(model, {"attention_mask": mask})
+    with pytest.raises(graphopt.InputError, match="'labels_typo'"):
+        graphopt.capture(model, {"input_ids": ids, "labels_typo": ids})
