@@ -82,7 +82,8 @@ class LazyGraphModule(_LazyGraphModule):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Run the module, refusing inputs the graph was not made for (see
         :func:`graphopt.shapes.check_call`): a static dim of another size is an InputError,
-        never a wrong answer."""
+        never a wrong answer. Outputs come in the model's own container where capture recorded
+        one (:data:`OUTPUT_SPEC_KEY`). Under a tracer, neither: it would record them."""
         if _tracing():
             return super().__call__(*args, **kwargs)
         if args or kwargs:
