@@ -1,7 +1,10 @@
 """Test configuration: one torch thread per xdist worker, hypothesis profile from the environment."""
 import os
 
+import pytest
 import torch
+
+import graphopt
 
 torch.set_num_threads(int(os.environ.get("GRAPHOPT_TEST_THREADS", "1")))
 
@@ -11,6 +14,20 @@ except ImportError:  # the kit is optional for the rest of the suite
     pass
 else:
     load_profile()
+
+
+@pytest.fixture
+def registry():
+    """Register throwaway passes and remove them afterwards."""
+    names = []
+
+    def register(name, **kw):
+        names.append(name)
+        return graphopt.register_pass(name, replace=True, **kw)
+
+    yield register
+    for n in names:
+        graphopt.unregister_pass(n)
 
 
 # ------------------------------------------------------------------ property-test counts

@@ -28,20 +28,6 @@ def fixed_seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture
-def registry():
-    """Register throwaway passes and remove them afterwards."""
-    names = []
-
-    def register(name, **kw):
-        names.append(name)
-        return graphopt.register_pass(name, replace=True, **kw)
-
-    yield register
-    for n in names:
-        graphopt.unregister_pass(n)
-
-
 class Net(nn.Module):
     """conv1-bn1-relu, conv2-bn2-relu, pool, fc: layers named conv1, conv2, fc."""
 

@@ -39,20 +39,6 @@ def x():
     return (torch.randn(2, 4),)
 
 
-@pytest.fixture
-def registry():
-    """Register throwaway passes and remove them afterwards."""
-    names = []
-
-    def register(name, **kw):
-        names.append(name)
-        return graphopt.register_pass(name, replace=True, **kw)
-
-    yield register
-    for n in names:
-        graphopt.unregister_pass(n)
-
-
 def _mul_one_nodes(gm):
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is operator.mul and n.args[1] == 1.0]
 

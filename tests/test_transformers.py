@@ -3,6 +3,9 @@ back to torch.export where symbolic tracing cannot follow transformers' code, ke
 dynamic, and the result is verified through mobile-fp32 and in ONNX Runtime at two batch sizes."""
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -12,24 +15,13 @@ from graphopt.capture import front_end
 
 T = pytest.importorskip("transformers", reason="transformers is not installed (pip install 'graphopt[test]')")
 
-SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
-
-
-def _text() -> tuple[torch.Tensor, ...]:
-    return (torch.randint(0, 100, (2, 8)),)
-
-
-def _image() -> tuple[torch.Tensor, ...]:
-    return (torch.randn(2, 3, 32, 32),)
-
-
-MODELS = {
-    "bert": (lambda: T.BertModel(T.BertConfig(vocab_size=100, max_position_embeddings=64, **SMALL)), _text),
-    "gpt2": (lambda: T.GPT2LMHeadModel(T.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64,
-                                                     use_cache=False)), _text),
-    "vit": (lambda: T.ViTForImageClassification(T.ViTConfig(image_size=32, patch_size=8, num_labels=5, **SMALL)),
-            _image),
-}
+# the configs of examples/transformers_small_models.py (one source for the example and the tests)
+_spec = importlib.util.spec_from_file_location(
+    "transformers_small_models", Path(__file__).resolve().parent.parent / "examples" / "transformers_small_models.py")
+SMALL_MODELS = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(SMALL_MODELS)
+SMALL = SMALL_MODELS.SMALL
+MODELS = {name: SMALL_MODELS.MODELS[name] for name in ("bert", "gpt2", "vit")}
 
 
 def _logits(out):
