@@ -14,9 +14,11 @@ XNNPACK's partitioner consumes (``quantized_decomposed`` ops, per-channel symmet
 weights), with two exceptions, each converted exactly and counted in the report: XNNPACK's int8
 kernels take signed activations, and the ``x86`` quantization config stores activations in
 uint8, so those nodes are rewritten to int8 with the zero point moved down by 128
-(``converted_uint8_nodes``); and weights still quantized at run time (``quantize`` without
-``fold-weight-quantization``) are folded to int8 constants (``folded_weight_quantizations``). Quantize ops that stay outside XNNPACK run on ExecuTorch's quantized
-portable kernels. The program is verified within a few quantization steps of each output
+(``converted_uint8_nodes``). Weights must be int8 constants: a graph whose weights are still
+quantized at run time (``quantize`` without ``fold-weight-quantization``) is refused with a
+:class:`~graphopt.errors.LoweringError` naming that pass (the backend requires it, see
+:class:`graphopt.lowering.Requires`). Quantize ops that stay outside XNNPACK run on ExecuTorch's
+quantized portable kernels. The program is verified within a few quantization steps of each output
 (:func:`graphopt.quantization.lowering_tolerance`): XNNPACK requantizes with its own rounding.
 
 Loading a program sizes ExecuTorch's thread pool (process-wide; XNNPACK's kernels run on it) to
@@ -43,7 +45,7 @@ from graphopt.channels import set_tensor
 from graphopt.errors import LoweringError
 from graphopt.graph import add_constant, get_attr_value
 from graphopt.fileio import native_stdout_discarded
-from graphopt.lowering import Backend, exception_summary, other_kernels_tolerance, register_backend
+from graphopt.lowering import Backend, Requires, exception_summary, other_kernels_tolerance, register_backend
 from graphopt.quantization import has_qdq, lowering_tolerance
 from graphopt import shapes
 from graphopt.quantization.qdq import DEQUANTIZE_PER_CHANNEL, DEQUANTIZE_PER_TENSOR, QUANTIZE_PER_CHANNEL, QUANTIZE_PER_TENSOR, has_dynamic_qdq
@@ -62,6 +64,8 @@ class ExecuTorch(Backend):
 
     suffix = ".pte"
     runtime = "the ExecuTorch runtime"
+    requires = (Requires("fold-weight-quantization", lambda gm: weights_quantized_at_run_time(gm),
+                         "the preset mobile-int8 runs it"),)
     unsupported_advice = (
         "replace these operations with core ATen operations torch.export can capture, keep them out of "
         "the lowered graph, or lower with backend='onnx'"
@@ -97,8 +101,6 @@ class ExecuTorch(Backend):
         gm = contiguous_constants(gm)
         quantized = has_qdq(gm)
         if quantized:
-            gm, folded = folded_weights(gm, example_inputs)
-            report["folded_weight_quantizations"] = folded
             gm, converted = signed_activations(gm)
             report["converted_uint8_nodes"] = converted
         self._prepared = (gm, example_inputs)
@@ -141,8 +143,6 @@ class ExecuTorch(Backend):
             summary = "int8, " + summary
             if report["converted_uint8_nodes"]:
                 summary += f"; {report['converted_uint8_nodes']} uint8 quantize/dequantize nodes made int8 (exact)"
-            if report["folded_weight_quantizations"]:
-                summary += f"; {report['folded_weight_quantizations']} weights folded to int8 constants"
         return summary
 
     def load(self, path: Path, report: dict[str, Any]) -> Callable[..., Any]:
@@ -341,21 +341,17 @@ def _quiet_import() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def folded_weights(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> tuple[fx.GraphModule, int]:
-    """``gm`` with its weights stored as int8 constants (pass ``fold-weight-quantization``) when
-    some are still quantized at run time (``quantize`` run without that pass), and how many were.
+def weights_quantized_at_run_time(gm: fx.GraphModule) -> str | None:
+    """Why ``gm`` needs ``fold-weight-quantization`` for ExecuTorch, or None.
 
     XNNPACK takes int8 weights only as constants, and ExecuTorch's portable per-channel quantize
     kernel, which would run the rest, wants double-precision scales: such programs failed to load
-    or computed wrong values on large inputs. The fold is bit-exact. ``gm`` is untouched.
+    or computed wrong values on large inputs. The fold is bit-exact.
     """
     count = sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is QUANTIZE_PER_CHANNEL)
     if not count:
-        return gm, 0
-    from graphopt.pass_manager import PassManager
-
-    result = PassManager("fold-weight-quantization,eliminate-dead-code", verify="none").run(gm, example_inputs)
-    return result.module, count
+        return None
+    return f"{count} weight(s) are quantized at run time, which ExecuTorch cannot run right"
 
 
 def portable_qparams(gm: fx.GraphModule) -> fx.GraphModule:

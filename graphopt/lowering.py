@@ -56,7 +56,7 @@ import torch.utils._pytree as pytree
 
 from . import graph as G
 from . import lazy, shapes
-from .plugins import load_entry_points
+from .registry import Registry
 from .errors import GraphoptError, InputError, LoweringError, ModelRunError, UnknownBackendError, UnsupportedNodesError
 from .fileio import atomic_write
 
@@ -67,6 +67,7 @@ __all__ = [
     "Artifact",
     "Backend",
     "OffendingNode",
+    "Requires",
     "available_backends",
     "collect_warnings",
     "other_kernels_tolerance",
@@ -85,6 +86,20 @@ ENTRY_POINT_GROUP = "graphopt.backends"
 # ----------------------------------------------------------------------------------- backends
 
 
+@dataclass(frozen=True)
+class Requires:
+    """A pass a backend needs run before it lowers a graph.
+
+    ``pending(gm)`` says why ``gm`` still needs the pass (None: it does not); :func:`lower`
+    raises :class:`LoweringError` naming the pass and the reason. A backend states what it
+    needs; it does not run passes of its choosing behind the user's pipeline.
+    """
+
+    pass_name: str
+    pending: Callable[[fx.GraphModule], str | None]
+    why: str = ""
+
+
 class Backend:
     """Base class of lowering backends.
 
@@ -98,6 +113,8 @@ class Backend:
     name: ClassVar[str] = ""
     #: file suffix :func:`lower` appends to a ``path`` that has none
     suffix: ClassVar[str] = ""
+    #: passes the graph must have been through (checked by :func:`lower`, see :class:`Requires`)
+    requires: ClassVar[tuple[Requires, ...]] = ()
     #: what runs the file, for messages ("ONNX Runtime")
     runtime: ClassVar[str] = "the backend's runtime"
     #: what to tell the user whose graph holds nodes this backend cannot take
@@ -152,16 +169,23 @@ class Backend:
         } if dataclasses.is_dataclass(cls) else {}
 
 
-_BACKENDS: dict[str, type[Backend]] = {}
-_PLUGIN_ERRORS: dict[str, str] = {}
-_DISCOVERED = False
-_NAME = re.compile(r"[a-z][a-z0-9]*(-[a-z0-9]+)*")
+BACKENDS: Registry[type[Backend]] = Registry(
+    "backend", builtins="graphopt.backends", group=ENTRY_POINT_GROUP, error=LoweringError,
+    unknown_error=UnknownBackendError, listed_by="graphopt backends",
+    adopt=lambda name, obj: _adopt_plugin(name, obj),
+)
+
+
+def _adopt_plugin(name: str, obj: object) -> None:
+    """An entry point naming a Backend class registers it under the entry point's name, unless
+    its module's decorator registered it already."""
+    if inspect.isclass(obj) and issubclass(obj, Backend) and obj not in BACKENDS.items_now().values():
+        register_backend(name)(obj)
 
 
 def register_backend(name: str, *, replace: bool = False) -> Callable[[type[Backend]], type[Backend]]:
     """Class decorator registering a :class:`Backend` subclass under ``name`` (kebab-case)."""
-    if not _NAME.fullmatch(name):
-        raise LoweringError(f"backend name {name!r} must be kebab-case (lowercase words joined by '-')")
+    BACKENDS.check_name(name)
 
     def decorate(cls: type[Backend]) -> type[Backend]:
         if not (inspect.isclass(cls) and issubclass(cls, Backend)):
@@ -171,14 +195,9 @@ def register_backend(name: str, *, replace: bool = False) -> Callable[[type[Back
                         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
             if required:
                 raise LoweringError(f"backend {name!r}: every option needs a default value; {required} have none")
-        known = _BACKENDS.get(name)
-        if known is not None and not replace and known.__qualname__ != cls.__qualname__:
-            raise LoweringError(
-                f"a backend named {name!r} is already registered ({known.__module__}.{known.__qualname__}); "
-                "choose another name or pass replace=True"
-            )
+        BACKENDS.add(name, cls, replace=replace, same=lambda a, b: a.__qualname__ == b.__qualname__,
+                     where=lambda c: f"{c.__module__}.{c.__qualname__}")
         cls.name = name
-        _BACKENDS[name] = cls
         return cls
 
     return decorate
@@ -186,49 +205,17 @@ def register_backend(name: str, *, replace: bool = False) -> Callable[[type[Back
 
 def unregister_backend(name: str) -> None:
     """Forget the backend registered as ``name`` (no error if there is none)."""
-    _BACKENDS.pop(name, None)
-
-
-def _discover() -> None:
-    """Import the built-in backends and every entry point of group ``graphopt.backends`` once."""
-    global _DISCOVERED
-    if _DISCOVERED:
-        return
-    # a built-in that fails to import raises here and leaves discovery to the next call, rather
-    # than a registry that silently lacks the backends after it
-    import graphopt.backends  # noqa: F401  (its __init__ imports the built-ins, which register)
-
-    _DISCOVERED = True
-
-    for name, loaded, error in load_entry_points(ENTRY_POINT_GROUP):
-        if error is not None:
-            _PLUGIN_ERRORS[name] = error
-        elif inspect.isclass(loaded) and issubclass(loaded, Backend) and loaded not in _BACKENDS.values():
-            register_backend(name)(loaded)
+    BACKENDS.remove(name)
 
 
 def available_backends() -> dict[str, type[Backend]]:
     """Every registered backend class by name: built-ins, plug-ins and user registrations."""
-    _discover()
-    return dict(sorted(_BACKENDS.items()))
+    return BACKENDS.items()
 
 
 def get_backend(name: str) -> type[Backend]:
     """The backend class registered as ``name``; :class:`UnknownBackendError` with suggestions."""
-    _discover()
-    if name in _BACKENDS:
-        return _BACKENDS[name]
-    if name in _PLUGIN_ERRORS:
-        raise UnknownBackendError(
-            f"backend plug-in {name!r} failed to load ({_PLUGIN_ERRORS[name]}); fix or reinstall the "
-            "package that provides it"
-        )
-    hints = difflib.get_close_matches(name, list(_BACKENDS), n=3, cutoff=0.4)
-    raise UnknownBackendError(
-        f"unknown backend {name!r}"
-        + (f"; did you mean {', '.join(repr(h) for h in hints)}?" if hints else "")
-        + f" Available: {', '.join(sorted(_BACKENDS)) or 'none'} (`graphopt backends` lists them)."
-    )
+    return BACKENDS.get(name)
 
 
 def _instantiate(cls: type[Backend], options: dict[str, Any]) -> Backend:
@@ -350,6 +337,7 @@ def lower(
     gm = module if isinstance(module, fx.GraphModule) else _capture(module, inputs, dynamic_shapes)
     if not shapes.is_declared(gm):
         gm = _declared_copy(gm, inputs, dynamic_shapes)
+    _check_requirements(backend_cls, gm)
 
     report: dict[str, Any] = {
         "backend": backend, "path": str(target), "options": {**backend_cls.options(), **options},
@@ -383,6 +371,17 @@ def lower(
 
     report["wall_time_s"] = round(time.perf_counter() - started, 3)
     return Artifact(target, backend, size, verdict, report, runner, output_spec)
+
+
+def _check_requirements(backend_cls: type[Backend], gm: fx.GraphModule) -> None:
+    for need in backend_cls.requires:
+        reason = need.pending(gm)
+        if reason:
+            raise LoweringError(
+                f"{backend_cls.name}: the graph needs pass {need.pass_name!r} before this backend: {reason}"
+                + (f" ({need.why})" if need.why else "")
+                + f". Add it to the pipeline, e.g. optimize(..., pipeline='...,{need.pass_name}')."
+            )
 
 
 def _capture(module: torch.nn.Module, inputs: tuple[Any, ...], dynamic_shapes: Any) -> fx.GraphModule:

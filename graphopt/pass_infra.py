@@ -40,7 +40,7 @@ import torch
 import torch.fx as fx
 
 from .errors import OptionError, PipelineError
-from .plugins import load_entry_points
+from .registry import Registry
 
 # --------------------------------------------------------------------------- contracts
 
@@ -554,11 +554,23 @@ class PassContext:
 
 # --------------------------------------------------------------------------- registry
 
-_PASSES: dict[str, Pass] = {}
-_PRESETS: dict[str, str] = {}
-_INFERENCE_PRESETS: set[str] = set()  # presets whose passes assume an inference-mode model
-_DISCOVERED = False
 ENTRY_POINT_GROUP = "graphopt.passes"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named pipeline string. ``inference``: its passes assume an inference-mode model."""
+
+    pipeline: str
+    inference: bool = False
+
+
+# passes and presets come from the same places: the built-in passes package registers both, and
+# a plug-in's module registers what it defines when its entry point is loaded
+PASSES: Registry[Pass] = Registry("pass", builtins="graphopt.passes", group=ENTRY_POINT_GROUP,
+                                  error=PipelineError, listed_by="graphopt passes")
+PRESETS: Registry[Preset] = Registry("preset", builtins=None, group=None, filled_by=PASSES,
+                                     error=PipelineError, listed_by="graphopt passes")
 
 
 def _options_from_function(fn: Callable) -> dict[str, Option]:
@@ -606,20 +618,14 @@ def register_pass(
     ``after``/``before`` declare ordering constraints checked against every pipeline.
     ``idempotent=True`` says a second run finds nothing left to do.
     """
-    if not re.fullmatch(r"[a-z][a-z0-9]*(-[a-z0-9]+)*", name):
-        raise PipelineError(f"pass name {name!r} must be kebab-case (lowercase words joined by '-')")
+    PASSES.check_name(name)
 
     def decorate(obj):
         is_class = inspect.isclass(obj)
         if is_class and not hasattr(obj, "run"):
             raise TypeError(f"class pass {obj.__name__} needs a run(self, gm, ctx) method")
         opts = _options_from_class(obj) if is_class else _options_from_function(obj)
-        if name in _PASSES and not replace and _PASSES[name].fn is not obj:
-            raise PipelineError(
-                f"a pass named {name!r} is already registered ({_PASSES[name].fn.__module__}); "
-                "choose another name or pass replace=True"
-            )
-        _PASSES[name] = Pass(
+        PASSES.add(name, Pass(
             name=name,
             fn=obj,
             contract=contract or Exact(),
@@ -629,14 +635,15 @@ def register_pass(
             idempotent=idempotent,
             doc=inspect.getdoc(obj) or "",
             is_class=is_class,
-        )
+        ), replace=replace, same=lambda a, b: a.fn is b.fn, where=lambda p: p.fn.__module__)
         return obj
 
     return decorate
 
 
 def unregister_pass(name: str) -> None:
-    _PASSES.pop(name, None)
+    """Forget the pass registered as ``name`` (no error if there is none)."""
+    PASSES.remove(name)
 
 
 def register_preset(name: str, pipeline: str, *, inference: bool = False) -> None:
@@ -644,16 +651,13 @@ def register_preset(name: str, pipeline: str, *, inference: bool = False) -> Non
 
     ``inference=True``: the preset's passes assume an inference-mode model; the PassManager
     refuses a model in training mode (TrainingModeError) before running it."""
-    _PRESETS[name] = pipeline
-    if inference:
-        _INFERENCE_PRESETS.add(name)
-    else:
-        _INFERENCE_PRESETS.discard(name)
+    if not isinstance(pipeline, str):
+        raise PipelineError(f"preset {name!r}: the pipeline must be a string such as 'a,b{{x=1}}', not {pipeline!r}")
+    PRESETS.add(name, Preset(pipeline, inference), replace=True)
 
 
 def inference_presets(spec: Any) -> list[str]:
     """Presets meant for inference that a pipeline spec names, directly or nested in presets."""
-    _discover()
     found: list[str] = []
 
     def walk(item: Any, depth: int) -> None:
@@ -668,52 +672,29 @@ def inference_presets(spec: Any) -> list[str]:
             except PipelineError:
                 return
             for name in names:
-                if name in _PRESETS and name not in _PASSES:
-                    if name in _INFERENCE_PRESETS and name not in found:
+                preset = PRESETS.peek(name) if name in PRESETS and name not in PASSES else None
+                if preset is not None:
+                    if preset.inference and name not in found:
                         found.append(name)
-                    walk(_PRESETS[name], depth + 1)
+                    walk(preset.pipeline, depth + 1)
 
     walk(spec, 0)
     return found
 
 
-def _discover() -> None:
-    """Import the built-in passes and every entry point in group ``graphopt.passes`` once."""
-    global _DISCOVERED
-    if _DISCOVERED:
-        return
-    _DISCOVERED = True
-    import graphopt.passes  # noqa: F401  (registers the built-ins)
-
-    for name, _, error in load_entry_points(ENTRY_POINT_GROUP):
-        if error is not None:  # registered passes of a plug-in register themselves when imported
-            import warnings
-
-            warnings.warn(f"graphopt: could not load pass plug-in {name!r} ({error})")
-
-
 def available_passes() -> dict[str, Pass]:
     """Every registered pass by name (built-ins, plug-ins, and user registrations)."""
-    _discover()
-    return dict(sorted(_PASSES.items()))
+    return PASSES.items()
 
 
 def available_presets() -> dict[str, str]:
-    _discover()
-    return dict(_PRESETS)
+    """Every preset by name, as its pipeline string."""
+    return {name: preset.pipeline for name, preset in PRESETS.items().items()}
 
 
 def get_pass(name: str) -> Pass:
-    _discover()
-    if name in _PASSES:
-        return _PASSES[name]
-    choices = list(_PASSES) + list(_PRESETS)
-    hint = difflib.get_close_matches(name, choices, n=3)
-    raise PipelineError(
-        f"unknown pass {name!r}"
-        + (f"; did you mean {', '.join(repr(h) for h in hint)}?" if hint else "")
-        + " Run `graphopt passes` to list them."
-    )
+    """The pass registered as ``name``; PipelineError with suggestions (passes and presets)."""
+    return PASSES.get(name, also=list(PRESETS))
 
 
 # --------------------------------------------------------------------------- pipelines
@@ -764,13 +745,9 @@ def _split_options(body: str) -> list[str]:
     return [p.strip() for p in parts if p.strip()]
 
 
-PipelineSpec = "str | Pass | Invocation | Callable | Sequence[str | Pass | Invocation | Callable]"
-
-
 def build_pipeline(spec: Any, overrides: dict[str, dict[str, Any]] | None = None) -> list[Invocation]:
     """Resolve a pipeline spec into invocations; every name and option is checked here,
     before anything runs. ``overrides`` maps pass name -> options set from Python."""
-    _discover()
     invocations: list[Invocation] = []
     _expand(spec, invocations, depth=0)
     for name in overrides or {}:
@@ -788,10 +765,10 @@ def _expand(spec: Any, out: list[Invocation], depth: int) -> None:
         raise PipelineError("presets nest more than 8 deep; is a preset referring to itself?")
     if isinstance(spec, str):
         for name, opts in parse_pipeline_string(spec):
-            if name in _PRESETS and name not in _PASSES:
+            if name in PRESETS and name not in PASSES:
                 if opts:
                     raise PipelineError(f"preset {name!r} takes no options; set them on its passes")
-                _expand(_PRESETS[name], out, depth + 1)
+                _expand(PRESETS.get(name).pipeline, out, depth + 1)
             else:
                 p = get_pass(name)
                 p.resolve_options(opts)  # unknown options fail here, before anything runs
@@ -804,7 +781,7 @@ def _expand(spec: Any, out: list[Invocation], depth: int) -> None:
         out.append(Invocation(spec, {}))
         return
     if callable(spec) and not isinstance(spec, (list, tuple)):
-        for p in _PASSES.values():
+        for p in PASSES.items().values():
             if p.fn is spec:
                 out.append(Invocation(p, {}))
                 return

@@ -1,6 +1,4 @@
 """Built-in passes, one module each; importing this package registers them and the presets."""
-from graphopt import register_preset
-
 from . import (  # noqa: F401
     canonicalize,
     channels_last,
@@ -11,10 +9,4 @@ from . import (  # noqa: F401
     prune_channels,
     quantize,
 )
-
-# dead code goes first as well: a dead reader of a conv output would otherwise block its fusion,
-# and the preset would not be idempotent (found by the property kit)
-# channels-last goes last: it only restrides weights, and every rewrite before it sees the
-# graph's usual layout
-register_preset("mobile-fp32", "canonicalize,eliminate-dead-code,fold-constants,fuse-conv-bn-relu,eliminate-dead-code,"
-                "channels-last", inference=True)
+from . import presets  # noqa: F401,E402  (after the passes they name)

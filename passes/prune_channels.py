@@ -461,11 +461,3 @@ def _bn_scores(group: C.ChannelGroup, gm: fx.GraphModule) -> list[np.ndarray]:
     gammas = _norm_scales(gm, ("batch_norm",))
     return [_per_unit(get_attr_value(gm, d.names[0]), d, squared=False)
             for d in group.dims if d.dim == 0 and gammas.intersection(d.names)]
-
-
-# round_to=8: channel counts that are not multiples of 8 can make a pruned MobileNetV2 *slower*
-# in ONNX Runtime than the original (measured: 30% pruned, 44.7 ms unrounded vs 41.2 ms
-# original vs 23.5 ms rounded to 8). canonicalize first (prune-channels declares it runs after
-# it), then dead code: an unused reader of a channel (say ``y.sum(1)``) would freeze its group.
-graphopt.register_preset("mobile-pruned", "canonicalize,eliminate-dead-code,prune-channels{round_to=8},mobile-fp32",
-                         inference=True)

@@ -73,13 +73,6 @@ from graphopt.quantization.qparams import (
 
 CONTRACT = graphopt.Lossy(min_sqnr_db=15.0)
 
-#: mobile-fp32's rewrites, then int8: weights folded to int8 constants and the float originals
-#: dropped. Without mobile-fp32's channels-last: int8 kernels take their weights prepacked, and
-#: the QDQ graph's float convs are a simulation, not what runs on the device.
-graphopt.register_preset("mobile-int8", "canonicalize,eliminate-dead-code,fold-constants,fuse-conv-bn-relu,"
-                         "eliminate-dead-code,quantize,fold-weight-quantization,eliminate-dead-code", inference=True)
-
-
 @graphopt.register_pass("quantize", contract=CONTRACT, after=("fuse-conv-bn-relu",))
 def quantize(
     gm: fx.GraphModule,

@@ -87,17 +87,21 @@ def test_int8_runs_on_xnnpack_within_one_quantization_step(name, config, tmp_pat
 @needs_executorch
 @pytest.mark.parametrize("pipeline", ["mobile-fp32,quantize", "mobile-fp32,quantize{mode=dynamic}"])
 @pytest.mark.parametrize("name", ["resnet_cnn", "mlp"])
-def test_weights_quantized_at_run_time_are_folded_and_delegated(name, pipeline, tmp_path):
+def test_weights_quantized_at_run_time_need_the_fold_pass(name, pipeline, tmp_path):
     """Without fold-weight-quantization, ExecuTorch's portable per-channel quantize failed to load
-    (resnet_cnn) or was 82% off on large inputs (mlp): the backend folds the weights first."""
+    (resnet_cnn) or was 82% off on large inputs (mlp): the backend requires the fold, names the
+    pass when it is missing, and lowers once the pipeline has it."""
     model, inputs = examples.get_example(name)
     gm = graphopt.optimize(model, inputs, pipeline=pipeline).module
     weights = sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is qdq.QUANTIZE_PER_CHANNEL)
     assert weights > 0
-    artifact = graphopt.lower(gm, inputs, backend="executorch", path=tmp_path / "m.pte")
-    assert artifact.verdict.ok and artifact.report["folded_weight_quantizations"] == weights
+    with pytest.raises(LoweringError, match=rf"needs pass 'fold-weight-quantization'.*{weights} weight"):
+        graphopt.lower(gm, inputs, backend="executorch", path=tmp_path / "m.pte")
+    assert not (tmp_path / "m.pte").exists()
+    folded = graphopt.optimize(gm, inputs, pipeline="fold-weight-quantization,eliminate-dead-code").module
+    artifact = graphopt.lower(folded, inputs, backend="executorch", path=tmp_path / "m.pte")
+    assert artifact.verdict.ok
     assert artifact.report["portable_ops"] == {} and artifact.report["delegated_subgraphs"] == 1
-    assert sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is qdq.QUANTIZE_PER_CHANNEL) == weights
 
 
 @needs_executorch

@@ -578,8 +578,8 @@ class TestRegistry:
     def test_importing_the_backends_package_registers_the_builtins(self, monkeypatch):
         for name in ("graphopt.backends", "graphopt.backends.onnx", "graphopt.backends.torchscript_mobile"):
             monkeypatch.delitem(sys.modules, name)  # imported afresh, restored afterwards
-        monkeypatch.setattr(lowering, "_DISCOVERED", False)
-        monkeypatch.setattr(lowering, "_BACKENDS", {})
+        monkeypatch.setattr(lowering.BACKENDS, "_discovered", False)
+        monkeypatch.setattr(lowering.BACKENDS, "_entries", {})
         assert sorted(lowering.available_backends()) == ["onnx", "torchscript-mobile"]
 
     def test_a_registered_backend_lowers_and_is_verified(self, eager_copy, tmp_path):
@@ -611,13 +611,14 @@ class TestRegistry:
             "[graphopt.backends]\ntoy = toy_plugin:Toy\nbroken = toy_plugin_missing_module\n"
         )
         monkeypatch.syspath_prepend(str(tmp_path))
-        monkeypatch.setattr(lowering, "_DISCOVERED", False)
-        monkeypatch.setattr(lowering, "_BACKENDS", dict(lowering._BACKENDS))
-        monkeypatch.setattr(lowering, "_PLUGIN_ERRORS", {})
-        backends = lowering.available_backends()
+        monkeypatch.setattr(lowering.BACKENDS, "_discovered", False)
+        monkeypatch.setattr(lowering.BACKENDS, "_entries", lowering.BACKENDS.items_now())
+        monkeypatch.setattr(lowering.BACKENDS, "plugin_errors", {})
+        with pytest.warns(UserWarning, match="backend plug-in 'broken' could not be loaded"):
+            backends = lowering.available_backends()
         assert backends["toy"].__name__ == "Toy" and backends["toy"].name == "toy"
         assert "broken" not in backends
-        with pytest.raises(UnknownBackendError, match="plug-in 'broken' failed to load"):
+        with pytest.raises(UnknownBackendError, match="backend plug-in 'broken' failed to load"):
             lowering.get_backend("broken")
 
 

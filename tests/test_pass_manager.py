@@ -359,13 +359,19 @@ def test_entry_point_passes_are_discovered(tmp_path, monkeypatch):
     dist = tmp_path / "graphopt_dummy_plugin-1.0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: graphopt-dummy-plugin\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[graphopt.passes]\ndummy = graphopt_dummy_plugin\n")
+    (dist / "entry_points.txt").write_text(
+        "[graphopt.passes]\ndummy = graphopt_dummy_plugin\nbroken-pass = graphopt_missing_plugin_module\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(pass_infra, "_DISCOVERED", False)
+    monkeypatch.setattr(pass_infra.PASSES, "_discovered", False)
+    monkeypatch.setattr(pass_infra.PASSES, "plugin_errors", {})
     try:
-        passes = graphopt.available_passes()
+        # one policy with backends: a broken plug-in is warned about and named on lookup
+        with pytest.warns(UserWarning, match="pass plug-in 'broken-pass' could not be loaded"):
+            passes = graphopt.available_passes()
         assert "dummy-plugin-pass" in passes
         assert passes["dummy-plugin-pass"].summary == "A pass shipped by a third-party distribution."
+        with pytest.raises(PipelineError, match="pass plug-in 'broken-pass' failed to load"):
+            graphopt.optimize(nn.Linear(2, 2), (torch.randn(1, 2),), pipeline="broken-pass")
     finally:
         graphopt.unregister_pass("dummy-plugin-pass")
         sys.modules.pop("graphopt_dummy_plugin", None)
