@@ -41,9 +41,8 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.fx as fx
 
-from graphopt.channels import set_tensor
 from graphopt.errors import LoweringError
-from graphopt.graph import add_constant, get_attr_value
+from graphopt.graph import add_constant, get_attr_value, set_tensor
 from graphopt.fileio import native_stdout_discarded
 from graphopt.lowering import Backend, Requires, exception_summary, other_kernels_tolerance, register_backend
 from graphopt.quantization import has_qdq, lowering_tolerance

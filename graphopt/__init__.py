@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from . import errors, graph, ops
+from . import errors, graph, ops  # noqa: F401  (graphopt.ops and graphopt.graph for pass authors)
 from .errors import *  # noqa: F401,F403
 from .pass_infra import (
     Check,

@@ -18,7 +18,7 @@ output, and no other node reads it, or a view of it, afterwards. Otherwise the i
 is left as it is, a side effect (see :func:`graphopt.purity.mutated_values`).
 
 One in-place spelling is canonical: the activation of a conv/linear fusion unit
-(:func:`fused_activation_op`). ``fuse-conv-bn-relu`` writes it in place on purpose, since the
+(:func:`graphopt.ops.fused_activation_op`). ``fuse-conv-bn-relu`` writes it in place on purpose, since the
 conv's output is a fresh tensor only the activation reads, and eager runs then save an
 allocation per layer (fresh, page-faulted memory for large outputs: measured 51 us against 11
 us per clamp on MobileNetV2). Rewriting it out of place here would undo that, and the next
@@ -232,7 +232,7 @@ class _Rewriter:
             if alias is None:
                 continue
             spelling = _spelling(node)
-            if spelling in settled or fused_activation_op(node) is not None:
+            if spelling in settled or ops.fused_activation_op(node) is not None:
                 continue
             bound = ops.bind_alias(alias, node.args, dict(node.kwargs))
             args = ops.canonical_args(alias, bound) if bound is not None else None
@@ -305,45 +305,6 @@ class _Rewriter:
         node.replace_all_uses_with(value)
         self.graph.erase_node(node)
         return 1
-
-
-# -- fusion units ---------------------------------------------------------------------------
-
-#: How the activation of a conv/linear fusion unit is spelled, in place: canonical name ->
-#: (callable, keyword arguments after the canonical positional ones). ``torch.relu_`` is a
-#: builtin, as ``torch.relu`` is (TorchScript calls ``aten::relu_`` directly, with no function
-#: call around it); ``hardtanh`` keeps its canonical callable, so :func:`graphopt.ops.arg` still
-#: reads its bounds. TorchScript, both ONNX exporters and torch.export take both.
-FUSED_ACTIVATIONS: dict[str, tuple[Callable[..., Any], dict[str, Any]]] = {
-    "relu": (torch.relu_, {}),
-    "hardtanh": (F.hardtanh, {"inplace": True}),
-}
-
-
-def fused_activation_op(node: fx.Node) -> str | None:
-    """The canonical op name (``"relu"``, ``"hardtanh"``) of ``node`` if it is the in-place
-    activation of a conv/linear fusion unit, else None.
-
-    That form, written by ``fuse-conv-bn-relu``, is the :data:`FUSED_ACTIVATIONS` spelling
-    (``torch.relu_(conv)``, ``F.hardtanh(conv, 0.0, 6.0, inplace=True)``) applied to the output
-    of the layer whose ``meta["fusion_unit"]`` names it, which names that layer in its
-    ``meta["fused_into"]``, and which is that layer's only reader. Anything short of that, such
-    as an in-place activation whose layer gained another reader, is an ordinary in-place op.
-    """
-    alias = ops.alias_of(node)
-    spelling = FUSED_ACTIVATIONS.get(alias.op) if alias is not None else None
-    if spelling is None or spelling[0] is not node.target:
-        return None
-    bound = ops.bind_alias(alias, node.args, dict(node.kwargs))
-    if bound is None or ops.writes_input(alias, bound) is not True:
-        return None
-    layer = bound.get(alias.params[0])
-    if not isinstance(layer, fx.Node) or node.meta.get("fused_into") != layer.name:
-        return None
-    unit = layer.meta.get("fusion_unit")
-    if not isinstance(unit, dict) or unit.get("activation") != node.name or len(layer.users) != 1:
-        return None
-    return alias.op
 
 
 # -- helpers --------------------------------------------------------------------------------

@@ -59,12 +59,11 @@ import torch.nn.functional as F
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from . import ops
-from .graph import get_attr_value, propagate_shapes
-from .canonical import fused_activation_op
+from .graph import get_attr_value, propagate_shapes, set_tensor
 from .purity import mutated_values
 
 __all__ = ["Fixed", "ParamDim", "Layer", "ChannelGroup", "ChannelAnalysis", "DeadUnit", "analyze", "prune",
-           "dead_units", "layer_name", "set_tensor"]
+           "dead_units", "layer_name"]
 
 
 @dataclass(frozen=True)
@@ -383,7 +382,7 @@ class _Propagation:
             else:
                 # the in-place activation of a fusion unit writes only into its conv's output,
                 # which nothing else reads: channels flow through it as through the activation
-                fused = fused_activation_op(node)
+                fused = ops.fused_activation_op(node)
                 rule = _RULES.get(fused or _op_key(node))
                 if rule is None or (mutated_values(node) and fused is None):
                     self.unknown(node)
@@ -1188,21 +1187,6 @@ def _replace_tensor(gm: fx.GraphModule, info: _Tensor, new: torch.Tensor) -> Non
         if isinstance(old, torch.nn.Parameter) else new
     for name in info.names:
         set_tensor(gm, name, value)
-
-
-def set_tensor(gm: fx.GraphModule, qualname: str, value: torch.Tensor) -> None:
-    """Make the parameter or buffer ``qualname`` of ``gm`` the new tensor ``value`` (the old
-    tensor is left untouched; a parameter slot gets a Parameter)."""
-    owner_name, _, field_name = qualname.rpartition(".")
-    owner = gm.get_submodule(owner_name) if owner_name else gm
-    if field_name in owner._parameters and not isinstance(value, torch.nn.Parameter):
-        value = torch.nn.Parameter(value, requires_grad=False)
-    if field_name in owner._buffers:
-        owner._buffers[field_name] = value
-    elif field_name in owner._parameters:
-        owner._parameters[field_name] = value
-    else:
-        setattr(owner, field_name, value)
 
 
 def _add_to_bias(gm: fx.GraphModule, layer: Layer, delta: torch.Tensor) -> None:

@@ -17,7 +17,7 @@ def run_demo(model_name: str = "resnet_cnn", out_dir: str = "out/demo") -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from . import examples, graph as G, optimize, verify
+    from . import examples, graph as G, optimize
     from .capture import capture
     from .lowering import available_backends, lower
     from .timing import round_robin_ms

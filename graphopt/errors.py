@@ -21,6 +21,17 @@ class PipelineError(GraphoptError):
     """A pipeline names an unknown pass, option or preset, or breaks an ordering constraint."""
 
 
+class PassDefinitionError(PipelineError, TypeError):
+    """A pass, its options or an option's constraint are defined wrongly (an option without a
+    default, a class pass that is not a dataclass or has no ``run``). Also a TypeError, as a
+    malformed definition is one."""
+
+
+class NotCanonicalError(GraphoptError, LookupError):
+    """An op helper (:func:`graphopt.ops.arg`, ``set_arg``) was given a node that is not a
+    canonical op, or asked for a parameter the op does not have. Also a LookupError."""
+
+
 class OptionError(PipelineError):
     """A pass option is unknown or has a value of the wrong type."""
 
@@ -66,6 +77,11 @@ class ModelLoadError(GraphoptError):
 class ModelRunError(GraphoptError):
     """A model, graph or runtime session raised, or returned something that is not tensors,
     while graphopt ran it on an input (verification, calibration)."""
+
+
+class NodeRunError(ModelRunError, RuntimeError):
+    """A node raised while graphopt ran a graph node by node; the message names the node and the
+    node's own exception is the ``__cause__``. Also a RuntimeError."""
 
 
 class PropertyTestError(GraphoptError):

@@ -27,7 +27,7 @@ from torch._guards import detect_fake_mode
 from torch.fx.node import map_aggregate, map_arg
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata, _extract_tensor_metadata
 
-from .errors import InputError
+from .errors import InputError, NodeRunError
 from .lazy import has_code
 
 
@@ -154,7 +154,7 @@ def execute(module: torch.nn.Module, inputs: Iterable[Any], graph: fx.Graph | No
             else:
                 value = _run_node(module, node, pending, lookup, reads)
         except Exception as exc:  # noqa: BLE001 - say which node failed, keep the cause
-            raise RuntimeError(
+            raise NodeRunError(
                 f"running node {node.name} ({node.format_node()}) failed: {type(exc).__name__}: {exc}"
             ) from exc
         if record:
@@ -171,7 +171,7 @@ def execute(module: torch.nn.Module, inputs: Iterable[Any], graph: fx.Graph | No
             env[node] = value
         for dead in last_uses.get(node, ()):
             del env[dead]
-    raise RuntimeError("the graph has no output node")
+    raise NodeRunError("the graph has no output node; end it with graph.output(...)")
 
 
 class GraphRunner:
@@ -190,7 +190,7 @@ class GraphRunner:
     def __call__(self, *args: Any) -> Any:
         try:
             return execute(self.module, args, plan=self)
-        except RuntimeError as exc:  # the node's own exception, as a call would raise it
+        except NodeRunError as exc:  # the node's own exception, as a call would raise it
             cause = exc.__cause__
             if cause is None:
                 raise
@@ -398,6 +398,21 @@ def unique_attr_name(gm: fx.GraphModule, hint: str) -> str:
         name = f"{base}_{i}"
         i += 1
     return name
+
+
+def set_tensor(gm: fx.GraphModule, qualname: str, value: torch.Tensor) -> None:
+    """Make the parameter or buffer ``qualname`` of ``gm`` the new tensor ``value`` (the old
+    tensor is left untouched; a parameter slot gets a Parameter)."""
+    owner_name, _, field_name = qualname.rpartition(".")
+    owner = gm.get_submodule(owner_name) if owner_name else gm
+    if field_name in owner._parameters and not isinstance(value, torch.nn.Parameter):
+        value = torch.nn.Parameter(value, requires_grad=False)
+    if field_name in owner._buffers:
+        owner._buffers[field_name] = value
+    elif field_name in owner._parameters:
+        owner._parameters[field_name] = value
+    else:
+        setattr(owner, field_name, value)
 
 
 def add_constant(gm: fx.GraphModule, hint: str, value: torch.Tensor) -> str:

@@ -22,6 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
+from .errors import NotCanonicalError
+
 _NO_DEFAULT = object()
 
 
@@ -137,34 +139,43 @@ def spec_of(node: fx.Node) -> OpSpec | None:
 
 
 def is_op(node: fx.Node, *names: str) -> bool:
-    """True if ``node`` is a canonical call of one of the named ops (``is_op(n, "conv2d")``)."""
-    spec = spec_of(node)
-    return spec is not None and spec.name in names
+    """True if ``node`` is a canonical call of one of the named ops (``is_op(n, "conv2d")``),
+    the fused in-place activation of a conv/linear unit included (see :func:`op_name`)."""
+    return op_name(node) in names
 
 
 def arg(node: fx.Node, name: str) -> Any:
     """The value of parameter ``name`` of canonical node ``node`` (default if absent)."""
     spec = spec_of(node)
     if spec is None:
-        raise KeyError(f"node {node.name!r} ({node.target}) is not a canonical op")
-    i = spec.index[name]
+        raise NotCanonicalError(f"node {node.name!r} ({node.target}) is not a canonical op; check "
+                                "ops.spec_of(node) first, or run the canonicalize pass before yours")
+    i = _param_index(spec, node, name)
     if i < len(node.args):
         return node.args[i]
     if name in node.kwargs:
         return node.kwargs[name]
     default = spec.params[i][1]
     if default is _NO_DEFAULT:
-        raise KeyError(f"node {node.name!r} lacks required argument {name!r}")
+        raise NotCanonicalError(f"node {node.name!r} lacks required argument {name!r}")
     return default
+
+
+def _param_index(spec: OpSpec, node: fx.Node, name: str) -> int:
+    if name not in spec.index:
+        raise NotCanonicalError(f"{spec.name} (node {node.name!r}) has no parameter {name!r}; "
+                                f"its parameters: {', '.join(spec.index)}")
+    return spec.index[name]
 
 
 def set_arg(node: fx.Node, name: str, value: Any) -> None:
     """Set parameter ``name`` of canonical node ``node`` (args are kept fully positional)."""
     spec = spec_of(node)
     if spec is None:
-        raise KeyError(f"node {node.name!r} ({node.target}) is not a canonical op")
+        raise NotCanonicalError(f"node {node.name!r} ({node.target}) is not a canonical op; check "
+                                "ops.spec_of(node) first, or run the canonicalize pass before yours")
     args = list(normalized_args(node))
-    args[spec.index[name]] = value
+    args[_param_index(spec, node, name)] = value
     node.args = tuple(args)
     node.kwargs = {}
 
@@ -177,9 +188,13 @@ def normalized_args(node: fx.Node) -> tuple[Any, ...]:
 
 
 def op_name(node: fx.Node) -> str | None:
-    """Canonical name of the node's op, or None."""
+    """Canonical name of the node's op, or None. The in-place activation of a conv/linear
+    fusion unit (``torch.relu_(conv)``, see :func:`fused_activation_op`) is named by the op it
+    computes, so a pass looking for ``relu`` sees the fused ones too."""
     spec = spec_of(node)
-    return spec.name if spec else None
+    if spec is not None:
+        return spec.name
+    return fused_activation_op(node) if node.op == "call_function" else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -504,14 +519,6 @@ def normalize_value(op: str, param: str, value: Any) -> Any:
     return value
 
 
-def mutated_inputs(node: fx.Node) -> list[fx.Node]:
-    """Graph values ``node`` writes in place; kept for callers written against this name, the
-    rules live in :func:`graphopt.purity.mutated_values`."""
-    from .purity import mutated_values  # purity builds on this module
-
-    return mutated_values(node)
-
-
 # --------------------------------------------------------------------------------------------
 # Module lowerings: standard nn layers as the functional calls their forward makes.
 # --------------------------------------------------------------------------------------------
@@ -618,24 +625,24 @@ def _softmax(fn: Callable[..., Any]) -> Lowering:
     return lower
 
 
-_W, _B = Attr("weight"), Attr("bias")
+_WEIGHT, _BIAS = Attr("weight"), Attr("bias")
 _MAX_POOL = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
-_CONVT = (_W, _B, "stride", "padding", "output_padding", "groups", "dilation")
+_CONVT_ATTRS = (_WEIGHT, _BIAS, "stride", "padding", "output_padding", "groups", "dilation")
 
 #: exact module type -> lowering (None from a lowering keeps that instance an opaque call)
 MODULE_LOWERINGS: dict[type[nn.Module], Lowering] = {
     nn.Conv1d: _conv(F.conv1d),
     nn.Conv2d: _conv(F.conv2d),
     nn.Conv3d: _conv(F.conv3d),
-    nn.ConvTranspose1d: _functional(F.conv_transpose1d, *_CONVT),
-    nn.ConvTranspose2d: _functional(F.conv_transpose2d, *_CONVT),
-    nn.ConvTranspose3d: _functional(F.conv_transpose3d, *_CONVT),
-    nn.Linear: _functional(F.linear, _W, _B),
+    nn.ConvTranspose1d: _functional(F.conv_transpose1d, *_CONVT_ATTRS),
+    nn.ConvTranspose2d: _functional(F.conv_transpose2d, *_CONVT_ATTRS),
+    nn.ConvTranspose3d: _functional(F.conv_transpose3d, *_CONVT_ATTRS),
+    nn.Linear: _functional(F.linear, _WEIGHT, _BIAS),
     nn.BatchNorm1d: _batch_norm,
     nn.BatchNorm2d: _batch_norm,
     nn.BatchNorm3d: _batch_norm,
-    nn.LayerNorm: _functional(F.layer_norm, "normalized_shape", _W, _B, "eps"),
-    nn.GroupNorm: _functional(F.group_norm, "num_groups", _W, _B, "eps"),
+    nn.LayerNorm: _functional(F.layer_norm, "normalized_shape", _WEIGHT, _BIAS, "eps"),
+    nn.GroupNorm: _functional(F.group_norm, "num_groups", _WEIGHT, _BIAS, "eps"),
     nn.ReLU: _functional(F.relu, "inplace"),
     nn.ReLU6: _functional(F.hardtanh, "min_val", "max_val", "inplace"),
     nn.Hardtanh: _functional(F.hardtanh, "min_val", "max_val", "inplace"),
@@ -693,3 +700,44 @@ def lowering_for(module: nn.Module) -> tuple[Step, ...] | None:
     if lower is None or is_opaque(module):
         return None
     return lower(module)
+
+
+# --------------------------------------------------------------------------------------------
+# Fusion units: the one in-place spelling that is canonical.
+# --------------------------------------------------------------------------------------------
+
+#: How the activation of a conv/linear fusion unit is spelled, in place: canonical name ->
+#: (callable, keyword arguments after the canonical positional ones). ``torch.relu_`` is a
+#: builtin, as ``torch.relu`` is (TorchScript calls ``aten::relu_`` directly, with no function
+#: call around it); ``hardtanh`` keeps its canonical callable, so :func:`graphopt.ops.arg` still
+#: reads its bounds. TorchScript, both ONNX exporters and torch.export take both.
+FUSED_ACTIVATIONS: dict[str, tuple[Callable[..., Any], dict[str, Any]]] = {
+    "relu": (torch.relu_, {}),
+    "hardtanh": (F.hardtanh, {"inplace": True}),
+}
+
+
+def fused_activation_op(node: fx.Node) -> str | None:
+    """The canonical op name (``"relu"``, ``"hardtanh"``) of ``node`` if it is the in-place
+    activation of a conv/linear fusion unit, else None.
+
+    That form, written by ``fuse-conv-bn-relu``, is the :data:`FUSED_ACTIVATIONS` spelling
+    (``torch.relu_(conv)``, ``F.hardtanh(conv, 0.0, 6.0, inplace=True)``) applied to the output
+    of the layer whose ``meta["fusion_unit"]`` names it, which names that layer in its
+    ``meta["fused_into"]``, and which is that layer's only reader. Anything short of that, such
+    as an in-place activation whose layer gained another reader, is an ordinary in-place op.
+    """
+    alias = alias_of(node)
+    spelling = FUSED_ACTIVATIONS.get(alias.op) if alias is not None else None
+    if spelling is None or spelling[0] is not node.target:
+        return None
+    bound = bind_alias(alias, node.args, dict(node.kwargs))
+    if bound is None or writes_input(alias, bound) is not True:
+        return None
+    layer = bound.get(alias.params[0])
+    if not isinstance(layer, fx.Node) or node.meta.get("fused_into") != layer.name:
+        return None
+    unit = layer.meta.get("fusion_unit")
+    if not isinstance(unit, dict) or unit.get("activation") != node.name or len(layer.users) != 1:
+        return None
+    return alias.op

@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.fx as fx
 
-from .errors import OptionError, PipelineError
+from .errors import OptionError, PassDefinitionError, PipelineError
 from .registry import Registry
 
 # --------------------------------------------------------------------------- contracts
@@ -186,7 +186,7 @@ class Range(Constraint):
 
     def __post_init__(self) -> None:
         if self.ge is not None and self.gt is not None or self.le is not None and self.lt is not None:
-            raise TypeError("Range: give at most one lower bound (ge or gt) and one upper bound (le or lt)")
+            raise PassDefinitionError("Range: give at most one lower bound (ge or gt) and one upper bound (le or lt)")
 
     def allowed(self) -> str:
         low = self.ge if self.ge is not None else self.gt
@@ -580,7 +580,7 @@ def _options_from_function(fn: Callable) -> dict[str, Option]:
     for p in sig.parameters.values():
         if p.kind is inspect.Parameter.KEYWORD_ONLY:
             if p.default is inspect.Parameter.empty:
-                raise TypeError(f"option {p.name!r} of pass {fn.__name__} needs a default value")
+                raise PassDefinitionError(f"option {p.name!r} of pass {fn.__name__} needs a default value, e.g. {p.name}: int = 0")
             tp, checks, doc = _annotation(hints.get(p.name, type(p.default)))
             opts[p.name] = Option(p.name, tp, p.default, doc, checks)
     return opts
@@ -588,7 +588,7 @@ def _options_from_function(fn: Callable) -> dict[str, Option]:
 
 def _options_from_class(cls: type) -> dict[str, Option]:
     if not dataclasses.is_dataclass(cls):
-        raise TypeError(f"class pass {cls.__name__} must be a dataclass (its fields are its options)")
+        raise PassDefinitionError(f"class pass {cls.__name__} must be a @dataclass (its fields are its options)")
     hints = typing.get_type_hints(cls, include_extras=True)
     opts = {}
     for f in dataclasses.fields(cls):
@@ -597,7 +597,7 @@ def _options_from_class(cls: type) -> dict[str, Option]:
         elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             default = f.default_factory()  # type: ignore[misc]
         else:
-            raise TypeError(f"option {f.name!r} of pass {cls.__name__} needs a default value")
+            raise PassDefinitionError(f"option {f.name!r} of pass {cls.__name__} needs a default value")
         tp, checks, doc = _annotation(hints.get(f.name, type(default)))
         opts[f.name] = Option(f.name, tp, default, f.metadata.get("doc", doc), checks)
     return opts
@@ -623,7 +623,7 @@ def register_pass(
     def decorate(obj):
         is_class = inspect.isclass(obj)
         if is_class and not hasattr(obj, "run"):
-            raise TypeError(f"class pass {obj.__name__} needs a run(self, gm, ctx) method")
+            raise PassDefinitionError(f"class pass {obj.__name__} needs a run(self, gm, ctx) method returning the number of rewrites")
         opts = _options_from_class(obj) if is_class else _options_from_function(obj)
         PASSES.add(name, Pass(
             name=name,

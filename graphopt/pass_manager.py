@@ -14,7 +14,7 @@ import difflib
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Literal, Sequence
+from typing import Any, Iterable, Literal, Sequence
 
 import torch
 import torch.fx as fx

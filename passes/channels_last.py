@@ -50,7 +50,7 @@ import torch.fx as fx
 
 import graphopt
 from graphopt import ops
-from graphopt.channels import set_tensor
+from graphopt.graph import set_tensor
 from graphopt.graph import as_input_tuple, get_attr_value, preserved_state, tensor_meta
 from graphopt.purity import may_alias_input, mutated_values
 

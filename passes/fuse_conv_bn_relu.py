@@ -55,8 +55,8 @@ on other ranks return a view of an internal result, which an ``autograd.Function
 the layer (the ONNX backend's integer linear) refuses to have written, so their units keep an
 out-of-place activation. ``torch.jit.script``, both ONNX exporters and ``torch.export``
 (functionalized, so XNNPACK still sees conv + clamp) all take the in-place spelling
-(:data:`graphopt.canonical.FUSED_ACTIVATIONS`). ``canonicalize`` keeps it
-(:func:`graphopt.canonical.fused_activation_op`), quantization placement reads it as the
+(:data:`graphopt.ops.FUSED_ACTIVATIONS`). ``canonicalize`` keeps it
+(:func:`graphopt.ops.fused_activation_op`), quantization placement reads it as the
 activation it replaces, and :mod:`graphopt.purity` counts it as a write into the conv's output:
 dead-code elimination removes it with its unit, constant folding never folds the conv.
 
@@ -80,7 +80,6 @@ import torch.fx as fx
 
 import graphopt
 from graphopt import ops
-from graphopt.canonical import FUSED_ACTIVATIONS, fused_activation_op
 from graphopt.graph import (
     add_constant,
     add_parameter,
@@ -351,7 +350,7 @@ def _activation_unit(act: fx.Node) -> dict[str, object] | None:
 def _mark_fusion_units(gm: fx.GraphModule, ctx: graphopt.PassContext) -> int:
     marked = 0
     for act in list(gm.graph.nodes):
-        if fused_activation_op(act) is not None:
+        if ops.fused_activation_op(act) is not None:
             continue  # fused in place by an earlier run
         unit = _activation_unit(act)
         if unit is None:
@@ -390,8 +389,8 @@ def _returns_its_own_tensor(layer: fx.Node) -> bool:
 
 def _write_in_place(act: fx.Node, layer: fx.Node) -> None:
     """Make ``act`` clamp ``layer``'s output in place, spelled as
-    :func:`graphopt.canonical.fused_activation_op` recognizes (see the module docstring)."""
+    :func:`graphopt.ops.fused_activation_op` recognizes (see the module docstring)."""
     op, args = ops.op_name(act), ops.normalized_args(act)
     assert op is not None and args[0] is layer
-    target, keywords = FUSED_ACTIVATIONS[op]
+    target, keywords = ops.FUSED_ACTIVATIONS[op]
     act.target, act.args, act.kwargs = target, args, dict(keywords)

@@ -72,7 +72,7 @@ from graphopt import channels as C
 from graphopt import ops, shapes
 from graphopt.costs import costs
 from graphopt.errors import OptionError, PassError
-from graphopt.graph import as_input_tuple, get_attr_value, propagate_shapes
+from graphopt.graph import as_input_tuple, get_attr_value, propagate_shapes, set_tensor
 from graphopt.pass_infra import Check, Range, check_patterns
 from graphopt.quantization.calibration import check_batch
 
@@ -323,7 +323,7 @@ def _recalibrate_batch_norms(gm: fx.GraphModule, calibration_data: Any, changed:
         var = (squares / count - mean ** 2).clamp_min(0) * (count / (count - 1))
         for key, value in (("running_mean", mean), ("running_var", var)):
             old = get_attr_value(gm, ops.arg(node, key))
-            C.set_tensor(gm, str(ops.arg(node, key).target), value.to(old.dtype))
+            set_tensor(gm, str(ops.arg(node, key).target), value.to(old.dtype))
     return len(targets)
 
 

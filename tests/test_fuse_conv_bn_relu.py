@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import graphopt
 import graphopt.passes.fuse_conv_bn_relu  # noqa: F401  (registers the pass)
 from graphopt import ops
-from graphopt.canonical import fused_activation_op
+from graphopt.ops import fused_activation_op
 from graphopt.capture import capture
 from graphopt.pass_infra import RewriteBudget
 from graphopt.purity import mutated_values
@@ -629,9 +629,26 @@ def test_dead_code_elimination_removes_an_unread_unit_with_its_in_place_write():
     fused, dce = result.report.records
     assert fused.figures["fusion_units"] == 2 and dce.rewrites > 0
     gm = result.module
-    assert [ops.op_name(n) or fused_activation_op(n) for n in gm.graph.nodes if n.op == "call_function"] == \
-        ["conv2d", "relu"]
+    assert [ops.op_name(n) for n in gm.graph.nodes if n.op == "call_function"] == ["conv2d", "relu"]
     assert_same_outputs(gm, model, x)
+
+
+def test_a_user_pass_looking_for_relu_sees_the_fused_in_place_ones(registry):
+    """One spelling per op, for pass authors: ``ops.is_op(n, "relu")`` names the in-place
+    activation of a fusion unit too, so a custom pass after mobile-fp32 does not skip it."""
+    torch.manual_seed(28)
+    model, x = resnet_like(), (torch.randn(1, 3, 8, 8),)
+    seen = []
+
+    @registry("count-relus-after-fusion")
+    def count(gm, ctx):
+        seen.extend(n.name for n in gm.graph.nodes if ops.is_op(n, "relu"))
+        return 0
+
+    result = graphopt.optimize(model, x, pipeline="mobile-fp32,count-relus-after-fusion")
+    fused = [n.name for n in result.module.graph.nodes if fused_activation_op(n) == "relu"]
+    assert fused and set(fused) <= set(seen)
+    assert all(n.target is torch.relu_ for n in result.module.graph.nodes if n.name in fused)
 
 
 @pytest.mark.parametrize("name", ["resnet_cnn", "mobilenet_cnn", "mlp", "transformer_block"])

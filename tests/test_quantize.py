@@ -22,7 +22,7 @@ import graphopt.passes.fold_weight_quant  # noqa: F401  (registers the passes an
 import graphopt.passes.fuse_conv_bn_relu as fuse_conv_bn_relu
 import graphopt.passes.quantize  # noqa: F401
 from graphopt import ops
-from graphopt.canonical import fused_activation_op
+from graphopt.ops import fused_activation_op
 from graphopt.errors import OptionError, QuantizationError
 from graphopt.graph import get_attr_value
 from graphopt.pass_infra import RewriteBudget

@@ -29,7 +29,6 @@ import torch
 import torch.fx as fx
 
 from .. import ops
-from ..canonical import fused_activation_op
 from ..graph import get_attr_value, tensor_meta
 from .configs import BackendConfig, FixedQParams
 
@@ -45,7 +44,7 @@ def op_key(node: fx.Node) -> str | None:
     """The name configurations use for ``node``'s op: canonical name, else tensor-method name.
     The in-place activation of a fusion unit goes by its canonical name (``"relu"``)."""
     if node.op == "call_function":
-        return ops.op_name(node) or fused_activation_op(node)
+        return ops.op_name(node)
     if node.op == "call_method":
         return str(node.target)
     return None
