@@ -2,8 +2,8 @@
 
 The pass, ``drop-redundant-relu``, removes ``relu(x)`` when ``x`` cannot be negative: when it is
 the output of a relu, a sigmoid, or a hardtanh/relu6 whose lower bound is >= 0. It declares the
-``Exact`` contract, asks the rewrite budget before each rewrite, and records why it skipped a
-relu it could not prove redundant.
+``Exact`` contract and is written with :mod:`graphopt.rewrite`, which asks the rewrite budget
+before each rewrite and records why it skipped a relu it could not prove redundant.
 
 The property test draws random valid models (convolutions, norms, activations, residual adds,
 SE-style gates; module, functional, method and in-place spellings mixed) and checks on each,
@@ -19,7 +19,7 @@ import torch.fx as fx
 
 import graphopt
 import graphopt.testing
-from graphopt import ops
+from graphopt import ops, rewrite
 
 
 def _never_negative(node: fx.Node) -> bool:
@@ -31,20 +31,11 @@ def _never_negative(node: fx.Node) -> bool:
 @graphopt.register_pass("drop-redundant-relu", contract=graphopt.Exact())
 def drop_redundant_relu(gm: fx.GraphModule, ctx: graphopt.PassContext) -> int:
     """Remove relu(x) where x is never negative (relu, sigmoid, hardtanh with min >= 0)."""
-    removed = 0
-    for node in list(gm.graph.nodes):
-        if not ops.is_op(node, "relu"):
-            continue
-        source = ops.arg(node, "input")
-        if not isinstance(source, fx.Node) or not _never_negative(source):
-            ctx.decline(node, "its input may be negative")
-            continue
-        if not ctx.may_rewrite(f"drop {node.name}"):
-            continue
-        node.replace_all_uses_with(source)
-        gm.graph.erase_node(node)
-        removed += 1
-    return removed
+    return rewrite.apply(gm, ctx, rewrite.Rule(
+        "relu",
+        rewrite=lambda m: m.input,
+        check=lambda m: None if isinstance(m.input, fx.Node) and _never_negative(m.input) else "its input may be negative",
+    ))
 
 
 # The property test: one line. `ops` narrows the generated models to kinds that can contain the

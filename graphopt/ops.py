@@ -132,8 +132,9 @@ BY_TARGET: dict[Any, OpSpec] = {s.target: s for s in SPECS.values()}
 
 
 def spec_of(node: fx.Node) -> OpSpec | None:
-    """The spec of a canonical node, or None if the node is not a canonical op."""
-    if node.op != "call_function":
+    """The spec of a canonical node, or None if the node is not a canonical op (or not a node:
+    a constant argument)."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
         return None
     return BY_TARGET.get(node.target)
 
@@ -194,7 +195,7 @@ def op_name(node: fx.Node) -> str | None:
     spec = spec_of(node)
     if spec is not None:
         return spec.name
-    return fused_activation_op(node) if node.op == "call_function" else None
+    return fused_activation_op(node) if isinstance(node, fx.Node) and node.op == "call_function" else None
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import torch
 import torch.fx as fx
 
 import graphopt
+from graphopt import rewrite
 from graphopt.graph import add_constant, copy_provenance, get_attr_value
 from graphopt.quantization import qdq
 
@@ -30,34 +31,34 @@ def _constant(gm: fx.GraphModule, arg: object) -> torch.Tensor | None:
     return None
 
 
+def _weight_quantization(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is qdq.QUANTIZE_PER_CHANNEL
+
+
 @graphopt.register_pass("fold-weight-quantization", contract=graphopt.Exact(rtol=0.0, atol=0.0), after=("quantize",))
 def fold_weight_quantization(gm: fx.GraphModule, ctx: graphopt.PassContext) -> int:
     """Replace quantize_per_channel of constant weights by int8 constants (bit-identical)."""
-    folded = 0
     stored: dict[tuple[str, str, str], str] = {}
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target is not qdq.QUANTIZE_PER_CHANNEL:
-            continue
+
+    def constant_operands(match: rewrite.Match) -> str | None:
+        if any(_constant(gm, a) is None for a in match.root.args[:3]):
+            return "weight, scales or zero points are not constant attributes"
+        return None
+
+    def fold(match: rewrite.Match) -> fx.Node:
+        node = match.root
         weight, scales, zero_points = node.args[:3]
-        tensors = [_constant(gm, a) for a in (weight, scales, zero_points)]
-        if any(t is None for t in tensors):
-            ctx.decline(node, "weight, scales or zero points are not constant attributes")
-            continue
-        if not ctx.may_rewrite(f"fold {node.name} ({weight.target}) into an int8 constant"):
-            continue
         key = (str(weight.target), str(scales.target), str(zero_points.target))
         if key not in stored:
             with torch.no_grad():
-                integers = node.target(*tensors, *node.args[3:])
+                integers = node.target(*(_constant(gm, a) for a in node.args[:3]), *node.args[3:])
             stored[key] = add_constant(gm, f"{weight.target}_int8", integers)
-        with gm.graph.inserting_before(node):
-            constant = gm.graph.get_attr(stored[key])
+        constant = gm.graph.get_attr(stored[key])
         copy_provenance(constant, weight)
-        node.replace_all_uses_with(constant)
-        gm.graph.erase_node(node)
-        if not weight.users:
-            gm.graph.erase_node(weight)
-        folded += 1
+        return constant
+
+    folded = rewrite.apply(gm, ctx, rewrite.Rule(_weight_quantization, fold, check=constant_operands,
+                                                 name="fold into an int8 constant"))
+    # the float weights stay for eliminate-dead-code (attributes are never removed here)
     ctx.record("int8_weights", len(stored))
     return folded
-

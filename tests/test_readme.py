@@ -19,10 +19,10 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
             exec(compile(block, str(README), "exec"), namespace)
     finally:
         for name in list(graphopt.available_passes()):
-            if graphopt.get_pass(name).fn.__module__ in (None, "builtins", "__main__") or name == "fold-mul-one":
+            if graphopt.get_pass(name).fn.__module__ in (None, "builtins", "__main__") or name == "drop-relu-of-nonnegative":
                 graphopt.unregister_pass(name)
     assert (tmp_path / "model.onnx").exists()
     assert namespace["artifact"].verdict.ok
-    assert namespace["fold_mul_one"].__name__ == "fold_mul_one"
+    assert namespace["drop_relu_of_nonnegative"].__name__ == "drop_relu_of_nonnegative"
     model_params = sum(p.numel() for p in namespace["model"].parameters())
     assert sum(p.numel() for p in namespace["pruned"].parameters()) < 0.5 * model_params

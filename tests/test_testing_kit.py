@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import operator
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -448,3 +449,22 @@ def test_worked_example_passes_under_pytest_in_a_users_folder(tmp_path):
                           str(test_file)], capture_output=True, text=True, cwd=tmp_path, timeout=300,
                          env={**env, profiles.EXAMPLES_VAR: "3"})
     assert "drawn=3" in few.stdout  # 3 examples, too few to fire 3 times: the test says so
+
+
+def test_readme_custom_pass_and_its_property_test_pass_under_pytest_outside_the_repo(tmp_path):
+    """The README's custom pass (at most 15 lines with graphopt.rewrite) and its one-line
+    property test, pasted into a user's test file in a folder outside the repository."""
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    custom = next(b for b in blocks if "rewrite.Rule(" in b)
+    definition = custom.split("\nresult = ")[0]
+    body = definition[definition.index("@graphopt.register_pass"):].strip().splitlines()
+    assert len(body) <= 15, body
+    prop = next(b for b in blocks if "graphopt.testing.property_test(" in b)
+    test_file = tmp_path / "test_readme_pass.py"
+    test_file.write_text(definition + "\n\n" + prop)
+    env = {k: v for k, v in os.environ.items() if k not in (profiles.ENV_VAR, profiles.EXAMPLES_VAR)}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+                           str(test_file)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "1 passed" in done.stdout
