@@ -46,8 +46,17 @@ import torch.utils._pytree as pytree
 from torch.export.graph_signature import InputKind, OutputKind
 
 from . import canonical, lazy, ops, shapes
-from .errors import CaptureError, GraphoptError, InputError
-from .graph import as_input_tuple, collector_paused, execute, get_attr_value, record_shapes, unique_attr_name
+from .errors import CaptureError, GraphoptError, InputError, first_line
+from .graph import (
+    as_input_tuple,
+    collector_paused,
+    describe_values,
+    execute,
+    fresh_copies,
+    get_attr_value,
+    record_shapes,
+    unique_attr_name,
+)
 
 MODES = ("auto", "symbolic", "export")
 #: output node meta: which front end captured the graph, and why symbolic tracing was not it
@@ -190,16 +199,16 @@ def _model_at_second_sizes(
     try:
         resized = shapes.resized_inputs(recorded, inputs, sizes)
         with isolated():
-            return sizes, resized, model(*_fresh(resized), **kwargs)
+            return sizes, resized, model(*fresh_copies(resized), **kwargs)
     except Exception:  # noqa: BLE001 - find the dims at fault, one at a time
         pass
     for name, size in sizes.items():
         try:
             with isolated():
-                model(*_fresh(shapes.resized_inputs(recorded, inputs, {name: size})), **kwargs)
+                model(*fresh_copies(shapes.resized_inputs(recorded, inputs, {name: size})), **kwargs)
         except Exception as exc:  # noqa: BLE001 - the user's code may raise anything
             static[name] = (f"the model raised {type(exc).__name__} at {name}={size}{_where(exc)}: "
-                            f"{_first_line(exc)[:200]}")
+                            f"{first_line(exc)[:200]}")
     if len(static) == len(sizes):
         return None
     if not static:  # each dim runs alone but not all together: keep them all static
@@ -220,10 +229,10 @@ def _check_generic(
     sizes, resized, want = second
     try:
         with isolated():
-            got = _plain(execute(root, _fresh(resized), graph))
+            got = _plain(execute(root, fresh_copies(resized), graph))
         problem = _reproduction_problem(want, got)
     except Exception as exc:  # noqa: BLE001
-        problem = f"{type(exc).__name__}: {_first_line(exc)[:200]}"
+        problem = f"{type(exc).__name__}: {first_line(exc)[:200]}"
     if not problem:
         return
     where = ", ".join(f"{k}={v}" for k, v in sizes.items())
@@ -317,10 +326,6 @@ def _fixed_kwargs(concrete_args: dict[str, Any] | None) -> dict[str, Any]:
     return {k: v for k, v in (concrete_args or {}).items() if v is not fx.PH}
 
 
-def _describe(inputs: tuple[torch.Tensor, ...]) -> str:
-    return ", ".join(f"{'x'.join(map(str, t.shape)) or 'scalar'} {str(t.dtype).replace('torch.', '')}" for t in inputs)
-
-
 def _deepcopy(model: nn.Module) -> tuple[nn.Module, _Origins]:
     """A deep copy of ``model``, and the user's tensors that parameters and buffers of the copy
     were cloned from (see :meth:`_Copier.tensor`)."""
@@ -329,7 +334,7 @@ def _deepcopy(model: nn.Module) -> tuple[nn.Module, _Origins]:
         return copier.module(model), copier.origins
     except Exception as exc:  # noqa: BLE001 - any failure means the same thing to the user
         raise CaptureError(
-            f"could not copy {type(model).__name__} ({type(exc).__name__}: {_first_line(exc)}); capture "
+            f"could not copy {type(model).__name__} ({type(exc).__name__}: {first_line(exc)}); capture "
             "works on a deep copy so your model is never changed. Make the model deep-copyable "
             "(no open files, locks or generators as attributes)."
         ) from None
@@ -480,11 +485,6 @@ def _reduces_plainly(cls: type) -> bool:
 # -- running modules without side effects ---------------------------------------------------------
 
 
-def _fresh(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """Copies of the example inputs, so a model that writes into its input cannot change them."""
-    return tuple(t.clone() for t in inputs)
-
-
 class _Isolation:
     """Runs of the capture's copy that leave no trace: inside, no grad and a fixed seed; after,
     the global RNG and every parameter and buffer as they were before the first run.
@@ -562,11 +562,11 @@ def _reference_outputs(
 ) -> Any:
     try:
         with isolated():
-            return model(*_fresh(inputs), **kwargs)
+            return model(*fresh_copies(inputs), **kwargs)
     except Exception as exc:  # noqa: BLE001 - the user's code may raise anything
         raise InputError(
             f"{type(model).__name__} raised {type(exc).__name__} when run on the example inputs "
-            f"({_describe(inputs)}){_where(exc)}: {_first_line(exc)}\n"
+            f"({describe_values(inputs)}){_where(exc)}: {first_line(exc)}\n"
             "Check that example_inputs have the number, shape and dtype forward expects."
         ) from None
 
@@ -577,13 +577,13 @@ def _propagate(
     """Record ``tensor_meta`` on every node (as graph.propagate_shapes) and return the outputs."""
     try:
         with isolated():
-            return record_shapes(root, _fresh(inputs), graph)
+            return record_shapes(root, fresh_copies(inputs), graph)
     except GraphoptError:
         raise
     except Exception as exc:  # noqa: BLE001
         raise CaptureError(
             f"the captured graph of {type(root).__name__} does not run on the example inputs "
-            f"({_describe(inputs)}): {type(exc).__name__}: {_first_line(exc)}\n{_WAYS_OUT}"
+            f"({describe_values(inputs)}): {type(exc).__name__}: {first_line(exc)}\n{_WAYS_OUT}"
         ) from None
 
 
@@ -600,7 +600,7 @@ def _canonicalize(
     except Exception as exc:  # noqa: BLE001 - a bug here must still reach the user as a CaptureError
         raise CaptureError(
             f"graphopt could not canonicalize the graph of {type(root).__name__} ({type(exc).__name__}: "
-            f"{_first_line(exc)}); this is a graphopt bug, please report it. Meanwhile keep the layer "
+            f"{first_line(exc)}); this is a graphopt bug, please report it. Meanwhile keep the layer "
             "involved opaque with leaf_modules=, or try the other capture mode."
         ) from None
 
@@ -821,7 +821,7 @@ def _trace_symbolic(
     except Exception as exc:  # noqa: BLE001 - fx raises many kinds
         raise CaptureError(
             f"could not trace {type(root).__name__} symbolically{_where(exc)}: "
-            f"{type(exc).__name__}: {_first_line(exc)}\n{_WAYS_OUT}"
+            f"{type(exc).__name__}: {first_line(exc)}\n{_WAYS_OUT}"
         ) from None
     finally:
         # fx's trace leaves the tracer in a reference cycle (through a recursive nested
@@ -889,7 +889,7 @@ def _trace_export(root: nn.Module, inputs: tuple[torch.Tensor, ...], dims: list[
         try:
             program = torch.export.export(root, traced_at, dynamic_shapes=dynamic)
         except Exception as exc:  # noqa: BLE001 - export raises many kinds; static is the way out
-            reason = f"torch.export cannot keep it dynamic: {type(exc).__name__}: {_first_line(exc)[:200]}"
+            reason = f"torch.export cannot keep it dynamic: {type(exc).__name__}: {first_line(exc)[:200]}"
             refined = _refined(exc, dynamic)
             if refined is None:
                 break
@@ -913,7 +913,7 @@ def _trace_export(root: nn.Module, inputs: tuple[torch.Tensor, ...], dims: list[
     except Exception as exc:  # noqa: BLE001 - export raises many kinds
         raise CaptureError(
             f"torch.export could not capture {type(root).__name__}{_where(exc)}: "
-            f"{type(exc).__name__}: {_first_line(exc)}\n"
+            f"{type(exc).__name__}: {first_line(exc)}\n"
             'Ways out: mode="symbolic" with leaf_modules=/concrete_args=, or express data-dependent '
             "branches with torch.cond."
         ) from None
@@ -984,9 +984,9 @@ def _extend_to_size_one(root: nn.Module, graph: fx.Graph, inputs: tuple[torch.Te
             resized = shapes.resized_inputs(recorded, inputs, {name: 1})
             try:
                 with isolated():
-                    want = root(*_fresh(resized), **kwargs)
+                    want = root(*fresh_copies(resized), **kwargs)
                 with isolated():
-                    got = execute(root, _fresh(resized), graph)
+                    got = execute(root, fresh_copies(resized), graph)
                 ok = not _reproduction_problem(want, got)
             except Exception:  # noqa: BLE001 - the model or the graph refuses size 1: keep the bound
                 ok = False
@@ -1148,8 +1148,3 @@ def _where(exc: BaseException) -> str:
     frame = frames[-1]
     code = f" `{frame.line.strip()}`" if frame.line else ""
     return f" at {frame.filename}:{frame.lineno} in {frame.name}{code}"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else "(no message)"

@@ -280,12 +280,6 @@ def _meta_shapes(node: fx.Node) -> Any:
     return None
 
 
-def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
-    if index < len(node.args):
-        return node.args[index]
-    return node.kwargs.get(name, default)
-
-
 class _Propagation:
     """Walks the graph once, assigning atom rows to values and recording couplings."""
 
@@ -665,10 +659,10 @@ def _split(p: _Propagation, node: fx.Node) -> None:
     x_node = node.args[0]
     x = p.labels(x_node)
     shapes = _meta_shapes(node)
-    size_arg = _arg(node, 1, "split_size_or_sections" if key == "split" else "chunks")
+    size_arg = ops.call_arg(node, "split_size_or_sections" if key == "split" else "chunks", 1)
     if key == "split" and size_arg is None:
         size_arg = node.kwargs.get("split_size")
-    dim = _arg(node, 2, "dim", 0)
+    dim = ops.call_arg(node, "dim", 2, 0)
     if x is None or not isinstance(dim, int) or not shapes or not isinstance(shapes[0], tuple):
         return p.unknown(node)
     dim = dim % len(x)
@@ -740,7 +734,7 @@ def _size(p: _Propagation, node: fx.Node) -> None:
         if node.args[1] in ("dtype", "device", "ndim"):
             return p.set(node, None)
         return p.unknown(node)
-    dim = _arg(node, 1, "dim") if key == "size" else None
+    dim = ops.call_arg(node, "dim", 1) if key == "size" else None
     rows = p.labels(source)
     if isinstance(dim, int):
         if rows is not None:
@@ -756,7 +750,7 @@ def _permute(p: _Propagation, node: fx.Node) -> None:
         return p.unknown(node)
     key = _op_key(node)
     if key == "transpose":
-        d0, d1 = _arg(node, 1, "dim0"), _arg(node, 2, "dim1")
+        d0, d1 = ops.call_arg(node, "dim0", 1), ops.call_arg(node, "dim1", 2)
         if not (isinstance(d0, int) and isinstance(d1, int)):
             return p.unknown(node)
         perm = list(range(len(x)))
@@ -773,8 +767,8 @@ def _permute(p: _Propagation, node: fx.Node) -> None:
 
 def _reduction(p: _Propagation, node: fx.Node) -> None:
     x = p.labels(node.args[0])
-    dims = _arg(node, 1, "dim")
-    keepdim = _arg(node, 2, "keepdim", False)
+    dims = ops.call_arg(node, "dim", 1)
+    keepdim = ops.call_arg(node, "keepdim", 2, False)
     if x is None or not isinstance(keepdim, bool):
         return p.unknown(node)
     if dims is None:
@@ -817,7 +811,7 @@ def _nonzero(value: Any) -> bool:
 
 def _pad(p: _Propagation, node: fx.Node) -> None:
     x = p.labels(node.args[0])
-    pad = _arg(node, 1, "pad")
+    pad = ops.call_arg(node, "pad", 1)
     if x is None or not isinstance(pad, (tuple, list)):
         return p.unknown(node)
     padded = len(pad) // 2
@@ -914,7 +908,7 @@ def _reshape_sizes(p: _Propagation, node: fx.Node, out: Labels) -> None:
         sizes = list(node.args[1:])
         packed = len(sizes) == 1 and isinstance(sizes[0], (tuple, list))
     else:
-        sizes, packed = [_arg(node, 1, "shape")], True
+        sizes, packed = [ops.call_arg(node, "shape", 1)], True
     if packed:
         sizes = list(sizes[0])
     if len(sizes) != len(out):
@@ -946,7 +940,7 @@ def _reshape_sizes(p: _Propagation, node: fx.Node, out: Labels) -> None:
                     current[j] = kept(row)
                 node.args = (node.args[0], *current)
         else:
-            shape = list(_arg(node, 1, "shape"))
+            shape = list(ops.call_arg(node, "shape", 1))
             for j, row in rewrites:
                 shape[j] = kept(row)
             _set_call_arg(node, 1 if len(node.args) > 1 else None, "shape", tuple(shape))

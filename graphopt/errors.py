@@ -4,6 +4,8 @@ Each message says what failed, where (pass, node, user source line) and what to 
 """
 from __future__ import annotations
 
+import re
+
 
 class GraphoptError(Exception):
     """Base class of all graphopt errors."""
@@ -108,3 +110,28 @@ class CalibrationDataError(InputError, QuantizationError):
     (beyond the batch dim) or dtype than the example inputs, of the wrong arity, or no batch at
     all. The message names the batch. An InputError (the pass manager raises it rather than
     rolling the pass back), and a QuantizationError as these errors were before."""
+
+
+# -------------------------------------------------------------------- describing exceptions
+
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def exception_summary(exc: BaseException, limit: int = 300) -> str:
+    """``Type: first meaningful line`` of an exception, without colour codes or tracebacks.
+
+    The dynamo ONNX exporter puts generic advice first and the cause under "## Exception
+    summary"; that cause is preferred.
+    """
+    text = ANSI_ESCAPE.sub("", str(exc))
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    cause = next((ln for ln in lines if ln.startswith("<class '")), None)
+    if cause is not None:  # "<class 'pkg.DispatchError'>: message" -> "DispatchError: message"
+        return re.sub(r"<class '(?:[\w.]*\.)?(\w+)'>", r"\1", cause)[:limit]
+    return f"{type(exc).__name__}: {lines[0] if lines else 'no message'}"[:limit]
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, without its type ("(no message)" if empty)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "(no message)"

@@ -80,6 +80,22 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def jsonable(v: Any) -> Any:
+    """``v`` as JSON can hold it: inf and NaN as the strings "inf", "-inf", "nan", tuples as lists,
+    keys as strings, objects with ``to_dict()`` by it, anything else by ``str``."""
+    if isinstance(v, float) and (v != v or v in (float("inf"), float("-inf"))):
+        return str(v)
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    if isinstance(v, (list, tuple)):
+        return [jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): jsonable(x) for k, x in v.items()}
+    if hasattr(v, "to_dict"):
+        return v.to_dict()
+    return str(v)
+
+
 def load_weights(path: str | os.PathLike) -> Any:
     """Load a file written by ``torch.save`` without executing anything from it.
 

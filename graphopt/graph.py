@@ -70,6 +70,20 @@ def _keyword_inputs(given: dict[str, Any], module: Any) -> tuple[Any, ...]:
     return tuple(given[n] for n in leading)
 
 
+
+def describe_values(values: Iterable[Any]) -> str:
+    """``float32[1, 3], int64[2]``: each tensor's dtype and shape, the type of anything else."""
+    return ", ".join(
+        f"{str(x.dtype).removeprefix('torch.')}{list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        for x in values
+    )
+
+
+def fresh_copies(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Copies of the input tensors: a model that writes into its inputs (``x.add_(1)``) must
+    not change what the next run sees, nor the user's example inputs."""
+    return tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in inputs)
+
 @contextlib.contextmanager
 def preserved_state(module: torch.nn.Module):
     """Run code that calls ``module`` without keeping the buffer updates it makes (running

@@ -41,7 +41,6 @@ import difflib
 import inspect
 import logging
 import math
-import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -56,7 +55,16 @@ import torch.utils._pytree as pytree
 from . import graph as G
 from . import lazy, shapes
 from .registry import Registry
-from .errors import GraphoptError, InputError, LoweringError, ModelRunError, UnknownBackendError, UnsupportedNodesError
+from .errors import (
+    ANSI_ESCAPE,
+    GraphoptError,
+    InputError,
+    LoweringError,
+    ModelRunError,
+    UnknownBackendError,
+    UnsupportedNodesError,
+    exception_summary,
+)
 from .fileio import atomic_write
 
 if TYPE_CHECKING:
@@ -433,7 +441,7 @@ def _check_inputs(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> pytree.TreeSpe
             outputs = gm(*inputs)
     except Exception as exc:
         raise InputError(
-            f"the graph raised on the example inputs ({_describe_inputs(inputs)}): {exception_summary(exc)}; "
+            f"the graph raised on the example inputs ({G.describe_values(inputs)}): {exception_summary(exc)}; "
             "pass inputs of the shapes and dtypes the model was captured with"
         ) from exc
     return pytree.tree_flatten(outputs)[1]
@@ -660,12 +668,6 @@ def _describe_node(gm: fx.GraphModule, node: fx.Node) -> str:
     return f"call_function {module + '.' if module and module != 'builtins' else ''}{name}"
 
 
-def _describe_inputs(inputs: tuple[Any, ...]) -> str:
-    return ", ".join(
-        f"{str(x.dtype).removeprefix('torch.')}{list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
-        for x in inputs
-    )
-
 # ---------------------------------------------------------------------- helpers for backends
 
 
@@ -681,21 +683,6 @@ def other_kernels_tolerance() -> Tolerance:
     return Tolerance(rtol=10 * base.rtol, atol=10 * base.atol)
 
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def exception_summary(exc: BaseException, limit: int = 300) -> str:
-    """``Type: first meaningful line`` of an exception, without colour codes or tracebacks.
-
-    The dynamo ONNX exporter puts generic advice first and the cause under "## Exception
-    summary"; that cause is preferred.
-    """
-    text = _ANSI.sub("", str(exc))
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    cause = next((ln for ln in lines if ln.startswith("<class '")), None)
-    if cause is not None:  # "<class 'pkg.DispatchError'>: message" -> "DispatchError: message"
-        return re.sub(r"<class '(?:[\w.]*\.)?(\w+)'>", r"\1", cause)[:limit]
-    return f"{type(exc).__name__}: {lines[0] if lines else 'no message'}"[:limit]
 
 
 class _WarningRecords(logging.Handler):
@@ -731,7 +718,7 @@ def collect_warnings(sink: list[str]) -> Iterator[None]:
             lg.propagate = propagate
         messages = [f"{w.category.__name__}: {w.message}" for w in caught] + handler.messages
         for message in messages:
-            text = _ANSI.sub("", message).strip()
+            text = ANSI_ESCAPE.sub("", message).strip()
             first = " ".join(text.splitlines()[0].split()) if text else message
             if first not in sink:
                 sink.append(first)

@@ -169,6 +169,17 @@ def _param_index(spec: OpSpec, node: fx.Node, name: str) -> int:
     return spec.index[name]
 
 
+def call_arg(node: fx.Node, name: str, index: int, default: Any = None) -> Any:
+    """Argument ``name`` of any call (at position ``index`` when given positionally), read with
+    the canonical op table when the node is canonical."""
+    spec = spec_of(node)
+    if spec is not None and name in spec.index:
+        return arg(node, name)
+    if index < len(node.args):
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
 def set_arg(node: fx.Node, name: str, value: Any) -> None:
     """Set parameter ``name`` of canonical node ``node`` (args are kept fully positional)."""
     spec = spec_of(node)

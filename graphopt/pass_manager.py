@@ -23,6 +23,7 @@ from . import graph as G
 from . import lazy, shapes
 from .errors import CalibrationDataError, GraphoptError, OptionError, PassError, PipelineError, VerificationError
 from .errors import TrainingModeError
+from .fileio import jsonable
 from .pass_infra import Invocation, PassContext, RewriteBudget, build_pipeline, inference_presets
 
 VerifyMode = Literal["each", "final", "none"]
@@ -72,25 +73,11 @@ class PassRecord:
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         d["declines"] = [{"node": n, "reason": r} for n, r in self.declines]
-        d["options"] = {k: _jsonable(v) for k, v in self.options.items()}
-        d["figures"] = {k: _jsonable(v) for k, v in self.figures.items()}
+        d["options"] = {k: jsonable(v) for k, v in self.options.items()}
+        d["figures"] = {k: jsonable(v) for k, v in self.figures.items()}
         for k in ("max_abs_error", "min_sqnr_db"):
-            d[k] = _jsonable(d[k])
+            d[k] = jsonable(d[k])
         return d
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, float) and (v != v or v in (float("inf"), float("-inf"))):
-        return str(v)
-    if isinstance(v, (str, int, float, bool)) or v is None:
-        return v
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if hasattr(v, "to_dict"):
-        return v.to_dict()
-    return str(v)
 
 
 @dataclass

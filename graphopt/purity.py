@@ -317,7 +317,7 @@ def _mutation(node: fx.Node) -> tuple[str, list[fx.Node]] | None:
         written = _mutable_schema_writes(target)
         if not written:
             return None
-        values = [v for i, n in written for v in _nodes_in(_arg(node, n, i, None))]
+        values = [v for i, n in written for v in _nodes_in(ops.call_arg(node, n, i, None))]
         return f"{target} has a mutable schema (writes {', '.join(sorted({n for _, n in written}))})", values
     if not _is_hashable(target):
         return None
@@ -329,7 +329,7 @@ def _mutation(node: fx.Node) -> tuple[str, list[fx.Node]] | None:
     stats = _UPDATES_STATS_IF_FLAG.get(target)
     if stats is not None:
         (flag_name, flag_index, flag_default), stat_params = stats
-        written_stats = [v for n, i in stat_params for v in _nodes_in(_arg(node, n, i, None))]
+        written_stats = [v for n, i in stat_params for v in _nodes_in(ops.call_arg(node, n, i, None))]
         if written_stats and _flag_set(node, flag_name, flag_index, flag_default):
             return f"{name} with {flag_name}=True updates its running statistics in place", written_stats
     return None
@@ -358,20 +358,9 @@ def _library_root(target: Any) -> str | None:
     return root if root in _KNOWN_LIBRARIES else None
 
 
-def _arg(node: fx.Node, name: str, index: int, default: Any) -> Any:
-    """Argument ``name`` of a call (position ``index``), read with the canonical op table when
-    the node is canonical."""
-    spec = ops.spec_of(node)
-    if spec is not None and name in spec.index:
-        return ops.arg(node, name)
-    if index < len(node.args):
-        return node.args[index]
-    return node.kwargs.get(name, default)
-
-
 def _flag_set(node: fx.Node, name: str, index: int, default: Any) -> bool:
     """Is the flag argument truthy? A flag computed in the graph counts as set (conservative)."""
-    value = _arg(node, name, index, default)
+    value = ops.call_arg(node, name, index, default)
     return True if isinstance(value, fx.Node) else bool(value)
 
 

@@ -75,7 +75,8 @@ import torch
 import torch.fx as fx
 
 from . import graph as G
-from .errors import InputError, ModelRunError, OptionError
+from .errors import InputError, ModelRunError, OptionError, exception_summary
+from .fileio import jsonable
 from .lazy import has_code, materialize
 
 __all__ = [
@@ -156,16 +157,6 @@ def _json_float(value: float) -> float | str:
     return value if math.isfinite(value) else str(value)
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return _json_float(obj)
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
-
-
 @dataclass
 class OutputFigures:
     """Error figures of one output, worst case over the inputs checked.
@@ -188,7 +179,7 @@ class OutputFigures:
     tolerance: Tolerance | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return _jsonable(asdict(self))
+        return jsonable(asdict(self))
 
 
 @dataclass
@@ -208,7 +199,7 @@ class Divergence:
         return self.message
 
     def to_dict(self) -> dict[str, Any]:
-        return _jsonable(asdict(self))
+        return jsonable(asdict(self))
 
 
 @dataclass
@@ -396,39 +387,19 @@ def _describe(runnable: Any) -> str:
     return getattr(runnable, "__qualname__", None) or type(runnable).__name__
 
 
-def _describe_inputs(inputs: tuple[Any, ...]) -> str:
-    parts = [
-        f"{str(x.dtype).removeprefix('torch.')}{list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
-        for x in inputs
-    ]
-    return "(" + ", ".join(parts) + ")"
-
-
-def _first_line(exc: BaseException, limit: int = 300) -> str:
-    text = str(exc).strip().splitlines()
-    line = text[0] if text else ""
-    return f"{type(exc).__name__}: {line[:limit]}"
-
-
-def _fresh(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
-    """Copies of the input tensors: a model that writes into its inputs (``x.add_(1)``) must
-    not change what the next model sees, nor the user's example inputs."""
-    return tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in inputs)
-
-
 def run(runnable: Callable[..., Any], inputs: Any) -> list[torch.Tensor]:
     """Run ``runnable(*inputs)`` under ``torch.no_grad`` and flatten its outputs to tensors.
 
     The runnable gets copies of the input tensors. Raises :class:`ModelRunError` (the original
     exception chained) when it raises or returns something other than tensors, arrays and numbers.
     """
-    args = _fresh(G.as_input_tuple(inputs))
+    args = G.fresh_copies(G.as_input_tuple(inputs))
     try:
         with torch.no_grad():
             result = G.call(runnable, args)
     except Exception as exc:  # any user model/session error becomes one typed error
         raise ModelRunError(
-            f"{_describe(runnable)} raised on inputs {_describe_inputs(args)}: {_first_line(exc)}"
+            f"{_describe(runnable)} raised on inputs ({G.describe_values(args)}): {exception_summary(exc)}"
         ) from exc
     return _flatten_outputs(result)
 
@@ -467,7 +438,7 @@ def _check_arity(runnable: Any, inputs: tuple[Any, ...], role: str) -> None:
     expected = f"{required}" if required == maximum else f"{required} to {maximum if maximum is not None else 'any'}"
     raise InputError(
         f"the {role} ({_describe(runnable)}) takes {expected} input(s) but {len(inputs)} were given "
-        f"{_describe_inputs(inputs)}; pass example_inputs as a tuple with one entry per forward argument"
+        f"({G.describe_values(inputs)}); pass example_inputs as a tuple with one entry per forward argument"
     )
 
 # --------------------------------------------------------------------------------- comparison
@@ -810,7 +781,7 @@ def _localize(
     try:
         return _find_divergence(reference_gm, candidate_gm, inputs, tolerance)
     except Exception as exc:  # a diagnosis must not turn a verdict into a crash
-        return None, f"localization failed: {_first_line(exc)}"
+        return None, f"localization failed: {exception_summary(exc)}"
 
 
 def _find_divergence(
@@ -834,9 +805,9 @@ def _find_divergence(
 
     try:
         with torch.no_grad():
-            _NodeByNodeInterpreter(reference_gm, keep_partner_value).run(*_fresh(inputs))
+            _NodeByNodeInterpreter(reference_gm, keep_partner_value).run(*G.fresh_copies(inputs))
     except Exception as exc:  # the reference is not ours to fix; just say localization stopped
-        return None, f"the reference graph raised while run node by node: {_first_line(exc)}"
+        return None, f"the reference graph raised while run node by node: {exception_summary(exc)}"
 
     # Judge candidate values as they come instead of keeping them: halves peak memory.
     matched = set(candidates)
@@ -853,7 +824,7 @@ def _find_divergence(
     raised: tuple[fx.Node, Exception] | None = None
     try:
         with torch.no_grad():
-            cand_run.run(*_fresh(inputs))
+            cand_run.run(*G.fresh_copies(inputs))
     except Exception as exc:  # a raising candidate node is itself the divergence
         assert cand_run.current is not None
         raised = (cand_run.current, exc)
@@ -863,7 +834,7 @@ def _find_divergence(
             line = G.source_line(n)
             return Divergence(
                 node=n.name, provenance=G.provenance(n), source_line=line, max_abs=math.inf, op=_op_name(n),
-                message=f"{_where(n, line)} raised {_first_line(raised[1])}",
+                message=f"{_where(n, line)} raised {exception_summary(raised[1])}",
             ), None
         node_status = status.get(n)
         if node_status is None or not node_status.diverges:
