@@ -1,10 +1,9 @@
 """``onnx``: an ``.onnx`` file, checked with ``onnx.checker`` and run in ONNX Runtime.
 
 Two exporters ship with torch: the TorchScript-based one (``torch.onnx.export(dynamo=False)``,
-deprecated but fast) and the torch.export-based one (``dynamo=True``, onnxscript). Measured on
-the test models here (torch 2.13, 2 vCPU; warm process) the dynamo exporter takes 1.5-5 s per
-small model against 0.01-0.2 s, and PEERS.md reports 8-15x on torchvision models, with the same
-ONNX operators in the result. So ``exporter="auto"`` (the default) uses the TorchScript exporter
+deprecated but fast) and the torch.export-based one (``dynamo=True``, onnxscript), which is
+several times slower on the same models with the same ONNX operators in the result (the
+``exporter`` option picks one; the lowering report times the export). So ``exporter="auto"`` (the default) uses the TorchScript exporter
 and falls back to the dynamo exporter when it raises *or* when tracing read tensor values into
 Python (a ``TracerWarning``: the file would hold the example's values as constants); the report
 says which exporter wrote the file and why the first was not used.

@@ -20,8 +20,8 @@ is left as it is, a side effect (see :func:`graphopt.purity.mutated_values`).
 One in-place spelling is canonical: the activation of a conv/linear fusion unit
 (:func:`graphopt.ops.fused_activation_op`). ``fuse-conv-bn-relu`` writes it in place on purpose, since the
 conv's output is a fresh tensor only the activation reads, and eager runs then save an
-allocation per layer (fresh, page-faulted memory for large outputs: measured 51 us against 11
-us per clamp on MobileNetV2). Rewriting it out of place here would undo that, and the next
+allocation per layer (fresh, page-faulted memory for large outputs). Rewriting it out of place
+here would undo that, and the next
 fusion would redo it, so a pipeline repeating both would never settle.
 """
 from __future__ import annotations

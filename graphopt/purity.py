@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops
+from .graph import get_attr_value
 
 # --------------------------------------------------------------------------- tables
 
@@ -479,4 +480,32 @@ def _module_mutations(node: fx.Node) -> list[fx.Node]:
     written = inputs[:1] if getattr(module, "inplace", False) else []
     if _updates_running_stats(module) or getattr(module, "max_norm", None) is not None:
         written += own_state
+    return written
+
+
+def written_values(gm: fx.GraphModule) -> dict[fx.Node, fx.Node]:
+    """Every value some node writes in place -> that writer: the written values themselves,
+    everything they may alias up the graph, and every ``get_attr`` sharing storage with a
+    written one (tied weights, the same attribute read twice)."""
+    written: dict[fx.Node, fx.Node] = {}
+    for writer in gm.graph.nodes:
+        stack = list(mutated_values(writer))
+        while stack:
+            value = stack.pop()
+            if value in written:
+                continue
+            written[value] = writer
+            if may_alias_input(value):
+                stack.extend(value.all_input_nodes)
+    storages = {}
+    for node in written:
+        if node.op == "get_attr":
+            tensor = get_attr_value(gm, node)
+            if isinstance(tensor, torch.Tensor):
+                storages[tensor.untyped_storage().data_ptr()] = written[node]
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node not in written:
+            tensor = get_attr_value(gm, node)
+            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() in storages:
+                written[node] = storages[tensor.untyped_storage().data_ptr()]
     return written

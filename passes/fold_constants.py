@@ -136,7 +136,7 @@ class _ConstantAnalysis:
         self.values: dict[fx.Node, Any] = {}
         self.dynamic: dict[fx.Node, frozenset[int] | None] = {}
         self.partial_shapes: dict[fx.Node, tuple[int | None, ...]] = {}
-        self.written = _written_values(gm)
+        self.written = purity.written_values(gm)
         # the dynamic dims recorded at capture (graphopt.shapes), per placeholder
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self.declared = dict(zip(placeholders, shapes.dynamic_dims_of_inputs(gm)))
@@ -472,32 +472,6 @@ def _report(gm: fx.GraphModule, ctx: graphopt.PassContext, bytes_before: int, re
 # --------------------------------------------------------------------------- helpers
 
 
-def _written_values(gm: fx.GraphModule) -> dict[fx.Node, fx.Node]:
-    """Every value some node writes in place -> that writer: the written values themselves,
-    everything they may alias up the graph, and every ``get_attr`` sharing storage with a
-    written one (tied weights, the same attribute read twice)."""
-    written: dict[fx.Node, fx.Node] = {}
-    for writer in gm.graph.nodes:
-        stack = list(purity.mutated_values(writer))
-        while stack:
-            value = stack.pop()
-            if value in written:
-                continue
-            written[value] = writer
-            if purity.may_alias_input(value):
-                stack.extend(value.all_input_nodes)
-    storages = {}
-    for node in written:
-        if node.op == "get_attr":
-            tensor = G.get_attr_value(gm, node)
-            if isinstance(tensor, torch.Tensor):
-                storages[tensor.untyped_storage().data_ptr()] = written[node]
-    for node in gm.graph.nodes:
-        if node.op == "get_attr" and node not in written:
-            tensor = G.get_attr_value(gm, node)
-            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() in storages:
-                written[node] = storages[tensor.untyped_storage().data_ptr()]
-    return written
 
 
 def _evaluate(node: fx.Node, values: dict[fx.Node, Any]) -> Any:

@@ -46,8 +46,8 @@ The activation of a unit runs in place, in the conv's output: ``torch.relu_(conv
 ``F.hardtanh(conv, 0.0, 6.0, inplace=True)``. That is what fusion means for a runtime that
 runs the graph op by op (eager PyTorch, the TorchScript interpreter): an out-of-place clamp
 allocates a second tensor of the conv's size, and large allocations are fresh pages the
-kernel must fault in, so each one cost ~51 us against ~11 us in place on MobileNetV2
-(torch.profiler, 1 thread), which made the fused eager model no faster than the original.
+kernel must fault in, which made a fused eager model with out-of-place clamps no faster than
+the original (``python -m benchmarks.run --sections latency`` shows eager times beside the peers).
 It is sound because the conv's output is a fresh tensor read by the activation alone: nobody,
 the caller included, can see the value before the clamp. Only layers whose kernel returns the
 tensor it allocated qualify (batched convs, linear on 2-D input). Unbatched convs and linear
@@ -88,7 +88,7 @@ from graphopt.graph import (
     provenance,
     tensor_meta,
 )
-from graphopt.purity import may_alias_input, mutated_values
+from graphopt.purity import written_values
 
 _CONVS = ("conv1d", "conv2d", "conv3d")
 _TRANSPOSED_CONVS = ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
@@ -306,20 +306,8 @@ def _folded_name(target: str) -> str:
 
 
 def _mutated_targets(gm: fx.GraphModule) -> set[str]:
-    """Attribute targets the graph may write to, directly or through a view of them."""
-    mutated: set[str] = set()
-    pending = [value for node in gm.graph.nodes for value in mutated_values(node)]
-    seen: set[fx.Node] = set()
-    while pending:
-        value = pending.pop()
-        if value in seen:
-            continue
-        seen.add(value)
-        if value.op == "get_attr":
-            mutated.add(str(value.target))
-        elif may_alias_input(value):
-            pending.extend(value.all_input_nodes)
-    return mutated
+    """Attribute targets the graph may write to, directly, through a view, or as a tied weight."""
+    return {str(value.target) for value in written_values(gm) if value.op == "get_attr"}
 
 
 def _describe(value: object) -> str:
