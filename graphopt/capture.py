@@ -52,6 +52,8 @@ from .graph import as_input_tuple, collector_paused, execute, get_attr_value, re
 MODES = ("auto", "symbolic", "export")
 #: output node meta: which front end captured the graph, and why symbolic tracing was not it
 FRONT_END_KEY = "graphopt_front_end"
+#: output node meta: what capture chose for the user (``use_cache=False``, ...), one sentence each
+NOTES_KEY = "graphopt_capture_notes"
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _OWN_FILES = {os.path.abspath(__file__), os.path.abspath(canonical.__file__)}
@@ -137,6 +139,15 @@ def front_end(gm: fx.GraphModule) -> dict[str, str] | None:
     return None
 
 
+def capture_notes(gm: fx.GraphModule) -> list[str]:
+    """What capture chose for the user while capturing ``gm`` (e.g. ``use_cache=False`` for a
+    decoder whose output holds a cache), one sentence each; [] when nothing."""
+    for node in reversed(gm.graph.nodes):
+        if node.op == "output":
+            return list(node.meta.get(NOTES_KEY, ()))
+    return []
+
+
 def _capture(
     model: nn.Module,
     inputs: tuple[torch.Tensor, ...],
@@ -150,6 +161,14 @@ def _capture(
     root, origins = _deepcopy(model)
     isolated = _Isolation(root, origins)
     reference = _reference_outputs(root, inputs, fixed_kwargs, isolated)
+    notes = []
+    if _turn_cache_off(root, reference):  # on the copy: the user's config keeps use_cache
+        dropped = _cache_fields(reference)
+        reference = _reference_outputs(root, inputs, fixed_kwargs, isolated)
+        notes.append(
+            f"use_cache=False chosen: {type(model).__name__} returns a key/value cache "
+            f"({', '.join(dropped)}), an object a graph cannot return; the graph computes the outputs without it "
+            "(set config.use_cache=False yourself to silence this note)")
     static: dict[str, str] = {}
     if mode == "symbolic":
         second = _model_at_second_sizes(root, inputs, dims, fixed_kwargs, isolated, static)
@@ -168,7 +187,35 @@ def _capture(
     _check_generic(root, graph, inputs, dims, static, second, isolated)
     if mode == "export":
         _extend_to_size_one(root, graph, inputs, dims, static, fixed_kwargs, isolated)
+    if notes:
+        next(iter(reversed(graph.nodes))).meta[NOTES_KEY] = notes
     return _graph_module(root, graph, called)
+
+
+# -- decoder caches -------------------------------------------------------------------------------
+
+
+def _is_cache(value: Any) -> bool:
+    """A Hugging Face key/value cache (``DynamicCache`` and the other ``Cache`` classes)."""
+    return any(c.__name__ == "Cache" and c.__module__.startswith("transformers") for c in type(value).__mro__)
+
+
+def _cache_fields(reference: Any) -> list[str]:
+    """Where the model's outputs hold a cache: the output field's name, else its type."""
+    if isinstance(reference, dict):
+        return [str(k) for k, v in reference.items() if _is_cache(v)]
+    return [type(v).__name__ for v in pytree.tree_leaves(reference) if _is_cache(v)]
+
+
+def _turn_cache_off(root: nn.Module, reference: Any) -> bool:
+    """Set ``config.use_cache = False`` on capture's copy where the model's config asks for a
+    cache and its outputs hold one: a cache is a Python object with its own update logic, not a
+    value a graph returns, and a model run for inference once per input needs none."""
+    config = getattr(root, "config", None)
+    if not getattr(config, "use_cache", False) or not any(_is_cache(v) for v in pytree.tree_leaves(reference)):
+        return False
+    config.use_cache = False
+    return True
 
 
 # -- dynamic dims ---------------------------------------------------------------------------------

@@ -355,6 +355,10 @@ def lower(
         "backend": backend, "path": str(target), "options": {**backend_cls.options(), **options},
         "warnings": [], "timings_s": {},
     }
+    from .capture import capture_notes
+
+    if capture_notes(gm):  # what capture chose for the user (use_cache=False, ...)
+        report["notes"] = capture_notes(gm)
     if backend_cls.suffix and target.suffix != backend_cls.suffix:
         report["warnings"].append(f"path {target} does not end in {backend_cls.suffix}, the usual suffix for {backend}")
 

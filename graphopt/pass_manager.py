@@ -521,7 +521,7 @@ class PassManager:
         budget: RewriteBudget | None,
         dynamic_shapes: Any = "batch",
     ) -> Result:
-        from .capture import capture, front_end
+        from .capture import capture, capture_notes, front_end
 
         inputs = G.as_input_tuple(example_inputs, model)
         clean: _Snapshot | _Unchanged | None = None  # the working module's state, if held already
@@ -543,6 +543,7 @@ class PassManager:
             if captured is not None and captured["symbolic_failure"]:
                 notes.append(f"captured with {captured['front_end']}: symbolic tracing failed "
                              f"({captured['symbolic_failure']})")
+        notes.extend(capture_notes(gm))
         budget = budget or RewriteBudget()
         report = Report(self.pipeline_string, notes=notes, shapes=shapes.describe(gm), checked_at=shapes.sizes_for(gm))
         start = time.perf_counter()

@@ -11,7 +11,7 @@ import torch
 
 import graphopt
 from graphopt import shapes
-from graphopt.capture import front_end
+from graphopt.capture import capture_notes, front_end
 
 T = pytest.importorskip("transformers", reason="transformers is not installed (pip install 'graphopt[test]')")
 
@@ -82,3 +82,26 @@ def test_keyword_inputs_as_hugging_face_models_are_called(tmp_path):
         graphopt.capture(model, {"attention_mask": mask})
     with pytest.raises(graphopt.InputError, match="'labels_typo'"):
         graphopt.capture(model, {"input_ids": ids, "labels_typo": ids})
+
+
+def test_a_decoder_returning_a_cache_is_captured_with_use_cache_off_and_the_report_says_so(tmp_path):
+    torch.manual_seed(0)
+    model = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64)).eval()
+    ids = torch.randint(0, 100, (2, 8))
+    assert model.config.use_cache  # the default: the model returns logits and a DynamicCache
+    assert any(isinstance(v, T.cache_utils.Cache) for v in model(ids).values())
+    gm = graphopt.capture(model, (ids,))
+    (note,) = capture_notes(gm)
+    assert note.startswith("use_cache=False chosen: GPT2LMHeadModel returns a key/value cache")
+    assert model.config.use_cache  # chosen on capture's copy; the user's model is unchanged
+    out = gm(ids)
+    assert type(out) is T.modeling_outputs.CausalLMOutputWithCrossAttentions and list(out) == ["logits"]
+    want = model(ids, use_cache=False).logits
+    torch.testing.assert_close(out.logits, want)
+
+    result = graphopt.optimize(model, (ids,), "mobile-fp32")
+    assert note in result.report.notes
+    assert result.report.final_verdict.ok and not result.report.failed
+    artifact = graphopt.lower(result.module, (ids,), backend="onnx", path=tmp_path / "gpt2")
+    assert note in artifact.report["notes"]
+    torch.testing.assert_close(torch.as_tensor(artifact.run(ids).logits), want, rtol=1e-4, atol=1e-5)
