@@ -9,6 +9,11 @@ and falls back to the dynamo exporter when it raises *or* when tracing read tens
 Python (a ``TracerWarning``: the file would hold the example's values as constants); the report
 says which exporter wrote the file and why the first was not used.
 
+Inputs and outputs are named by their pytree paths (:mod:`graphopt.structure`): inputs after
+the forward parameters (``input_ids``, ``inputs.image``), outputs after the fields and keys of
+the model's output (``logits``, ``hidden_states.0``; ``output_0``, ... for plain tensors), one
+output per tensor; ``artifact.run`` puts them back in the model's container.
+
 Weights go into the one ``.onnx`` file; only a model over the 2 GB protobuf limit gets external
 data files, which land next to it. The graph's dynamic dims (declared at capture, the batch by
 default: :mod:`graphopt.shapes`) are symbolic in the file, named as declared, and
@@ -40,7 +45,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from graphopt import graph as G
-from graphopt import shapes
+from graphopt import shapes, structure
 from graphopt.backends._quantized_onnx import integer_linears
 from graphopt.errors import LoweringError
 from graphopt.fileio import native_stdout_discarded
@@ -199,11 +204,11 @@ class Onnx(Backend):
         self, exporter: str, gm: fx.GraphModule, inputs: tuple[Any, ...], path: Path, external_data: bool,
         report: dict[str, Any],
     ) -> None:
-        input_names = [n.name for n in gm.graph.nodes if n.op == "placeholder"][: len(inputs)]
-        input_names = [name for name, x in zip(input_names, inputs) if isinstance(x, torch.Tensor)]
+        input_names = [name for name, x in zip(structure.input_names(gm), inputs) if isinstance(x, torch.Tensor)]
         report["input_names"] = input_names  # exporters drop unused inputs: feed the session by name
-        outputs = pytree.tree_leaves(gm(*inputs))
-        output_names = ["output"] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))]
+        with torch.no_grad():
+            gm, output_names = structure.flat_outputs(gm, gm(*inputs))  # one output per tensor, named by its path
+        report["output_names"] = output_names
         common = dict(opset_version=self.opset, input_names=input_names, output_names=output_names)
         if exporter == "dynamo":
             traced_at, dynamic_shapes = shapes.export_spec(gm, inputs) if self.dynamic else (inputs, None)
@@ -280,8 +285,7 @@ def _dynamic_axes(gm: fx.GraphModule, inputs: tuple[Any, ...], input_names: list
         return None
     axes: dict[str, dict[int, str]] = {}
     dims = shapes.input_dims(gm)
-    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]  # the exporter's input names
-    for name, d in zip(placeholders, dims):
+    for name, d in zip(structure.input_names(gm), dims):
         if d is not None and d.dynamic and name in input_names:
             axes[name] = dict(d.dynamic)
     with torch.no_grad():

@@ -55,7 +55,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from . import graph as G
-from . import lazy, shapes
+from . import lazy, shapes, structure
 from .plugins import load_entry_points
 from .errors import GraphoptError, InputError, LoweringError, ModelRunError, UnknownBackendError, UnsupportedNodesError
 from .fileio import atomic_write
@@ -264,11 +264,18 @@ class Artifact:
     report: dict[str, Any]
     _runner: Callable[..., Any] = field(repr=False)
     _output_spec: pytree.TreeSpec = field(repr=False)
+    _input_layout: structure.InputLayout | None = field(default=None, repr=False)
 
-    def run(self, *inputs: Any) -> Any:
+    def run(self, *inputs: Any, **named: Any) -> Any:
         """Run the artifact in its runtime (the session that was verified); outputs are tensors
-        arranged like the graph's outputs. The built-in backends' runtimes use the thread count
-        torch had when the artifact was lowered (``torch.set_num_threads``)."""
+        arranged like the graph's outputs. Inputs are passed as to the graph: containers
+        (dicts, lists, dataclasses) as the model takes them, or their tensors flat. The built-in
+        backends' runtimes use the thread count torch had when the artifact was lowered
+        (``torch.set_num_threads``)."""
+        if self._input_layout is not None:
+            inputs = self._input_layout.flat(inputs, named)
+        elif named:
+            raise InputError("this artifact takes its inputs positionally, in forward's order")
         leaves = [torch.from_numpy(np.asarray(v)) if isinstance(v, (np.ndarray, np.generic)) else v
                   for v in pytree.tree_leaves(self._runner(*inputs))]
         if len(leaves) != self._output_spec.num_leaves:
@@ -348,6 +355,11 @@ def lower(
         target = target.with_name(target.name + backend_cls.suffix)
     inputs = G.as_input_tuple(example_inputs, module)
     gm = module if isinstance(module, fx.GraphModule) else _capture(module, inputs, dynamic_shapes)
+    layout = structure.layout_of(gm.graph)
+    if layout is not None:  # the graph takes the containers' tensors flat; so does the file
+        inputs = layout.flat(inputs, {})
+        if reference is not None:
+            reference = _structured_reference(reference, layout)
     if not shapes.is_declared(gm):
         gm = _declared_copy(gm, inputs, dynamic_shapes)
 
@@ -386,7 +398,17 @@ def lower(
                 verdict = None
 
     report["wall_time_s"] = round(time.perf_counter() - started, 3)
-    return Artifact(target, backend, size, verdict, report, runner, output_spec)
+    return Artifact(target, backend, size, verdict, report, runner, output_spec, layout)
+
+
+def _structured_reference(reference: Callable[..., Any], layout: structure.InputLayout) -> Callable[..., Any]:
+    """``reference`` (the model, taking containers) called with the graph's flat inputs."""
+
+    def flat_reference(*tensors: Any) -> Any:
+        return reference(*layout.arguments(tensors))
+
+    flat_reference.__qualname__ = getattr(reference, "__qualname__", type(reference).__name__)
+    return flat_reference
 
 
 def _capture(module: torch.nn.Module, inputs: tuple[Any, ...], dynamic_shapes: Any) -> fx.GraphModule:

@@ -105,3 +105,32 @@ def test_a_decoder_returning_a_cache_is_captured_with_use_cache_off_and_the_repo
     artifact = graphopt.lower(result.module, (ids,), backend="onnx", path=tmp_path / "gpt2")
     assert note in artifact.report["notes"]
     torch.testing.assert_close(torch.as_tensor(artifact.run(ids).logits), want, rtol=1e-4, atol=1e-5)
+
+
+def test_onnx_inputs_and_outputs_are_named_after_the_parameters_and_model_output_fields(tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    config = T.BertConfig(vocab_size=100, max_position_embeddings=64, output_hidden_states=True, **SMALL)
+    model = T.BertModel(config).eval()
+    example = {"input_ids": torch.randint(0, 100, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    artifact = graphopt.lower(model, example, backend="onnx", path=tmp_path / "bert", reference=model)
+    session = ort.InferenceSession(str(artifact.path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]
+    names = [o.name for o in session.get_outputs()]
+    assert names == ["last_hidden_state", "pooler_output", "hidden_states.0", "hidden_states.1", "hidden_states.2"]
+    ids, mask = torch.randint(0, 100, (3, 8)), torch.ones(3, 8, dtype=torch.long)
+    mask[0, 5:] = 0
+    got = dict(zip(names, session.run(names, {"attention_mask": mask.numpy(), "input_ids": ids.numpy()})))
+    want = model(input_ids=ids, attention_mask=mask)
+    for name in ("last_hidden_state", "pooler_output"):
+        torch.testing.assert_close(torch.from_numpy(np.asarray(got[name])), want[name], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(got["hidden_states.1"]), want.hidden_states[1], rtol=1e-4, atol=1e-5)
+
+    make, inputs = MODELS["vit"]
+    vit = make().eval()
+    artifact = graphopt.lower(vit, inputs(), backend="onnx", path=tmp_path / "vit")
+    session = ort.InferenceSession(str(artifact.path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["pixel_values"]
+    assert [o.name for o in session.get_outputs()] == ["logits"]
