@@ -14,6 +14,10 @@ the forward parameters (``input_ids``, ``inputs.image``), outputs after the fiel
 the model's output (``logits``, ``hidden_states.0``; ``output_0``, ... for plain tensors), one
 output per tensor; ``artifact.run`` puts them back in the model's container.
 
+A ``model.half()`` is written in float16 and verified at float16's tolerance. A bfloat16 graph
+is written in float32, since ONNX Runtime has no bfloat16 kernels on CPU; the runner casts at
+the boundaries and the report's notes say so (:mod:`graphopt.backends._bfloat16_onnx`).
+
 Weights go into the one ``.onnx`` file; only a model over the 2 GB protobuf limit gets external
 data files, which land next to it. The graph's dynamic dims (declared at capture, the batch by
 default: :mod:`graphopt.shapes`) are symbolic in the file, named as declared, and
@@ -46,10 +50,13 @@ import torch.utils._pytree as pytree
 
 from graphopt import graph as G
 from graphopt import shapes, structure
+from graphopt.backends._bfloat16_onnx import NOTE as BFLOAT16_NOTE
+from graphopt.backends._bfloat16_onnx import has_bfloat16, in_float32
 from graphopt.backends._quantized_onnx import integer_linears
 from graphopt.errors import LoweringError
 from graphopt.fileio import native_stdout_discarded
-from graphopt.lowering import Backend, exception_summary, other_kernels_tolerance, recording_warnings, register_backend, tracer_warning
+from graphopt.lowering import (Backend, exception_summary, other_kernels_tolerance, output_dtype, recording_warnings,
+                               register_backend, tracer_warning)
 from graphopt.quantization import has_qdq, kernels, lowering_tolerance, saturating_weights
 from graphopt.quantization.onnx_symbolics import register_torchscript_symbolics
 from graphopt.quantization.qdq import has_dynamic_qdq
@@ -107,6 +114,12 @@ class Onnx(Backend):
         if not self.dynamic and shapes.sizes_for(gm):
             report["static_shapes"] = "dynamic=False: the file has the example's shapes " + \
                 "; ".join(shapes.describe(gm))
+        if has_bfloat16(gm, example_inputs):  # ONNX Runtime has no bfloat16 kernels: write it in float32
+            with torch.no_grad():
+                outputs = [t for t in pytree.tree_leaves(gm(*example_inputs)) if isinstance(t, torch.Tensor)]
+            report["output_dtypes"] = [str(t.dtype).removeprefix("torch.") for t in outputs]
+            gm, example_inputs = in_float32(gm, example_inputs)
+            report.setdefault("notes", []).append(BFLOAT16_NOTE)
         graphs = {"torchscript": gm, "dynamo": gm}
         if has_qdq(gm):
             _refuse_saturating_weights(gm)
@@ -150,18 +163,26 @@ class Onnx(Backend):
             report.setdefault("notes", []).append(
                 f"inputs {sorted(set(names) - expected)} are unused by the graph and not inputs of the ONNX model")
 
+        # a bfloat16 graph's file computes in float32: inputs go up, outputs back to the graph's dtypes
+        cast_back = [getattr(torch, name) for name in report.get("output_dtypes", ())]
+
         def run(*inputs: Any) -> list[Any]:
-            tensors = [x for x in inputs if isinstance(x, torch.Tensor)]  # other inputs were baked in
+            tensors = [x.float() if x.dtype == torch.bfloat16 else x
+                       for x in inputs if isinstance(x, torch.Tensor)]  # other inputs were baked in
             feed = {name: x.detach().cpu().numpy() for name, x in zip(names, tensors) if name in expected}
-            return session.run(None, feed)
+            outputs = session.run(None, feed)
+            if cast_back:
+                outputs = [torch.from_numpy(v).to(dtype) for v, dtype in zip(outputs, cast_back)]
+            return outputs
 
         return run
 
     def default_tolerance(self, gm: fx.GraphModule) -> Any:
         """A few quantization steps of the output for a quantized graph (ONNX Runtime's int8
         kernels round their own way); otherwise :func:`graphopt.lowering.other_kernels_tolerance`
-        (found by a 2,000-case campaign: batch norm with batch statistics on near-constant input)."""
-        return lowering_tolerance(gm) if has_qdq(gm) else other_kernels_tolerance()
+        (found by a 2,000-case campaign: batch norm with batch statistics on near-constant input)
+        for the dtype of the graph's outputs: float16's own tolerance for a ``model.half()``."""
+        return lowering_tolerance(gm) if has_qdq(gm) else other_kernels_tolerance(output_dtype(gm))
 
     # ------------------------------------------------------------------------------ probes
 
@@ -270,7 +291,7 @@ def _check_other_sizes(gm: fx.GraphModule, inputs: tuple[Any, ...], path: Path, 
         raise LoweringError(f"the trace holds the example's sizes: {exception_summary(exc)}") from None
     with torch.no_grad():
         want = pytree.tree_leaves(G.call(gm, resized))
-    verdict = compare_outputs([want], [got], other_kernels_tolerance())
+    verdict = compare_outputs([want], [got], other_kernels_tolerance(output_dtype(gm)))
     if not verdict.ok:
         raise LoweringError(f"the trace holds the example's sizes: {verdict.reason}")
 

@@ -70,6 +70,7 @@ __all__ = [
     "available_backends",
     "collect_warnings",
     "other_kernels_tolerance",
+    "output_dtype",
     "exception_summary",
     "get_backend",
     "lower",
@@ -697,16 +698,34 @@ def _describe_inputs(inputs: tuple[Any, ...]) -> str:
 # ---------------------------------------------------------------------- helpers for backends
 
 
-def other_kernels_tolerance() -> Tolerance:
-    """The tolerance for a float graph run on another library's kernels: ten times float32's
-    default. Such kernels sum in other orders and compute normalization statistics their own
-    way, which shows on near-constant input: ONNX Runtime's batch norm with batch statistics
-    was 1.8e-4 of max|output| away on a generated model (where torch's own float32 is 1e-6
-    from float64), ExecuTorch's layer norm 1.3e-4. A wrong lowering is off by far more."""
+def other_kernels_tolerance(dtype: torch.dtype = torch.float32) -> Tolerance:
+    """The tolerance for a float graph whose outputs are ``dtype``, run on another library's
+    kernels: ten times float32's default for float32 and float64 outputs. Such kernels sum in
+    other orders and compute normalization statistics their own way, which shows on
+    near-constant input: ONNX Runtime's batch norm with batch statistics was 1.8e-4 of
+    max|output| away on a generated model (where torch's own float32 is 1e-6 from float64),
+    ExecuTorch's layer norm 1.3e-4. A wrong lowering is off by far more.
+
+    float16 and bfloat16 outputs get their dtype's own default
+    (:meth:`graphopt.verify.Tolerance.for_dtype`), which already allows several units in the
+    last place: there the rounding of each intermediate result (and whether a kernel keeps a
+    wider accumulator) outweighs the order of summation. :func:`output_dtype` says which
+    dtype a graph's outputs have."""
     from .verify import Tolerance
 
+    if dtype in (torch.float16, torch.bfloat16):
+        return Tolerance.for_dtype(dtype)
     base = Tolerance.for_dtype(torch.float32)
     return Tolerance(rtol=10 * base.rtol, atol=10 * base.atol)
+
+
+def output_dtype(gm: fx.GraphModule) -> torch.dtype:
+    """The least precise floating dtype among ``gm``'s outputs (from their recorded shape
+    metadata; float32 when none is floating)."""
+    output = next(iter(reversed(gm.graph.nodes)))
+    dtypes = [G.tensor_meta(n).dtype for n in pytree.tree_leaves(output.args[0])
+              if isinstance(n, fx.Node) and G.tensor_meta(n) is not None and G.tensor_meta(n).dtype.is_floating_point]
+    return max(dtypes, key=lambda d: torch.finfo(d).eps, default=torch.float32)
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
