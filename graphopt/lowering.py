@@ -55,10 +55,11 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from . import graph as G
-from . import lazy, shapes, structure
+from . import lazy, shapes
 from .plugins import load_entry_points
 from .errors import GraphoptError, InputError, LoweringError, ModelRunError, UnknownBackendError, UnsupportedNodesError
 from .fileio import atomic_write
+from . import structure
 
 if TYPE_CHECKING:
     from .verify import Tolerance, Verdict
