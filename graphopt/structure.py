@@ -37,7 +37,8 @@ INPUT_NAME_KEY = "graphopt_input_name"
 
 def input_names(gm: fx.GraphModule) -> list[str]:
     """One name per placeholder of ``gm``, in order (see the module docstring)."""
-    return _unique([str(n.meta.get(INPUT_NAME_KEY, n.target)).lstrip("*") for n in gm.graph.find_nodes(op="placeholder")])
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    return _unique([str(n.meta.get(INPUT_NAME_KEY, n.target)).lstrip("*") for n in placeholders])
 
 
 def _items(value: Any) -> list[tuple[Any, str, Any]] | None:

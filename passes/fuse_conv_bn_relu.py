@@ -71,7 +71,8 @@ dead-code elimination removes it with its unit, constant folding never folds the
 Declined, with the reason recorded: batch norm in training mode or without running
 statistics; batch norm not fed directly by a canonical conv/linear (after an activation, after
 an opaque ``call_module`` conv such as a subclass or a parametrized conv); conv output read by
-anything else; batch norm whose dim 1 is not the layer's output channel axis (linear on 3-D input, unbatched conv), decided from ``meta["tensor_meta"]``;
+anything else (the graph's output included); batch norm whose dim 1 is not the layer's output
+channel axis (linear on 3-D input, unbatched conv), decided from ``meta["tensor_meta"]``;
 parameters that are not constant attributes or that the graph mutates; a fold whose result is
 not finite (``eps = 0`` with ``var = 0``, where eager gives NaN as well, or a fused value beyond
 the range of a low-precision dtype).

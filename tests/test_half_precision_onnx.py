@@ -41,7 +41,8 @@ def cnn():
 
 
 def bert():
-    transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install 'graphopt[test]')")
+    transformers = pytest.importorskip("transformers",
+                                       reason="transformers is not installed (pip install 'graphopt[test]')")
     config = transformers.BertConfig(vocab_size=100, max_position_embeddings=64, hidden_size=32, num_hidden_layers=2,
                                      num_attention_heads=2, intermediate_size=64)
     return transformers.BertModel(config), (torch.randint(0, 100, (2, 8)),)
