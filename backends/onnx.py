@@ -8,6 +8,15 @@ and falls back to the dynamo exporter when it raises *or* when tracing read tens
 Python (a ``TracerWarning``: the file would hold the example's values as constants); the report
 says which exporter wrote the file and why the first was not used.
 
+Inputs and outputs are named by their pytree paths (:mod:`graphopt.structure`): inputs after
+the forward parameters (``input_ids``, ``inputs.image``), outputs after the fields and keys of
+the model's output (``logits``, ``hidden_states.0``; ``output_0``, ... for plain tensors), one
+output per tensor; ``artifact.run`` puts them back in the model's container.
+
+A ``model.half()`` is written in float16 and verified at float16's tolerance. A bfloat16 graph
+is written in float32, since ONNX Runtime has no bfloat16 kernels on CPU; the runner casts at
+the boundaries and the report's notes say so (:mod:`graphopt.backends._bfloat16_onnx`).
+
 Weights go into the one ``.onnx`` file; only a model over the 2 GB protobuf limit gets external
 data files, which land next to it. The graph's dynamic dims (declared at capture, the batch by
 default: :mod:`graphopt.shapes`) are symbolic in the file, named as declared, and
@@ -39,11 +48,14 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from graphopt import graph as G
-from graphopt import shapes
+from graphopt import shapes, structure
+from graphopt.backends._bfloat16_onnx import NOTE as BFLOAT16_NOTE
+from graphopt.backends._bfloat16_onnx import has_bfloat16, in_float32
 from graphopt.backends._quantized_onnx import integer_linears
 from graphopt.errors import LoweringError
 from graphopt.fileio import native_stdout_discarded
-from graphopt.lowering import Backend, exception_summary, other_kernels_tolerance, recording_warnings, register_backend, tracer_warning
+from graphopt.lowering import (Backend, exception_summary, other_kernels_tolerance, output_dtype, recording_warnings,
+                               register_backend, tracer_warning)
 from graphopt.quantization import has_qdq, kernels, lowering_tolerance, saturating_weights
 from graphopt.quantization.onnx_symbolics import register_torchscript_symbolics
 from graphopt.quantization.qdq import has_dynamic_qdq
@@ -101,6 +113,12 @@ class Onnx(Backend):
         if not self.dynamic and shapes.sizes_for(gm):
             report["static_shapes"] = "dynamic=False: the file has the example's shapes " + \
                 "; ".join(shapes.describe(gm))
+        if has_bfloat16(gm, example_inputs):  # ONNX Runtime has no bfloat16 kernels: write it in float32
+            with torch.no_grad():
+                outputs = [t for t in pytree.tree_leaves(gm(*example_inputs)) if isinstance(t, torch.Tensor)]
+            report["output_dtypes"] = [str(t.dtype).removeprefix("torch.") for t in outputs]
+            gm, example_inputs = in_float32(gm, example_inputs)
+            report.setdefault("notes", []).append(BFLOAT16_NOTE)
         graphs = {"torchscript": gm, "dynamo": gm}
         if has_qdq(gm):
             _refuse_saturating_weights(gm)
@@ -144,18 +162,26 @@ class Onnx(Backend):
             report.setdefault("notes", []).append(
                 f"inputs {sorted(set(names) - expected)} are unused by the graph and not inputs of the ONNX model")
 
+        # a bfloat16 graph's file computes in float32: inputs go up, outputs back to the graph's dtypes
+        cast_back = [getattr(torch, name) for name in report.get("output_dtypes", ())]
+
         def run(*inputs: Any) -> list[Any]:
-            tensors = [x for x in inputs if isinstance(x, torch.Tensor)]  # other inputs were baked in
+            tensors = [x.float() if x.dtype == torch.bfloat16 else x
+                       for x in inputs if isinstance(x, torch.Tensor)]  # other inputs were baked in
             feed = {name: x.detach().cpu().numpy() for name, x in zip(names, tensors) if name in expected}
-            return session.run(None, feed)
+            outputs = session.run(None, feed)
+            if cast_back:
+                outputs = [torch.from_numpy(v).to(dtype) for v, dtype in zip(outputs, cast_back)]
+            return outputs
 
         return run
 
     def default_tolerance(self, gm: fx.GraphModule) -> Any:
         """A few quantization steps of the output for a quantized graph (ONNX Runtime's int8
         kernels round their own way); otherwise :func:`graphopt.lowering.other_kernels_tolerance`
-        (found by a 2,000-case campaign: batch norm with batch statistics on near-constant input)."""
-        return lowering_tolerance(gm) if has_qdq(gm) else other_kernels_tolerance()
+        (found by a 2,000-case campaign: batch norm with batch statistics on near-constant input)
+        for the dtype of the graph's outputs: float16's own tolerance for a ``model.half()``."""
+        return lowering_tolerance(gm) if has_qdq(gm) else other_kernels_tolerance(output_dtype(gm))
 
     # ------------------------------------------------------------------------------ probes
 
@@ -198,11 +224,11 @@ class Onnx(Backend):
         self, exporter: str, gm: fx.GraphModule, inputs: tuple[Any, ...], path: Path, external_data: bool,
         report: dict[str, Any],
     ) -> None:
-        input_names = [n.name for n in gm.graph.nodes if n.op == "placeholder"][: len(inputs)]
-        input_names = [name for name, x in zip(input_names, inputs) if isinstance(x, torch.Tensor)]
+        input_names = [name for name, x in zip(structure.input_names(gm), inputs) if isinstance(x, torch.Tensor)]
         report["input_names"] = input_names  # exporters drop unused inputs: feed the session by name
-        outputs = pytree.tree_leaves(gm(*inputs))
-        output_names = ["output"] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))]
+        with torch.no_grad():
+            gm, output_names = structure.flat_outputs(gm, gm(*inputs))  # one output per tensor, named by its path
+        report["output_names"] = output_names
         common = dict(opset_version=self.opset, input_names=input_names, output_names=output_names)
         if exporter == "dynamo":
             traced_at, dynamic_shapes = shapes.export_spec(gm, inputs) if self.dynamic else (inputs, None)
@@ -264,7 +290,7 @@ def _check_other_sizes(gm: fx.GraphModule, inputs: tuple[Any, ...], path: Path, 
         raise LoweringError(f"the trace holds the example's sizes: {exception_summary(exc)}") from None
     with torch.no_grad():
         want = pytree.tree_leaves(G.call(gm, resized))
-    verdict = compare_outputs([want], [got], other_kernels_tolerance())
+    verdict = compare_outputs([want], [got], other_kernels_tolerance(output_dtype(gm)))
     if not verdict.ok:
         raise LoweringError(f"the trace holds the example's sizes: {verdict.reason}")
 
@@ -279,8 +305,7 @@ def _dynamic_axes(gm: fx.GraphModule, inputs: tuple[Any, ...], input_names: list
         return None
     axes: dict[str, dict[int, str]] = {}
     dims = shapes.input_dims(gm)
-    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]  # the exporter's input names
-    for name, d in zip(placeholders, dims):
+    for name, d in zip(structure.input_names(gm), dims):
         if d is not None and d.dynamic and name in input_names:
             axes[name] = dict(d.dynamic)
     with torch.no_grad():

@@ -45,7 +45,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 from torch.export.graph_signature import InputKind, OutputKind
 
-from . import canonical, lazy, ops, shapes
+from . import canonical, lazy, ops, shapes, structure
 from .errors import CaptureError, GraphoptError, InputError, first_line
 from .graph import (
     as_input_tuple,
@@ -61,9 +61,11 @@ from .graph import (
 MODES = ("auto", "symbolic", "export")
 #: output node meta: which front end captured the graph, and why symbolic tracing was not it
 FRONT_END_KEY = "graphopt_front_end"
+#: output node meta: what capture chose for the user (``use_cache=False``, ...), one sentence each
+NOTES_KEY = "graphopt_capture_notes"
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
-_OWN_FILES = {os.path.abspath(__file__), os.path.abspath(canonical.__file__)}
+_OWN_FILES = {os.path.abspath(__file__), os.path.abspath(canonical.__file__), os.path.abspath(structure.__file__)}
 _STDLIB_DIR = sysconfig.get_paths()["stdlib"] + os.sep
 _SITE_DIRS = tuple({sysconfig.get_paths()[k] + os.sep for k in ("purelib", "platlib")})
 _WAYS_OUT = (
@@ -95,7 +97,11 @@ def capture(
     ``mode``: ``"auto"`` (default) traces symbolically and, where that fails (Python control
     flow on shapes, code fx cannot trace), captures with ``torch.export``; :func:`front_end`
     says which one ran and why. ``"symbolic"`` or ``"export"`` use one front end only.
-    ``example_inputs`` is a tensor or a tuple of tensors, passed positionally. ``leaf_modules``
+    ``example_inputs`` is a tensor or a tuple of forward's positional arguments, or a dict of
+    its leading parameters by name. Arguments may be containers (dicts, lists, tuples, named
+    tuples, dataclasses) of tensors: each tensor becomes one graph input named by its path
+    (``inputs.image``, :mod:`graphopt.structure`), other values in them are fixed, and the
+    graph module is called with the same containers (or with the tensors flat). ``leaf_modules``
     (symbolic mode) lists module types (instances of them and of their subclasses) or qualified
     names to keep as opaque calls. ``concrete_args`` (symbolic mode) maps forward parameter
     names to fixed values, as in ``torch.fx.symbolic_trace``; the captured graph then takes only
@@ -105,22 +111,29 @@ def capture(
     the ways out) and :class:`InputError` when the model does not run on ``example_inputs``.
     """
     _check_model(model)
-    inputs = _check_inputs(as_input_tuple(example_inputs, model))
+    args = as_input_tuple(example_inputs, model)
+    notes: list[str] = []
+    layout = structure.input_layout(model, args, notes)
+    if layout is not None and concrete_args:
+        raise CaptureError("concrete_args cannot be combined with structured example inputs (dicts, lists, "
+                           "dataclasses): put the fixed values into the example inputs instead")
+    inputs = _check_inputs(args) if layout is None else layout.flat(args, {})
     leaf_types, leaf_names = _check_options(mode, leaf_modules, concrete_args)
-    names = [n for n in shapes.forward_parameter_names(model) if n not in (concrete_args or {})]
+    names = layout.identifiers if layout is not None else \
+        [n for n in shapes.forward_parameter_names(model) if n not in (concrete_args or {})]
     dims = shapes.normalize(dynamic_shapes, inputs, names)
     with collector_paused():
         if mode != "auto" or leaf_modules or concrete_args:  # those options are symbolic tracing's
             gm = _capture(model, inputs, "export" if mode == "export" else "symbolic", leaf_types, leaf_names,
-                          concrete_args, dims)
+                          concrete_args, dims, layout, notes)
             return _record_front_end(gm, "torch.export" if mode == "export" else "symbolic", "")
         try:
             return _record_front_end(_capture(model, inputs, "symbolic", leaf_types, leaf_names, concrete_args,
-                                              [dict(d) for d in dims]), "symbolic", "")
+                                              [dict(d) for d in dims], layout, notes), "symbolic", "")
         except CaptureError as exc:
             symbolic_failure = str(exc).split("\n")[0]
         try:
-            gm = _capture(model, inputs, "export", (), frozenset(), None, [dict(d) for d in dims])
+            gm = _capture(model, inputs, "export", (), frozenset(), None, [dict(d) for d in dims], layout, notes)
         except CaptureError as exc:
             raise CaptureError(
                 f"neither front end captures {type(model).__name__}.\n  symbolic tracing: {symbolic_failure}\n"
@@ -146,6 +159,15 @@ def front_end(gm: fx.GraphModule) -> dict[str, str] | None:
     return None
 
 
+def capture_notes(gm: fx.GraphModule) -> list[str]:
+    """What capture chose for the user while capturing ``gm`` (e.g. ``use_cache=False`` for a
+    decoder whose output holds a cache), one sentence each; [] when nothing."""
+    for node in reversed(gm.graph.nodes):
+        if node.op == "output":
+            return list(node.meta.get(NOTES_KEY, ()))
+    return []
+
+
 def _capture(
     model: nn.Module,
     inputs: tuple[torch.Tensor, ...],
@@ -154,11 +176,23 @@ def _capture(
     leaf_names: frozenset[str],
     concrete_args: dict[str, Any] | None,
     dims: list[dict[int, Any]],
+    layout: structure.InputLayout | None = None,
+    notes: Sequence[str] = (),
 ) -> fx.GraphModule:
     fixed_kwargs = _fixed_kwargs(concrete_args)
     root, origins = _deepcopy(model)
+    if layout is not None:  # the copy takes the flat tensors and rebuilds the model's arguments
+        structure.flatten_forward(root, layout)
     isolated = _Isolation(root, origins)
     reference = _reference_outputs(root, inputs, fixed_kwargs, isolated)
+    notes = list(notes)
+    if _turn_cache_off(root, reference):  # on the copy: the user's config keeps use_cache
+        dropped = _cache_fields(reference)
+        reference = _reference_outputs(root, inputs, fixed_kwargs, isolated)
+        notes.append(
+            f"use_cache=False chosen: {type(model).__name__} returns a key/value cache "
+            f"({', '.join(dropped)}), an object a graph cannot return; the graph computes the outputs without it "
+            "(set config.use_cache=False yourself to silence this note)")
     static: dict[str, str] = {}
     if mode == "symbolic":
         second = _model_at_second_sizes(root, inputs, dims, fixed_kwargs, isolated, static)
@@ -177,7 +211,36 @@ def _capture(
     _check_generic(root, graph, inputs, dims, static, second, isolated)
     if mode == "export":
         _extend_to_size_one(root, graph, inputs, dims, static, fixed_kwargs, isolated)
+    structure.record_layout(graph, layout)
+    if notes:
+        next(iter(reversed(graph.nodes))).meta[NOTES_KEY] = notes
     return _graph_module(root, graph, called)
+
+
+# -- decoder caches -------------------------------------------------------------------------------
+
+
+def _is_cache(value: Any) -> bool:
+    """A Hugging Face key/value cache (``DynamicCache`` and the other ``Cache`` classes)."""
+    return any(c.__name__ == "Cache" and c.__module__.startswith("transformers") for c in type(value).__mro__)
+
+
+def _cache_fields(reference: Any) -> list[str]:
+    """Where the model's outputs hold a cache: the output field's name, else its type."""
+    if isinstance(reference, dict):
+        return [str(k) for k, v in reference.items() if _is_cache(v)]
+    return [type(v).__name__ for v in pytree.tree_leaves(reference) if _is_cache(v)]
+
+
+def _turn_cache_off(root: nn.Module, reference: Any) -> bool:
+    """Set ``config.use_cache = False`` on capture's copy where the model's config asks for a
+    cache and its outputs hold one: a cache is a Python object with its own update logic, not a
+    value a graph returns, and a model run for inference once per input needs none."""
+    config = getattr(root, "config", None)
+    if not getattr(config, "use_cache", False) or not any(_is_cache(v) for v in pytree.tree_leaves(reference)):
+        return False
+    config.use_cache = False
+    return True
 
 
 # -- dynamic dims ---------------------------------------------------------------------------------

@@ -28,6 +28,9 @@ from .shapes import check_call
 #: output node meta: the structure the model returns its outputs in, where the graph's differs
 #: only in container type (torch.export gives a ModelOutput's fields as a dict)
 OUTPUT_SPEC_KEY = "graphopt_output_spec"
+#: output node meta: how the model's structured arguments map to the graph's flat inputs
+#: (:class:`graphopt.structure.InputLayout`), for a graph captured from dicts, lists, dataclasses
+INPUT_LAYOUT_KEY = "graphopt_input_layout"
 
 
 def _stale_forward(graph: fx.Graph | None) -> Any:
@@ -83,13 +86,19 @@ class LazyGraphModule(_LazyGraphModule):
         """Run the module, refusing inputs the graph was not made for (see
         :func:`graphopt.shapes.check_call`): a static dim of another size is an InputError,
         never a wrong answer. Outputs come in the model's own container where capture recorded
-        one (:data:`OUTPUT_SPEC_KEY`). Under a tracer, neither: it would record them."""
+        one (:data:`OUTPUT_SPEC_KEY`). A graph captured from structured inputs takes them as the
+        model does, or flat (:data:`INPUT_LAYOUT_KEY`). Under a tracer, none of this: it would
+        record them."""
         if _tracing():
             return super().__call__(*args, **kwargs)
+        output_meta = next(reversed(self._graph.nodes)).meta if len(self._graph.nodes) else {}
+        layout = output_meta.get(INPUT_LAYOUT_KEY)
+        if layout is not None:  # called as the model is: its containers flattened to the graph's inputs
+            args, kwargs = layout.flat(args, kwargs), {}
         if args or kwargs:
             check_call(self._graph, args, kwargs)
         out = super().__call__(*args, **kwargs)
-        spec = next(reversed(self._graph.nodes)).meta.get(OUTPUT_SPEC_KEY) if len(self._graph.nodes) else None
+        spec = output_meta.get(OUTPUT_SPEC_KEY)
         if spec is not None:  # the model's own container (a ModelOutput where export gave a dict)
             leaves = pytree.tree_leaves(out)
             if len(leaves) == spec.num_leaves:

@@ -66,6 +66,7 @@ from .errors import (
     exception_summary,
 )
 from .fileio import atomic_write
+from . import structure
 
 if TYPE_CHECKING:
     from .verify import Tolerance, Verdict
@@ -78,6 +79,7 @@ __all__ = [
     "available_backends",
     "collect_warnings",
     "other_kernels_tolerance",
+    "output_dtype",
     "exception_summary",
     "get_backend",
     "lower",
@@ -258,11 +260,18 @@ class Artifact:
     report: dict[str, Any]
     _runner: Callable[..., Any] = field(repr=False)
     _output_spec: pytree.TreeSpec = field(repr=False)
+    _input_layout: structure.InputLayout | None = field(default=None, repr=False)
 
-    def run(self, *inputs: Any) -> Any:
+    def run(self, *inputs: Any, **named: Any) -> Any:
         """Run the artifact in its runtime (the session that was verified); outputs are tensors
-        arranged like the graph's outputs. The built-in backends' runtimes use the thread count
-        torch had when the artifact was lowered (``torch.set_num_threads``)."""
+        arranged like the graph's outputs. Inputs are passed as to the graph: containers
+        (dicts, lists, dataclasses) as the model takes them, or their tensors flat. The built-in
+        backends' runtimes use the thread count torch had when the artifact was lowered
+        (``torch.set_num_threads``)."""
+        if self._input_layout is not None:
+            inputs = self._input_layout.flat(inputs, named)
+        elif named:
+            raise InputError("this artifact takes its inputs positionally, in forward's order")
         leaves = [torch.from_numpy(np.asarray(v)) if isinstance(v, (np.ndarray, np.generic)) else v
                   for v in pytree.tree_leaves(self._runner(*inputs))]
         if len(leaves) != self._output_spec.num_leaves:
@@ -342,6 +351,11 @@ def lower(
         target = target.with_name(target.name + backend_cls.suffix)
     inputs = G.as_input_tuple(example_inputs, module)
     gm = module if isinstance(module, fx.GraphModule) else _capture(module, inputs, dynamic_shapes)
+    layout = structure.layout_of(gm.graph)
+    if layout is not None:  # the graph takes the containers' tensors flat; so does the file
+        inputs = layout.flat(inputs, {})
+        if reference is not None:
+            reference = _structured_reference(reference, layout)
     if not shapes.is_declared(gm):
         gm = _declared_copy(gm, inputs, dynamic_shapes)
     _check_requirements(backend_cls, gm)
@@ -350,6 +364,10 @@ def lower(
         "backend": backend, "path": str(target), "options": {**backend_cls.options(), **options},
         "warnings": [], "timings_s": {},
     }
+    from .capture import capture_notes
+
+    if capture_notes(gm):  # what capture chose for the user (use_cache=False, ...)
+        report["notes"] = capture_notes(gm)
     if backend_cls.suffix and target.suffix != backend_cls.suffix:
         report["warnings"].append(f"path {target} does not end in {backend_cls.suffix}, the usual suffix for {backend}")
 
@@ -377,7 +395,17 @@ def lower(
                 verdict = None
 
     report["wall_time_s"] = round(time.perf_counter() - started, 3)
-    return Artifact(target, backend, size, verdict, report, runner, output_spec)
+    return Artifact(target, backend, size, verdict, report, runner, output_spec, layout)
+
+
+def _structured_reference(reference: Callable[..., Any], layout: structure.InputLayout) -> Callable[..., Any]:
+    """``reference`` (the model, taking containers) called with the graph's flat inputs."""
+
+    def flat_reference(*tensors: Any) -> Any:
+        return reference(*layout.arguments(tensors))
+
+    flat_reference.__qualname__ = getattr(reference, "__qualname__", type(reference).__name__)
+    return flat_reference
 
 
 def _check_requirements(backend_cls: type[Backend], gm: fx.GraphModule) -> None:
@@ -671,16 +699,34 @@ def _describe_node(gm: fx.GraphModule, node: fx.Node) -> str:
 # ---------------------------------------------------------------------- helpers for backends
 
 
-def other_kernels_tolerance() -> Tolerance:
-    """The tolerance for a float graph run on another library's kernels: ten times float32's
-    default. Such kernels sum in other orders and compute normalization statistics their own
-    way, which shows on near-constant input: ONNX Runtime's batch norm with batch statistics
-    was 1.8e-4 of max|output| away on a generated model (where torch's own float32 is 1e-6
-    from float64), ExecuTorch's layer norm 1.3e-4. A wrong lowering is off by far more."""
+def other_kernels_tolerance(dtype: torch.dtype = torch.float32) -> Tolerance:
+    """The tolerance for a float graph whose outputs are ``dtype``, run on another library's
+    kernels: ten times float32's default for float32 and float64 outputs. Such kernels sum in
+    other orders and compute normalization statistics their own way, which shows on
+    near-constant input: ONNX Runtime's batch norm with batch statistics was 1.8e-4 of
+    max|output| away on a generated model (where torch's own float32 is 1e-6 from float64),
+    ExecuTorch's layer norm 1.3e-4. A wrong lowering is off by far more.
+
+    float16 and bfloat16 outputs get their dtype's own default
+    (:meth:`graphopt.verify.Tolerance.for_dtype`), which already allows several units in the
+    last place: there the rounding of each intermediate result (and whether a kernel keeps a
+    wider accumulator) outweighs the order of summation. :func:`output_dtype` says which
+    dtype a graph's outputs have."""
     from .verify import Tolerance
 
+    if dtype in (torch.float16, torch.bfloat16):
+        return Tolerance.for_dtype(dtype)
     base = Tolerance.for_dtype(torch.float32)
     return Tolerance(rtol=10 * base.rtol, atol=10 * base.atol)
+
+
+def output_dtype(gm: fx.GraphModule) -> torch.dtype:
+    """The least precise floating dtype among ``gm``'s outputs (from their recorded shape
+    metadata; float32 when none is floating)."""
+    output = next(iter(reversed(gm.graph.nodes)))
+    dtypes = [G.tensor_meta(n).dtype for n in pytree.tree_leaves(output.args[0])
+              if isinstance(n, fx.Node) and G.tensor_meta(n) is not None and G.tensor_meta(n).dtype.is_floating_point]
+    return max(dtypes, key=lambda d: torch.finfo(d).eps, default=torch.float32)
 
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 
 from . import graph as G
-from . import lazy, shapes
+from . import lazy, shapes, structure
 from .errors import CalibrationDataError, GraphoptError, OptionError, PassError, PipelineError, VerificationError
 from .errors import TrainingModeError
 from .fileio import jsonable
@@ -508,13 +508,14 @@ class PassManager:
         budget: RewriteBudget | None,
         dynamic_shapes: Any = "batch",
     ) -> Result:
-        from .capture import capture, front_end
+        from .capture import capture, capture_notes, front_end
 
         inputs = G.as_input_tuple(example_inputs, model)
         clean: _Snapshot | _Unchanged | None = None  # the working module's state, if held already
         if isinstance(model, fx.GraphModule):
             # before anything runs it: a training-mode batch norm updates the caller's statistics
             notes = self._training_mode_notes(model)
+            inputs = structure.graph_inputs(model, inputs)
             gm = _copy_graph_module(model)  # never mutate the caller's graph module
             if any("tensor_meta" not in n.meta for n in gm.graph.nodes if n.op != "output"):
                 G.propagate_shapes(gm, inputs)
@@ -530,6 +531,8 @@ class PassManager:
             if captured is not None and captured["symbolic_failure"]:
                 notes.append(f"captured with {captured['front_end']}: symbolic tracing failed "
                              f"({captured['symbolic_failure']})")
+        notes.extend(capture_notes(gm))
+        inputs = structure.graph_inputs(gm, inputs)  # containers (dicts, lists, ...) as the graph's flat inputs
         budget = budget or RewriteBudget()
         report = Report(self.pipeline_string, notes=notes, shapes=shapes.describe(gm), checked_at=shapes.sizes_for(gm))
         start = time.perf_counter()
@@ -824,6 +827,7 @@ def bisect(model: Any, example_inputs: Any, pipeline: Any, *, tolerance: Any = N
     if calibration_data is not None:
         calibration_data = list(calibration_data)  # every attempt re-runs the pipeline on it
     base = model if isinstance(model, fx.GraphModule) else capture(model, inputs)
+    inputs = structure.graph_inputs(base, inputs)
     check_inputs = verify.verification_inputs(inputs, synthesize=2, seed=0)
     reference = _run_all(base, check_inputs)
     tol = tolerance

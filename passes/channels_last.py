@@ -34,7 +34,7 @@ weight replaces the old attribute under the same name (the same values, so a che
 graph still loads). Unless the converted convs outnumber the guards needed, the layout change
 would cost about as many copies as it saves (one conv feeding an output, say); the pass then
 undoes everything and records why. Guards carry ``meta["layout_guard"]``, so that passes with
-rules about graph outputs (fusion keeps a batch norm that is one) look through them. A second run
+rules about graph outputs can look through them. A second run
 finds nothing to convert and needs no new guards, so the pass is idempotent.
 
 Rewrites counted: one per converted weight and one per guard. Figures: ``weights_converted``,

@@ -32,6 +32,14 @@ otherwise). The fused conv node takes the batch norm's provenance, since its val
 batch norm's, and ``meta["folded_from"]`` lists the provenances folded together (the layer's,
 then each batch norm's: ``conv -> bn -> bn`` folds twice in one run).
 
+A batch norm whose output is a graph output folds too (backbones that return their stage
+outputs): the fused conv's output takes its place among the graph's outputs, with the same
+values. ONNX Runtime declines there because its graph outputs are named by the node that
+produces them; an FX graph's outputs are references to nodes, and graphopt names the ONNX
+outputs after the model's output structure, not after nodes. A conv whose own output is also
+returned (``return bn(conv(x)), conv(x)``) still declines: that value is the conv's, unfused.
+The activation of a unit never runs in place when the conv's output is returned as well.
+
 Fusion units. A conv or linear whose only user is a clamp-style activation that mobile
 backends fuse into the conv kernel (``relu``; ``hardtanh``, which covers ``relu6``) forms one
 unit with it: ``conv.meta["fusion_unit"] = {"activation": act.name, "kind": "relu" | "relu6" |
@@ -63,8 +71,7 @@ dead-code elimination removes it with its unit, constant folding never folds the
 Declined, with the reason recorded: batch norm in training mode or without running
 statistics; batch norm not fed directly by a canonical conv/linear (after an activation, after
 an opaque ``call_module`` conv such as a subclass or a parametrized conv); conv output read by
-anything else; batch-norm output that is a graph output (ONNX Runtime's rule, and it keeps the
-node producing each graph output in place); batch norm whose dim 1 is not the layer's output
+anything else (the graph's output included); batch norm whose dim 1 is not the layer's output
 channel axis (linear on 3-D input, unbatched conv), decided from ``meta["tensor_meta"]``;
 parameters that are not constant attributes or that the graph mutates; a fold whose result is
 not finite (``eps = 0`` with ``var = 0``, where eager gives NaN as well, or a fused value beyond
@@ -169,9 +176,6 @@ def _match(gm: fx.GraphModule, bn: fx.Node, mutated: set[str]) -> _Fold:
     others = [u.name for u in layer.users if u is not bn]
     if others:
         raise _Decline(f"output of {layer.name} is also read by {', '.join(others)}")
-    if any(u.op == "output" or (u.meta.get("layout_guard") and any(v.op == "output" for v in u.users))
-           for u in bn.users):  # a layout guard (channels-last) only restores the output's strides
-        raise _Decline("batch-norm output is a graph output")
     _check_channel_axis(layer, bn)
     eps = ops.arg(bn, "eps")
     if not isinstance(eps, (int, float)):

@@ -83,8 +83,8 @@ def declines(record) -> str:
 
 
 class Seq(nn.Sequential):
-    """A layer stack whose batch-norm output is scaled before it leaves the graph: a BN output that
-    is a graph output is declined on purpose (tested separately)."""
+    """A layer stack whose last output is scaled before it leaves the graph (a batch-norm output
+    that is a graph output is tested separately)."""
 
     def forward(self, x):
         return super().forward(x) * 2.0
@@ -205,9 +205,14 @@ def test_conv_output_with_other_users_is_declined():
     assert_declined(TwoOutputs().eval(), (torch.randn(1, 3, 6, 6),), "also read by")
 
 
-def test_batch_norm_output_that_is_a_graph_output_is_declined():
+def test_batch_norm_output_that_is_a_graph_output_folds():
     torch.manual_seed(5)
-    assert_declined(BNLast().eval(), (torch.randn(1, 3, 6, 6),), "graph output")
+    model, x = BNLast().eval(), (torch.randn(1, 3, 6, 6),)
+    gm, record = run_pass(model, x)
+    assert record.rewrites == 1 and count_op(gm, "batch_norm") == 0
+    (output,) = [n for n in gm.graph.nodes if n.op == "output"]
+    assert output.args[0] is conv_node(gm)  # the fused conv's output is the graph output now
+    assert_same_outputs(gm, model, x)
 
 
 def test_linear_then_batchnorm1d_on_3d_input_is_declined_even_when_sizes_agree():
@@ -671,6 +676,52 @@ def test_mobile_fp32_on_full_size_examples_fuses_in_place_and_a_second_run_chang
     assert [r.name for r in second.report.records if r.changed] == []
     with torch.no_grad():
         assert rel_error(second.module(*x), model(*x)) <= 1e-4
+
+
+# --------------------------------------------------------------------------- backbones
+
+
+class StageOutputs(nn.Module):
+    """A features_only-style backbone: every stage's output is returned and feeds the next stage;
+    the stem's is taken right after its batch norm, the second stage's after its relu, the last
+    stage's after its batch norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), randomize(nn.BatchNorm2d(4)))
+        self.stage2 = nn.Sequential(nn.Conv2d(4, 6, 3, stride=2, padding=1, bias=False),
+                                    randomize(nn.BatchNorm2d(6)), nn.ReLU())
+        self.stage3 = nn.Sequential(nn.Conv2d(6, 8, 3, stride=2, padding=1), randomize(nn.BatchNorm2d(8)))
+
+    def forward(self, x):
+        x1 = self.stem(x)
+        x2 = self.stage2(F.relu(x1))
+        x3 = self.stage3(x2)
+        return [x1, x2, x3]
+
+
+def test_backbone_returning_stage_outputs_folds_every_batch_norm():
+    torch.manual_seed(30)
+    model, x = StageOutputs().eval(), (torch.randn(2, 3, 16, 16),)
+    gm, record = run_pass(model, x)
+    assert record.figures["batch_norms_folded"] == 3 and count_op(gm, "batch_norm") == 0
+    convs = [n for n in gm.graph.nodes if ops.is_op(n, "conv2d")]
+    assert [c.meta["folded_from"] for c in convs] == [["stem.0", "stem.1"], ["stage2.0", "stage2.1"],
+                                                      ["stage3.0", "stage3.1"]]
+    (output,) = [n for n in gm.graph.nodes if n.op == "output"]
+    stem, stage2, stage3 = output.args[0]
+    assert stem is convs[0] and stage3 is convs[2]  # outputs taken after batch norm: the fused convs
+    assert fused_activation_op(stage2) is not None and stage2.args[0] is convs[1]  # relu in place: only it reads
+    # the stem's conv output is returned, so the relu reading it must not write into it
+    assert fused_activation_op(next(iter(u for u in convs[0].users if u.op != "output"))) is None
+    assert "also read by output" in declines(record)
+    got, want = gm(*x), model(*x)
+    assert type(got) is list and len(got) == 3
+    for g, w in zip(got, want):
+        assert rel_error(g, w) <= 1e-5
+    result = graphopt.optimize(model, x, "mobile-fp32")
+    assert result.report.final_verdict.ok and not result.report.failed
+    assert count_op(result.module, "batch_norm") == 0
 
 
 # --------------------------------------------------------------------------- pass behaviour

@@ -11,7 +11,7 @@ import torch
 
 import graphopt
 from graphopt import shapes
-from graphopt.capture import front_end
+from graphopt.capture import capture_notes, front_end
 
 T = pytest.importorskip("transformers", reason="transformers is not installed (pip install 'graphopt[test]')")
 
@@ -82,3 +82,55 @@ def test_keyword_inputs_as_hugging_face_models_are_called(tmp_path):
         graphopt.capture(model, {"attention_mask": mask})
     with pytest.raises(graphopt.InputError, match="'labels_typo'"):
         graphopt.capture(model, {"input_ids": ids, "labels_typo": ids})
+
+
+def test_a_decoder_returning_a_cache_is_captured_with_use_cache_off_and_the_report_says_so(tmp_path):
+    torch.manual_seed(0)
+    model = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64)).eval()
+    ids = torch.randint(0, 100, (2, 8))
+    assert model.config.use_cache  # the default: the model returns logits and a DynamicCache
+    assert any(isinstance(v, T.cache_utils.Cache) for v in model(ids).values())
+    gm = graphopt.capture(model, (ids,))
+    (note,) = capture_notes(gm)
+    assert note.startswith("use_cache=False chosen: GPT2LMHeadModel returns a key/value cache")
+    assert model.config.use_cache  # chosen on capture's copy; the user's model is unchanged
+    out = gm(ids)
+    assert type(out) is T.modeling_outputs.CausalLMOutputWithCrossAttentions and list(out) == ["logits"]
+    want = model(ids, use_cache=False).logits
+    torch.testing.assert_close(out.logits, want)
+
+    result = graphopt.optimize(model, (ids,), "mobile-fp32")
+    assert note in result.report.notes
+    assert result.report.final_verdict.ok and not result.report.failed
+    artifact = graphopt.lower(result.module, (ids,), backend="onnx", path=tmp_path / "gpt2")
+    assert note in artifact.report["notes"]
+    torch.testing.assert_close(torch.as_tensor(artifact.run(ids).logits), want, rtol=1e-4, atol=1e-5)
+
+
+def test_onnx_inputs_and_outputs_are_named_after_the_parameters_and_model_output_fields(tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    config = T.BertConfig(vocab_size=100, max_position_embeddings=64, output_hidden_states=True, **SMALL)
+    model = T.BertModel(config).eval()
+    example = {"input_ids": torch.randint(0, 100, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    artifact = graphopt.lower(model, example, backend="onnx", path=tmp_path / "bert", reference=model)
+    session = ort.InferenceSession(str(artifact.path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]
+    names = [o.name for o in session.get_outputs()]
+    assert names == ["last_hidden_state", "pooler_output", "hidden_states.0", "hidden_states.1", "hidden_states.2"]
+    ids, mask = torch.randint(0, 100, (3, 8)), torch.ones(3, 8, dtype=torch.long)
+    mask[0, 5:] = 0
+    got = dict(zip(names, session.run(names, {"attention_mask": mask.numpy(), "input_ids": ids.numpy()})))
+    want = model(input_ids=ids, attention_mask=mask)
+    for name in ("last_hidden_state", "pooler_output"):
+        torch.testing.assert_close(torch.from_numpy(np.asarray(got[name])), want[name], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(got["hidden_states.1"]), want.hidden_states[1], rtol=1e-4, atol=1e-5)
+
+    make, inputs = MODELS["vit"]
+    vit = make().eval()
+    artifact = graphopt.lower(vit, inputs(), backend="onnx", path=tmp_path / "vit")
+    session = ort.InferenceSession(str(artifact.path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["pixel_values"]
+    assert [o.name for o in session.get_outputs()] == ["logits"]
