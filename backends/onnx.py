@@ -23,7 +23,10 @@ int8 kernels (QLinearConv, ...). The TorchScript exporter learns these ops from
 MatMulInteger, which ONNX Runtime fuses into DynamicQuantizeMatMul
 (:mod:`graphopt.backends._quantized_onnx`; the report counts them as ``integer_linears``). The
 file is verified within a few quantization steps of each output
-(:func:`graphopt.quantization.lowering_tolerance`): the int8 kernels round their own way.
+(:func:`graphopt.quantization.lowering_tolerance`): the int8 kernels round their own way. Ops
+ONNX Runtime has no int8 kernel for (HardSwish, a bilinear Resize) compute in float between
+DequantizeLinear and QuantizeLinear; ``report["float_between_qdq"]`` counts them and a note
+says so.
 Weights beyond +-64 are refused on an x86 CPU without VNNI, where ONNX Runtime's int8 kernels
 saturate (see :meth:`Onnx.export`).
 """
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import collections
 import io
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -41,7 +45,7 @@ import torch.utils._pytree as pytree
 
 from graphopt import graph as G
 from graphopt import shapes
-from graphopt.backends._quantized_onnx import integer_linears
+from graphopt.backends._quantized_onnx import float_between_qdq, integer_linears
 from graphopt.errors import LoweringError
 from graphopt.fileio import native_stdout_discarded
 from graphopt.lowering import Backend, exception_summary, other_kernels_tolerance, recording_warnings, register_backend, tracer_warning
@@ -137,7 +141,15 @@ class Onnx(Backend):
         options.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise here
         # torch's thread count, as the other backends' runtimes use (ORT's default is every core)
         options.intra_op_num_threads = torch.get_num_threads()
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        if report.get("quantized"):
+            import onnx
+
+            with tempfile.TemporaryDirectory() as scratch:  # not next to the file: its size is counted
+                options.optimized_model_filepath = str(Path(scratch) / "optimized.onnx")
+                session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+                _note_float_ops(onnx.load(options.optimized_model_filepath), report)
+        else:
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         expected = {i.name for i in session.get_inputs()}
         names = report.get("input_names") or [i.name for i in session.get_inputs()]
         report["onnxruntime"] = {"version": ort.__version__, "providers": session.get_providers()}
@@ -295,3 +307,15 @@ def _dynamic_axes(gm: fx.GraphModule, inputs: tuple[Any, ...], input_names: list
             if varying:
                 axes[out_name] = varying
     return axes
+
+
+def _note_float_ops(optimized: Any, report: dict[str, Any]) -> None:
+    """Say which ops ONNX Runtime has no int8 kernel for in this graph (they compute in float
+    between DequantizeLinear and QuantizeLinear)."""
+    found = float_between_qdq(optimized)
+    report["float_between_qdq"] = found
+    if found:
+        listed = ", ".join(f"{op} x{n}" for op, n in sorted(found.items()))
+        report.setdefault("notes", []).append(
+            f"ONNX Runtime has no int8 kernel for {listed}: computed in float between DequantizeLinear and "
+            "QuantizeLinear")
