@@ -49,8 +49,10 @@ _OTHER_FUNCTIONS = {F.interpolate: "interpolate"}
 def op_key(node: fx.Node) -> str | None:
     """The name configurations use for ``node``'s op: canonical name, else tensor-method name.
     The in-place activation of a fusion unit goes by its canonical name (``"relu"``)."""
+    if node.op == "call_function" and node.target in _OTHER_FUNCTIONS:
+        return _OTHER_FUNCTIONS[node.target]
     if node.op == "call_function":
-        return ops.op_name(node) or fused_activation_op(node) or _OTHER_FUNCTIONS.get(node.target)
+        return ops.op_name(node) or fused_activation_op(node)
     if node.op == "call_method":
         return str(node.target)
     return None
