@@ -103,3 +103,42 @@ def _dynamic_linear(module: fx.GraphModule, node: fx.Node) -> tuple[Any, ...] | 
     if integers.dim() != 2 or integers.dtype != torch.int8:
         return None
     return x, integers, scale.float(), zero, (int(w_qmin), int(w_qmax)), (int(qmin), int(qmax), dtype, float(eps))
+
+
+#: ops of an optimized ONNX Runtime graph that only carry integers or the QDQ form itself, or
+#: read a tensor's shape, not its values
+_NOT_COMPUTING = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Shape", "Size"})
+#: elementwise float ops an exporter writes one op as (HardSwish as HardSigmoid then Mul)
+_ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Clip", "Relu", "Sigmoid", "HardSigmoid", "Tanh"})
+
+
+def float_between_qdq(model: Any) -> dict[str, int]:
+    """Op types (with counts) that ONNX Runtime left computing in float between a
+    DequantizeLinear and a QuantizeLinear in the optimized ``model`` (an ``onnx.ModelProto``):
+    the int8 ops it has no kernel for (HardSwish, a bilinear Resize)."""
+    nodes = model.graph.node
+    producer = {out: n for n in nodes for out in n.output}
+    readers: dict[str, list[Any]] = {}
+    for n in nodes:
+        for name in n.input:
+            readers.setdefault(name, []).append(n)
+    found: dict[str, int] = {}
+    for n in nodes:
+        if n.op_type in _NOT_COMPUTING:
+            continue
+        reads_dq = any(producer.get(i) is not None and producer[i].op_type == "DequantizeLinear" for i in n.input)
+        feeds_q = any(r.op_type == "QuantizeLinear" for out in n.output for r in _float_readers(out, readers))
+        if reads_dq and feeds_q:
+            found[n.op_type] = found.get(n.op_type, 0) + 1
+    return found
+
+
+def _float_readers(value: str, readers: dict[str, list[Any]], depth: int = 4) -> list[Any]:
+    """The nodes reading ``value``, looking through a few float elementwise steps
+    (HardSwish written as HardSigmoid then Mul)."""
+    found = []
+    for r in readers.get(value, []):
+        found.append(r)
+        if depth and r.op_type in _ELEMENTWISE:
+            found += [x for out in r.output for x in _float_readers(out, readers, depth - 1)]
+    return found

@@ -16,6 +16,7 @@ QDQ pattern (``DQ``/``Q``: per-tensor dequantize/quantize)  becomes
 ``Q(cat([DQ(a), ...]))``                                ``quantized::cat``
 ``Q(op(DQ(q)))``, same parameters (pooling, reshape...) ``op(q)`` on the integers
 ``Q(sigmoid(DQ(q)))`` and other fixed-range ops          ``sigmoid(q)`` (torch's fixed output parameters)
+``Q(hardswish(DQ(q)))``                                 ``quantized::hardswish`` (requantizes)
 any other ``Q(x)``                                      ``torch.quantize_per_tensor(x, ...)``
 ``DQ(q)``                                               ``q.dequantize()``
 ``linear(DQd(x), DQ_per_channel(w_int8), b)``           :class:`DynamicLinear` on ``x`` (``DQd``: the
@@ -23,6 +24,10 @@ any other ``Q(x)``                                      ``torch.quantize_per_ten
 any other ``DQd(x)``                                    ``torch.quantize_per_tensor_dynamic(x, ...)
                                                         .dequantize()``
 =====================================================  =================================================
+
+``interpolate`` (nearest, bilinear) runs on the integers with its input's parameters, like the
+pools. Arguments are written as ``torch.jit.script`` types them (a pool's ``stride=None`` as
+its kernel size, an integer ``scale_factor`` as a float).
 
 Everything else stays float, so the converted graph computes what the QDQ graph computes,
 up to the kernels' rounding (within one quantization step per int8 op). A conv whose
@@ -60,7 +65,11 @@ _BINARY = {("add", False): torch.ops.quantized.add, ("add", True): torch.ops.qua
            ("mul", False): torch.ops.quantized.mul, ("mul", True): torch.ops.quantized.mul_relu}
 #: ops that run on quantized tensors and keep the input's parameters
 _ON_INTEGERS = frozenset({"max_pool1d", "max_pool2d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "avg_pool1d",
-                          "avg_pool2d", "flatten", "reshape", "view", "squeeze", "unsqueeze", "relu", "hardtanh"})
+                          "avg_pool2d", "flatten", "reshape", "view", "squeeze", "unsqueeze", "relu", "hardtanh",
+                          "interpolate"})
+#: ops with a quantized kernel that requantizes to given output parameters
+_REQUANTIZING = {"hardswish": torch.ops.quantized.hardswish}
+_POOLS = frozenset({"max_pool1d", "max_pool2d", "avg_pool1d", "avg_pool2d"})
 #: ops whose quantized kernel fixes the output parameters, as (scale, zero point) in quint8
 _FIXED = {"sigmoid": (1 / 256, 0), "hardsigmoid": (1 / 256, 0), "tanh": (2 / 256, 128)}
 _FULL_RANGE = {torch.uint8: (0, 255), torch.int8: (-128, 127)}
@@ -101,6 +110,7 @@ class _Converter:
         self.attrs: dict[str, Any] = {}
         self.quantized: dict[fx.Node, tuple[float, int]] = {}  # new node -> quint8 (scale, zero point)
         self.lowered: list[str] = []
+        self.float_ops: list[str] = []  # ops computed in float between a dequantize and a quantize
 
     # ------------------------------------------------------------- helpers
 
@@ -129,6 +139,7 @@ class _Converter:
             self.attrs[str(node.target)] = self.gm.get_submodule(str(node.target))
         new = self.graph.node_copy(node, lambda n: self.env[n])
         new.type = None  # fx would annotate torch.Tensor as an alias TorchScript cannot parse
+        new.args, new.kwargs = _scriptable(_key(node), new.args, new.kwargs)
         return new
 
     # ------------------------------------------------------------- patterns
@@ -267,12 +278,22 @@ class _Converter:
             return None  # requantizes: stays float
         rest = fx.map_arg(tuple(value.args[1:]), lambda n: self.env[n])
         kwargs = fx.map_arg(dict(value.kwargs), lambda n: self.env[n])
+        rest, kwargs = _scriptable(key, rest, kwargs, offset=1)
         if value.op == "call_method":
             # int8 kernels write NHWC: a view by sizes read at run time may not fit their
             # strides; reshape is the same view where it fits and a copy where not
             method = "reshape" if value.target == "view" else str(value.target)
             return self.graph.call_method(method, (source, *rest), kwargs)
         return self.graph.call_function(value.target, (source, *rest), kwargs)
+
+    def requantizing(self, value: fx.Node, scale: float, zero_point: int) -> fx.Node | None:
+        """``Q(hardswish(DQ(q)))`` -> torch's quantized kernel writing the output parameters."""
+        kernel = _REQUANTIZING.get(_key(value))
+        source = self.integers(value.args[0]) if kernel is not None and value.args else None
+        if source is None:
+            return None
+        self.lowered.append(f"{value.name} -> quantized::{_key(value)}")
+        return self.graph.call_function(kernel, (source, float(scale), int(zero_point)))
 
     def dynamic_fake_quantize(self, dq: fx.Node) -> fx.Node:
         """The dynamic chain ending at ``dq`` on aten ops the lite interpreter has (its
@@ -289,11 +310,13 @@ class _Converter:
         value = node.args[0]
         new = None
         if isinstance(value, fx.Node):
-            for pattern in (self.weighted, self.binary, self.cat, self.on_integers):
+            for pattern in (self.weighted, self.binary, self.cat, self.on_integers, self.requantizing):
                 new = pattern(value, scale, zero_point)
                 if new is not None:
                     break
         if new is None:
+            if isinstance(value, fx.Node) and any(qdq.is_dequantize(a) for a in value.all_input_nodes):
+                self.float_ops.append(f"{value.name} ({_key(value) or value.target})")
             new = self.graph.call_function(torch.quantize_per_tensor, (self.env[value], scale, zero_point, torch.quint8))
         self.quantized[new] = (scale, zero_point)
         return new
@@ -320,7 +343,27 @@ class _Converter:
         # rebuilt so only what the graph still reads is kept (float copies of weights are not)
         module = fx.GraphModule(self.attrs, draft.graph, "QuantizedGraph")
         module.meta["int8_layers"] = list(self.lowered)
+        module.meta["float_between_qdq"] = list(self.float_ops)
         return module
+
+
+def _scriptable(key: str | None, args: tuple[Any, ...], kwargs: dict[str, Any],
+                offset: int = 0) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Arguments ``torch.jit.script`` types as the schema wants: a pool's ``stride=None``
+    (canonical for "the kernel size") as the kernel size, ``interpolate``'s integer
+    ``scale_factor`` as a float. ``offset``: how many leading arguments ``args`` lacks."""
+    args = list(args)
+    if key in _POOLS and ops.SPECS[key].index["stride"] - offset < len(args):
+        at = ops.SPECS[key].index["stride"] - offset
+        if args[at] is None:
+            args[at] = args[ops.SPECS[key].index["kernel_size"] - offset]
+    if key == "interpolate":
+        factor = kwargs.get("scale_factor")
+        if isinstance(factor, int):
+            kwargs = {**kwargs, "scale_factor": float(factor)}
+        elif isinstance(factor, (tuple, list)):
+            kwargs = {**kwargs, "scale_factor": [float(f) for f in factor]}
+    return tuple(args), kwargs
 
 
 def convert_for_torchscript(gm: fx.GraphModule, example_inputs: tuple[Any, ...], *, engine: str = "x86") -> nn.Module:
@@ -328,7 +371,9 @@ def convert_for_torchscript(gm: fx.GraphModule, example_inputs: tuple[Any, ...],
 
     ``engine``: ``"x86"`` (fbgemm; the default on x86) or ``"qnnpack"`` (ARM). The result is an
     ``fx.GraphModule`` that ``torch.jit.script`` accepts; ``.meta["int8_layers"]`` lists the
-    layers that run on int8 kernels. It is run once on ``example_inputs`` so kernel errors surface here.
+    layers that run on int8 kernels, ``.meta["float_between_qdq"]`` the ops torch has no int8
+    kernel for (computed in float between dequantize and quantize). It is run once on
+    ``example_inputs`` so kernel errors surface here.
     """
     if engine not in torch.backends.quantized.supported_engines:
         raise LoweringError(

@@ -31,7 +31,10 @@ int8 kernels (QLinearConv, ...). The TorchScript exporter learns these ops from
 MatMulInteger, which ONNX Runtime fuses into DynamicQuantizeMatMul
 (:mod:`graphopt.backends._quantized_onnx`; the report counts them as ``integer_linears``). The
 file is verified within a few quantization steps of each output
-(:func:`graphopt.quantization.lowering_tolerance`): the int8 kernels round their own way.
+(:func:`graphopt.quantization.lowering_tolerance`): the int8 kernels round their own way. Ops
+ONNX Runtime has no int8 kernel for (HardSwish, a bilinear Resize) compute in float between
+DequantizeLinear and QuantizeLinear; ``report["float_between_qdq"]`` counts them and a note
+says so.
 Weights beyond +-64 are refused on an x86 CPU without VNNI, where ONNX Runtime's int8 kernels
 saturate (see :meth:`Onnx.export`).
 """
@@ -39,6 +42,7 @@ from __future__ import annotations
 
 import collections
 import io
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -51,7 +55,7 @@ from graphopt import graph as G
 from graphopt import shapes, structure
 from graphopt.backends._bfloat16_onnx import NOTE as BFLOAT16_NOTE
 from graphopt.backends._bfloat16_onnx import has_bfloat16, in_float32
-from graphopt.backends._quantized_onnx import integer_linears
+from graphopt.backends._quantized_onnx import float_between_qdq, integer_linears
 from graphopt.errors import LoweringError
 from graphopt.fileio import native_stdout_discarded
 from graphopt.lowering import (Backend, exception_summary, other_kernels_tolerance, output_dtype, recording_warnings,
@@ -154,7 +158,15 @@ class Onnx(Backend):
         options.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise here
         # torch's thread count, as the other backends' runtimes use (ORT's default is every core)
         options.intra_op_num_threads = torch.get_num_threads()
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        if report.get("quantized"):
+            import onnx
+
+            with tempfile.TemporaryDirectory() as scratch:  # not next to the file: its size is counted
+                options.optimized_model_filepath = str(Path(scratch) / "optimized.onnx")
+                session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+                _note_float_ops(onnx.load(options.optimized_model_filepath), report)
+        else:
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         expected = {i.name for i in session.get_inputs()}
         names = report.get("input_names") or [i.name for i in session.get_inputs()]
         report["onnxruntime"] = {"version": ort.__version__, "providers": session.get_providers()}
@@ -177,8 +189,9 @@ class Onnx(Backend):
         return run
 
     def default_tolerance(self, gm: fx.GraphModule) -> Any:
-        """A few quantization steps of the output for a quantized graph (ONNX Runtime's int8
-        kernels round their own way); otherwise :func:`graphopt.lowering.other_kernels_tolerance`
+        """For a quantized graph, the quantization steps on the paths to its outputs
+        (:func:`graphopt.quantization.lowering_tolerance`: ONNX Runtime's int8 kernels round
+        their own way); otherwise :func:`graphopt.lowering.other_kernels_tolerance`
         (found by a 2,000-case campaign: batch norm with batch statistics on near-constant input)
         for the dtype of the graph's outputs: float16's own tolerance for a ``model.half()``."""
         return lowering_tolerance(gm) if has_qdq(gm) else other_kernels_tolerance(output_dtype(gm))
@@ -319,3 +332,15 @@ def _dynamic_axes(gm: fx.GraphModule, inputs: tuple[Any, ...], input_names: list
             if varying:
                 axes[out_name] = varying
     return axes
+
+
+def _note_float_ops(optimized: Any, report: dict[str, Any]) -> None:
+    """Say which ops ONNX Runtime has no int8 kernel for in this graph (they compute in float
+    between DequantizeLinear and QuantizeLinear)."""
+    found = float_between_qdq(optimized)
+    report["float_between_qdq"] = found
+    if found:
+        listed = ", ".join(f"{op} x{n}" for op, n in sorted(found.items()))
+        report.setdefault("notes", []).append(
+            f"ONNX Runtime has no int8 kernel for {listed}: computed in float between DequantizeLinear and "
+            "QuantizeLinear")

@@ -16,7 +16,10 @@ converted to torch's int8 kernels (:func:`graphopt.backends._quantized_torchscri
 for the quantized engine of option ``engine``: ``"x86"`` (fbgemm) or ``"qnnpack"`` (ARM). It is
 scripted, frozen only for qnnpack (freezing an x86 module stores its packed weights twice),
 loaded with that engine set, and verified within a few quantization steps of each output
-(:func:`graphopt.quantization.lowering_tolerance`). Run the file with the same engine.
+(:func:`graphopt.quantization.lowering_tolerance`). Run the file with the same engine. Ops
+torch has no int8 kernel for (SiLU, a broadcast multiply) compute in float between dequantize
+and quantize: ``report["float_between_qdq"]`` lists them and a note says so. When
+``torch.jit.script`` fails, the error keeps TorchScript's reason and the line it points at.
 Dynamically quantized linear layers (``quantize{mode=dynamic}``) run on
 ``quantized::linear_dynamic``, which quantizes their float input itself.
 """
@@ -121,7 +124,7 @@ class TorchScriptMobile(Backend):
                 torch.jit.script(_without_annotations(module))
                 return None
             except Exception as exc:
-                reason = exception_summary(exc)
+                reason = script_error_summary(exc)
                 if "Can't redefine method" in reason and self._script_error:
                     # TorchScript keeps half-compiled classes from the failed whole-graph attempt;
                     # that attempt's error is the real one
@@ -151,9 +154,15 @@ class TorchScriptMobile(Backend):
             except Exception as exc:
                 raise LoweringError(
                     f"torch.jit.script failed on the int8 module converted from the quantized graph: "
-                    f"{exception_summary(exc)}; lower with backend='onnx', or report the model"
+                    f"{script_error_summary(exc)}; lower with backend='onnx', or report the model"
                 ) from exc
             report.update(converter="script", quantized_engine=self.engine, int8_layers=list(converted.meta["int8_layers"]))
+            floats = converted.meta["float_between_qdq"]
+            report["float_between_qdq"] = list(floats)
+            if floats:
+                report.setdefault("notes", []).append(
+                    f"torch has no int8 kernel for {', '.join(floats)}: computed in float between dequantize and "
+                    "quantize")
             report["xnnpack"] = has_xnnpack()
             if self.engine == "x86":
                 # freezing inlines the x86-packed weights as constants next to their serialized
@@ -182,7 +191,7 @@ class TorchScriptMobile(Backend):
                 report["converter"] = "script"
                 return scripted
             except Exception as exc:
-                self._script_error = exception_summary(exc)
+                self._script_error = script_error_summary(exc)
                 if self.method == "script":
                     raise LoweringError(f"torch.jit.script failed: {self._script_error}") from exc
                 report["converter_fallback"] = f"torch.jit.script failed ({self._script_error}); traced instead"
@@ -270,3 +279,16 @@ def _without_annotations(gm: fx.GraphModule) -> fx.GraphModule:
         if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
             node.target = node.target.overloadpacket
     return fx.GraphModule(gm, graph)
+
+
+def script_error_summary(exc: BaseException) -> str:
+    """:func:`graphopt.lowering.exception_summary` of a ``torch.jit.script`` failure, with the
+    cause TorchScript gives under its headline: "Arguments for call are not valid." is followed
+    by why each overload refused ("Expected a value of type 'List[int]' for argument 'stride'
+    but instead found type 'NoneType'") and by the line of code it points at."""
+    summary = exception_summary(exc)
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    reason = next((ln for ln in lines if ln.startswith("Expected ")), None)
+    pointed = [lines[i - 1] for i, ln in enumerate(lines) if ln.startswith("~") and "<--- HERE" in ln and i]
+    details = [d for d in (reason, f"at: {pointed[0]}" if pointed else None) if d and d not in summary]
+    return summary + (f" ({'; '.join(details)})" if details else "")

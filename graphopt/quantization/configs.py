@@ -8,7 +8,7 @@ A configuration says which ops run in int8 on a family of kernels and under whic
 - ``binary_ops``: elementwise ops of two tensors (add, mul) with their own output observer;
   ``binary_activations`` may follow them inside the same unit (ResNet's add + relu).
 - ``shared_ops``: ops whose output reuses their input's parameters (reshape, pooling, relu,
-  ...): no requantization, the backend moves the integers through. They are quantized only
+  ``interpolate``: nearest copies values, bilinear averages them, ...): no requantization, the backend moves the integers through. They are quantized only
   when their input already is.
 - ``fixed_ops``: ops whose output range is known (sigmoid: [0, 1]): fixed parameters, as the
   kernels require. Also only when their input is quantized.
@@ -53,7 +53,7 @@ _WEIGHTED = frozenset({"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_t
 #: are canonical op names or tensor method names (``x.view(...)``).
 _SHARED = frozenset({"max_pool1d", "max_pool2d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
                      "avg_pool1d", "avg_pool2d", "flatten", "reshape", "view", "squeeze", "unsqueeze",
-                     "relu", "hardtanh"})
+                     "relu", "hardtanh", "interpolate"})
 _UINT8 = IntegerType(torch.uint8, 0, 255)
 _INT8 = IntegerType(torch.int8, -128, 127)
 

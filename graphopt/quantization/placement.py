@@ -27,6 +27,7 @@ from typing import Callable, Literal
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 
 from .. import ops
 from ..graph import get_attr_value, tensor_meta
@@ -40,9 +41,15 @@ _TRANSPOSED = ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
 DYNAMIC_OPS = frozenset({"linear"})
 
 
+#: functions outside the canonical op table that configurations name
+_OTHER_FUNCTIONS = {F.interpolate: "interpolate"}
+
+
 def op_key(node: fx.Node) -> str | None:
     """The name configurations use for ``node``'s op: canonical name, else tensor-method name.
     The in-place activation of a fusion unit goes by its canonical name (``"relu"``)."""
+    if node.op == "call_function" and node.target in _OTHER_FUNCTIONS:
+        return _OTHER_FUNCTIONS[node.target]
     if node.op == "call_function":
         return ops.op_name(node)
     if node.op == "call_method":
