@@ -92,3 +92,8 @@ class CalibrationDataError(InputError, QuantizationError):
     (beyond the batch dim) or dtype than the example inputs, of the wrong arity, or no batch at
     all. The message names the batch. An InputError (the pass manager raises it rather than
     rolling the pass back), and a QuantizationError as these errors were before."""
+
+
+class ReportError(GraphoptError):
+    """A report that cannot be written: its layout engine (Graphviz ``dot``) is missing or
+    failed, or the path cannot be written. The message says what to install or change."""
