@@ -89,7 +89,8 @@ def _precision(node: fx.Node, has_int8: bool) -> str | None:
     if qdq.is_qdq(node):
         return "int8"
     read = [a for a in node.all_input_nodes if a.op != "get_attr"]
-    if read and all(qdq.is_dequantize(a) for a in read):
+    if read and all(qdq.is_dequantize(a) or qdq.is_weight_dequantize(a) or qdq.is_dynamic_dequantize(a)
+                    for a in read):
         return "int8"
     tm = G.tensor_meta(node)
     return "float" if tm is not None and tm.dtype.is_floating_point else None
