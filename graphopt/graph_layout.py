@@ -24,6 +24,8 @@ from .graph_diff import GraphView, NodeView
 SINGLE_PICTURE_NODES = 400
 #: the largest group of a collapsed graph
 GROUP_NODES = 120
+#: seconds dot may take for all the pictures of one graph
+DOT_TIMEOUT = 300
 
 
 def dot_path() -> str | None:
@@ -53,13 +55,24 @@ def group_nodes(view: GraphView, limit: int = GROUP_NODES) -> dict[str, list[str
     """Node names by group label, in graph order: by module path, deeper where a group is over
     ``limit``, then runs of consecutive nodes of at most ``limit``."""
     names = list(view.nodes)
+    # a constant sits with the first node that reads it (its own name says nothing of a module)
+    reader: dict[str, str] = {}
+    for name, node in view.nodes.items():
+        for source in node.inputs:
+            reader.setdefault(source, name)
+
+    def path_of(name: str) -> str:
+        node = view.nodes[name]
+        if node.kind == "get_attr" and name in reader:
+            node = view.nodes[reader[name]]
+        return node.module_path()
 
     def split(members: list[str], depth: int, label: str) -> dict[str, list[str]]:
         if len(members) <= limit:
             return {label: members}
         by_path: dict[str, list[str]] = {}
         for name in members:
-            parts = view.nodes[name].module_path().split(".") if view.nodes[name].module_path() else []
+            parts = path_of(name).split(".") if path_of(name) else []
             by_path.setdefault(".".join(parts[:depth]), []).append(name)
         if len(by_path) == 1:  # one module holds them all at this depth: deeper, or in runs
             only = next(iter(by_path))
@@ -74,7 +87,27 @@ def group_nodes(view: GraphView, limit: int = GROUP_NODES) -> dict[str, list[str
             out.update(split(group, depth + 1, path or "(top)"))
         return out
 
-    return split(names, 1, "(whole graph)")
+    return _merge_small(split(names, 1, "(whole graph)"), limit)
+
+
+def _merge_small(groups: dict[str, list[str]], limit: int) -> dict[str, list[str]]:
+    """Consecutive groups joined while they fit in ``limit`` (a chain of 600 tiny blocks becomes
+    a few dozen groups, not 600): labelled ``first .. last``."""
+    out: dict[str, list[str]] = {}
+    run: list[tuple[str, list[str]]] = []
+
+    def flush():
+        if run:
+            label = run[0][0] if len(run) == 1 else f"{run[0][0]} .. {run[-1][0]}"
+            out[label] = [n for _, members in run for n in members]
+            run.clear()
+
+    for label, members in groups.items():
+        if run and sum(len(m) for _, m in run) + len(members) > limit:
+            flush()
+        run.append((label, members))
+    flush()
+    return out
 
 
 def _quote(text: str) -> str:
@@ -141,12 +174,20 @@ def _overview_source(view: GraphView, groups: dict[str, list[str]]) -> str:
 
 _SVG = re.compile(r"<svg\b.*?</svg>", re.S)
 _IDS = re.compile(r'\s(?:id|xlink:title)="[^"]*"')
+_COMMENTS = re.compile(r"<!--.*?-->\n?", re.S)
+#: the font every label has, set once by the page's style (a large report is a fifth smaller)
+_FONT = re.compile(r'<text text-anchor="middle"( x="[^"]*" y="[^"]*") font-family="Helvetica,sans-Serif" font-size="9.00"')
+
 
 
 def _run_dot(sources: list[str]) -> list[str]:
     dot = require_dot()
     try:
-        done = subprocess.run([dot, "-Tsvg"], input="\n".join(sources), capture_output=True, text=True, check=False)
+        done = subprocess.run([dot, "-Tsvg"], input="\n".join(sources), capture_output=True, text=True, check=False,
+                              timeout=DOT_TIMEOUT)
+    except subprocess.TimeoutExpired as exc:
+        raise ReportError(f"Graphviz dot took over {DOT_TIMEOUT} s to lay out {len(sources)} picture(s); "
+                          "please report the model (its graph's module paths may not collapse well)") from exc
     except OSError as exc:
         raise ReportError(f"running Graphviz {dot} failed: {exc}") from exc
     svgs = _SVG.findall(done.stdout)
@@ -154,7 +195,7 @@ def _run_dot(sources: list[str]) -> list[str]:
         raise ReportError(f"Graphviz dot failed (exit {done.returncode}): {done.stderr.strip()[:400]}; "
                           "the report cannot lay this graph out")
     # dot numbers its elements per graph (id="node1"): the same picture may appear twice in a page
-    return [_IDS.sub("", svg) for svg in svgs]
+    return [_FONT.sub(r'<text class="l"\1', _COMMENTS.sub("", _IDS.sub("", svg))) for svg in svgs]
 
 
 def layout(view: GraphView) -> Layout:

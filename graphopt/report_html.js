@@ -15,7 +15,7 @@
       const holder = section.querySelector(".side." + side + " .pictures");
       if (!holder) continue;
       const graph = side === "before" ? view.before : view.after;
-      holder.appendChild(document.getElementById("graph-" + graph).content.cloneNode(true));
+      holder.insertAdjacentHTML("beforeend", document.getElementById("graph-" + graph).textContent);
       holder.dataset.graph = graph;
       const status = side === "before" ? view.before_status : view.after_status;
       for (const g of holder.querySelectorAll("g.node")) {

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import html
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 from string import Template
@@ -48,9 +50,9 @@ def _table(report: Any) -> str:
     return f'<table class="passes"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 
 
-def _graph_template(index: int, view: GraphView) -> str:
-    pictures = graph_layout.layout(view)
-    parts = [f'<template id="graph-{index}">']
+def _graph_template(index: int, pictures: graph_layout.Layout) -> str:
+    # kept as script text, not a <template>: the browser parses a picture only when it is shown
+    parts = [f'<script type="text/x-graph" id="graph-{index}">']
     if pictures.overview is not None:
         parts.append(f'<div class="overview"><h3>collapsed by module path: {len(pictures.groups)} groups '
                      f'(click one to open it)</h3>{pictures.overview}</div>')
@@ -59,8 +61,16 @@ def _graph_template(index: int, view: GraphView) -> str:
         count = len(pictures.members[label])
         parts.append(f'<details class="group" data-group="{html.escape(label)}"{" open" if single else ""}>'
                      f'<summary>{html.escape(label)} ({count} nodes)</summary>{svg}</details>')
-    parts.append("</template>")
+    parts.append("</script>")
     return "".join(parts)
+
+
+def _layouts(graphs: list[GraphView]) -> list[graph_layout.Layout]:
+    """Each graph laid out, in dot processes running side by side (one per core)."""
+    if len(graphs) <= 1:
+        return [graph_layout.layout(g) for g in graphs]
+    with ThreadPoolExecutor(max_workers=min(len(graphs), os.cpu_count() or 1)) as pool:
+        return list(pool.map(graph_layout.layout, graphs))
 
 
 def _error_text(record: Any) -> str:
@@ -82,6 +92,8 @@ def build_html(report: Any) -> str:
         return graph_ids[id(view)]
 
     views, sections = [], []
+    # a large report opens with its passes closed: each fills its pictures when opened
+    eager = sum(len(g) for pair in report.graphs.values() for g in {id(v): v for v in pair}.values()) <= EAGER_NODES
     for i, (before, after) in sorted(report.graphs.items()):
         record = report.records[i]
         d = diff(before, after)
@@ -105,7 +117,7 @@ def build_html(report: Any) -> str:
         sides = "".join(
             f'<div class="side {side}"><h3>{side}</h3><div class="pictures"></div></div>' for side in ("before", "after")
         ) if record.changed else '<div class="side after"><h3>unchanged (declines marked)</h3><div class="pictures"></div></div>'
-        shown = " open" if d.added or d.removed or d.changed or declines else ""
+        shown = " open" if eager and (d.added or d.removed or d.changed or declines) else ""
         sections.append(
             f'<details class="pass"{shown} data-view="{len(views) - 1}" data-record="{i}" data-pass="{html.escape(record.name)}">'
             f'<summary><b>#{i + 1} {html.escape(record.name)}</b>: {html.escape(record.status)}; {counts}; '
@@ -131,7 +143,7 @@ def build_html(report: Any) -> str:
         details="".join(f"<li>{html.escape(line)}</li>" for line in report.details()),
         rollbacks=rollback_html,
         views="".join(sections) or "<p>No pass changed the graph.</p>",
-        templates="".join(_graph_template(k, g) for k, g in enumerate(graphs)),
+        templates="".join(_graph_template(k, p) for k, p in enumerate(_layouts(graphs))),
         data=payload, script=_asset("report_html.js"),
     )
     return page

@@ -147,7 +147,7 @@ class TestHtml:
         shown = [v["pass"] for v in data["views"]]
         assert shown == [r.name for r in fp32_run.report.records if r.changed or r.declines]
         for k, graph in enumerate(data["graphs"]):
-            template = page.split(f'<template id="graph-{k}">', 1)[1].split("</template>", 1)[0]
+            template = page.split(f'<script type="text/x-graph" id="graph-{k}">', 1)[1].split("</script>", 1)[0]
             titles = re.findall(r'<g class="node[^"]*">\s*<title>([^<]*)</title>', template)
             assert sorted(t.replace("&#45;", "-") for t in titles) == sorted(graph)
 
