@@ -7,7 +7,18 @@
 
   function nodeName(g) { const t = g.querySelector(":scope > title"); return t ? t.textContent : ""; }
 
-  function fill(section) {
+  const markup = {};
+  function graphMarkup(index) {  // pictures are gzip-compressed base64 text, unpacked once
+    if (!markup[index]) {
+      const packed = atob(document.getElementById("graph-" + index).textContent);
+      const bytes = Uint8Array.from(packed, (c) => c.charCodeAt(0));
+      const stream = new Blob([bytes]).stream().pipeThrough(new DecompressionStream("gzip"));
+      markup[index] = new Response(stream).text();
+    }
+    return markup[index];
+  }
+
+  async function fill(section) {
     if (section.dataset.filled) return;
     section.dataset.filled = "1";
     const view = data.views[section.dataset.view];
@@ -15,7 +26,7 @@
       const holder = section.querySelector(".side." + side + " .pictures");
       if (!holder) continue;
       const graph = side === "before" ? view.before : view.after;
-      holder.insertAdjacentHTML("beforeend", document.getElementById("graph-" + graph).textContent);
+      holder.insertAdjacentHTML("beforeend", await graphMarkup(graph));
       holder.dataset.graph = graph;
       const status = side === "before" ? view.before_status : view.after_status;
       for (const g of holder.querySelectorAll("g.node")) {
@@ -89,9 +100,10 @@
 
   const sections = document.querySelectorAll(".pass[data-view]");
   const eager = data.total_nodes <= data.eager_nodes || location.hash === "#all";
+  const filling = [];
   for (const s of sections) {
-    if (eager || s.open) fill(s);
+    if (eager || s.open) filling.push(fill(s));
     s.addEventListener("toggle", () => { if (s.open) fill(s); });
   }
-  document.body.dataset.ready = "1";
+  Promise.all(filling).then(() => { document.body.dataset.ready = "1"; });
 })();

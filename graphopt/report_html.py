@@ -14,6 +14,8 @@ each state of the graph is laid out once and shared by the two passes it sits be
 """
 from __future__ import annotations
 
+import base64
+import gzip
 import html
 import json
 import os
@@ -51,8 +53,9 @@ def _table(report: Any) -> str:
 
 
 def _graph_template(index: int, pictures: graph_layout.Layout) -> str:
-    # kept as script text, not a <template>: the browser parses a picture only when it is shown
-    parts = [f'<script type="text/x-graph" id="graph-{index}">']
+    """The pictures of one graph as gzip-compressed, base64 script text: the browser parses a
+    picture only when a pass showing it is opened, and SVG compresses about tenfold."""
+    parts = []
     if pictures.overview is not None:
         parts.append(f'<div class="overview"><h3>collapsed by module path: {len(pictures.groups)} groups '
                      f'(click one to open it)</h3>{pictures.overview}</div>')
@@ -61,8 +64,14 @@ def _graph_template(index: int, pictures: graph_layout.Layout) -> str:
         count = len(pictures.members[label])
         parts.append(f'<details class="group" data-group="{html.escape(label)}"{" open" if single else ""}>'
                      f'<summary>{html.escape(label)} ({count} nodes)</summary>{svg}</details>')
-    parts.append("</script>")
-    return "".join(parts)
+    packed = base64.b64encode(gzip.compress("".join(parts).encode("utf-8"), compresslevel=6)).decode("ascii")
+    return f'<script type="text/x-graph-gzip" id="graph-{index}">{packed}</script>'
+
+
+def graph_markup(page: str, index: int) -> str:
+    """The markup of graph ``index`` of a page :func:`build_html` made (for tests and tools)."""
+    packed = page.split(f'<script type="text/x-graph-gzip" id="graph-{index}">', 1)[1].split("</script>", 1)[0]
+    return gzip.decompress(base64.b64decode(packed)).decode("utf-8")
 
 
 def _layouts(graphs: list[GraphView]) -> list[graph_layout.Layout]:
@@ -131,7 +140,9 @@ def build_html(report: Any) -> str:
         for r in rollbacks)
     data = {
         "views": views,
-        "graphs": [{name: node.to_dict() for name, node in g.nodes.items()} for g in graphs],
+        # what a node's hover shows (its inputs are the picture's edges)
+        "graphs": [{name: {k: v for k, v in node.to_dict().items() if k not in ("name", "inputs") and v is not None}
+                    for name, node in g.nodes.items()} for g in graphs],
         "total_nodes": sum(len(g) for g in graphs),
         "eager_nodes": EAGER_NODES,
     }

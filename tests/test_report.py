@@ -140,6 +140,8 @@ class TestGraphDiff:
 @needs_dot
 class TestHtml:
     def test_page_is_self_contained_and_holds_every_changed_pass(self, fp32_run, tmp_path):
+        from graphopt.report_html import graph_markup
+
         path = fp32_run.report.save_html(tmp_path / "sub" / "report.html")
         page = path.read_text()
         assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)  # nothing fetched from anywhere
@@ -147,7 +149,7 @@ class TestHtml:
         shown = [v["pass"] for v in data["views"]]
         assert shown == [r.name for r in fp32_run.report.records if r.changed or r.declines]
         for k, graph in enumerate(data["graphs"]):
-            template = page.split(f'<script type="text/x-graph" id="graph-{k}">', 1)[1].split("</script>", 1)[0]
+            template = graph_markup(page, k)
             titles = re.findall(r'<g class="node[^"]*">\s*<title>([^<]*)</title>', template)
             assert sorted(t.replace("&#45;", "-") for t in titles) == sorted(graph)
 

@@ -34,7 +34,7 @@ def demo_page(tmp_path_factory):
 
 def _pictures(dom: str) -> dict[tuple[int, str], list[tuple[str, set[str]]]]:
     """(record index, side) -> [(node name, classes)] of the pictures the page's script filled."""
-    body = dom.split('<script type="text/x-graph"', 1)[0]  # the pictures' source text is not shown
+    body = dom.split('<script type="text/x-graph-gzip"', 1)[0]
     out = {}
     for record, chunk in re.findall(r'data-record="(\d+)"(.*?)(?=<details class="pass"|$)', body, re.S):
         for side, pictures in re.findall(r'<div class="side (before|after)">(.*?)(?=<div class="side |$)', chunk, re.S):
