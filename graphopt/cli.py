@@ -312,14 +312,15 @@ def cmd_optimize(args) -> int:
     original = model
     if isinstance(dynamic, tuple) and len(dynamic) < len(inputs):
         dynamic = dynamic + (None,) * (len(inputs) - len(dynamic))
-    with console.status(f"optimizing {args.model} with {args.pipeline} (verify={args.verify})"):
-        if args.capture_mode != "auto":
-            from .capture import capture
+    if args.capture_mode != "auto":
+        from .capture import capture
 
+        with console.status(f"capturing {args.model} ({args.capture_mode})"):
             model = capture(model, inputs, mode=args.capture_mode, dynamic_shapes=dynamic)
-        result = optimize(model, inputs, args.pipeline, verify=args.verify, on_failure=args.on_failure,
-                          options=options or None, dynamic_shapes=dynamic, calibration_data=calibration,
-                          hooks=hooks)
+    # optimize's own bar (on a terminal) shows capture and each pass
+    result = optimize(model, inputs, args.pipeline, verify=args.verify, on_failure=args.on_failure,
+                      options=options or None, dynamic_shapes=dynamic, calibration_data=calibration,
+                      hooks=hooks)
     console.print(result.report.table())
     for line in result.report.details():
         console.print(line, markup=False, highlight=False)

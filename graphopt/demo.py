@@ -28,9 +28,8 @@ def run_demo(model_name: str = "resnet_cnn", out_dir: str = "out/demo") -> int:
     model, inputs = examples.get_example(model_name)
     console.print(f"[bold]graphopt demo[/bold]: {model_name} ({examples.EXAMPLES[model_name].description}), "
                   f"input {tuple(inputs[0].shape)}, 1 thread")
-    with console.status("optimizing with mobile-fp32, verifying every pass"):
-        original = capture(model, inputs)
-        result = optimize(model, inputs, "mobile-fp32", verify="each")
+    original = capture(model, inputs)
+    result = optimize(model, inputs, "mobile-fp32", verify="each")  # its bar shows each pass on a terminal
     console.print(result.report.table())
     for line in result.report.details():
         console.print("  " + line, markup=False, highlight=False)

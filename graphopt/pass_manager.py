@@ -867,12 +867,20 @@ def optimize(
     hooks: Sequence[Hook] = (),
     fixed_point: bool = False,
     dynamic_shapes: Any = "batch",
+    progress: bool | None = None,
 ) -> Result:
     """Capture (if needed) and optimize ``model`` with ``pipeline``; returns ``Result``.
-    ``dynamic_shapes``: the input dims the result stays generic over (see :func:`graphopt.capture`)."""
+    ``dynamic_shapes``: the input dims the result stays generic over (see :func:`graphopt.capture`).
+    ``progress``: a bar on stderr over capture and the passes (default: when stderr is a terminal)."""
+    from . import progress as bar
+
     pm = PassManager(pipeline, verify=verify, on_failure=on_failure, options=options, hooks=hooks,
                      fixed_point=fixed_point)
-    return pm.run(model, example_inputs, calibration_data=calibration_data, dynamic_shapes=dynamic_shapes)
+    if not bar.wanted(progress) or fixed_point:  # a fixed point has no known number of steps
+        return pm.run(model, example_inputs, calibration_data=calibration_data, dynamic_shapes=dynamic_shapes)
+    with bar.PipelineProgress(len(pm.invocations), "optimizing", force=progress is True) as shown:
+        pm.hooks.append(shown)
+        return pm.run(model, example_inputs, calibration_data=calibration_data, dynamic_shapes=dynamic_shapes)
 
 
 @dataclass
