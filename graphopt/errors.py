@@ -59,6 +59,11 @@ class UnknownBackendError(LoweringError):
     """No backend is registered under the requested name."""
 
 
+class ReportError(GraphoptError):
+    """A report that cannot be written: its layout engine (Graphviz ``dot``) is missing or
+    failed, or the path cannot be written. The message says what to install or change."""
+
+
 class ModelLoadError(GraphoptError):
     """A model reference or a saved file could not be loaded (missing, corrupted or untrusted)."""
 
@@ -92,8 +97,3 @@ class CalibrationDataError(InputError, QuantizationError):
     (beyond the batch dim) or dtype than the example inputs, of the wrong arity, or no batch at
     all. The message names the batch. An InputError (the pass manager raises it rather than
     rolling the pass back), and a QuantizationError as these errors were before."""
-
-
-class ReportError(GraphoptError):
-    """A report that cannot be written: its layout engine (Graphviz ``dot``) is missing or
-    failed, or the path cannot be written. The message says what to install or change."""
