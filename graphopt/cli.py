@@ -70,6 +70,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "missing folders are created")
     o.add_argument("--report-json", default=None,
                    help="also write the report as JSON here (atomically; missing folders are created)")
+    o.add_argument("--report", default=None, metavar="HTML",
+                   help="also write the HTML report here: the pass table and each pass's graph before and after "
+                        "(needs Graphviz's dot)")
+    o.add_argument("--print-ir-after", action="append", default=[], metavar="PASS",
+                   help="print the graph after this pass (repeat, or join names by ','), to stderr")
+    o.add_argument("--print-ir-after-all", action="store_true", help="print the graph after every pass")
+    o.add_argument("--print-ir-after-change", action="store_true",
+                   help="print only after passes that changed the graph (alone: after every such pass)")
+    o.add_argument("--print-ir-after-failure", action="store_true",
+                   help="print the graph a failing pass left, before it is rolled back")
+    o.add_argument("--calibration-data", default=None, metavar="FILE",
+                   help="calibration batches: a .pt list of input tuples, a .npy array (one input; first axis "
+                        "over batches) or a .npz of one array per input")
     o.add_argument("--capture-mode", default="auto", choices=["auto", "symbolic", "export"],
                    help="auto (default): symbolic tracing, torch.export where that fails")
     o.add_argument("--dynamic", default="batch", metavar="SPEC",
@@ -82,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("backends", help="list registered backends")
     d = sub.add_parser("demo", help="the whole job on a built-in model: optimize, lower to every backend, compare")
     d.add_argument("--model", default="resnet_cnn")
-    d.add_argument("--out", default="out/demo", help="directory for the artifacts (default out/demo)")
+    d.add_argument("--out", default="out/demo",
+                   help="directory for the artifacts and the HTML report, report.html (default out/demo)")
     return p
 
 
@@ -258,8 +272,18 @@ def cmd_optimize(args) -> int:
     shapes = [parse_shape(s) for s in args.input]
     backend, out = _plan_output(args.model, args.backend, args.output)
     report_json = None if args.report_json is None else _check_output_file(Path(args.report_json), "--report-json")
-    if out is not None and report_json is not None and out.resolve() == report_json.resolve():
-        raise UsageError(f"-o and --report-json name the same file {out}; give two paths")
+    report_html = None if args.report is None else _check_output_file(Path(args.report), "--report")
+    written = [(flag, p) for flag, p in (("-o", out), ("--report-json", report_json), ("--report", report_html))
+               if p is not None]
+    for i, (flag_a, a) in enumerate(written):
+        for flag_b, b in written[i + 1:]:
+            if a.resolve() == b.resolve():
+                raise UsageError(f"{flag_a} and {flag_b} name the same file {a}; give two paths")
+    if report_html is not None:
+        from .graph_layout import require_dot
+
+        require_dot()
+    hooks = _ir_printing(args)
     model, default_inputs = load_model(args.model)
     dtype = _DTYPES[args.dtype]
     if shapes:
@@ -278,22 +302,31 @@ def cmd_optimize(args) -> int:
     for text in args.option:
         pass_name, key, value = _parse_option(text)
         options.setdefault(pass_name, {})[key] = value
+    calibration = None
+    if args.calibration_data is not None:
+        from .calibration_files import load_calibration_file
+
+        calibration = load_calibration_file(args.calibration_data, inputs, _calibration_dims(dynamic, inputs))
     console = _console()
     original = model
     if isinstance(dynamic, tuple) and len(dynamic) < len(inputs):
         dynamic = dynamic + (None,) * (len(inputs) - len(dynamic))
-    with console.status(f"optimizing {args.model} with {args.pipeline} (verify={args.verify})"):
-        if args.capture_mode != "auto":
-            from .capture import capture
+    if args.capture_mode != "auto":
+        from .capture import capture
 
+        with console.status(f"capturing {args.model} ({args.capture_mode})"):
             model = capture(model, inputs, mode=args.capture_mode, dynamic_shapes=dynamic)
-        result = optimize(model, inputs, args.pipeline, verify=args.verify, on_failure=args.on_failure,
-                          options=options or None, dynamic_shapes=dynamic)
+    # optimize's own bar (on a terminal) shows capture and each pass
+    result = optimize(model, inputs, args.pipeline, verify=args.verify, on_failure=args.on_failure,
+                      options=options or None, dynamic_shapes=dynamic, calibration_data=calibration,
+                      hooks=hooks)
     console.print(result.report.table())
     for line in result.report.details():
         console.print(line, markup=False, highlight=False)
     if report_json is not None:
         _write_json(report_json, result.report.to_dict())
+    if report_html is not None:
+        console.print(f"wrote {result.report.save_html(report_html)}", markup=False, highlight=False)
     if backend is not None:
         from .lowering import lower
 
@@ -313,6 +346,37 @@ def cmd_optimize(args) -> int:
     return 1 if result.report.failed else 0
 
 
+def _ir_printing(args) -> list:
+    """The --print-ir-* flags as a hook (none when no flag is given); pass names are checked."""
+    names = [n.strip() for text in args.print_ir_after for n in text.split(",") if n.strip()]
+    if not (names or args.print_ir_after_all or args.print_ir_after_change or args.print_ir_after_failure):
+        return []
+    from . import available_passes
+    from .ir_printing import PrintIR
+
+    known = available_passes()
+    for name in names:
+        if name not in known:
+            import difflib
+
+            close = difflib.get_close_matches(name, known, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else f"; passes: {', '.join(known)}"
+            raise UsageError(f"--print-ir-after {name}: no such pass{hint}")
+    return [PrintIR(names, after_all=args.print_ir_after_all, after_change=args.print_ir_after_change,
+                    after_failure=args.print_ir_after_failure)]
+
+
+def _calibration_dims(dynamic: Any, inputs: tuple) -> list[frozenset[int]] | None:
+    """The dims calibration batches may differ in, as far as the command line knows before
+    capture: dim 0 for 'batch', none for 'static', every dim for a spec by name or index (the
+    quantize pass checks the batches again against the dims the graph declares)."""
+    if dynamic == "batch":
+        return None
+    if dynamic == "static":
+        return [frozenset() for _ in inputs]
+    return [frozenset(range(t.dim())) if isinstance(t, torch.Tensor) else frozenset() for t in inputs]
+
+
 def _loose() -> Any:
     from .verify import Tolerance
 
@@ -323,4 +387,7 @@ def cmd_demo(args) -> int:
     from .demo import run_demo
 
     _check_folder(Path(args.out), f"--out {args.out}")
+    from .graph_layout import require_dot
+
+    require_dot()  # the demo writes its HTML report
     return run_demo(args.model, args.out)

@@ -72,6 +72,11 @@ class UnknownBackendError(LoweringError):
     """No backend is registered under the requested name."""
 
 
+class ReportError(GraphoptError):
+    """A report that cannot be written: its layout engine (Graphviz ``dot``) is missing or
+    failed, or the path cannot be written. The message says what to install or change."""
+
+
 class ModelLoadError(GraphoptError):
     """A model reference or a saved file could not be loaded (missing, corrupted or untrusted)."""
 

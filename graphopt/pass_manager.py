@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 
 from . import graph as G
-from . import lazy, shapes, structure
+from . import graph_diff, lazy, shapes, structure
 from .errors import CalibrationDataError, GraphoptError, OptionError, PassError, PipelineError, VerificationError
 from .errors import TrainingModeError
 from .fileio import jsonable
@@ -69,6 +69,9 @@ class PassRecord:
     notes: list[str] = field(default_factory=list)
     figures: dict[str, Any] = field(default_factory=dict)
     iteration: int = 0
+    #: parameters and buffers the module holds (read by the graph or not) before and after
+    tensors_before: int = 0
+    tensors_after: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -96,6 +99,12 @@ class Report:
     #: (:func:`graphopt.shapes.describe`); ``checked_at``: the second sizes verification used
     shapes: list[str] = field(default_factory=list)
     checked_at: dict[str, int] = field(default_factory=dict)
+    #: the graph before and after each pass that changed it or declined somewhere, by index into
+    #: ``records`` (:class:`graphopt.graph_diff.GraphView`); consecutive passes share a view
+    graphs: dict[int, tuple[Any, Any]] = field(default_factory=dict, repr=False)
+    #: the lowest SQNR floor among the budgeted lossy passes that changed the graph: the final
+    #: check holds the whole run to it (a run cannot be within every pass's budget and below it)
+    sqnr_floor_db: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -104,7 +113,7 @@ class Report:
             "notes": list(self.notes),
             "shapes": list(self.shapes),
             "checked_at": dict(self.checked_at),
-            "passes": [r.to_dict() for r in self.records],
+            "records": [r.to_dict() for r in self.records],
             "final_check": self.final_check,
             "unbudgeted_lossy_passes": list(self.unbudgeted),
             "final_verdict": self.final_verdict.to_dict() if self.final_verdict is not None else None,
@@ -112,16 +121,24 @@ class Report:
 
     @property
     def final_check(self) -> str | None:
-        """"ok", "no budget" (within shapes, but a lossy pass without a budget changed the
-        outputs: nothing judges how much), "mismatch", or None when not checked."""
+        """"ok", "over budget" (a lossy run whose output SQNR against the captured model is below
+        the lowest floor of its budgeted lossy passes), "no budget" (within shapes, but a lossy
+        pass without a budget changed the outputs: nothing judges how much), "mismatch", or None
+        when not checked."""
         if self.final_verdict is None:
             return None
         if not self.final_verdict.ok:
             return "mismatch"
+        if self.sqnr_floor_db is not None and self.final_verdict.min_sqnr_db < self.sqnr_floor_db:
+            return "over budget"
         return "no budget" if self.unbudgeted else "ok"
 
     def final_check_text(self) -> str:
         v = self.final_verdict
+        if self.final_check == "over budget":
+            return (f"OVER BUDGET: output SQNR {_fmt_db(v.min_sqnr_db)} dB against the captured model, below the "
+                    f"{self.sqnr_floor_db:g} dB the lossy passes' budgets allow (max_abs {v.max_abs:.3g}; "
+                    f"{v.inputs_checked} input(s) x {len(v.outputs)} output(s))")
         if self.final_check != "no budget":
             return str(v)
         return (f"no budget: output SQNR {_fmt_db(v.min_sqnr_db)} dB (max_abs {v.max_abs:.3g}, max_rel {v.max_rel:.3g}; "
@@ -135,24 +152,42 @@ class Report:
     def table(self):
         from rich.table import Table
 
-        t = Table(title=f"graphopt pipeline: {self.pipeline}", title_justify="left")
-        for col, just in [("pass", "left"), ("status", "left"), ("rewrites", "right"), ("nodes", "right"),
-                          ("param bytes", "right"), ("max abs err", "right"), ("SQNR dB", "right"),
-                          ("ms", "right")]:
-            t.add_column(col, justify=just)
+        t = Table(title=f"graphopt pipeline: {self.pipeline}", title_justify="left", caption_justify="left",
+                  caption="rewrites: edits the pass made; nodes: graph nodes but inputs and output (constants "
+                          "included); tensors: parameters and buffers held; param bytes: those the graph reads")
+        for col in self.COLUMNS:
+            t.add_column(col, justify="left" if col in ("pass", "status") else "right")
+        colours = {"changed": "[green]", "rolled back": "[red]", "failed": "[red]", "changed, no budget": "[yellow]"}
+        for row in self.rows():
+            t.add_row(row[0], colours.get(row[1], "") + row[1], *row[2:])
+        return t
+
+    #: the columns of :meth:`rows`, as the table and the HTML report show them
+    COLUMNS = ("pass", "status", "rewrites", "nodes", "tensors", "param bytes", "max abs err", "SQNR dB", "ms")
+
+    def rows(self) -> list[list[str]]:
+        """The table's cells, one row per record (plain text; the HTML report shows the same)."""
+        out = []
         for r in self.records:
-            status = {"changed": "[green]changed", "unchanged": "unchanged",
-                      "rolled-back": "[red]rolled back", "failed": "[red]failed"}.get(r.status, r.status)
+            status = {"rolled-back": "rolled back"}.get(r.status, r.status)
             if r.check == "no budget":
-                status = "[yellow]changed, no budget"
-            t.add_row(
+                status = "changed, no budget"
+            out.append([
                 r.name, status, str(r.rewrites), f"{r.nodes_before} -> {r.nodes_after}",
+                f"{r.tensors_before} -> {r.tensors_after}",
                 f"{_fmt_bytes(r.param_bytes_before)} -> {_fmt_bytes(r.param_bytes_after)}",
-                "-" if r.max_abs_error is None else f"{r.max_abs_error:.2e}",
+                "-" if r.max_abs_error is None else _fmt_err(r.max_abs_error),
                 "-" if r.min_sqnr_db is None else _fmt_db(r.min_sqnr_db),
                 f"{r.seconds * 1e3:.1f}",
-            )
-        return t
+            ])
+        return out
+
+    def save_html(self, path: Any) -> Any:
+        """Write this report as one self-contained HTML page (:mod:`graphopt.report_html`);
+        returns the path. Needs Graphviz's ``dot`` (ReportError when it is missing)."""
+        from .report_html import write_html
+
+        return write_html(self, path)
 
     def details(self) -> list[str]:
         lines = list(self.notes)
@@ -163,6 +198,8 @@ class Report:
         for r in self.records:
             if r.error:
                 lines.append(f"{r.name}: {r.error}")
+                if r.max_abs_error is not None:  # the table's figure: the worst input, not the first failing one
+                    lines.append(f"{r.name}: max abs error {_fmt_err(r.max_abs_error)} over all inputs checked")
             if r.check == "no budget":
                 measured = (f"output SQNR {_fmt_db(r.min_sqnr_db)} dB against the graph before it"
                             if r.min_sqnr_db is not None else "output SQNR not measured (verify='each' measures it)")
@@ -183,6 +220,10 @@ class Report:
         for line in self.details():
             console.print(line, markup=False, highlight=False)
         return console.export_text()
+
+
+def _fmt_err(value: float) -> str:
+    return f"{value:.2e}"
 
 
 def _fmt_db(value: float) -> str:
@@ -347,6 +388,24 @@ def _tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
                 if t is not None and id(t) not in seen:
                     seen.add(id(t))
                     out[f"{prefix}.{name}" if prefix else name] = t
+    return out
+
+
+def _graph_nodes(gm: fx.GraphModule) -> int:
+    """The report's node count: every node but the inputs and the output (constant and
+    parameter reads included, so removing one shows)."""
+    return sum(1 for n in gm.graph.nodes if n.op not in ("placeholder", "output"))
+
+
+def _read_tensors(gm: fx.GraphModule, tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors the graph reads (through get_attr, or inside a module it calls): the report's
+    bytes, which a pass that leaves tensors behind for eliminate-dead-code does not inflate."""
+    targets = {str(n.target) for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
+    out = []
+    for name, t in tensors.items():
+        parts = name.split(".")
+        if any(".".join(parts[:k]) in targets for k in range(1, len(parts) + 1)):
+            out.append(t)
     return out
 
 
@@ -547,6 +606,7 @@ class PassManager:
         current_outs = reference
 
         lossy = False
+        seen = graph_diff.view(gm)
         for iteration in range(self.max_iterations if self.fixed_point else 1):
             any_change = False
             for inv in self.invocations:
@@ -554,6 +614,13 @@ class PassManager:
                     inv, gm, clean, inputs, check_inputs, labels, current_outs, calibration_data, budget, iteration
                 )
                 report.records.append(record)
+                if record.changed or record.declines:
+                    now = graph_diff.view(gm) if record.changed else seen
+                    report.graphs[len(report.records) - 1] = (seen, now)
+                    seen = now
+                floor = getattr(inv.contract, "min_sqnr_db", None) if record.changed and inv.contract.lossy else None
+                if floor is not None and (report.sqnr_floor_db is None or floor < report.sqnr_floor_db):
+                    report.sqnr_floor_db = floor
                 any_change |= record.changed
                 lossy |= record.changed and inv.contract.lossy
                 if record.check == "no budget" and inv.name not in report.unbudgeted:
@@ -612,7 +679,8 @@ class PassManager:
             pass_name=p.name, options=dict(inv.options), example_inputs=inputs,
             calibration_data=calibration_data, budget=budget,
         )
-        nodes_before, bytes_before = G.count_nodes(gm), G.tensor_bytes(tensors.values())
+        nodes_before, bytes_before = _graph_nodes(gm), G.tensor_bytes(_read_tensors(gm, tensors))
+        tensors_before = len(tensors)
         for h in self.hooks:
             h.before_pass(inv, gm, ctx)
         t0 = time.perf_counter()
@@ -677,16 +745,17 @@ class PassManager:
             changed, status = False, "failed" if fatal else "rolled-back"
         record = PassRecord(
             name=p.name, status=status, seconds=seconds, nodes_before=nodes_before,
-            nodes_after=G.count_nodes(gm) if error is None else nodes_before,
+            nodes_after=_graph_nodes(gm) if error is None else nodes_before,
             rewrites=max(rewrites, ctx.rewrites_granted) if error is None else 0,
             param_bytes_before=bytes_before,
-            param_bytes_after=G.tensor_bytes(tensors.values()) if error is None else bytes_before,
+            param_bytes_after=G.tensor_bytes(_read_tensors(gm, tensors)) if error is None else bytes_before,
             changed=changed, contract=str(contract), options=dict(inv.options),
             max_abs_error=verdict.max_abs if verdict is not None else None,
             min_sqnr_db=verdict.min_sqnr_db if verdict is not None else None,
             check=_check_word(error, changed, contract, verdict),
             error=str(error) if error else None, declines=ctx.declines, notes=ctx.notes,
             figures=ctx.figures, iteration=iteration,
+            tensors_before=tensors_before, tensors_after=len(tensors) if error is None else tensors_before,
         )
         if error is not None:
             for h in self.hooks:
@@ -788,12 +857,20 @@ def optimize(
     hooks: Sequence[Hook] = (),
     fixed_point: bool = False,
     dynamic_shapes: Any = "batch",
+    progress: bool | None = None,
 ) -> Result:
     """Capture (if needed) and optimize ``model`` with ``pipeline``; returns ``Result``.
-    ``dynamic_shapes``: the input dims the result stays generic over (see :func:`graphopt.capture`)."""
+    ``dynamic_shapes``: the input dims the result stays generic over (see :func:`graphopt.capture`).
+    ``progress``: a bar on stderr over capture and the passes (default: when stderr is a terminal)."""
+    from . import progress as bar
+
     pm = PassManager(pipeline, verify=verify, on_failure=on_failure, options=options, hooks=hooks,
                      fixed_point=fixed_point)
-    return pm.run(model, example_inputs, calibration_data=calibration_data, dynamic_shapes=dynamic_shapes)
+    if not bar.wanted(progress) or fixed_point:  # a fixed point has no known number of steps
+        return pm.run(model, example_inputs, calibration_data=calibration_data, dynamic_shapes=dynamic_shapes)
+    with bar.PipelineProgress(len(pm.invocations), "optimizing", force=progress is True) as shown:
+        pm.hooks.append(shown)
+        return pm.run(model, example_inputs, calibration_data=calibration_data, dynamic_shapes=dynamic_shapes)
 
 
 @dataclass

@@ -68,7 +68,7 @@ def test_optimize_factory_file_writes_a_loadable_module(tmp_path):
     assert code == 0, stderr
     assert "fuse-conv-bn-relu" in stdout and "changed" in stdout
     data = json.loads(report.read_text())
-    assert [p["name"] for p in data["passes"]] == \
+    assert [p["name"] for p in data["records"]] == \
         [inv.name for inv in __import__("graphopt").PassManager("mobile-fp32").invocations]
     gm = load(out, trust_code=True)
     x = torch.randn(1, 3, 8, 8)

@@ -210,9 +210,9 @@ def test_a_lossy_pass_without_a_budget_reports_its_sqnr_and_no_budget_not_ok(reg
     assert "captured model: ok" not in text
     data = json.loads(json.dumps(report.to_dict()))
     assert data["final_check"] == "no budget" and data["unbudgeted_lossy_passes"] == ["t-unbudgeted"]
-    assert data["passes"][0]["check"] == "no budget"
+    assert data["records"][0]["check"] == "no budget"
     if verify == "each":
-        assert data["passes"][0]["min_sqnr_db"] == pytest.approx(record.min_sqnr_db)
+        assert data["records"][0]["min_sqnr_db"] == pytest.approx(record.min_sqnr_db)
 
 
 def test_exact_and_budgeted_passes_still_say_ok(registry, gm, x):
@@ -293,7 +293,7 @@ def test_report_is_a_table_and_json(registry, gm, x):
     text = str(report)
     assert "t-decline" in text and "declined at mul: because it is a test" in text
     data = json.loads(json.dumps(report.to_dict()))
-    assert data["passes"][0]["declines"] == [{"node": "mul", "reason": "because it is a test"}]
+    assert data["records"][0]["declines"] == [{"node": "mul", "reason": "because it is a test"}]
 
 
 def test_print_graph_hook_prints_a_diff_after_changing_passes(registry, gm, x):

@@ -531,9 +531,9 @@ class TestReportAndSafety:
         text = str(report)
         assert "captured model: no budget: output SQNR" in text and "captured model: ok" not in text
         data = json.loads(json.dumps(report.to_dict()))
-        assert data["final_check"] == "no budget" and data["passes"][0]["check"] == "no budget"
-        assert data["passes"][0]["figures"]["output_sqnr_db"] == [pytest.approx(sqnr)]
-        assert data["passes"][0]["options"]["min_sqnr"] is None
+        assert data["final_check"] == "no budget" and data["records"][0]["check"] == "no budget"
+        assert data["records"][0]["figures"]["output_sqnr_db"] == [pytest.approx(sqnr)]
+        assert data["records"][0]["options"]["min_sqnr"] is None
 
     @pytest.mark.parametrize("verify", ["each", "none"])
     def test_min_sqnr_rolls_back_a_cut_below_it(self, verify):
@@ -546,7 +546,7 @@ class TestReportAndSafety:
         if verify == "each":
             assert result.report.final_check == "ok"
         data = json.loads(json.dumps(result.report.to_dict()))
-        assert data["passes"][0]["status"] == "rolled-back" and data["passes"][0]["options"]["min_sqnr"] == 20
+        assert data["records"][0]["status"] == "rolled-back" and data["records"][0]["options"]["min_sqnr"] == 20
         with pytest.raises(PassError, match="min_sqnr budget of 20 dB"):
             graphopt.optimize(model, inputs, "prune-channels{ratio=0.9,min_sqnr=20}", on_failure="raise")
 
