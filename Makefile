@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)" || { echo "note: $(TORCH) (CPU build) is not available here; installing torch from the index"; $(PY) -m pip install -q "torch>=2.4"; }
-	$(PY) -m pip install -q -e ".[test,executorch]"
+	$(PY) -m pip install -q -e ".[test,executorch,explorer]"
 	touch $@
 
 demo: setup
