@@ -257,6 +257,10 @@ def _op_key(node: fx.Node) -> str:
         return name
     if node.op == "call_method":
         return str(node.target)
+    if isinstance(node.target, torch._ops.OpOverload):
+        # graphs from torch.export call aten overloads (aten.view.default): the rule is the op's,
+        # whose positional arguments the overloads share
+        return node.target.overloadpacket.__name__
     try:
         return _FUNCTION_KEYS.get(node.target) or getattr(node.target, "__name__", str(node.target))
     except TypeError:  # unhashable target
@@ -772,6 +776,38 @@ def _permute(p: _Propagation, node: fx.Node) -> None:
     p.set(node, [x[d] for d in perm])
 
 
+def _attention(p: _Propagation, node: fx.Node) -> None:
+    """``scaled_dot_product_attention(q, k, v, attn_mask)`` on ``(..., heads, seq, head_dim)``:
+    head ``h`` of q, k, v and the output couple index by index, so a cut removes whole heads
+    (the view that splits a projection into ``(B, S, heads, head_dim)`` makes each head one
+    unit); q and k's head_dim couple (their dot product), v's is the output's. A head_dim
+    that shrinks would change the default scale ``1/sqrt(head_dim)``: it is frozen unless
+    ``scale`` is given. A mask couples where it is not broadcast."""
+    q, k, v = (p.labels(_arg(node, i, name)) for i, name in enumerate(("query", "key", "value")))
+    mask = _arg(node, 3, "attn_mask")
+    mask_rows, mask_shape = p.labels(mask), _meta_shapes(mask) if isinstance(mask, fx.Node) else None
+    if q is None or k is None or v is None or not (len(q) == len(k) == len(v) >= 3) or (
+            isinstance(mask, fx.Node) and (mask_rows is None or not isinstance(mask_shape, tuple))):
+        return p.unknown(node)
+    if _arg(node, 6, "enable_gqa", False):
+        return p.unknown(node)
+    lead = [p.unify(p.unify(a, b, node), c, node) for a, b, c in zip(q[:-2], k[:-2], v[:-2])]
+    key_seq = p.unify(k[-2], v[-2], node)
+    head_dim = p.unify(q[-1], k[-1], node)
+    if _arg(node, 5, "scale") is None:
+        p.freeze(head_dim, node, "head_dim sets the attention's default scale 1/sqrt(head_dim)")
+    out: Labels = [*lead, q[-2], v[-1]]
+    if mask_rows is not None:
+        scores = [*lead, q[-2], key_seq]
+        for j, (row, size) in enumerate(zip(reversed(mask_rows), reversed(mask_shape))):
+            target = scores[len(scores) - 1 - j] if j < len(scores) else None
+            if target is not None and size != 1:
+                p.unify(target, row, node)
+    for row in lead:  # a head whose weights are zero still outputs its value bias: not a dead unit
+        p.block(row, f"{node.name} mixes each head's values over positions")
+    p.set(node, out)
+
+
 def _reduction(p: _Propagation, node: fx.Node) -> None:
     x = p.labels(node.args[0])
     dims = _arg(node, 1, "dim")
@@ -966,6 +1002,7 @@ _RULES: dict[str, Callable[[_Propagation, fx.Node], None]] = {
     **{k: _unary for k in _UNARY | {"dropout"}},
     "softmax": _softmax,
     "log_softmax": _softmax,
+    "scaled_dot_product_attention": _attention,
     **{k: _binary for k in _BINARY},
     "cat": _cat,
     "split": _split,
