@@ -104,7 +104,7 @@ class Layer:
     """A conv, transposed conv or linear node and the atoms of its channel dims."""
 
     node: fx.Node
-    kind: str  # "conv" | "conv_transpose" | "linear"
+    kind: str  # "conv" | "conv_transpose" | "linear" | "addmm"
     name: str
     weight: fx.Node
     out_dim: int  # weight dim of the output channels
@@ -519,6 +519,28 @@ def _linear(p: _Propagation, node: fx.Node) -> None:
         p.unify(w[0], b[0], node)
     p.layers.append(Layer(node, "linear", layer_name(w_node, node), w_node, 0, 1, w[0], x[-1], x_node, len(x) - 1))
     p.set(node, list(x[:-1]) + [w[0]])
+
+
+def _addmm(p: _Propagation, node: fx.Node) -> None:
+    """``addmm(bias, x, w)``: a linear layer with its weight stored ``(in, out)``, as
+    transformers' ``Conv1D`` (GPT-2) computes on ``x`` flattened to 2-D."""
+    b_node, x_node, w_node = node.args[:3]
+    x, w, b = p.labels(x_node), p.labels(w_node), p.labels(b_node)
+    if x is None or w is None or b is None or len(x) != 2 or len(w) != 2 or not b:
+        return p.unknown(node)
+    p.unify(x[1], w[0], node)
+    p.unify(w[1], b[-1], node)
+    if len(b) == 2:
+        p.unify(x[0], b[0], node)
+    p.layers.append(Layer(node, "addmm", layer_name(w_node, node), w_node, 1, 0, w[1], x[1], x_node, 1))
+    p.set(node, [x[0], w[1]])
+
+
+def _power(p: _Propagation, node: fx.Node) -> None:
+    """``x ** c`` with a number ``c``: elementwise (GPT-2's tanh-approximated gelu cubes)."""
+    if len(node.args) < 2 or not isinstance(node.args[1], (int, float)):
+        return p.unknown(node)
+    _unary(p, node)
 
 
 def _batch_norm(p: _Propagation, node: fx.Node) -> None:
@@ -996,6 +1018,8 @@ _RULES: dict[str, Callable[[_Propagation, fx.Node], None]] = {
     **{k: _conv for k in ("conv1d", "conv2d", "conv3d")},
     **{k: _conv_transpose for k in ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")},
     "linear": _linear,
+    "addmm": _addmm,
+    "pow": _power,
     "batch_norm": _batch_norm,
     "group_norm": _group_norm,
     "layer_norm": _layer_norm,
@@ -1375,7 +1399,7 @@ def _compensation(gm: fx.GraphModule, analysis: ChannelAnalysis, layer: Layer, p
         return torch.zeros(out_size, dtype=torch.float64)
     if layer.kind == "conv_transpose" or (layer.kind == "conv" and _nonzero(ops.arg(layer.node, "padding"))):
         return None
-    if layer.kind == "conv" and layer.groups != 1:
+    if (layer.kind == "conv" and layer.groups != 1) or layer.kind == "addmm":  # addmm: bias is its first argument
         return None
     if weight_node.op != "get_attr":
         return None
