@@ -19,6 +19,12 @@ computes what the graph computes: DynamicQuantizeLinear chooses the parameters
 ``choose_qparams`` chooses for the 8-bit range (int8 activations are the same real values as
 uint8 with the zero point moved by 128), the integer products are exact, and only the float
 scaling is reassociated.
+
+Both exporters write that form: the TorchScript one through :class:`_IntegerLinear`'s symbolic,
+the dynamo one (which keeps sizes symbolic where a trace bakes them in, as in transformers'
+attention reshapes) through the custom op ``graphopt::integer_linear`` and its entry in
+:data:`DYNAMO_TRANSLATIONS`; without it torch.export would see the ``quantized_decomposed``
+ops, which have no ONNX function.
 """
 from __future__ import annotations
 
@@ -61,11 +67,40 @@ def integer_linear(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
     return _IntegerLinear.apply(x, w_int8, w_scale, w_zero, bias, act, w_range)
 
 
-def integer_linears(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
+@torch.library.custom_op("graphopt::integer_linear", mutates_args=())
+def integer_linear_op(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor,
+                      bias: torch.Tensor | None, qmin: int, qmax: int, dtype: torch.dtype, eps: float,
+                      w_qmin: int, w_qmax: int) -> torch.Tensor:
+    """:func:`integer_linear` as one op torch.export keeps whole, for the dynamo exporter."""
+    return _IntegerLinear.forward(None, x, w_int8, w_scale, w_zero, bias, (qmin, qmax, dtype, eps), (w_qmin, w_qmax))
+
+
+@integer_linear_op.register_fake
+def _(x, w_int8, w_scale, w_zero, bias, qmin, qmax, dtype, eps, w_qmin, w_qmax):  # noqa: ANN001, ANN202
+    return x.new_empty((*x.shape[:-1], w_int8.shape[0]))
+
+
+def _integer_linear_onnx(x, w_int8, w_scale, w_zero, bias, qmin, qmax, dtype, eps, w_qmin, w_qmax):  # noqa: ANN001, ANN202
+    """The dynamo exporter's translation of ``graphopt::integer_linear`` (onnxscript ops)."""
+    from onnxscript import opset18 as op
+
+    xq, xs, xz = op.DynamicQuantizeLinear(x)
+    integers = op.MatMulInteger(xq, op.Transpose(w_int8, perm=[1, 0]), xz, op.Cast(w_zero, to=_ONNX_INT8))
+    y = op.Mul(op.Cast(integers, to=_ONNX_FLOAT), op.Mul(xs, w_scale))
+    return y if bias is None else op.Add(y, bias)
+
+
+#: ``custom_translation_table`` for ``torch.onnx.export(dynamo=True)`` of a graph from
+#: ``integer_linears(gm, custom_op=True)``
+DYNAMO_TRANSLATIONS = {torch.ops.graphopt.integer_linear.default: _integer_linear_onnx}
+
+
+def integer_linears(gm: fx.GraphModule, custom_op: bool = False) -> tuple[fx.GraphModule, int]:
     """A copy of ``gm`` whose dynamically quantized linear layers are :func:`integer_linear`
-    nodes, and how many were rewritten. Layers of another shape (an activation range other
-    than 8 bits, weights quantized along another axis or not constant) keep their op-by-op
-    form. ``gm`` is untouched."""
+    nodes (``custom_op``: ``graphopt::integer_linear`` nodes, for the dynamo exporter), and how
+    many were rewritten. Layers of another shape (an activation range other than 8 bits,
+    weights quantized along another axis or not constant) keep their op-by-op form. ``gm`` is
+    untouched."""
     module = fx.GraphModule(gm, copy.deepcopy(gm.graph))
     module.meta.update(gm.meta)
     graph, rewritten = module.graph, 0
@@ -77,7 +112,9 @@ def integer_linears(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
         with graph.inserting_before(node):
             weights = [graph.get_attr(add_constant(module, f"{node.name}_{hint}", value))
                        for hint, value in (("weight_int8", integers), ("weight_scale", scale), ("weight_zero", zero))]
-            new = graph.call_function(integer_linear, (x, *weights, ops.arg(node, "bias"), act, w_range))
+            bias = ops.arg(node, "bias")
+            new = (graph.call_function(torch.ops.graphopt.integer_linear.default, (x, *weights, bias, *act, *w_range))
+                   if custom_op else graph.call_function(integer_linear, (x, *weights, bias, act, w_range)))
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         graph.erase_node(node)

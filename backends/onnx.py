@@ -55,7 +55,7 @@ from graphopt import graph as G
 from graphopt import shapes, structure
 from graphopt.backends._bfloat16_onnx import NOTE as BFLOAT16_NOTE
 from graphopt.backends._bfloat16_onnx import has_bfloat16, in_float32
-from graphopt.backends._quantized_onnx import float_between_qdq, integer_linears
+from graphopt.backends._quantized_onnx import DYNAMO_TRANSLATIONS, float_between_qdq, integer_linears
 from graphopt.errors import LoweringError
 from graphopt.fileio import native_stdout_discarded
 from graphopt.lowering import (Backend, exception_summary, other_kernels_tolerance, output_dtype, recording_warnings,
@@ -130,6 +130,7 @@ class Onnx(Backend):
             report["quantized"] = True
         if has_dynamic_qdq(gm):
             graphs["torchscript"], report["integer_linears"] = integer_linears(gm)
+            graphs["dynamo"], _ = integer_linears(gm, custom_op=True)
         failures = []
         existing = set(path.parent.iterdir())
         for exporter in ("torchscript", "dynamo") if self.exporter == "auto" else (self.exporter,):
@@ -246,7 +247,7 @@ class Onnx(Backend):
         if exporter == "dynamo":
             traced_at, dynamic_shapes = shapes.export_spec(gm, inputs) if self.dynamic else (inputs, None)
             torch.onnx.export(gm, traced_at, str(path), dynamo=True, external_data=external_data, verbose=False,
-                              dynamic_shapes=dynamic_shapes, **common)
+                              dynamic_shapes=dynamic_shapes, custom_translation_table=DYNAMO_TRANSLATIONS, **common)
             return
         dynamic_axes = _dynamic_axes(gm, inputs, input_names, output_names) if self.dynamic else None
         with recording_warnings() as caught, native_stdout_discarded():

@@ -150,7 +150,7 @@ class TorchScriptMobile(Backend):
         with _quantized_engine(self.engine):
             converted = convert_for_torchscript(gm, inputs, engine=self.engine)
             try:
-                scripted = torch.jit.script(converted).eval()
+                scripted = torch.jit.script(_without_annotations(converted)).eval()
             except Exception as exc:
                 raise LoweringError(
                     f"torch.jit.script failed on the int8 module converted from the quantized graph: "

@@ -103,7 +103,7 @@ class Layer:
     """A conv, transposed conv or linear node and the atoms of its channel dims."""
 
     node: fx.Node
-    kind: str  # "conv" | "conv_transpose" | "linear"
+    kind: str  # "conv" | "conv_transpose" | "linear" | "addmm"
     name: str
     weight: fx.Node
     out_dim: int  # weight dim of the output channels
@@ -256,6 +256,10 @@ def _op_key(node: fx.Node) -> str:
         return name
     if node.op == "call_method":
         return str(node.target)
+    if isinstance(node.target, torch._ops.OpOverload):
+        # graphs from torch.export call aten overloads (aten.view.default): the rule is the op's,
+        # whose positional arguments the overloads share
+        return node.target.overloadpacket.__name__
     try:
         return _FUNCTION_KEYS.get(node.target) or getattr(node.target, "__name__", str(node.target))
     except TypeError:  # unhashable target
@@ -508,6 +512,28 @@ def _linear(p: _Propagation, node: fx.Node) -> None:
         p.unify(w[0], b[0], node)
     p.layers.append(Layer(node, "linear", layer_name(w_node, node), w_node, 0, 1, w[0], x[-1], x_node, len(x) - 1))
     p.set(node, list(x[:-1]) + [w[0]])
+
+
+def _addmm(p: _Propagation, node: fx.Node) -> None:
+    """``addmm(bias, x, w)``: a linear layer with its weight stored ``(in, out)``, as
+    transformers' ``Conv1D`` (GPT-2) computes on ``x`` flattened to 2-D."""
+    b_node, x_node, w_node = node.args[:3]
+    x, w, b = p.labels(x_node), p.labels(w_node), p.labels(b_node)
+    if x is None or w is None or b is None or len(x) != 2 or len(w) != 2 or not b:
+        return p.unknown(node)
+    p.unify(x[1], w[0], node)
+    p.unify(w[1], b[-1], node)
+    if len(b) == 2:
+        p.unify(x[0], b[0], node)
+    p.layers.append(Layer(node, "addmm", layer_name(w_node, node), w_node, 1, 0, w[1], x[1], x_node, 1))
+    p.set(node, [x[0], w[1]])
+
+
+def _power(p: _Propagation, node: fx.Node) -> None:
+    """``x ** c`` with a number ``c``: elementwise (GPT-2's tanh-approximated gelu cubes)."""
+    if len(node.args) < 2 or not isinstance(node.args[1], (int, float)):
+        return p.unknown(node)
+    _unary(p, node)
 
 
 def _batch_norm(p: _Propagation, node: fx.Node) -> None:
@@ -765,6 +791,38 @@ def _permute(p: _Propagation, node: fx.Node) -> None:
     p.set(node, [x[d] for d in perm])
 
 
+def _attention(p: _Propagation, node: fx.Node) -> None:
+    """``scaled_dot_product_attention(q, k, v, attn_mask)`` on ``(..., heads, seq, head_dim)``:
+    head ``h`` of q, k, v and the output couple index by index, so a cut removes whole heads
+    (the view that splits a projection into ``(B, S, heads, head_dim)`` makes each head one
+    unit); q and k's head_dim couple (their dot product), v's is the output's. A head_dim
+    that shrinks would change the default scale ``1/sqrt(head_dim)``: it is frozen unless
+    ``scale`` is given. A mask couples where it is not broadcast."""
+    q, k, v = (p.labels(ops.call_arg(node, name, i)) for i, name in enumerate(("query", "key", "value")))
+    mask = ops.call_arg(node, "attn_mask", 3)
+    mask_rows, mask_shape = p.labels(mask), _meta_shapes(mask) if isinstance(mask, fx.Node) else None
+    if q is None or k is None or v is None or not (len(q) == len(k) == len(v) >= 3) or (
+            isinstance(mask, fx.Node) and (mask_rows is None or not isinstance(mask_shape, tuple))):
+        return p.unknown(node)
+    if ops.call_arg(node, "enable_gqa", 6, False):
+        return p.unknown(node)
+    lead = [p.unify(p.unify(a, b, node), c, node) for a, b, c in zip(q[:-2], k[:-2], v[:-2])]
+    key_seq = p.unify(k[-2], v[-2], node)
+    head_dim = p.unify(q[-1], k[-1], node)
+    if ops.call_arg(node, "scale", 5) is None:
+        p.freeze(head_dim, node, "head_dim sets the attention's default scale 1/sqrt(head_dim)")
+    out: Labels = [*lead, q[-2], v[-1]]
+    if mask_rows is not None:
+        scores = [*lead, q[-2], key_seq]
+        for j, (row, size) in enumerate(zip(reversed(mask_rows), reversed(mask_shape))):
+            target = scores[len(scores) - 1 - j] if j < len(scores) else None
+            if target is not None and size != 1:
+                p.unify(target, row, node)
+    for row in lead:  # a head whose weights are zero still outputs its value bias: not a dead unit
+        p.block(row, f"{node.name} mixes each head's values over positions")
+    p.set(node, out)
+
+
 def _reduction(p: _Propagation, node: fx.Node) -> None:
     x = p.labels(node.args[0])
     dims = ops.call_arg(node, "dim", 1)
@@ -953,12 +1011,15 @@ _RULES: dict[str, Callable[[_Propagation, fx.Node], None]] = {
     **{k: _conv for k in ("conv1d", "conv2d", "conv3d")},
     **{k: _conv_transpose for k in ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")},
     "linear": _linear,
+    "addmm": _addmm,
+    "pow": _power,
     "batch_norm": _batch_norm,
     "group_norm": _group_norm,
     "layer_norm": _layer_norm,
     **{k: _unary for k in _UNARY | {"dropout"}},
     "softmax": _softmax,
     "log_softmax": _softmax,
+    "scaled_dot_product_attention": _attention,
     **{k: _binary for k in _BINARY},
     "cat": _cat,
     "split": _split,
@@ -1316,7 +1377,7 @@ def _compensation(gm: fx.GraphModule, analysis: ChannelAnalysis, layer: Layer, p
         return torch.zeros(out_size, dtype=torch.float64)
     if layer.kind == "conv_transpose" or (layer.kind == "conv" and _nonzero(ops.arg(layer.node, "padding"))):
         return None
-    if layer.kind == "conv" and layer.groups != 1:
+    if (layer.kind == "conv" and layer.groups != 1) or layer.kind == "addmm":  # addmm: bias is its first argument
         return None
     if weight_node.op != "get_attr":
         return None

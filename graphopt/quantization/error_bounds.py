@@ -182,7 +182,11 @@ class _Bounds:
 
 def _largest(value: Any) -> float:
     if isinstance(value, torch.Tensor):
-        return float(value.detach().abs().max()) if value.numel() else 0.0
+        if not value.numel():
+            return 0.0
+        if not (value.is_floating_point() or value.is_complex()):
+            value = value.to(torch.float64)  # masks (bool) and indices (int) bound their products too
+        return float(value.detach().abs().max())
     return math.inf
 
 
