@@ -1,2 +1,2 @@
 """Built-in backends, one module each; importing this package registers them all."""
-from . import executorch, onnx, torchscript_mobile  # noqa: F401
+from graphopt.backends import executorch, onnx, torchscript_mobile  # noqa: F401

@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 from torch.fx.node import map_aggregate
 
-from graphopt import graph as G
+from graphopt.ir import graph as G
 
 
 def has_bfloat16(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> bool:

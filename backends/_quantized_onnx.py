@@ -35,8 +35,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from graphopt import ops
-from graphopt.graph import add_constant
+from graphopt.ir import ops
+from graphopt.ir.graph import add_constant
 from graphopt.quantization import qdq
 
 _ONNX_FLOAT, _ONNX_INT8 = 1, 3  # onnx.TensorProto.FLOAT / INT8

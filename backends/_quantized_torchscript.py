@@ -52,9 +52,9 @@ import torch.ao.nn.quantized.dynamic as nnqd
 import torch.fx as fx
 import torch.nn as nn
 
-from graphopt import ops
+from graphopt.ir import ops
 from graphopt.errors import LoweringError
-from graphopt.graph import get_attr_value, shape_of
+from graphopt.ir.graph import get_attr_value, shape_of
 from graphopt.quantization import kernels, qdq
 from graphopt.quantization.placement import op_key as _key
 from graphopt.quantization.qparams import TensorQParams

@@ -42,11 +42,11 @@ import torch
 import torch.fx as fx
 
 from graphopt.errors import LoweringError
-from graphopt.graph import add_constant, get_attr_value, set_tensor
+from graphopt.ir.graph import add_constant, get_attr_value, set_tensor
 from graphopt.fileio import native_stdout_discarded
 from graphopt.lowering import Backend, Requires, exception_summary, other_kernels_tolerance, register_backend
 from graphopt.quantization import has_qdq, lowering_tolerance
-from graphopt import shapes
+from graphopt.ir import shapes
 from graphopt.quantization.qdq import DEQUANTIZE_PER_CHANNEL, DEQUANTIZE_PER_TENSOR, QUANTIZE_PER_CHANNEL, QUANTIZE_PER_TENSOR, has_dynamic_qdq
 
 _DELEGATES = ("xnnpack", "none")

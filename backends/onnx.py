@@ -8,7 +8,7 @@ and falls back to the dynamo exporter when it raises *or* when tracing read tens
 Python (a ``TracerWarning``: the file would hold the example's values as constants); the report
 says which exporter wrote the file and why the first was not used.
 
-Inputs and outputs are named by their pytree paths (:mod:`graphopt.structure`): inputs after
+Inputs and outputs are named by their pytree paths (:mod:`graphopt.ir.structure`): inputs after
 the forward parameters (``input_ids``, ``inputs.image``), outputs after the fields and keys of
 the model's output (``logits``, ``hidden_states.0``; ``output_0``, ... for plain tensors), one
 output per tensor; ``artifact.run`` puts them back in the model's container.
@@ -19,7 +19,7 @@ the boundaries and the report's notes say so (:mod:`graphopt.backends._bfloat16_
 
 Weights go into the one ``.onnx`` file; only a model over the 2 GB protobuf limit gets external
 data files, which land next to it. The graph's dynamic dims (declared at capture, the batch by
-default: :mod:`graphopt.shapes`) are symbolic in the file, named as declared, and
+default: :mod:`graphopt.ir.shapes`) are symbolic in the file, named as declared, and
 :func:`graphopt.lower` verifies it at their second sizes too; ``dynamic=False`` writes the
 example's shapes (the report says so).
 
@@ -51,8 +51,8 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from graphopt import graph as G
-from graphopt import shapes, structure
+from graphopt.ir import graph as G
+from graphopt.ir import shapes, structure
 from graphopt.backends._bfloat16_onnx import NOTE as BFLOAT16_NOTE
 from graphopt.backends._bfloat16_onnx import has_bfloat16, in_float32
 from graphopt.backends._quantized_onnx import DYNAMO_TRANSLATIONS, float_between_qdq, integer_linears

@@ -36,7 +36,7 @@ import torch
 import torch.backends.xnnpack
 import torch.fx as fx
 
-from graphopt import shapes
+from graphopt.ir import shapes
 from graphopt.errors import LoweringError
 from graphopt.lowering import Backend, exception_summary, other_kernels_tolerance, recording_warnings, register_backend, tracer_warning
 from graphopt.quantization import has_qdq, lowering_tolerance

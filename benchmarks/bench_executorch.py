@@ -30,7 +30,7 @@ Columns:
   ``graphopt.backends.executorch.set_threads(t)`` and every program is loaded after that, so no
   method keeps a pool of another size. Every row runs the same way (``Method.execute`` on the
   example inputs; graphopt's ``Artifact.run`` would add a copy of the outputs) and all rows of a
-  model are timed round robin (:func:`graphopt.timing.round_robin_ms`: 3 warm-up calls each, then
+  model are timed round robin (:func:`graphopt.app.timing.round_robin_ms`: 3 warm-up calls each, then
   rounds of 5 calls).
 - ``x ET fp32``: ExecuTorch fp32's median over the row's, same thread count (higher is faster).
 - ``.pte``: size of the file.
@@ -338,7 +338,7 @@ def bench_model(name: str, threads: list[int], runs: int, workdir: Path,
 
 
 def round_robin(runners: dict[str, Callable[[], Any]], rounds: int, calls: int) -> dict[str, float]:
-    from graphopt.timing import round_robin_ms
+    from graphopt.app.timing import round_robin_ms
 
     return round_robin_ms(runners, rounds=rounds, calls=calls) if runners else {}
 

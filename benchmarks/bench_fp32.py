@@ -13,7 +13,7 @@ How each figure is measured:
 
 - latency: per thread count, ``torch.set_num_threads(t)`` and ONNX Runtime sessions made with
   ``intra_op_num_threads=t``; every variant of a model is timed round robin
-  (:func:`graphopt.timing.round_robin_ms`: 3 warm-up calls each, then rounds of 5 calls per
+  (:func:`graphopt.app.timing.round_robin_ms`: 3 warm-up calls each, then rounds of 5 calls per
   variant) and the median is kept; the speed-up is eager fp32's median over the variant's.
 - max error: largest absolute difference from the original model's outputs on the example
   inputs (the first thread count's run).
@@ -26,8 +26,8 @@ How each figure is measured:
   earlier is given back and the step's allocations show). ``tracemalloc`` cannot be used: it
   does not see torch's allocations. A row's figure is the largest step on its path. Linux only;
   elsewhere the column is empty.
-- parameters: elements of the trainable parameters (:func:`graphopt.costs.parameters`) of the
-  module that runs or was lowered; MACs: :func:`graphopt.costs.macs` of its graph at the
+- parameters: elements of the trainable parameters (:func:`graphopt.ir.costs.parameters`) of the
+  module that runs or was lowered; MACs: :func:`graphopt.ir.costs.macs` of its graph at the
   example's shapes; nodes: compute nodes of the FX graph, operators of the TorchScript graph
   (``prim::`` bookkeeping excluded) or nodes of the ONNX graph.
 """
@@ -48,7 +48,7 @@ import torch.nn as nn
 from benchmarks import peers
 from benchmarks.rss import give_back_freed_memory, reset_peak_rss, status_bytes
 
-#: built-in examples (graphopt.examples), small ones first
+#: built-in examples (graphopt.app.examples), small ones first
 BUILTIN_MODELS = ("resnet_cnn", "mobilenet_cnn", "mlp", "transformer_block", "resnet18", "mobilenet_v2")
 QUICK_MODELS = ("resnet_cnn", "mobilenet_cnn", "mlp", "transformer_block")
 #: torchvision classification models, benchmarked when torchvision imports
@@ -82,7 +82,7 @@ def default_models(quick: bool) -> list[str]:
 def load_model(name: str, seed: int = 0) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     """A built-in example, or ``torchvision:NAME`` with random weights and randomized
     batch-norm statistics (fresh statistics make BN an identity and hide folding bugs)."""
-    from graphopt import examples
+    from graphopt.app import examples
 
     if not name.startswith("torchvision:"):
         return examples.get_example(name, seed)
@@ -194,7 +194,7 @@ class Variant:
 
 def _fx_costs(gm: torch.fx.GraphModule, inputs: tuple[Any, ...]) -> tuple[int, int, int]:
     """(parameters, MACs, compute nodes) of an FX graph, shapes propagated when missing."""
-    from graphopt import costs, graph as G
+    from graphopt.ir import costs, graph as G
 
     if any("tensor_meta" not in n.meta for n in gm.graph.nodes if n.op.startswith("call_")):
         G.propagate_shapes(gm, inputs)
@@ -220,7 +220,7 @@ class _Builder:
 
     def baseline(self) -> tuple[int, int | None]:
         import graphopt
-        from graphopt import costs, graph as G
+        from graphopt.ir import costs, graph as G
         from graphopt.lowering import exception_summary
 
         eager = self.add(Variant("eager", "eager fp32", "baseline", "eager", "fp32", load=lambda t: self.model,
@@ -236,7 +236,7 @@ class _Builder:
 
     def graphopt_preset(self, preset: str, calibration: list[tuple[Any, ...]]) -> None:
         import graphopt
-        from graphopt import graph as G
+        from graphopt.ir import graph as G
 
         precision = PRESETS[preset]
         short = f"graphopt {preset}"
@@ -329,7 +329,7 @@ class _Builder:
             mobile.fail(exc)
 
     def fx_fuse_peer(self) -> None:
-        from graphopt import graph as G
+        from graphopt.ir import graph as G
 
         row = self.add(Variant("fx-fuse", "fx.experimental.optimization.fuse", "peer", "eager", "fp32"))
         try:
@@ -399,7 +399,7 @@ def time_variants(variants: list[Variant], inputs: tuple[Any, ...], threads: lis
     to load or run is marked failed and dropped from the rounds; the others go on."""
     from graphopt import verify
     from graphopt.lowering import exception_summary
-    from graphopt.timing import round_robin_ms
+    from graphopt.app.timing import round_robin_ms
 
     reference = verify.run(variants[0].load(1), inputs)  # variants[0] is eager fp32
     figures: dict[str, dict[str, Any]] = {v.key: {"latency_ms": {}} for v in variants}
@@ -528,7 +528,7 @@ def fusion_scaling_one(target_nodes: int) -> dict[str, Any]:
     """
     import graphopt
     from benchmarks.bench_spine import deep_model
-    from graphopt import graph as G
+    from graphopt.ir import graph as G
 
     sys.setrecursionlimit(max(10000, 4 * target_nodes))
     model = deep_model(max(1, target_nodes // 4))  # conv, bn, relu, add per block

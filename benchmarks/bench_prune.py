@@ -2,12 +2,12 @@
 
     python -m benchmarks.bench_prune [--quick] [--out benchmarks/results]
 
-1. ResNet-18 and MobileNetV2 (``graphopt.examples``, torchvision's architectures, random weights
+1. ResNet-18 and MobileNetV2 (``graphopt.app.examples``, torchvision's architectures, random weights
    and batch-norm statistics, 1x3x224x224; ``--quick``: 1x3x96x96 and fewer timing rounds) at
-   30% and 50% channel ratio: parameters, MACs (``graphopt.costs``, same counting for every
+   30% and 50% channel ratio: parameters, MACs (``graphopt.ir.costs``, same counting for every
    variant), pass time, latency eager and in ONNX Runtime (1 thread, all graph optimizations;
    every variant lowered with ``graphopt.lower(backend="onnx")``), timed round-robin with
-   ``graphopt.timing.round_robin_ms`` against the unpruned model. Torch-Pruning
+   ``graphopt.app.timing.round_robin_ms`` against the unpruned model. Torch-Pruning
    (``torch-pruning``, optional) prunes the same models at the same ratio with the same
    criterion (L1 magnitude, classifier ignored, no rounding) in the same run.
 2. Digits CNN (scikit-learn ``load_digits``, 8x8): a conv-BN-ReLU CNN trained with a fixed seed,
@@ -40,10 +40,10 @@ import torch.nn.functional as F
 
 import graphopt
 import graphopt.backends.onnx  # noqa: F401  (registers the backend)
-from graphopt import examples
+from graphopt.app import examples
 from graphopt.passes.prune_channels import batch_norm_training
-from graphopt.costs import costs
-from graphopt.timing import round_robin_ms
+from graphopt.ir.costs import costs
+from graphopt.app.timing import round_robin_ms
 
 try:
     import torch_pruning as tp

@@ -10,9 +10,9 @@ interpreter; torch.ao FX (prepare_fx/convert_fx, x86 qconfig); ONNX Runtime ``qu
 (QDQ, per-channel, U8S8 + reduce_range and the S8S8 defaults). All int8 paths calibrate on the
 same 256 training images. Besides accuracy, the logits' SQNR against fp32 tells methods apart.
 
-Speed and size. ``graphopt.examples.resnet18`` / ``mobilenet_v2`` (random weights, randomized
+Speed and size. ``graphopt.app.examples.resnet18`` / ``mobilenet_v2`` (random weights, randomized
 batch norms), batch 1, 224x224, 1 and 2 threads. Variants timed round-robin in one process
-(``graphopt.timing.round_robin_ms``): eager fp32, fp32 in ONNX Runtime (all optimizations) and in
+(``graphopt.app.timing.round_robin_ms``): eager fp32, fp32 in ONNX Runtime (all optimizations) and in
 the lite interpreter (script + freeze), graphopt int8 in both, torch.ao FX int8 (x86 engine,
 .ptl), ONNX Runtime quantize_static U8S8 + reduce_range and S8S8. File sizes and int8 SQNR
 against fp32 on a held-out random input are reported too.
@@ -251,8 +251,8 @@ def bench_digits(workdir: Path) -> dict[str, Any]:
 
 
 def bench_speed(name: str, threads: list[int], workdir: Path, rounds: int, calls: int) -> dict[str, Any]:
-    from graphopt import examples
-    from graphopt.timing import round_robin_ms
+    from graphopt.app import examples
+    from graphopt.app.timing import round_robin_ms
 
     model, (example,) = examples.get_example(name)
     g = torch.Generator().manual_seed(3)

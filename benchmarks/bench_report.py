@@ -22,7 +22,8 @@ import torch
 import torch.nn as nn
 
 import graphopt
-from graphopt import examples, report_browser
+from graphopt.app import examples
+from graphopt.view import browser as report_browser
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -23,7 +23,7 @@ import torch
 
 import graphopt
 from benchmarks.bench_spine import blocks_for, deep_model
-from graphopt.examples import get_example
+from graphopt.app.examples import get_example
 
 
 def _cases(quick: bool) -> list[tuple[str, torch.nn.Module, tuple, str, str]]:

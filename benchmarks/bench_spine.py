@@ -8,7 +8,7 @@ Sizes are total nodes of the captured graph (``deep_model(blocks_for(n))`` captu
 of the graph's own memory, the hardest case for the memory goal). Each size runs in its own
 subprocess. Reported: nodes, symbolic_trace seconds, capture seconds and their ratio; the
 first call of each result (fx's module runs code generated at trace time; a captured module
-generates its code on that call, see ``graphopt.lazy``) and the ratio of capture + first call
+generates its code on that call, see ``graphopt.ir.lazy``) and the ratio of capture + first call
 to symbolic_trace + first call; pipeline seconds and the total (capture + pipeline), how
 capture and the total grow against the smallest size; and memory: the peak RSS growth of one
 capture + pipeline, the parameter bytes, the graph's own size and the peak against the goal,
@@ -100,7 +100,7 @@ def measure_trace_memory(model) -> dict:
 def measure_memory(model, x) -> dict:
     """Peak RSS growth of capture + pipeline, and the captured graph's own retained size."""
     import graphopt
-    from graphopt import graph as G
+    from graphopt.ir import graph as G
 
     give_back_freed_memory()
     before = status_bytes("VmRSS")
@@ -150,7 +150,7 @@ def _first_call(make, x, repeat: int) -> float:
 
 def measure_one(target_nodes: int, repeat: int = 1, channels: int = 4, trace_memory: bool = False) -> dict:
     import graphopt
-    from graphopt import graph as G
+    from graphopt.ir import graph as G
 
     sys.setrecursionlimit(max(10000, 4 * target_nodes))
     repeat = max(1, repeat)

@@ -2,7 +2,7 @@
 
 The pass, ``drop-redundant-relu``, removes ``relu(x)`` when ``x`` cannot be negative: when it is
 the output of a relu, a sigmoid, or a hardtanh/relu6 whose lower bound is >= 0. It declares the
-``Exact`` contract and is written with :mod:`graphopt.rewrite`, which asks the rewrite budget
+``Exact`` contract and is written with :mod:`graphopt.pipeline.rewrite`, which asks the rewrite budget
 before each rewrite and records why it skipped a relu it could not prove redundant.
 
 The property test draws random valid models (convolutions, norms, activations, residual adds,
@@ -19,7 +19,8 @@ import torch.fx as fx
 
 import graphopt
 import graphopt.testing
-from graphopt import ops, rewrite
+from graphopt.ir import ops
+from graphopt.pipeline import rewrite
 
 
 def _never_negative(node: fx.Node) -> bool:

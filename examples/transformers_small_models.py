@@ -18,7 +18,7 @@ import torch
 import transformers as T
 
 import graphopt
-from graphopt import shapes
+from graphopt.ir import shapes
 from graphopt.capture import front_end
 
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)

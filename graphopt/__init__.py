@@ -1,19 +1,36 @@
 """graphopt: capture a PyTorch model into canonical torch.fx, optimize it with verified passes,
-lower it to TorchScript mobile (.ptl) or ONNX.
+lower it to TorchScript mobile (.ptl), ONNX or ExecuTorch (.pte).
 
     import graphopt
     result = graphopt.optimize(model, (torch.randn(1, 3, 224, 224),), pipeline="mobile-fp32")
     print(result.report)
     graphopt.lower(result.module, example_inputs, backend="onnx", path="model.onnx")
+
+The rooms of the package:
+
+- ``graphopt.ir``: the canonical form passes work on (ops and their spellings, graphs, shapes,
+  purity, input/output structure, structural diffs);
+- ``graphopt.capture``: models into canonical graphs (symbolic tracing, torch.export);
+- ``graphopt.pipeline``: passes, presets, the PassManager, the rewrite helper, bisection;
+- ``graphopt.verify``: tolerances, input synthesis, comparison and localization;
+- ``graphopt.lowering``: the backend protocol and registry, ``lower()``;
+- ``graphopt.channels`` and ``graphopt.quantization``: the analyses behind pruning and int8;
+- ``graphopt.view``: the HTML report and Model Explorer;
+- ``graphopt.testing``: the property-testing kit;
+- ``graphopt.app``: the command line, the demo, example models, model references.
+
+Built-in passes are ``graphopt.passes``, built-in backends ``graphopt.backends``.
 """
 from __future__ import annotations
 
 import importlib
 from typing import Any
 
-from . import errors, graph, ops  # noqa: F401  (graphopt.ops and graphopt.graph for pass authors)
-from .errors import *  # noqa: F401,F403
-from .pass_infra import (
+from graphopt import errors  # noqa: F401
+from graphopt.errors import *  # noqa: F401,F403
+from graphopt.ir import graph, ops, shapes  # noqa: F401  (for pass authors: graphopt.ops.is_op, ...)
+from graphopt.pipeline import rewrite  # noqa: F401
+from graphopt.pipeline.passes import (
     Check,
     Constraint,
     Contract,
@@ -32,8 +49,8 @@ from .pass_infra import (
     register_preset,
     unregister_pass,
 )
-from .capture import capture  # eager: the submodule of the same name must not shadow the function
-from .pass_manager import Hook, PassManager, PassRecord, PrintGraph, Report, Result, Timing, bisect, optimize
+from graphopt.capture import capture  # eager: the submodule of the same name must not shadow the function
+from graphopt.pipeline.manager import Hook, PassManager, PassRecord, PrintGraph, Report, Result, Timing, bisect, optimize
 
 __version__ = "0.1.0"
 
@@ -46,7 +63,7 @@ _LAZY = {
     "unregister_backend": ("graphopt.lowering", "unregister_backend"),
     "Backend": ("graphopt.lowering", "Backend"),
     "Artifact": ("graphopt.lowering", "Artifact"),
-    "examples": ("graphopt.examples", None),
+    "examples": ("graphopt.app.examples", None),
     "testing": ("graphopt.testing", None),
 }
 

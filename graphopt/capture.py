@@ -1,9 +1,9 @@
 """Capture an ``nn.Module`` into a canonical ``torch.fx.GraphModule``.
 
-Two front ends end in the same canonical form (see :mod:`graphopt.canonical`):
+Two front ends end in the same canonical form (see :mod:`graphopt.ir.canonical`):
 
 - ``mode="symbolic"`` (default): ``torch.fx`` symbolic tracing. Standard layers are not traced
-  into: the tracer inlines each call from :data:`graphopt.ops.MODULE_LOWERINGS` as it meets
+  into: the tracer inlines each call from :data:`graphopt.ir.ops.MODULE_LOWERINGS` as it meets
   it; user ``leaf_modules`` stay opaque ``call_module`` nodes; ``concrete_args`` fix Python
   arguments.
 - ``mode="export"``: ``torch.export.export``; parameters and buffers become ``get_attr`` nodes
@@ -17,7 +17,7 @@ checks that the captured graph reproduces the model's outputs on the example inp
 Its cost is meant to stay within a small factor of bare tracing and linear in the graph's
 size: the copy copies standard module state, parameters and plain tensors directly, the graph
 is rewritten before any GraphModule exists and compiled to Python once at the end, it is run
-(shape recording and the reproduction check in one) by :func:`graphopt.graph.record_shapes`,
+(shape recording and the reproduction check in one) by :func:`graphopt.ir.graph.record_shapes`,
 once more before canonicalization only when that needs shapes (in-place spellings, aten
 structures), and the cyclic garbage collector is paused meanwhile. Runs of the copy save no
 state: they are undone from the user's own tensors (read, never written), in one foreach copy.
@@ -45,9 +45,9 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 from torch.export.graph_signature import InputKind, OutputKind
 
-from . import canonical, lazy, ops, shapes, structure
-from .errors import CaptureError, GraphoptError, InputError, first_line
-from .graph import (
+from graphopt.ir import canonical, lazy, ops, shapes, structure
+from graphopt.errors import CaptureError, GraphoptError, InputError, first_line
+from graphopt.ir.graph import (
     as_input_tuple,
     collector_paused,
     describe_values,
@@ -87,11 +87,11 @@ def capture(
     """Capture ``model`` into a canonical GraphModule, run on ``example_inputs`` to record shapes.
 
     ``dynamic_shapes`` declares the input dims the graph stays generic over (see
-    :mod:`graphopt.shapes`): ``"batch"`` (default, dim 0 of every tensor input), ``"static"``,
+    :mod:`graphopt.ir.shapes`): ``"batch"`` (default, dim 0 of every tensor input), ``"static"``,
     or per input ``{dim: name}`` dicts (a sequence, or a dict by parameter name). Each
     dynamic dim is checked: the model and the captured graph are run at a second size of it
     and must agree; a dim the model or the graph cannot vary is kept static, with the reason
-    recorded on the graph (:func:`graphopt.shapes.describe`). Other sizes of a static dim are
+    recorded on the graph (:func:`graphopt.ir.shapes.describe`). Other sizes of a static dim are
     refused with an :class:`InputError` when the graph module is called.
 
     ``mode``: ``"auto"`` (default) traces symbolically and, where that fails (Python control
@@ -100,7 +100,7 @@ def capture(
     ``example_inputs`` is a tensor or a tuple of forward's positional arguments, or a dict of
     its leading parameters by name. Arguments may be containers (dicts, lists, tuples, named
     tuples, dataclasses) of tensors: each tensor becomes one graph input named by its path
-    (``inputs.image``, :mod:`graphopt.structure`), other values in them are fixed, and the
+    (``inputs.image``, :mod:`graphopt.ir.structure`), other values in them are fixed, and the
     graph module is called with the same containers (or with the tensors flat). ``leaf_modules``
     (symbolic mode) lists module types (instances of them and of their subclasses) or qualified
     names to keep as opaque calls. ``concrete_args`` (symbolic mode) maps forward parameter
@@ -669,7 +669,7 @@ def _canonicalize(
 
 
 def _graph_module(root: nn.Module, graph: fx.Graph, called: list[str]) -> fx.GraphModule:
-    """The GraphModule of ``graph``; its code is generated on first use (:mod:`graphopt.lazy`).
+    """The GraphModule of ``graph``; its code is generated on first use (:mod:`graphopt.ir.lazy`).
 
     Its module tree is what ``fx.GraphModule(root, traced graph)`` builds: fresh containers
     along the paths, the modules ``called`` by the trace themselves at their paths, and every

@@ -58,9 +58,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import TensorMetadata
 
-from . import ops
-from .graph import get_attr_value, propagate_shapes, set_tensor
-from .purity import mutated_values
+from graphopt.ir import ops
+from graphopt.ir.graph import get_attr_value, propagate_shapes, set_tensor
+from graphopt.ir.purity import mutated_values
 
 __all__ = ["Fixed", "ParamDim", "Layer", "ChannelGroup", "ChannelAnalysis", "DeadUnit", "analyze", "prune",
            "dead_units", "layer_name"]
@@ -1043,7 +1043,7 @@ def analyze(gm: fx.GraphModule, example_inputs: Any = None) -> ChannelAnalysis:
     """The channel-coupling structure of canonical graph module ``gm``.
 
     Needs ``meta["tensor_meta"]`` on every node (from capture or
-    :func:`graphopt.graph.propagate_shapes`); pass ``example_inputs`` to (re)compute it.
+    :func:`graphopt.ir.graph.propagate_shapes`); pass ``example_inputs`` to (re)compute it.
     """
     if example_inputs is not None:
         propagate_shapes(gm, example_inputs)
@@ -1262,7 +1262,7 @@ def _add_to_bias(gm: fx.GraphModule, layer: Layer, delta: torch.Tensor) -> None:
         owner._parameters["bias"] = value
         target = f"{owner_name}.bias" if owner_name else "bias"
     else:
-        from .graph import add_parameter
+        from graphopt.ir.graph import add_parameter
 
         target = add_parameter(gm, f"{owner_name or node.name}.bias", value, requires_grad=weight.requires_grad)
     with gm.graph.inserting_before(node):

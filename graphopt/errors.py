@@ -30,7 +30,7 @@ class PassDefinitionError(PipelineError, TypeError):
 
 
 class NotCanonicalError(GraphoptError, LookupError):
-    """An op helper (:func:`graphopt.ops.arg`, ``set_arg``) was given a node that is not a
+    """An op helper (:func:`graphopt.ir.ops.arg`, ``set_arg``) was given a node that is not a
     canonical op, or asked for a parameter the op does not have. Also a LookupError."""
 
 

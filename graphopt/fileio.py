@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .errors import ModelLoadError
+from graphopt.errors import ModelLoadError
 
 
 @contextlib.contextmanager

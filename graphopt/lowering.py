@@ -52,10 +52,10 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from . import graph as G
-from . import lazy, shapes
-from .registry import Registry
-from .errors import (
+from graphopt.ir import graph as G
+from graphopt.ir import lazy, shapes
+from graphopt.registry import Registry
+from graphopt.errors import (
     ANSI_ESCAPE,
     GraphoptError,
     InputError,
@@ -65,11 +65,11 @@ from .errors import (
     UnsupportedNodesError,
     exception_summary,
 )
-from .fileio import atomic_write
-from . import structure
+from graphopt.fileio import atomic_write
+from graphopt.ir import structure
 
 if TYPE_CHECKING:
-    from .verify import Tolerance, Verdict
+    from graphopt.verify import Tolerance, Verdict
 
 __all__ = [
     "Artifact",
@@ -319,7 +319,7 @@ def lower(
     skips the comparison (``artifact.verdict`` is then None) but still loads the file once in
     the runtime.
 
-    Dynamic dims: the graph's (declared at capture, see :mod:`graphopt.shapes`; a graph module
+    Dynamic dims: the graph's (declared at capture, see :mod:`graphopt.ir.shapes`; a graph module
     that has none recorded gets ``dynamic_shapes``, checked) stay dynamic in the file where the
     backend can keep them, and the artifact is also verified with every dynamic dim at its
     second size. A backend that baked the example's shapes in says so in
@@ -364,7 +364,7 @@ def lower(
         "backend": backend, "path": str(target), "options": {**backend_cls.options(), **options},
         "warnings": [], "timings_s": {},
     }
-    from .capture import capture_notes
+    from graphopt.capture import capture_notes
 
     if capture_notes(gm):  # what capture chose for the user (use_cache=False, ...)
         report["notes"] = capture_notes(gm)
@@ -422,7 +422,7 @@ def _check_requirements(backend_cls: type[Backend], gm: fx.GraphModule) -> None:
 def _capture(module: torch.nn.Module, inputs: tuple[Any, ...], dynamic_shapes: Any) -> fx.GraphModule:
     if not isinstance(module, torch.nn.Module):
         raise InputError(f"lower() takes an nn.Module or fx.GraphModule, not {type(module).__name__}")
-    from .capture import capture
+    from graphopt.capture import capture
 
     return capture(module, inputs, dynamic_shapes=dynamic_shapes)
 
@@ -517,7 +517,7 @@ def _verify(
 ) -> Verdict:
     """Compare the runtime with the graph (and with ``reference``) on every input set; the
     first verdict."""
-    from . import verify
+    from graphopt import verify
 
     verdicts = {}
     with _timed(report, "verify"):
@@ -540,7 +540,7 @@ def _verify(
             if reference is not None:
                 if reference_tolerance is None:
                     # an int8 graph: its distance from the float model is the quantizer's to report
-                    from .quantization.qdq import has_qdq
+                    from graphopt.quantization.qdq import has_qdq
 
                     reference_tolerance = verify.Tolerance(math.inf, math.inf) if has_qdq(gm) else tolerance
                 _against_reference(lowering, gm, reference, runner, label, check_inputs, reference_tolerance, report)
@@ -551,7 +551,7 @@ def _against_reference(lowering: Backend, gm: fx.GraphModule, reference: Callabl
                        runner: Callable[..., Any], label: str, check_inputs: tuple[Any, ...],
                        tolerance: Tolerance | None, report: dict[str, Any]) -> None:
     """Compare the runtime with the original model on one input set (see :func:`lower`)."""
-    from . import verify
+    from graphopt import verify
 
     with _eval_mode(reference) if isinstance(reference, torch.nn.Module) else contextlib.nullcontext():
         verdict = verify.compare(reference, runner, check_inputs, tolerance=tolerance, localize=False)
@@ -712,7 +712,7 @@ def other_kernels_tolerance(dtype: torch.dtype = torch.float32) -> Tolerance:
     last place: there the rounding of each intermediate result (and whether a kernel keeps a
     wider accumulator) outweighs the order of summation. :func:`output_dtype` says which
     dtype a graph's outputs have."""
-    from .verify import Tolerance
+    from graphopt.verify import Tolerance
 
     if dtype in (torch.float16, torch.bfloat16):
         return Tolerance.for_dtype(dtype)

@@ -22,8 +22,8 @@ import re
 import warnings
 from typing import Callable, Generic, Iterator, TypeVar
 
-from .errors import GraphoptError
-from .plugins import load_entry_points
+from graphopt.errors import GraphoptError
+from graphopt.plugins import load_entry_points
 
 T = TypeVar("T")
 

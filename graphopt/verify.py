@@ -74,10 +74,10 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from . import graph as G
-from .errors import InputError, ModelRunError, OptionError, exception_summary
-from .fileio import jsonable
-from .lazy import has_code, materialize
+from graphopt.ir import graph as G
+from graphopt.errors import InputError, ModelRunError, OptionError, exception_summary
+from graphopt.fileio import jsonable
+from graphopt.ir.lazy import has_code, materialize
 
 __all__ = [
     "DISTRIBUTIONS",

@@ -1,5 +1,5 @@
 """Built-in passes, one module each; importing this package registers them and the presets."""
-from . import (  # noqa: F401
+from graphopt.passes import (  # noqa: F401
     canonicalize,
     channels_last,
     eliminate_dead_code,
@@ -9,4 +9,4 @@ from . import (  # noqa: F401
     prune_channels,
     quantize,
 )
-from . import presets  # noqa: F401,E402  (after the passes they name)
+from graphopt.passes import presets  # noqa: F401,E402  (after the passes they name)

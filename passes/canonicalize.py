@@ -6,14 +6,14 @@ and in-place ops become out-of-place where no one can see the difference, except
 activation of a conv/linear fusion unit, which ``fuse-conv-bn-relu`` runs in place in the
 conv's output on purpose (one allocation less per layer) and which stays so. Capture already
 leaves graphs canonical; run this after a pass or a hand edit that introduced other spellings.
-See :mod:`graphopt.canonical` for the rules.
+See :mod:`graphopt.ir.canonical` for the rules.
 """
 from __future__ import annotations
 
 import torch.fx as fx
 
 import graphopt
-from graphopt.canonical import canonicalize
+from graphopt.ir.canonical import canonicalize
 
 
 @graphopt.register_pass("canonicalize", contract=graphopt.Exact())

@@ -49,10 +49,10 @@ import torch
 import torch.fx as fx
 
 import graphopt
-from graphopt import ops
-from graphopt.graph import set_tensor
-from graphopt.graph import as_input_tuple, get_attr_value, preserved_state, tensor_meta
-from graphopt.purity import may_alias_input, mutated_values
+from graphopt.ir import ops
+from graphopt.ir.graph import set_tensor
+from graphopt.ir.graph import as_input_tuple, get_attr_value, preserved_state, tensor_meta
+from graphopt.ir.purity import may_alias_input, mutated_values
 
 #: tensor methods whose result depends on strides or that hand memory to outside code
 _STRIDE_READERS = frozenset({

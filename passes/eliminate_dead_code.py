@@ -2,8 +2,8 @@
 submodules nothing reads.
 
 Sound for graphs with side effects: a node is removed only if it has no users *and*
-``graphopt.purity`` says it is pure, or its only effect is an in-place write into a fresh
-temporary that nothing else reads (:func:`graphopt.purity.dead_write`; without this, whether
+``graphopt.ir.purity`` says it is pure, or its only effect is an in-place write into a fresh
+temporary that nothing else reads (:func:`graphopt.ir.purity.dead_write`; without this, whether
 such a write survives would depend on the order in which its readers die, and a pipeline would
 not reach a fixed point in one run). Other in-place and ``out=`` ops, ``setitem``, random ops
 (whose removal would shift the random stream), asserts and opaque modules not known to be pure
@@ -15,8 +15,8 @@ import torch
 import torch.fx as fx
 
 import graphopt
-from graphopt import graph as G
-from graphopt.purity import dead_write, is_impure
+from graphopt.ir import graph as G
+from graphopt.ir.purity import dead_write, is_impure
 
 
 @graphopt.register_pass("eliminate-dead-code", contract=graphopt.Exact())

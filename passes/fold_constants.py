@@ -29,7 +29,7 @@ Never folded (each candidate is listed in the report with the reason):
   folded tensor;
 - a shape query about a dynamic dimension. Folding a shape bakes the *example input's* size into
   the model, so the dims the graph declared dynamic at capture (the batch by default, see
-  :mod:`graphopt.shapes`), and every dim of every value that depends on them, are never
+  :mod:`graphopt.ir.shapes`), and every dim of every value that depends on them, are never
   folded: through canonical ops by their shape rules, through any other op (views, permutes)
   by running the graph at the dynamic dims' second sizes and seeing which dims change. A
   graph captured with ``dynamic_shapes="static"`` folds every shape, and refuses other sizes
@@ -61,9 +61,9 @@ import torch
 import torch.fx as fx
 
 import graphopt
-from graphopt import graph as G
-from graphopt import ops, purity, shapes
-from graphopt.pass_infra import Range
+from graphopt.ir import graph as G
+from graphopt.ir import ops, purity, shapes
+from graphopt.pipeline.passes import Range
 
 #: Smallest budget per folded tensor when ``max_bytes`` is unset.
 DEFAULT_MIN_BUDGET = 64 * 1024
@@ -137,7 +137,7 @@ class _ConstantAnalysis:
         self.dynamic: dict[fx.Node, frozenset[int] | None] = {}
         self.partial_shapes: dict[fx.Node, tuple[int | None, ...]] = {}
         self.written = purity.written_values(gm)
-        # the dynamic dims recorded at capture (graphopt.shapes), per placeholder
+        # the dynamic dims recorded at capture (graphopt.ir.shapes), per placeholder
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self.declared = dict(zip(placeholders, shapes.dynamic_dims_of_inputs(gm)))
         self.any_dynamic = any(self.declared.values())
@@ -251,7 +251,7 @@ class _ConstantAnalysis:
 
     def varying(self) -> dict[fx.Node, frozenset[int] | None]:
         """Per node, the dims that differ between runs at the example's sizes and at the second
-        sizes of the declared dynamic dims (:func:`graphopt.shapes.varying_dims`); empty when
+        sizes of the declared dynamic dims (:func:`graphopt.ir.shapes.varying_dims`); empty when
         the graph declares none or the run fails (every dim then counts as dynamic)."""
         if self._varying is None:
             self._varying = shapes.varying_dims(self.gm, self.ctx.example_inputs, _execute) or {}

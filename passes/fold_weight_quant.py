@@ -19,8 +19,8 @@ import torch
 import torch.fx as fx
 
 import graphopt
-from graphopt import rewrite
-from graphopt.graph import add_constant, copy_provenance, get_attr_value
+from graphopt.pipeline import rewrite
+from graphopt.ir.graph import add_constant, copy_provenance, get_attr_value
 from graphopt.quantization import qdq
 
 

@@ -63,9 +63,9 @@ on other ranks return a view of an internal result, which an ``autograd.Function
 the layer (the ONNX backend's integer linear) refuses to have written, so their units keep an
 out-of-place activation. ``torch.jit.script``, both ONNX exporters and ``torch.export``
 (functionalized, so XNNPACK still sees conv + clamp) all take the in-place spelling
-(:data:`graphopt.ops.FUSED_ACTIVATIONS`). ``canonicalize`` keeps it
-(:func:`graphopt.ops.fused_activation_op`), quantization placement reads it as the
-activation it replaces, and :mod:`graphopt.purity` counts it as a write into the conv's output:
+(:data:`graphopt.ir.ops.FUSED_ACTIVATIONS`). ``canonicalize`` keeps it
+(:func:`graphopt.ir.ops.fused_activation_op`), quantization placement reads it as the
+activation it replaces, and :mod:`graphopt.ir.purity` counts it as a write into the conv's output:
 dead-code elimination removes it with its unit, constant folding never folds the conv.
 
 Declined, with the reason recorded: batch norm in training mode or without running
@@ -86,8 +86,8 @@ import torch
 import torch.fx as fx
 
 import graphopt
-from graphopt import ops
-from graphopt.graph import (
+from graphopt.ir import ops
+from graphopt.ir.graph import (
     add_constant,
     add_parameter,
     copy_provenance,
@@ -95,7 +95,7 @@ from graphopt.graph import (
     provenance,
     tensor_meta,
 )
-from graphopt.purity import written_values
+from graphopt.ir.purity import written_values
 
 _CONVS = ("conv1d", "conv2d", "conv3d")
 _TRANSPOSED_CONVS = ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
@@ -213,7 +213,7 @@ def _check_channel_axis(layer: fx.Node, bn: fx.Node) -> None:
     layer_meta, bn_meta = tensor_meta(layer), tensor_meta(bn)
     if layer_meta is None or bn_meta is None:
         raise _Decline(f"no shape metadata on {layer.name}/{bn.name}; "
-                       "run graphopt.graph.propagate_shapes first")
+                       "run graphopt.ir.graph.propagate_shapes first")
     if layer_meta.dtype != bn_meta.dtype:
         raise _Decline(f"batch norm changes the dtype ({layer_meta.dtype} -> {bn_meta.dtype})")
     rank = len(layer_meta.shape)
@@ -381,7 +381,7 @@ def _returns_its_own_tensor(layer: fx.Node) -> bool:
 
 def _write_in_place(act: fx.Node, layer: fx.Node) -> None:
     """Make ``act`` clamp ``layer``'s output in place, spelled as
-    :func:`graphopt.ops.fused_activation_op` recognizes (see the module docstring)."""
+    :func:`graphopt.ir.ops.fused_activation_op` recognizes (see the module docstring)."""
     op, args = ops.op_name(act), ops.normalized_args(act)
     assert op is not None and args[0] is layer
     target, keywords = ops.FUSED_ACTIVATIONS[op]

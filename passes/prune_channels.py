@@ -69,11 +69,11 @@ import torch.nn.functional as F
 
 import graphopt
 from graphopt import channels as C
-from graphopt import ops, shapes
-from graphopt.costs import costs
+from graphopt.ir import ops, shapes
+from graphopt.ir.costs import costs
 from graphopt.errors import OptionError, PassError
-from graphopt.graph import as_input_tuple, get_attr_value, propagate_shapes, set_tensor
-from graphopt.pass_infra import Check, Range, check_patterns
+from graphopt.ir.graph import as_input_tuple, get_attr_value, propagate_shapes, set_tensor
+from graphopt.pipeline.passes import Check, Range, check_patterns
 from graphopt.quantization.calibration import check_batch
 
 Importance = Callable[[C.ChannelGroup, fx.GraphModule], Any]

@@ -55,12 +55,12 @@ import torch
 import torch.fx as fx
 
 import graphopt
-from graphopt import ops, shapes
+from graphopt.ir import ops, shapes
 from graphopt.errors import QuantizationError
-from graphopt.graph import add_constant, copy_provenance, get_attr_value, provenance
+from graphopt.ir.graph import add_constant, copy_provenance, get_attr_value, provenance
 from graphopt.quantization import calibration as calib
 from graphopt.quantization import evaluation, kernels, qdq
-from graphopt.pass_infra import OneOf, Range, check_patterns
+from graphopt.pipeline.passes import OneOf, Range, check_patterns
 from graphopt.quantization.configs import BackendConfig, available_configs, get_config
 from graphopt.quantization.observers import Observer, make_observer
 from graphopt.quantization.placement import Plan, Unit, plan_dynamic_quantization, plan_quantization, weight_axis

@@ -15,11 +15,11 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 import graphopt
-from graphopt import ops
-from graphopt.canonical import canonicalize
+from graphopt.ir import ops
+from graphopt.ir.canonical import canonicalize
 from graphopt.capture import capture
 from graphopt.errors import CaptureError, InputError
-from graphopt.purity import mutated_values
+from graphopt.ir.purity import mutated_values
 
 _GENERATOR = torch.Generator().manual_seed(0)
 
@@ -467,7 +467,7 @@ def test_module_called_twice_is_inlined_at_each_site_with_its_own_getters() -> N
             return self.conv(self.conv(x))
 
     gm = capture(Twice().eval(), (torch.randn(1, 2, 5, 5),))
-    assert len(graphopt.graph.attr_users(gm)["conv.weight"]) == 2
+    assert len(graphopt.ir.graph.attr_users(gm)["conv.weight"]) == 2
 
 
 def test_user_leaf_modules_by_type_and_name_stay_opaque_through_later_canonicalization() -> None:
@@ -631,7 +631,7 @@ def test_model_fx_cannot_trace_names_the_line_and_export_captures_it() -> None:
 
 
 def test_auto_mode_falls_back_to_export_and_says_why() -> None:
-    from graphopt import shapes
+    from graphopt.ir import shapes
     from graphopt.capture import front_end
 
     model = _ShapeBranch().eval()

@@ -1,5 +1,5 @@
 """graphopt.channels: the coupling analysis (which tensor dims go together, with which index
-mapping, and what is frozen and why), dead-channel detection, and graphopt.costs.
+mapping, and what is frozen and why), dead-channel detection, and graphopt.ir.costs.
 
 Every model is captured with graphopt.capture, so the analysis sees the canonical form passes see.
 """
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import graphopt
 from graphopt import channels
-from graphopt.costs import costs, macs
+from graphopt.ir.costs import costs, macs
 
 
 def analyze(model: nn.Module, *shape: int) -> channels.ChannelAnalysis:

@@ -6,9 +6,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import graphopt
-from graphopt import ops
-from graphopt.examples import get_example
-from graphopt.graph import get_attr_value
+from graphopt.ir import ops
+from graphopt.app.examples import get_example
+from graphopt.ir.graph import get_attr_value
 
 
 def _run(model, inputs, pipeline="channels-last"):

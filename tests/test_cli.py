@@ -9,8 +9,8 @@ import textwrap
 import pytest
 import torch
 
-from graphopt.cli import main
-from graphopt.models import load
+from graphopt.app.cli import main
+from graphopt.app.models import load
 
 
 def run_cli(*args: str) -> tuple[int, str, str]:
@@ -85,8 +85,8 @@ def test_optimize_factory_file_writes_a_loadable_module(tmp_path):
 
 def test_saved_module_refuses_to_run_code_unless_trusted(tmp_path):
     from graphopt.errors import ModelLoadError
-    from graphopt.examples import get_example
-    from graphopt.models import save
+    from graphopt.app.examples import get_example
+    from graphopt.app.models import save
 
     model, inputs = get_example("mlp")
     gm = __import__("graphopt").capture(model, inputs)
@@ -118,13 +118,13 @@ def _one_line_error(capsys) -> str:
 def no_pipeline(monkeypatch):
     """Fail the test if the pipeline (or the demo) starts: the checks must come first."""
     import graphopt
-    import graphopt.demo
+    import graphopt.app.demo
 
     def refuse(*args, **kwargs):
         raise AssertionError("the pipeline ran before the output paths were checked")
 
     monkeypatch.setattr(graphopt, "optimize", refuse)
-    monkeypatch.setattr(graphopt.demo, "run_demo", refuse)
+    monkeypatch.setattr(graphopt.app.demo, "run_demo", refuse)
 
 
 def test_missing_output_folders_are_created(tmp_path, capsys):
@@ -188,7 +188,7 @@ def test_demo_out_that_is_a_file_fails_in_one_line(tmp_path, capsys, no_pipeline
 
 
 def test_report_json_is_written_atomically(tmp_path, monkeypatch):
-    from graphopt.pass_manager import Report
+    from graphopt.pipeline.manager import Report
 
     report = tmp_path / "report.json"
     report.write_text('{"old": true}\n')
@@ -201,12 +201,12 @@ def test_report_json_is_written_atomically(tmp_path, monkeypatch):
 
 
 def test_oserror_while_writing_is_one_line_and_exit_code_2(tmp_path, capsys, monkeypatch):
-    import graphopt.models
+    import graphopt.app.models
 
     def disk_full(gm, path):
         raise OSError(28, "No space left on device", str(path))
 
-    monkeypatch.setattr(graphopt.models, "save", disk_full)
+    monkeypatch.setattr(graphopt.app.models, "save", disk_full)
     assert main(["optimize", "mlp", "-o", str(tmp_path / "m.pt")]) == 2
     assert f"graphopt: error: {tmp_path / 'm.pt'}: No space left on device" == _one_line_error(capsys)
 
@@ -326,7 +326,7 @@ def test_multi_line_error_messages_are_joined_into_one_line(tmp_path, capsys):
     ("input_ids.0=batch,input_ids.1=seq,mask.0=batch", {"input_ids": {0: "batch", 1: "seq"}, "mask": {0: "batch"}}),
 ])
 def test_dynamic_specs_parse(text, expected):
-    from graphopt.cli import parse_dynamic
+    from graphopt.app.cli import parse_dynamic
 
     assert parse_dynamic(text) == expected
 

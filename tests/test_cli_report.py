@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import graphopt
-from graphopt.cli import main
+from graphopt.app.cli import main
 from graphopt.errors import CalibrationDataError
 
 needs_dot = pytest.mark.skipif(shutil.which("dot") is None,
@@ -104,7 +104,7 @@ class TestCalibrationData:
         assert int(_calibrated_batches(capsys, path)) >= 1
 
     def test_an_npz_holds_one_array_per_input_in_savez_order(self, tmp_path):
-        from graphopt.calibration_files import load_calibration_file
+        from graphopt.app.calibration_files import load_calibration_file
 
         a, b = torch.randn(5, 2, 4), torch.randn(5, 2, 3)
         path = tmp_path / "calib.npz"
@@ -126,7 +126,7 @@ class TestCalibrationData:
         (lambda p: p / "missing.pt", "no such file"),
     ])
     def test_bad_files_are_calibration_data_errors_naming_the_file(self, make, message, tmp_path, capsys):
-        from graphopt.calibration_files import load_calibration_file
+        from graphopt.app.calibration_files import load_calibration_file
 
         path = make(tmp_path)
         with pytest.raises(CalibrationDataError, match=re.escape(message)):
@@ -136,7 +136,7 @@ class TestCalibrationData:
         assert err.startswith("graphopt: error: ") and str(path.name) in err and message in err
 
     def test_a_pt_file_runs_no_code_when_loaded(self, tmp_path):
-        from graphopt.calibration_files import load_calibration_file
+        from graphopt.app.calibration_files import load_calibration_file
 
         class Payload:
             def __reduce__(self):

@@ -17,9 +17,9 @@ import graphopt
 import graphopt.passes.fold_weight_quant  # noqa: F401  (registers the passes and the preset)
 import graphopt.passes.fuse_conv_bn_relu  # noqa: F401
 import graphopt.passes.quantize  # noqa: F401
-from graphopt import ops
+from graphopt.ir import ops
 from graphopt.errors import GraphoptError, LoweringError
-from graphopt.graph import get_attr_value
+from graphopt.ir.graph import get_attr_value
 from graphopt.quantization import kernels, qdq
 from graphopt.quantization.onnx_symbolics import register_torchscript_symbolics
 from test_int8_lowering import optimized_op_counts  # op types ONNX Runtime runs after its optimizations

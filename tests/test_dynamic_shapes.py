@@ -18,7 +18,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 import graphopt
-from graphopt import shapes
+from graphopt.ir import shapes
 from graphopt.errors import InputError
 from graphopt.quantization import lowering_tolerance
 from graphopt.verify import compare_outputs

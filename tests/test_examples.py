@@ -5,11 +5,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from graphopt import ops
-from graphopt.canonical import canonicalize
+from graphopt.ir import ops
+from graphopt.ir.canonical import canonicalize
 from graphopt.capture import capture
 from graphopt.errors import ModelLoadError
-from graphopt.examples import EXAMPLES, get_example
+from graphopt.app.examples import EXAMPLES, get_example
 
 SMALL = ["resnet_cnn", "mobilenet_cnn", "mlp", "transformer_block"]
 FULL_SIZE = {"resnet18": 11_689_512, "mobilenet_v2": 3_504_872}  # torchvision's parameter counts

@@ -5,7 +5,6 @@ installs it, so CI runs these); the message when it is missing is tested either 
 """
 from __future__ import annotations
 
-import os
 import sys
 
 import pytest
@@ -15,7 +14,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 
 import graphopt
-from graphopt import examples
+from graphopt.app import examples
 from graphopt.backends import executorch as et_backend
 from graphopt.errors import LoweringError, UnsupportedNodesError
 from graphopt.quantization import qdq
@@ -190,7 +189,7 @@ def test_missing_extra_says_how_to_install(monkeypatch, tmp_path):
 
 @needs_executorch
 def test_cli_optimize_to_executorch(tmp_path, capsys):
-    from graphopt.cli import main
+    from graphopt.app.cli import main
 
     out = tmp_path / "model.pte"
     code = main(["optimize", "resnet_cnn", "--pipeline", "mobile-int8", "--backend", "executorch", "-o", str(out)])

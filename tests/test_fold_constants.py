@@ -18,8 +18,8 @@ import graphopt
 import graphopt.passes.eliminate_dead_code  # noqa: F401  (registers the pass)
 import graphopt.passes.fold_constants  # noqa: F401  (registers the pass)
 from graphopt.capture import capture
-from graphopt.graph import param_bytes
-from graphopt.pass_infra import RewriteBudget
+from graphopt.ir.graph import param_bytes
+from graphopt.pipeline.passes import RewriteBudget
 
 PASS = "fold-constants"
 

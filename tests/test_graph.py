@@ -1,4 +1,4 @@
-"""graphopt.graph: the fast shape recorder must write exactly what torch.fx's ShapeProp writes."""
+"""graphopt.ir.graph: the fast shape recorder must write exactly what torch.fx's ShapeProp writes."""
 from __future__ import annotations
 
 import copy
@@ -8,8 +8,8 @@ import torch
 from torch.fx.passes.shape_prop import ShapeProp
 
 import graphopt
-from graphopt import graph as G
-from graphopt.examples import get_example
+from graphopt.ir import graph as G
+from graphopt.app.examples import get_example
 
 
 @pytest.mark.parametrize("name", ["resnet_cnn", "mobilenet_cnn", "mlp", "transformer_block"])

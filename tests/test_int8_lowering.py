@@ -15,7 +15,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 import graphopt
-from graphopt import examples
+from graphopt.app import examples
 from graphopt.errors import LoweringError
 from graphopt.quantization import has_qdq, kernels, lowering_tolerance
 from graphopt.verify import Tolerance

@@ -14,11 +14,11 @@ import torch.fx as fx
 import torch.nn as nn
 
 import graphopt
-from graphopt import graph as G
+from graphopt.ir import graph as G
 from graphopt import verify
 from graphopt.errors import InputError, ModelRunError
-from graphopt.examples import get_example
-from graphopt.lazy import has_code, materialize
+from graphopt.app.examples import get_example
+from graphopt.ir.lazy import has_code, materialize
 
 SMALL = ["resnet_cnn", "mobilenet_cnn", "mlp", "transformer_block"]
 

@@ -9,11 +9,12 @@ from dataclasses import asdict
 import pytest
 
 import graphopt
-from graphopt import examples, graph_diff
+from graphopt.app import examples
+from graphopt.ir import diff as graph_diff
 
 pytest.importorskip("model_explorer", reason="Model Explorer is an optional extra (pip install ai-edge-model-explorer)")
 
-from graphopt import model_explorer as me  # noqa: E402
+from graphopt.view import explorer as me  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ import torch.fx as fx
 import torch.nn as nn
 
 import graphopt
-from graphopt import ops
+from graphopt.ir import ops
 from graphopt.errors import GraphoptError, NodeRunError, NotCanonicalError, PassDefinitionError
-from graphopt.graph import execute
+from graphopt.ir.graph import execute
 
 
 def test_an_option_without_a_default_is_a_pass_definition_error():

@@ -13,7 +13,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 import graphopt
-from graphopt import pass_infra
+from graphopt.pipeline import passes as pass_infra
 from graphopt.errors import OptionError, PassError, PipelineError, VerificationError
 
 
@@ -172,7 +172,7 @@ def test_in_place_tensor_mutation_is_named(registry, gm, x):
 def test_lossy_contract_checks_its_budget(registry, gm, x):
     @registry("t-noise", contract=graphopt.Lossy(min_sqnr_db=20.0))
     def noise(gm, ctx, *, scale: float = 1e-4):
-        name = graphopt.graph.add_parameter(gm, "w_noisy", gm.w + scale * torch.randn_like(gm.w))
+        name = graphopt.ir.graph.add_parameter(gm, "w_noisy", gm.w + scale * torch.randn_like(gm.w))
         for node in gm.graph.nodes:
             if node.op == "get_attr" and node.target == "w":
                 node.target = name
@@ -185,7 +185,7 @@ def test_lossy_contract_checks_its_budget(registry, gm, x):
 
 
 def _noise_pass(gm, ctx, *, scale: float = 1e-4, budget: float | None = None):
-    name = graphopt.graph.add_parameter(gm, "w_noisy", gm.w + scale * torch.randn_like(gm.w))
+    name = graphopt.ir.graph.add_parameter(gm, "w_noisy", gm.w + scale * torch.randn_like(gm.w))
     for node in gm.graph.nodes:
         if node.op == "get_attr" and node.target == "w":
             node.target = name

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import graphopt
-from graphopt import examples
+from graphopt.app import examples
 
 
 def test_no_progress_when_stderr_is_not_a_terminal(capfd):

@@ -17,9 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import graphopt
-from graphopt import ops
+from graphopt.ir import ops
 from graphopt.errors import OptionError, PassError
-from graphopt.pass_infra import PassContext, RewriteBudget
+from graphopt.pipeline.passes import PassContext, RewriteBudget
 from graphopt.passes.prune_channels import batch_norm_training, prune_channels, units_to_keep
 from graphopt.testing.strategies import models, randomize_
 
@@ -768,8 +768,8 @@ def test_generated_models_stay_runnable(case, ratio, round_to):
 def test_pruning_after_fusion_prunes_as_much_as_before_it(name):
     """Fusion makes a unit's activation write in place into the conv's output; channels must
     flow through it as through the activation, not freeze the conv."""
-    from graphopt import examples
-    from graphopt import graph as G
+    from graphopt.app import examples
+    from graphopt.ir import graph as G
 
     model, inputs = examples.get_example(name)
     after = graphopt.optimize(model, inputs, pipeline="mobile-fp32,prune-channels{ratio=0.5}")

@@ -1,4 +1,4 @@
-"""graphopt.purity: which nodes are impure, random, or write values in place.
+"""graphopt.ir.purity: which nodes are impure, random, or write values in place.
 
 Every in-place spelling torch.fx's own dead-code elimination gets wrong on symbolic-trace graphs
 (HARD-CASES C1) must be reported impure with the written value; out-of-place twins stay pure.
@@ -13,8 +13,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from graphopt import ops
-from graphopt.purity import is_impure, is_random, may_alias_input, mutated_values
+from graphopt.ir import ops
+from graphopt.ir.purity import is_impure, is_random, may_alias_input, mutated_values
 
 
 class _KeepModules(fx.Tracer):

@@ -21,11 +21,11 @@ import graphopt
 import graphopt.passes.fold_weight_quant  # noqa: F401  (registers the passes and the preset)
 import graphopt.passes.fuse_conv_bn_relu as fuse_conv_bn_relu
 import graphopt.passes.quantize  # noqa: F401
-from graphopt import ops
-from graphopt.ops import fused_activation_op
+from graphopt.ir import ops
+from graphopt.ir.ops import fused_activation_op
 from graphopt.errors import OptionError, QuantizationError
-from graphopt.graph import get_attr_value
-from graphopt.pass_infra import RewriteBudget
+from graphopt.ir.graph import get_attr_value
+from graphopt.pipeline.passes import RewriteBudget
 from graphopt.quantization import kernels, qdq
 from graphopt.quantization.observers import kl_best_bins, make_observer
 from graphopt.quantization.placement import op_key
@@ -162,7 +162,7 @@ class TestPlacement:
         if example is None:
             model, x = Residual(), X
         else:
-            model, (x,) = graphopt.examples.get_example(example)
+            model, (x,) = graphopt.app.examples.get_example(example)
 
         def int8_graph():
             gm, _ = run(copy.deepcopy(model), x, pipeline="mobile-int8")
@@ -690,4 +690,4 @@ class TestFoldWeightQuantization:
         gm, records = run(model, X, pipeline="mobile-int8")
         assert records["quantize"].rewrites == 4 and records["fold-weight-quantization"].rewrites == 3  # 2 convs, flatten, linear
         float_bytes = sum(p.numel() * 4 for p in model.parameters())
-        assert graphopt.graph.param_bytes(gm) < 0.3 * float_bytes
+        assert graphopt.ir.graph.param_bytes(gm) < 0.3 * float_bytes

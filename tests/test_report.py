@@ -11,7 +11,8 @@ import torch
 import torch.nn as nn
 
 import graphopt
-from graphopt import examples, graph_diff
+from graphopt.app import examples
+from graphopt.ir import diff as graph_diff
 from graphopt.errors import ReportError
 
 needs_dot = pytest.mark.skipif(shutil.which("dot") is None,
@@ -42,7 +43,7 @@ class TestTable:
     def test_html_table_has_the_text_tables_cells(self, fp32_run):
         import html
 
-        from graphopt.report_html import build_html
+        from graphopt.view.html import build_html
 
         page = build_html(fp32_run.report)
         body = page.split('<table class="passes">', 1)[1].split("</table>", 1)[0]
@@ -140,7 +141,7 @@ class TestGraphDiff:
 @needs_dot
 class TestHtml:
     def test_page_is_self_contained_and_holds_every_changed_pass(self, fp32_run, tmp_path):
-        from graphopt.report_html import graph_markup
+        from graphopt.view.html import graph_markup
 
         path = fp32_run.report.save_html(tmp_path / "sub" / "report.html")
         page = path.read_text()
@@ -163,7 +164,7 @@ class TestHtml:
         assert set(declines) <= set(data["graphs"][data["views"][0]["after"]])
 
     def test_a_large_graph_is_collapsed_by_module_path(self):
-        from graphopt import graph_layout
+        from graphopt.view import layout as graph_layout
 
         chain = nn.Sequential(*[nn.Sequential(nn.Linear(4, 4), nn.ReLU()) for _ in range(300)])
         gm = graphopt.capture(chain.eval(), (torch.randn(1, 4),))

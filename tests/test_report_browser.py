@@ -11,7 +11,9 @@ from collections import Counter
 import pytest
 
 import graphopt
-from graphopt import examples, graph_diff, report_browser
+from graphopt.app import examples
+from graphopt.ir import diff as graph_diff
+from graphopt.view import browser as report_browser
 
 pytestmark = [
     pytest.mark.skipif(report_browser.chromium_path() is None,

@@ -1,4 +1,4 @@
-"""graphopt.rewrite: pattern, check returning a reason, rewrite; declines, budget, provenance."""
+"""graphopt.pipeline.rewrite: pattern, check returning a reason, rewrite; declines, budget, provenance."""
 from __future__ import annotations
 
 import pytest
@@ -8,7 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import graphopt
-from graphopt import ops, rewrite
+from graphopt.ir import ops
+from graphopt.pipeline import rewrite
 from graphopt.errors import PassDefinitionError
 
 

@@ -1,4 +1,4 @@
-"""Structured inputs and outputs (graphopt.structure): containers the model takes and returns
+"""Structured inputs and outputs (graphopt.ir.structure): containers the model takes and returns
 round-trip through capture, a pipeline, verification and ONNX lowering, and the ONNX file's
 inputs and outputs are named by their pytree paths."""
 from __future__ import annotations

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, Phase, find, given, settings
 
 import graphopt
 import graphopt.testing as gt
-from graphopt import graph as G
+from graphopt.ir import graph as G
 from graphopt.errors import PropertyTestError, UnknownBackendError
 from graphopt.testing import profiles
 from graphopt.testing.strategies import inputs_at_batch
@@ -291,7 +291,7 @@ class TestAssertSound:
 
     def test_catches_generated_code_that_differs_from_the_graph(self, conv_case, monkeypatch):
         import graphopt.testing.soundness as soundness
-        from graphopt.lazy import materialize
+        from graphopt.ir.lazy import materialize
 
         def miswritten(gm):  # code that computes something else than the graph it was written from
             materialize(gm)
@@ -452,7 +452,7 @@ def test_worked_example_passes_under_pytest_in_a_users_folder(tmp_path):
 
 
 def test_readme_custom_pass_and_its_property_test_pass_under_pytest_outside_the_repo(tmp_path):
-    """The README's custom pass (at most 15 lines with graphopt.rewrite) and its one-line
+    """The README's custom pass (at most 15 lines with graphopt.pipeline.rewrite) and its one-line
     property test, pasted into a user's test file in a folder outside the repository."""
     readme = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import graphopt
-from graphopt import shapes
+from graphopt.ir import shapes
 from graphopt.capture import capture_notes, front_end
 
 T = pytest.importorskip("transformers", reason="transformers is not installed (pip install 'graphopt[test]')")

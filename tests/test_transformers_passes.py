@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import graphopt
-from graphopt import ops
+from graphopt.ir import ops
 from graphopt.quantization import qdq
 from graphopt.verify import Tolerance
 

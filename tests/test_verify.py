@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from graphopt import verify
 from graphopt.errors import InputError, ModelRunError, OptionError
-from graphopt.graph import copy_provenance, source_line
+from graphopt.ir.graph import copy_provenance, source_line
 
 
 def small_mlp() -> nn.Module:

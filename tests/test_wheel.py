@@ -56,7 +56,7 @@ def test_the_wheel_holds_every_module_of_the_tree(wheel):
     in_wheel = {f[:-3].replace("/", ".").removesuffix(".__init__") for f in files if f.endswith(".py")}
     missing = _source_modules() - in_wheel
     assert not missing, f"modules missing from the wheel (add their packages to pyproject.toml): {sorted(missing)}"
-    assert "graphopt = graphopt.cli:main" in entry_points
+    assert "graphopt = graphopt.app.cli:main" in entry_points
 
 
 def test_every_module_imports_from_the_installed_wheel_outside_the_repo(wheel, tmp_path):
@@ -70,7 +70,7 @@ def test_every_module_imports_from_the_installed_wheel_outside_the_repo(wheel, t
         "where = {}\n"
         "for name in names:\n"
         "    where[name] = importlib.import_module(name).__file__\n"
-        "from graphopt.cli import main\n"
+        "from graphopt.app.cli import main\n"
         "assert callable(main)\n"
         "print(json.dumps(where))\n"
     )

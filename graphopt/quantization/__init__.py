@@ -4,11 +4,11 @@ math, QDQ helpers, placement and calibration. The ``quantize`` and ``fold-weight
 """
 from __future__ import annotations
 
-from .configs import BackendConfig, FixedQParams, IntegerType, available_configs, get_config, register_config
-from .kernels import has_vnni, lowering_tolerance, output_steps, saturating_weights
-from .observers import METHODS, make_observer
-from .qdq import has_qdq
-from .qparams import TensorQParams, affine_qparams, guard_bias_scales, symmetric_per_channel_scales
+from graphopt.quantization.configs import BackendConfig, FixedQParams, IntegerType, available_configs, get_config, register_config
+from graphopt.quantization.kernels import has_vnni, lowering_tolerance, output_steps, saturating_weights
+from graphopt.quantization.observers import METHODS, make_observer
+from graphopt.quantization.qdq import has_qdq
+from graphopt.quantization.qparams import TensorQParams, affine_qparams, guard_bias_scales, symmetric_per_channel_scales
 
 __all__ = [
     "BackendConfig", "FixedQParams", "IntegerType", "METHODS", "TensorQParams", "affine_qparams",

@@ -18,9 +18,9 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.fx as fx
 
-from .. import graph as G
-from ..errors import CalibrationDataError, QuantizationError
-from .observers import Observer
+from graphopt.ir import graph as G
+from graphopt.errors import CalibrationDataError, QuantizationError
+from graphopt.quantization.observers import Observer
 
 #: synthesized kinds that look like data (see graphopt.verify.DISTRIBUTIONS)
 _IN_DISTRIBUTION = ("uniform", "normal")
@@ -56,7 +56,7 @@ def check_batches(example_inputs: tuple[Any, ...], batches: list[tuple[Any, ...]
     """Raise CalibrationDataError naming the first batch that holds NaN/inf, or whose tensors
     differ from the example inputs in dtype or in shape at a dim that is not dynamic
     (``dynamic``: the dynamic dims of each input, as the graph declares them,
-    :func:`graphopt.shapes.dynamic_dims_of_inputs`; default: dim 0).
+    :func:`graphopt.ir.shapes.dynamic_dims_of_inputs`; default: dim 0).
 
     Checked before anything runs on the data, so a bad batch is reported as such and not as a
     torch error from inside the graph. ``held_out_from``: index of the first held-out batch
@@ -108,7 +108,7 @@ def collect(example_inputs: tuple[Any, ...], calibration_data: Iterable[Any] | N
     measuring error when more than ``held_out`` batches exist (else the example inputs are)."""
     arity = len(example_inputs)
     if calibration_data is None:
-        from .. import verify
+        from graphopt import verify
 
         count = 2 * len(verify.DISTRIBUTIONS)
         synthesized = [b for k, b in enumerate(verify.synthesize_inputs(example_inputs, count=count, seed=17))

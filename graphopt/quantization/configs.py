@@ -28,8 +28,8 @@ from typing import Mapping
 
 import torch
 
-from ..errors import OptionError
-from .qparams import DEFAULT_SCALE_MIN
+from graphopt.errors import OptionError
+from graphopt.quantization.qparams import DEFAULT_SCALE_MIN
 
 
 @dataclass(frozen=True)

@@ -37,9 +37,9 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from ..graph import tensor_meta
-from . import qdq
-from .placement import op_key
+from graphopt.ir.graph import tensor_meta
+from graphopt.quantization import qdq
+from graphopt.quantization.placement import op_key
 
 #: ops that move, select, pick or average values: a difference on any input arrives at most as large
 _NON_EXPANDING = frozenset({

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ..verify import sqnr_from_powers
-from .placement import Plan, Unit, weight_axis
-from .qdq import fake_quantize_dynamic
-from .qparams import TensorQParams, fake_quantize, fake_quantize_per_channel
+from graphopt.verify import sqnr_from_powers
+from graphopt.quantization.placement import Plan, Unit, weight_axis
+from graphopt.quantization.qdq import fake_quantize_dynamic
+from graphopt.quantization.qparams import TensorQParams, fake_quantize, fake_quantize_per_channel
 
 
 class _Recording(fx.Interpreter):
@@ -98,7 +98,7 @@ def cumulative_layer_sqnr(reference: fx.GraphModule, quantized: fx.GraphModule, 
 
 def output_sqnr(reference: fx.GraphModule, quantized: fx.GraphModule, batches: list[tuple[Any, ...]]) -> list[float]:
     """SQNR (dB) of each model output over ``batches``."""
-    from .. import verify
+    from graphopt import verify
 
     sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
     with torch.no_grad():

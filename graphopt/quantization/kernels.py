@@ -38,9 +38,9 @@ from pathlib import Path
 import torch
 import torch.fx as fx
 
-from ..graph import get_attr_value
-from . import qdq
-from .placement import is_transposed_conv
+from graphopt.ir.graph import get_attr_value
+from graphopt.quantization import qdq
+from graphopt.quantization.placement import is_transposed_conv
 
 #: largest weight magnitude non-VNNI x86 kernels take without saturating (2 * 255 * 64 < 2**15)
 NON_VNNI_WEIGHT_LIMIT = 64
@@ -124,8 +124,8 @@ def lowering_tolerance(gm: fx.GraphModule):
     quantized at run time (see the module docstring). One :class:`graphopt.verify.Tolerance`
     for all outputs (verification takes one), the loosest of theirs. None when ``gm`` is not
     quantized."""
-    from .. import verify
-    from .error_bounds import output_error_bounds
+    from graphopt import verify
+    from graphopt.quantization.error_bounds import output_error_bounds
 
     bounds = output_error_bounds(gm)
     dynamic = qdq.has_dynamic_qdq(gm)

@@ -25,7 +25,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from ..errors import OptionError, QuantizationError
+from graphopt.errors import OptionError, QuantizationError
 
 CalibrationMethod = Literal["minmax", "moving_average", "histogram", "mse", "entropy"]
 METHODS: tuple[str, ...] = ("minmax", "moving_average", "histogram", "mse", "entropy")

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from . import qdq  # noqa: F401  (registers the ops)
+from graphopt.quantization import qdq  # noqa: F401  (registers the ops)
 
 _DOMAIN = "quantized_decomposed"
 _REGISTERED: set[int] = set()

@@ -29,9 +29,9 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .. import ops
-from ..graph import get_attr_value, tensor_meta
-from .configs import BackendConfig, FixedQParams
+from graphopt.ir import ops
+from graphopt.ir.graph import get_attr_value, tensor_meta
+from graphopt.quantization.configs import BackendConfig, FixedQParams
 
 UnitKind = Literal["weighted", "binary", "cat", "shared", "fixed"]
 _TRANSPOSED = ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")

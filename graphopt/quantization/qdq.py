@@ -35,8 +35,8 @@ import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
 import torch.fx as fx
 
-from ..graph import get_attr_value
-from .qparams import TensorQParams
+from graphopt.ir.graph import get_attr_value
+from graphopt.quantization.qparams import TensorQParams
 
 _QD = torch.ops.quantized_decomposed
 QUANTIZE_PER_TENSOR = _QD.quantize_per_tensor.default

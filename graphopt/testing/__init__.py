@@ -18,9 +18,9 @@ Example::
 """
 from __future__ import annotations
 
-from .profiles import PROFILES, load_profile
-from .soundness import PropertyStats, all_registered_passes, assert_sound, check_pass, property_test
-from .strategies import OP_KINDS, Case, ModelSpec, case_from_code, model_specs, models, render
+from graphopt.testing.profiles import PROFILES, load_profile
+from graphopt.testing.soundness import PropertyStats, all_registered_passes, assert_sound, check_pass, property_test
+from graphopt.testing.strategies import OP_KINDS, Case, ModelSpec, case_from_code, model_specs, models, render
 
 __all__ = [
     "Case", "ModelSpec", "OP_KINDS", "PROFILES", "PropertyStats", "all_registered_passes", "assert_sound",

@@ -19,7 +19,7 @@ import os
 
 from hypothesis import HealthCheck, settings
 
-from ..errors import PropertyTestError
+from graphopt.errors import PropertyTestError
 
 ENV_VAR = "GRAPHOPT_HYPOTHESIS_PROFILE"
 #: overrides the profile's example count, e.g. a 2,000-case campaign

@@ -33,16 +33,16 @@ import torch.fx as fx
 from hypothesis import assume, event, given, target
 from hypothesis import settings as Settings
 
-from .. import verify
-from . import profiles
-from ..capture import capture
-from ..errors import GraphoptError, ModelRunError, PropertyTestError
-from ..graph import preserved_state
-from ..lazy import has_code, materialize
-from ..lowering import get_backend, lower
-from ..pass_infra import Contract, Lossy, available_passes
-from ..pass_manager import PassManager, Result
-from .strategies import OTHER_BATCH_SIZES, Case, inputs_at_batch, models
+from graphopt import verify
+from graphopt.testing import profiles
+from graphopt.capture import capture
+from graphopt.errors import GraphoptError, ModelRunError, PropertyTestError
+from graphopt.ir.graph import preserved_state
+from graphopt.ir.lazy import has_code, materialize
+from graphopt.lowering import get_backend, lower
+from graphopt.pipeline.passes import Contract, Lossy, available_passes
+from graphopt.pipeline.manager import PassManager, Result
+from graphopt.testing.strategies import OTHER_BATCH_SIZES, Case, inputs_at_batch, models
 
 __all__ = ["assert_sound", "PropertyStats", "property_test", "check_pass", "all_registered_passes"]
 
@@ -151,7 +151,7 @@ def _check_variant(pass_or_pipeline: Any, pipeline_text: str, case: Case, dtype:
     missing = [n.name for n in result.module.graph.nodes if n.op in _COMPUTING_OPS and "provenance" not in n.meta]
     if missing:
         raise fail(f"node(s) without meta['provenance']: {', '.join(missing)}; rewrites must copy it "
-                   "(graphopt.graph.copy_provenance)")
+                   "(graphopt.ir.graph.copy_provenance)")
 
     _check_second_run(manager, result, inputs, idempotent, fail)
     for backend in backends:
@@ -244,7 +244,7 @@ def _distinct_rows(inputs: tuple[Any, ...], seed: int) -> tuple[Any, ...]:
 def _check_code_matches_graph(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...],
                               fail: Callable[..., AssertionError]) -> None:
     """The manager and ``verify`` run a module whose code is not written yet node by node
-    (graphopt.lazy); the code written on its first call must compute exactly the same."""
+    (graphopt.ir.lazy); the code written on its first call must compute exactly the same."""
     if has_code(gm):
         return
     fresh = lambda: tuple(t.clone() for t in inputs)  # noqa: E731

@@ -35,9 +35,9 @@ import torch.nn as nn
 from hypothesis import assume
 from hypothesis import strategies as st
 
-from .. import verify
-from ..errors import PropertyTestError
-from ..shapes import resize as _resize
+from graphopt import verify
+from graphopt.errors import PropertyTestError
+from graphopt.ir.shapes import resize as _resize
 
 __all__ = ["Case", "ModelSpec", "LayerSpec", "FEATURES", "OP_KINDS", "OTHER_BATCH_SIZES", "models", "model_specs",
            "render", "case_from_code", "inputs_at_batch", "randomize_"]
@@ -1359,12 +1359,12 @@ def model_specs(
 
 
 #: Batch sizes every drawn model also runs at, besides its example's: models are generic over
-#: the batch, which graphopt declares dynamic by default (:mod:`graphopt.shapes`).
+#: the batch, which graphopt declares dynamic by default (:mod:`graphopt.ir.shapes`).
 OTHER_BATCH_SIZES: tuple[int, ...] = (1, 3, 5)
 
 
 def inputs_at_batch(example_inputs: Sequence[Any], size: int) -> tuple[Any, ...]:
-    """``example_inputs`` at batch ``size``: rows repeated or cut (:func:`graphopt.shapes.resize`)
+    """``example_inputs`` at batch ``size``: rows repeated or cut (:func:`graphopt.ir.shapes.resize`)
     in every tensor whose dim 0 is the first tensor's, the inputs ``dynamic_shapes="batch"``
     makes dynamic; other inputs as they are."""
     batched = [x for x in example_inputs if isinstance(x, torch.Tensor) and x.dim() >= 1]

@@ -27,8 +27,8 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from .errors import InputError
-from .lazy import INPUT_LAYOUT_KEY, OUTPUT_SPEC_KEY, graph_module
+from graphopt.errors import InputError
+from graphopt.ir.lazy import INPUT_LAYOUT_KEY, OUTPUT_SPEC_KEY, graph_module
 
 #: placeholder meta: the input's pytree path name (``inputs.image``) where it is not the
 #: placeholder's own name

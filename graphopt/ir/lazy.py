@@ -5,7 +5,7 @@ graph is set or ``recompile()`` is called. On large graphs that is the dearest s
 and of a pipeline, in time and in memory: for a 20k-node graph fx writes megabytes of source,
 and Python's ``compile()`` of it peaks above the size of the graph itself. Capture, the
 PassManager and the graph runs they do (shape propagation, verification) need none of it:
-they run graphs node by node (:func:`graphopt.graph.execute`).
+they run graphs node by node (:func:`graphopt.ir.graph.execute`).
 
 :class:`LazyGraphModule` therefore only marks its code stale; the code is generated on the
 first call, on reading ``.code``, printing, pickling, deep-copying and scripting. It is a
@@ -23,13 +23,13 @@ import torch.utils._pytree as pytree
 from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.fx.graph import _PyTreeCodeGen
 
-from .shapes import check_call
+from graphopt.ir.shapes import check_call
 
 #: output node meta: the structure the model returns its outputs in, where the graph's differs
 #: only in container type (torch.export gives a ModelOutput's fields as a dict)
 OUTPUT_SPEC_KEY = "graphopt_output_spec"
 #: output node meta: how the model's structured arguments map to the graph's flat inputs
-#: (:class:`graphopt.structure.InputLayout`), for a graph captured from dicts, lists, dataclasses
+#: (:class:`graphopt.ir.structure.InputLayout`), for a graph captured from dicts, lists, dataclasses
 INPUT_LAYOUT_KEY = "graphopt_input_layout"
 
 
@@ -84,7 +84,7 @@ class LazyGraphModule(_LazyGraphModule):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Run the module, refusing inputs the graph was not made for (see
-        :func:`graphopt.shapes.check_call`): a static dim of another size is an InputError,
+        :func:`graphopt.ir.shapes.check_call`): a static dim of another size is an InputError,
         never a wrong answer. Outputs come in the model's own container where capture recorded
         one (:data:`OUTPUT_SPEC_KEY`). A graph captured from structured inputs takes them as the
         model does, or flat (:data:`INPUT_LAYOUT_KEY`). Under a tracer, none of this: it would

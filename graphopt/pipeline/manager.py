@@ -19,12 +19,12 @@ from typing import Any, Iterable, Literal, Sequence
 import torch
 import torch.fx as fx
 
-from . import graph as G
-from . import graph_diff, lazy, shapes, structure
-from .errors import CalibrationDataError, GraphoptError, OptionError, PassError, PipelineError, VerificationError
-from .errors import TrainingModeError
-from .fileio import jsonable
-from .pass_infra import Invocation, PassContext, RewriteBudget, build_pipeline, inference_presets
+from graphopt.ir import graph as G
+from graphopt.ir import diff as graph_diff, lazy, shapes, structure
+from graphopt.errors import CalibrationDataError, GraphoptError, OptionError, PassError, PipelineError, VerificationError
+from graphopt.errors import TrainingModeError
+from graphopt.fileio import jsonable
+from graphopt.pipeline.passes import Invocation, PassContext, RewriteBudget, build_pipeline, inference_presets
 
 VerifyMode = Literal["each", "final", "none"]
 
@@ -33,7 +33,7 @@ class _LazyVerify:
     """graphopt.verify, imported on first use (keeps `import graphopt` light)."""
 
     def __getattr__(self, name: str):
-        from . import verify as module
+        from graphopt import verify as module
 
         return getattr(module, name)
 
@@ -96,11 +96,11 @@ class Report:
     #: remarks about the whole run (a model in training mode, ...), shown before the passes' own
     notes: list[str] = field(default_factory=list)
     #: the graph's inputs with their dynamic dims by name, and dims kept static with why
-    #: (:func:`graphopt.shapes.describe`); ``checked_at``: the second sizes verification used
+    #: (:func:`graphopt.ir.shapes.describe`); ``checked_at``: the second sizes verification used
     shapes: list[str] = field(default_factory=list)
     checked_at: dict[str, int] = field(default_factory=dict)
     #: the graph before and after each pass that changed it or declined somewhere, by index into
-    #: ``records`` (:class:`graphopt.graph_diff.GraphView`); consecutive passes share a view
+    #: ``records`` (:class:`graphopt.ir.diff.GraphView`); consecutive passes share a view
     graphs: dict[int, tuple[Any, Any]] = field(default_factory=dict, repr=False)
     #: the lowest SQNR floor among the budgeted lossy passes that changed the graph: the final
     #: check holds the whole run to it (a run cannot be within every pass's budget and below it)
@@ -183,9 +183,9 @@ class Report:
         return out
 
     def save_html(self, path: Any) -> Any:
-        """Write this report as one self-contained HTML page (:mod:`graphopt.report_html`);
+        """Write this report as one self-contained HTML page (:mod:`graphopt.view.html`);
         returns the path. Needs Graphviz's ``dot`` (ReportError when it is missing)."""
-        from .report_html import write_html
+        from graphopt.view.html import write_html
 
         return write_html(self, path)
 
@@ -567,7 +567,7 @@ class PassManager:
         budget: RewriteBudget | None,
         dynamic_shapes: Any = "batch",
     ) -> Result:
-        from .capture import capture, capture_notes, front_end
+        from graphopt.capture import capture, capture_notes, front_end
 
         inputs = G.as_input_tuple(example_inputs, model)
         clean: _Snapshot | _Unchanged | None = None  # the working module's state, if held already
@@ -774,7 +774,7 @@ class PassManager:
             if key in now and now[key][0] == tid and now[key][1] != ver:
                 raise PassError(
                     f"pass {name!r} modified tensor {key!r} in place; passes must register new tensors "
-                    "(graphopt.graph.add_constant/add_parameter) so a failing pass can be rolled back. "
+                    "(graphopt.ir.graph.add_constant/add_parameter) so a failing pass can be rolled back. "
                     "The shared tensor is now changed and cannot be restored: re-capture the model.",
                     pass_name=name,
                 )
@@ -800,7 +800,7 @@ def training_mode_parts(gm: fx.GraphModule) -> list[str]:
     from torch.nn.modules.dropout import _DropoutNd
     from torch.nn.modules.instancenorm import _InstanceNorm
 
-    from . import ops
+    from graphopt.ir import ops
 
     def behaves_differently(m: torch.nn.Module) -> bool:
         if not m.training:
@@ -862,7 +862,7 @@ def optimize(
     """Capture (if needed) and optimize ``model`` with ``pipeline``; returns ``Result``.
     ``dynamic_shapes``: the input dims the result stays generic over (see :func:`graphopt.capture`).
     ``progress``: a bar on stderr over capture and the passes (default: when stderr is a terminal)."""
-    from . import progress as bar
+    from graphopt.pipeline import progress as bar
 
     pm = PassManager(pipeline, verify=verify, on_failure=on_failure, options=options, hooks=hooks,
                      fixed_point=fixed_point)
@@ -898,7 +898,7 @@ def bisect(model: Any, example_inputs: Any, pipeline: Any, *, tolerance: Any = N
     Like LLVM's opt-bisect: the pipeline is re-run with a global rewrite budget (passes ask
     ``ctx.may_rewrite`` before each rewrite) and the budget is binary-searched.
     """
-    from .capture import capture
+    from graphopt.capture import capture
 
     inputs = G.as_input_tuple(example_inputs)
     if calibration_data is not None:

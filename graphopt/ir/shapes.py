@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.fx as fx
 
-from .errors import InputError
+from graphopt.errors import InputError
 
 META_KEY = "graphopt_dims"
 BATCH = "batch"

@@ -27,8 +27,8 @@ from torch._guards import detect_fake_mode
 from torch.fx.node import map_aggregate, map_arg
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata, _extract_tensor_metadata
 
-from .errors import InputError, NodeRunError
-from .lazy import has_code
+from graphopt.errors import InputError, NodeRunError
+from graphopt.ir.lazy import has_code
 
 
 def as_input_tuple(example_inputs: Any, module: Any = None) -> tuple[torch.Tensor, ...]:
@@ -135,7 +135,7 @@ def record_shapes(module: torch.nn.Module, inputs: Iterable[Any], graph: fx.Grap
 
     The same job as ``ShapeProp(gm).propagate(*inputs)`` without the per-node cost of
     ``fx.Interpreter`` and of ShapeProp's symbolic-shape contiguity checks, and without
-    needing generated code (see :mod:`graphopt.lazy`). Values are freed after their last use.
+    needing generated code (see :mod:`graphopt.ir.lazy`). Values are freed after their last use.
     Buffer updates are kept: callers isolate the run (see :func:`propagate_shapes`). A node
     that fails raises RuntimeError naming the node.
     """
@@ -215,7 +215,7 @@ class GraphRunner:
 
 def runner(module: Any) -> Any:
     """What runs ``module`` for checking: a :class:`GraphRunner` for a graph module whose code
-    is stale (:mod:`graphopt.lazy`) and that has no hooks, so checking a graph never pays for
+    is stale (:mod:`graphopt.ir.lazy`) and that has no hooks, so checking a graph never pays for
     its code; else ``module`` itself."""
     if isinstance(module, fx.GraphModule) and not has_code(module) and not _has_call_hooks(module):
         return GraphRunner(module)

@@ -14,7 +14,7 @@ import time
 import zlib
 from pathlib import Path
 
-from .errors import ReportError
+from graphopt.errors import ReportError
 
 _FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
           "--disable-background-networking", "--disable-component-update", "--disable-sync",

@@ -39,8 +39,8 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.fx as fx
 
-from .errors import OptionError, PassDefinitionError, PipelineError
-from .registry import Registry
+from graphopt.errors import OptionError, PassDefinitionError, PipelineError
+from graphopt.registry import Registry
 
 # --------------------------------------------------------------------------- contracts
 
@@ -55,7 +55,7 @@ class Contract:
         raise NotImplementedError
 
     def tolerance(self, dtype: torch.dtype):
-        from . import verify
+        from graphopt import verify
 
         return verify.Tolerance.for_dtype(dtype)
 
@@ -81,7 +81,7 @@ class Exact(Contract):
     atol: float | None = None
 
     def tolerance(self, dtype: torch.dtype):
-        from . import verify
+        from graphopt import verify
 
         if self.rtol is None and self.atol is None:
             return None  # each output gets the default of its own dtype
@@ -124,7 +124,7 @@ class Lossy(Contract):
         return self if value is None else dataclasses.replace(self, min_sqnr_db=float(value))
 
     def tolerance(self, dtype: torch.dtype):
-        from . import verify
+        from graphopt import verify
 
         return verify.Tolerance(rtol=math.inf, atol=math.inf)
 

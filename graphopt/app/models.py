@@ -20,15 +20,15 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from . import lazy, shapes
-from .errors import ModelLoadError
+from graphopt.ir import lazy, shapes
+from graphopt.errors import ModelLoadError
 
 FORMAT_VERSION = 1
 
 
 def load_model(ref: str) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...] | None]:
     """Build the model ``ref`` names; returns ``(module, example_inputs or None)``."""
-    from . import examples
+    from graphopt.app import examples
 
     if ref in examples.EXAMPLES:
         model, inputs = examples.get_example(ref)
@@ -117,7 +117,7 @@ def _torchvision(name: str) -> torch.nn.Module:
 def save(gm: fx.GraphModule, path: str | os.PathLike) -> int:
     """Write ``gm`` (its generated code, the names of the functions that code calls, and its
     tensors) atomically; returns bytes written."""
-    from .fileio import atomic_write
+    from graphopt.fileio import atomic_write
 
     code = gm.graph.python_code("self")
     payload = {
@@ -126,7 +126,7 @@ def save(gm: fx.GraphModule, path: str | os.PathLike) -> int:
         "globals": {name: _describe_global(value) for name, value in code.globals.items()},
         "state": dict(gm.state_dict()),
         "requires_grad": [k for k, p in gm.named_parameters() if p.requires_grad],
-        # the dynamic and static dims of each input (graphopt.shapes), so the loaded module
+        # the dynamic and static dims of each input (graphopt.ir.shapes), so the loaded module
         # refuses the sizes the saved one refused
         "input_dims": [None if d is None else dataclasses.asdict(d) for d in shapes.input_dims(gm)],
     }
@@ -165,7 +165,7 @@ def load(path: str | os.PathLike, *, trust_code: bool = False) -> fx.GraphModule
     write yourself)."""
     from torch.fx.graph_module import _forward_from_src
 
-    from .fileio import load_weights
+    from graphopt.fileio import load_weights
 
     payload = load_weights(path)
     if not isinstance(payload, dict) or payload.get("graphopt_format") != FORMAT_VERSION:

@@ -4,9 +4,9 @@ opens offline, from the file).
 It shows the pass table (the same cells as the text report, :meth:`Report.rows`), the detail
 lines (declines with their reasons, rollbacks with the check that failed), and for every pass
 that changed the graph or declined somewhere, the graph before and after it: nodes added,
-removed and changed coloured (by fx node name, :mod:`graphopt.graph_diff`), fusion units boxed,
+removed and changed coloured (by fx node name, :mod:`graphopt.ir.diff`), fusion units boxed,
 int8 regions and float islands marked, layers whose channels shrank outlined, decline reasons
-on the nodes they name. Graphs are laid out by Graphviz ``dot`` (:mod:`graphopt.graph_layout`);
+on the nodes they name. Graphs are laid out by Graphviz ``dot`` (:mod:`graphopt.view.layout`);
 each state of the graph is laid out once and shared by the two passes it sits between.
 
     result = graphopt.optimize(model, inputs, "mobile-fp32")
@@ -25,9 +25,9 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
-from . import graph_layout
-from .errors import ReportError
-from .graph_diff import GraphView, diff
+from graphopt.view import layout as graph_layout
+from graphopt.errors import ReportError
+from graphopt.ir.diff import GraphView, diff
 
 #: reports whose graphs hold at most this many nodes in all fill every picture when opened;
 #: larger ones fill a pass's pictures when its section is opened
@@ -35,7 +35,7 @@ EAGER_NODES = 3000
 
 
 def _asset(name: str) -> str:
-    return resources.files("graphopt").joinpath(name).read_text(encoding="utf-8")
+    return resources.files("graphopt.view").joinpath(name).read_text(encoding="utf-8")
 
 
 def _status_class(status: str) -> str:
@@ -149,20 +149,20 @@ def build_html(report: Any) -> str:
     payload = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
     caption = ("rewrites: edits the pass made; nodes: graph nodes but inputs and output (constants included); "
                "tensors: parameters and buffers held; param bytes: those the graph reads")
-    page = Template(_asset("report_template.html")).substitute(
+    page = Template(_asset("template.html")).substitute(
         title=html.escape(report.pipeline), table=_table(report), caption=caption, seconds=f"{report.seconds:.2f}",
         details="".join(f"<li>{html.escape(line)}</li>" for line in report.details()),
         rollbacks=rollback_html,
         views="".join(sections) or "<p>No pass changed the graph.</p>",
         templates="".join(_graph_template(k, p) for k, p in enumerate(_layouts(graphs))),
-        data=payload, script=_asset("report_html.js"),
+        data=payload, script=_asset("report.js"),
     )
     return page
 
 
 def write_html(report: Any, path: Any) -> Path:
     """Write the page of ``report`` to ``path`` (atomically; missing folders are made)."""
-    from .fileio import atomic_write
+    from graphopt.fileio import atomic_write
 
     path = Path(path)
     graph_layout.require_dot()  # before any work: say what to install

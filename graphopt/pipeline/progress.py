@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from .pass_manager import Hook
+from graphopt.pipeline.manager import Hook
 
 
 def wanted(progress: bool | None) -> bool:

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from .errors import ModelLoadError
+from graphopt.errors import ModelLoadError
 
 Example = tuple[nn.Module, tuple[torch.Tensor, ...]]
 

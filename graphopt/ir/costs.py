@@ -1,7 +1,7 @@
 """What a graph costs to run and to ship: parameters, multiply-accumulates, bytes.
 
 MACs are counted from shape metadata (``meta["tensor_meta"]``, see
-:func:`graphopt.graph.propagate_shapes`) for the ops that dominate inference: convolutions
+:func:`graphopt.ir.graph.propagate_shapes`) for the ops that dominate inference: convolutions
 (``out_elements * in_channels/groups * kernel``), transposed convolutions
 (``in_elements * out_channels/groups * kernel``), linear layers and matmuls
 (``out_elements * reduced_dim``), including standard ``nn`` layers left as ``call_module``.
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch.fx as fx
 import torch.nn as nn
 
-from . import ops
-from .graph import param_bytes, shape_of
+from graphopt.ir import ops
+from graphopt.ir.graph import param_bytes, shape_of
 
 __all__ = ["Costs", "costs", "macs", "parameters"]
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import ReportError
-from .graph_diff import GraphView, diff
+from graphopt.errors import ReportError
+from graphopt.ir.diff import GraphView, diff
 
 
 def _require() -> Any:

@@ -33,8 +33,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import ops
-from .graph import get_attr_value
+from graphopt.ir import ops
+from graphopt.ir.graph import get_attr_value
 
 # --------------------------------------------------------------------------- tables
 
@@ -54,7 +54,7 @@ _RANDOM_FUNCTIONS: frozenset[Callable[..., Any]] = frozenset(
 )
 
 #: Ops that are random only when a flag argument is truthy: target -> (name, index, default).
-#: The flag is read with :func:`graphopt.ops.arg` on canonical nodes (same name).
+#: The flag is read with :func:`graphopt.ir.ops.arg` on canonical nodes (same name).
 _RANDOM_IF_FLAG: dict[Callable[..., Any], tuple[str, int, Any]] = {
     F.dropout: ("training", 2, True),
     F.dropout1d: ("training", 2, True),
@@ -186,7 +186,7 @@ def is_impure(node: fx.Node, gm: fx.GraphModule | None = None) -> str | None:
         return None
     spec = ops.spec_of(node)
     if spec is not None:  # canonical ops are known; randomness was judged above, flags included
-        return None if spec.pure or spec.random else f"canonical op {spec.name} is marked impure in graphopt.ops"
+        return None if spec.pure or spec.random else f"canonical op {spec.name} is marked impure in graphopt.ir.ops"
     return _unknown_function(node.target)
 
 

@@ -4,21 +4,21 @@
 runs on any GraphModule:
 
 1. Standard ``nn`` layers called as ``call_module`` become the functional calls their forward
-   makes (:data:`graphopt.ops.MODULE_LOWERINGS`), reading parameters through ``get_attr`` nodes
+   makes (:data:`graphopt.ir.ops.MODULE_LOWERINGS`), reading parameters through ``get_attr`` nodes
    with qualified names. A node whose ``meta["keep_module"]`` is true (a user leaf) stays.
 2. aten ``convolution`` and ``addmm(bias, x, w.t())`` become conv/conv-transpose and ``linear``.
-3. Every spelling in :data:`graphopt.ops.ALL_ALIASES` becomes the canonical callable with all
-   parameters positional, values normalized (:func:`graphopt.ops.normalize_value`), string
+3. Every spelling in :data:`graphopt.ir.ops.ALL_ALIASES` becomes the canonical callable with all
+   parameters positional, values normalized (:func:`graphopt.ir.ops.normalize_value`), string
    conv padding resolved to numbers where it is symmetric.
 4. Dropout with ``training=False`` is removed.
 
 In-place spellings become out-of-place only where nobody can observe the difference: the
 written tensor is not (a view of) a graph input, a parameter/buffer or an opaque module's
 output, and no other node reads it, or a view of it, afterwards. Otherwise the in-place node
-is left as it is, a side effect (see :func:`graphopt.purity.mutated_values`).
+is left as it is, a side effect (see :func:`graphopt.ir.purity.mutated_values`).
 
 One in-place spelling is canonical: the activation of a conv/linear fusion unit
-(:func:`graphopt.ops.fused_activation_op`). ``fuse-conv-bn-relu`` writes it in place on purpose, since the
+(:func:`graphopt.ir.ops.fused_activation_op`). ``fuse-conv-bn-relu`` writes it in place on purpose, since the
 conv's output is a fresh tensor only the activation reads, and eager runs then save an
 allocation per layer (fresh, page-faulted memory for large outputs). Rewriting it out of place
 here would undo that, and the next
@@ -34,9 +34,9 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import ops
-from .graph import get_attr_value, tensor_meta
-from .purity import may_alias_input
+from graphopt.ir import ops
+from graphopt.ir.graph import get_attr_value, tensor_meta
+from graphopt.ir.purity import may_alias_input
 
 aten = torch.ops.aten
 
@@ -312,7 +312,7 @@ class _Rewriter:
 
 def emit_lowering(graph: fx.Graph, steps: tuple[ops.Step, ...], value: Any, path: str,
                   origin_meta: dict[str, Any]) -> Any:
-    """Create the nodes of a module lowering (:func:`graphopt.ops.lowering_for`) at ``graph``'s
+    """Create the nodes of a module lowering (:func:`graphopt.ir.ops.lowering_for`) at ``graph``'s
     insertion point and return the node holding the result (``value`` for no steps).
 
     ``value`` is the module's input, ``path`` its qualified name (parameters are read as

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch.fx as fx
 
-from . import graph as G
-from . import ops
+from graphopt.ir import graph as G
+from graphopt.ir import ops
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ def _op_label(node: fx.Node) -> str:
 def _precision(node: fx.Node, has_int8: bool) -> str | None:
     if not has_int8 or node.op in ("placeholder", "output", "get_attr"):
         return None
-    from .quantization import qdq
+    from graphopt.quantization import qdq
 
     if qdq.is_qdq(node):
         return "int8"
@@ -98,7 +98,7 @@ def _precision(node: fx.Node, has_int8: bool) -> str | None:
 
 def view(gm: fx.GraphModule) -> GraphView:
     """The structural view of ``gm``'s graph as it is now."""
-    from .quantization import qdq
+    from graphopt.quantization import qdq
 
     has_int8 = qdq.has_qdq(gm)
     nodes: dict[str, NodeView] = {}

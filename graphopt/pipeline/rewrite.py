@@ -2,7 +2,7 @@
 
 A :class:`Rule` matches a chain of canonical ops, producer first: ``Rule(("conv2d", "relu"),
 ...)`` matches a relu whose input is a conv2d read by nothing else. Ops are matched by name with
-:func:`graphopt.ops.is_op`, so every spelling capture folds into one op is seen, the in-place
+:func:`graphopt.ir.ops.is_op`, so every spelling capture folds into one op is seen, the in-place
 activation of a fused conv unit included. :func:`apply` walks the graph once and, for each match:
 
 - asks ``check(match)``; a string is the reason not to rewrite, recorded as a decline in the
@@ -31,9 +31,9 @@ from typing import Any, Callable, Sequence
 
 import torch.fx as fx
 
-from . import ops
-from .errors import PassDefinitionError
-from .graph import copy_provenance
+from graphopt.ir import ops
+from graphopt.errors import PassDefinitionError
+from graphopt.ir.graph import copy_provenance
 
 __all__ = ["Match", "Rule", "apply"]
 
@@ -105,7 +105,7 @@ class Rule:
         if unknown:
             raise PassDefinitionError(
                 f"Rule pattern names unknown op(s) {unknown}; canonical op names are those of "
-                "graphopt.ops.SPECS (e.g. 'conv2d', 'relu', 'linear')"
+                "graphopt.ir.ops.SPECS (e.g. 'conv2d', 'relu', 'linear')"
             )
         if not self.name:
             self.name = "+".join(self._chain) if self._chain else getattr(self.pattern, "__name__", "rule")

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-from .errors import NotCanonicalError
+from graphopt.errors import NotCanonicalError
 
 _NO_DEFAULT = object()
 
@@ -721,7 +721,7 @@ def lowering_for(module: nn.Module) -> tuple[Step, ...] | None:
 #: How the activation of a conv/linear fusion unit is spelled, in place: canonical name ->
 #: (callable, keyword arguments after the canonical positional ones). ``torch.relu_`` is a
 #: builtin, as ``torch.relu`` is (TorchScript calls ``aten::relu_`` directly, with no function
-#: call around it); ``hardtanh`` keeps its canonical callable, so :func:`graphopt.ops.arg` still
+#: call around it); ``hardtanh`` keeps its canonical callable, so :func:`graphopt.ir.ops.arg` still
 #: reads its bounds. TorchScript, both ONNX exporters and torch.export take both.
 FUSED_ACTIVATIONS: dict[str, tuple[Callable[..., Any], dict[str, Any]]] = {
     "relu": (torch.relu_, {}),

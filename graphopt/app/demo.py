@@ -18,10 +18,12 @@ def run_demo(model_name: str = "resnet_cnn", out_dir: str = "out/demo") -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from . import examples, graph as G, optimize
-    from .capture import capture
-    from .lowering import available_backends, lower
-    from .timing import round_robin_ms
+    from graphopt.app import examples
+    from graphopt.ir import graph as G
+    from graphopt import optimize
+    from graphopt.capture import capture
+    from graphopt.lowering import available_backends, lower
+    from graphopt.app.timing import round_robin_ms
 
     console = Console(width=None if sys.stdout.isatty() else 120)
     torch.set_num_threads(1)

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .errors import GraphoptError
+from graphopt.errors import GraphoptError
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
            "bfloat16": torch.bfloat16, "int64": torch.int64}
@@ -160,8 +160,8 @@ def _plan_output(model_ref: str, backend: str | None, output: str | None) -> tup
     any other suffix (.pt) writes a graph module file. A --backend whose suffix differs from the
     one -o has, when that suffix is another backend's, is refused.
     """
-    from .errors import LoweringError
-    from .lowering import available_backends, get_backend
+    from graphopt.errors import LoweringError
+    from graphopt.lowering import available_backends, get_backend
 
     if output == "":
         raise UsageError("-o: empty path; give a file path")
@@ -194,7 +194,7 @@ def _plan_output(model_ref: str, backend: str | None, output: str | None) -> tup
 
 def _write_json(path: Path, data) -> None:
     """Write ``data`` as JSON atomically: the complete new file or the old one, never half of it."""
-    from .fileio import atomic_write
+    from graphopt.fileio import atomic_write
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as staged, open(staged, "w") as f:
@@ -211,7 +211,7 @@ def _console():
 def cmd_passes(args) -> int:
     from rich.table import Table
 
-    from . import available_passes, available_presets
+    from graphopt import available_passes, available_presets
 
     t = Table(title="graphopt passes")
     for col in ("name", "contract", "options", "summary"):
@@ -227,7 +227,7 @@ def cmd_passes(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from . import examples
+    from graphopt.app import examples
 
     for name, entry in examples.EXAMPLES.items():
         print(f"{name:20s} {getattr(entry, 'description', '')}")
@@ -235,7 +235,7 @@ def cmd_models(args) -> int:
 
 
 def cmd_backends(args) -> int:
-    from .lowering import available_backends
+    from graphopt.lowering import available_backends
 
     for name, b in available_backends().items():
         missing = b.unavailable()
@@ -264,8 +264,8 @@ def parse_dynamic(text: str) -> Any:
 
 
 def cmd_optimize(args) -> int:
-    from . import optimize
-    from .models import load_model, save
+    from graphopt import optimize
+    from graphopt.app.models import load_model, save
 
     # everything that can be checked without the model is checked first: no pipeline run is lost
     dynamic = parse_dynamic(args.dynamic)
@@ -280,7 +280,7 @@ def cmd_optimize(args) -> int:
             if a.resolve() == b.resolve():
                 raise UsageError(f"{flag_a} and {flag_b} name the same file {a}; give two paths")
     if report_html is not None:
-        from .graph_layout import require_dot
+        from graphopt.view.layout import require_dot
 
         require_dot()
     hooks = _ir_printing(args)
@@ -304,7 +304,7 @@ def cmd_optimize(args) -> int:
         options.setdefault(pass_name, {})[key] = value
     calibration = None
     if args.calibration_data is not None:
-        from .calibration_files import load_calibration_file
+        from graphopt.app.calibration_files import load_calibration_file
 
         calibration = load_calibration_file(args.calibration_data, inputs, _calibration_dims(dynamic, inputs))
     console = _console()
@@ -312,7 +312,7 @@ def cmd_optimize(args) -> int:
     if isinstance(dynamic, tuple) and len(dynamic) < len(inputs):
         dynamic = dynamic + (None,) * (len(inputs) - len(dynamic))
     if args.capture_mode != "auto":
-        from .capture import capture
+        from graphopt.capture import capture
 
         with console.status(f"capturing {args.model} ({args.capture_mode})"):
             model = capture(model, inputs, mode=args.capture_mode, dynamic_shapes=dynamic)
@@ -328,7 +328,7 @@ def cmd_optimize(args) -> int:
     if report_html is not None:
         console.print(f"wrote {result.report.save_html(report_html)}", markup=False, highlight=False)
     if backend is not None:
-        from .lowering import lower
+        from graphopt.lowering import lower
 
         out.parent.mkdir(parents=True, exist_ok=True)
         with console.status(f"lowering to {backend} and verifying in its runtime"):
@@ -341,7 +341,7 @@ def cmd_optimize(args) -> int:
     elif out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         n = save(result.module, out)
-        console.print(f"wrote {out} ({n} bytes): graph code + state, load with graphopt.models.load(path, trust_code=True)",
+        console.print(f"wrote {out} ({n} bytes): graph code + state, load with graphopt.app.models.load(path, trust_code=True)",
                       markup=False, highlight=False)
     return 1 if result.report.failed else 0
 
@@ -351,8 +351,8 @@ def _ir_printing(args) -> list:
     names = [n.strip() for text in args.print_ir_after for n in text.split(",") if n.strip()]
     if not (names or args.print_ir_after_all or args.print_ir_after_change or args.print_ir_after_failure):
         return []
-    from . import available_passes
-    from .ir_printing import PrintIR
+    from graphopt import available_passes
+    from graphopt.pipeline.printing import PrintIR
 
     known = available_passes()
     for name in names:
@@ -378,16 +378,16 @@ def _calibration_dims(dynamic: Any, inputs: tuple) -> list[frozenset[int]] | Non
 
 
 def _loose() -> Any:
-    from .verify import Tolerance
+    from graphopt.verify import Tolerance
 
     return Tolerance(float("inf"), float("inf"))
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from graphopt.app.demo import run_demo
 
     _check_folder(Path(args.out), f"--out {args.out}")
-    from .graph_layout import require_dot
+    from graphopt.view.layout import require_dot
 
     require_dot()  # the demo writes its HTML report
     return run_demo(args.model, args.out)

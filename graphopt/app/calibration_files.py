@@ -18,8 +18,8 @@ from typing import Any, Sequence
 
 import torch
 
-from .errors import CalibrationDataError
-from .quantization.calibration import check_batches
+from graphopt.errors import CalibrationDataError
+from graphopt.quantization.calibration import check_batches
 
 
 def _from_arrays(arrays: list[Any], path: Path) -> list[tuple[torch.Tensor, ...]]:

@@ -1,0 +1,1 @@
+"""The product around the compiler: command line, demo, example models, model references."""

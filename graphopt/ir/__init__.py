@@ -1,0 +1,1 @@
+"""The intermediate representation passes work on: canonical ops, graphs, shapes, purity."""

@@ -1,0 +1,1 @@
+"""Passes, pipelines and the PassManager that runs them with verification."""

@@ -1,0 +1,1 @@
+"""Seeing what the compiler did: graph pictures, the HTML report, Model Explorer."""
