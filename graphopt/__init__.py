@@ -30,27 +30,24 @@ from graphopt import errors  # noqa: F401
 from graphopt.errors import *  # noqa: F401,F403
 from graphopt.ir import graph, ops, shapes  # noqa: F401  (for pass authors: graphopt.ops.is_op, ...)
 from graphopt.pipeline import rewrite  # noqa: F401
+from graphopt.pipeline.contracts import Contract, Exact, Lossy
+from graphopt.pipeline.options import Check, Constraint, OneOf, Range, check_patterns
 from graphopt.pipeline.passes import (
-    Check,
-    Constraint,
-    Contract,
-    Exact,
     Invocation,
-    Lossy,
-    OneOf,
     Pass,
     PassContext,
-    Range,
     available_passes,
     available_presets,
-    check_patterns,
     get_pass,
     register_pass,
     register_preset,
     unregister_pass,
 )
 from graphopt.capture import capture  # eager: the submodule of the same name must not shadow the function
-from graphopt.pipeline.manager import Hook, PassManager, PassRecord, PrintGraph, Report, Result, Timing, bisect, optimize
+from graphopt.pipeline.bisect import bisect
+from graphopt.pipeline.hooks import Hook, PrintGraph, Timing
+from graphopt.pipeline.manager import PassManager, Result, optimize
+from graphopt.pipeline.report import PassRecord, Report
 
 __version__ = "0.1.0"
 

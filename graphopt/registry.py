@@ -20,14 +20,27 @@ import difflib
 import importlib
 import re
 import warnings
-from typing import Callable, Generic, Iterator, TypeVar
+from importlib import metadata
+from typing import Any, Callable, Generic, Iterator, TypeVar
 
 from graphopt.errors import GraphoptError
-from graphopt.plugins import load_entry_points
 
 T = TypeVar("T")
 
 NAME = re.compile(r"[a-z][a-z0-9]*(-[a-z0-9]+)*")
+
+
+def load_entry_points(group: str) -> Iterator[tuple[str, Any, str | None]]:
+    """``(name, loaded object or None, error or None)`` for every entry point of ``group``.
+
+    A plug-in that fails to import is reported, never raised: one broken distribution must not
+    take graphopt or the other plug-ins down.
+    """
+    for ep in metadata.entry_points(group=group):
+        try:
+            yield ep.name, ep.load(), None
+        except Exception as exc:
+            yield ep.name, None, f"{ep.value}: {type(exc).__name__}: {exc}"
 
 
 class Registry(Generic[T]):

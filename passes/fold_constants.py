@@ -63,7 +63,7 @@ import torch.fx as fx
 import graphopt
 from graphopt.ir import graph as G
 from graphopt.ir import ops, purity, shapes
-from graphopt.pipeline.passes import Range
+from graphopt.pipeline.options import Range
 
 #: Smallest budget per folded tensor when ``max_bytes`` is unset.
 DEFAULT_MIN_BUDGET = 64 * 1024

@@ -73,7 +73,7 @@ from graphopt.ir import ops, shapes
 from graphopt.ir.costs import costs
 from graphopt.errors import OptionError, PassError
 from graphopt.ir.graph import as_input_tuple, get_attr_value, propagate_shapes, set_tensor
-from graphopt.pipeline.passes import Check, Range, check_patterns
+from graphopt.pipeline.options import Check, Range, check_patterns
 from graphopt.quantization.calibration import check_batch
 
 Importance = Callable[[C.ChannelGroup, fx.GraphModule], Any]

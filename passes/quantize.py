@@ -60,7 +60,7 @@ from graphopt.errors import QuantizationError
 from graphopt.ir.graph import add_constant, copy_provenance, get_attr_value, provenance
 from graphopt.quantization import calibration as calib
 from graphopt.quantization import evaluation, kernels, qdq
-from graphopt.pipeline.passes import OneOf, Range, check_patterns
+from graphopt.pipeline.options import OneOf, Range, check_patterns
 from graphopt.quantization.configs import BackendConfig, available_configs, get_config
 from graphopt.quantization.observers import Observer, make_observer
 from graphopt.quantization.placement import Plan, Unit, plan_dynamic_quantization, plan_quantization, weight_axis

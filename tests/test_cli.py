@@ -188,7 +188,7 @@ def test_demo_out_that_is_a_file_fails_in_one_line(tmp_path, capsys, no_pipeline
 
 
 def test_report_json_is_written_atomically(tmp_path, monkeypatch):
-    from graphopt.pipeline.manager import Report
+    from graphopt.pipeline.report import Report
 
     report = tmp_path / "report.json"
     report.write_text('{"old": true}\n')

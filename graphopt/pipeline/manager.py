@@ -6,25 +6,38 @@ the module containers, sharing the tensors), unless it holds one of the current 
 (the caller's graph module, or the snapshot before a pass that changed nothing). Passes must
 therefore never modify a tensor in place; the manager checks tensor version counters and names
 a pass that does.
+
+The records and the report are :mod:`graphopt.pipeline.report`, hooks :mod:`graphopt.pipeline.hooks`,
+snapshots and fingerprints :mod:`graphopt.pipeline.snapshot`, bisection :mod:`graphopt.pipeline.bisect`.
 """
 from __future__ import annotations
 
-import copy
-import difflib
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Literal, Sequence
 
 import torch
 import torch.fx as fx
 
 from graphopt.ir import graph as G
-from graphopt.ir import diff as graph_diff, lazy, shapes, structure
+from graphopt.ir import diff as graph_diff, shapes, structure
 from graphopt.errors import CalibrationDataError, GraphoptError, OptionError, PassError, PipelineError, VerificationError
 from graphopt.errors import TrainingModeError
-from graphopt.fileio import jsonable
-from graphopt.pipeline.passes import Invocation, PassContext, RewriteBudget, build_pipeline, inference_presets
+from graphopt.pipeline.hooks import Hook
+from graphopt.pipeline.passes import PassContext, RewriteBudget
+from graphopt.pipeline.report import PassRecord, Report
+from graphopt.pipeline.snapshot import (
+    _copy_graph_module,
+    _fingerprint,
+    _graph_nodes,
+    _read_tensors,
+    _Snapshot,
+    _tensor_versions,
+    _tensors,
+    _Unchanged,
+)
+from graphopt.pipeline.spec import build_pipeline, inference_presets
 
 VerifyMode = Literal["each", "final", "none"]
 
@@ -41,203 +54,6 @@ class _LazyVerify:
 verify = _LazyVerify()
 
 
-# --------------------------------------------------------------------------- records
-
-
-@dataclass
-class PassRecord:
-    """What one pass did: status, timing, sizes, rewrites, error figures."""
-
-    name: str
-    status: str  # "changed" | "unchanged" | "rolled-back" | "failed"
-    seconds: float
-    nodes_before: int
-    nodes_after: int
-    rewrites: int
-    param_bytes_before: int
-    param_bytes_after: int
-    changed: bool
-    contract: str
-    options: dict[str, Any] = field(default_factory=dict)
-    max_abs_error: float | None = None
-    min_sqnr_db: float | None = None
-    #: "ok" (checked against its contract), "no budget" (lossy without a numeric budget: outputs
-    #: changed, measured where verified, never judged) or None (not checked, or failed: see status)
-    check: str | None = None
-    error: str | None = None
-    declines: list[tuple[str, str]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    figures: dict[str, Any] = field(default_factory=dict)
-    iteration: int = 0
-    #: parameters and buffers the module holds (read by the graph or not) before and after
-    tensors_before: int = 0
-    tensors_after: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dict(self.__dict__)
-        d["declines"] = [{"node": n, "reason": r} for n, r in self.declines]
-        d["options"] = {k: jsonable(v) for k, v in self.options.items()}
-        d["figures"] = {k: jsonable(v) for k, v in self.figures.items()}
-        for k in ("max_abs_error", "min_sqnr_db"):
-            d[k] = jsonable(d[k])
-        return d
-
-
-@dataclass
-class Report:
-    """Per-pass records plus the final verdict; ``str()`` is a table, ``to_dict()`` is JSON-able."""
-
-    pipeline: str
-    records: list[PassRecord] = field(default_factory=list)
-    final_verdict: Any = None
-    seconds: float = 0.0
-    #: lossy passes without a numeric budget that changed the graph (their loss is not judged)
-    unbudgeted: list[str] = field(default_factory=list)
-    #: remarks about the whole run (a model in training mode, ...), shown before the passes' own
-    notes: list[str] = field(default_factory=list)
-    #: the graph's inputs with their dynamic dims by name, and dims kept static with why
-    #: (:func:`graphopt.ir.shapes.describe`); ``checked_at``: the second sizes verification used
-    shapes: list[str] = field(default_factory=list)
-    checked_at: dict[str, int] = field(default_factory=dict)
-    #: the graph before and after each pass that changed it or declined somewhere, by index into
-    #: ``records`` (:class:`graphopt.ir.diff.GraphView`); consecutive passes share a view
-    graphs: dict[int, tuple[Any, Any]] = field(default_factory=dict, repr=False)
-    #: the lowest SQNR floor among the budgeted lossy passes that changed the graph: the final
-    #: check holds the whole run to it (a run cannot be within every pass's budget and below it)
-    sqnr_floor_db: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "pipeline": self.pipeline,
-            "seconds": self.seconds,
-            "notes": list(self.notes),
-            "shapes": list(self.shapes),
-            "checked_at": dict(self.checked_at),
-            "records": [r.to_dict() for r in self.records],
-            "final_check": self.final_check,
-            "unbudgeted_lossy_passes": list(self.unbudgeted),
-            "final_verdict": self.final_verdict.to_dict() if self.final_verdict is not None else None,
-        }
-
-    @property
-    def final_check(self) -> str | None:
-        """"ok", "over budget" (a lossy run whose output SQNR against the captured model is below
-        the lowest floor of its budgeted lossy passes), "no budget" (within shapes, but a lossy
-        pass without a budget changed the outputs: nothing judges how much), "mismatch", or None
-        when not checked."""
-        if self.final_verdict is None:
-            return None
-        if not self.final_verdict.ok:
-            return "mismatch"
-        if self.sqnr_floor_db is not None and self.final_verdict.min_sqnr_db < self.sqnr_floor_db:
-            return "over budget"
-        return "no budget" if self.unbudgeted else "ok"
-
-    def final_check_text(self) -> str:
-        v = self.final_verdict
-        if self.final_check == "over budget":
-            return (f"OVER BUDGET: output SQNR {_fmt_db(v.min_sqnr_db)} dB against the captured model, below the "
-                    f"{self.sqnr_floor_db:g} dB the lossy passes' budgets allow (max_abs {v.max_abs:.3g}; "
-                    f"{v.inputs_checked} input(s) x {len(v.outputs)} output(s))")
-        if self.final_check != "no budget":
-            return str(v)
-        return (f"no budget: output SQNR {_fmt_db(v.min_sqnr_db)} dB (max_abs {v.max_abs:.3g}, max_rel {v.max_rel:.3g}; "
-                f"{v.inputs_checked} input(s) x {len(v.outputs)} output(s)); lossy pass(es) without a numeric budget "
-                f"changed the outputs ({', '.join(self.unbudgeted)}), so only shapes and non-finite values are judged")
-
-    @property
-    def failed(self) -> list[PassRecord]:
-        return [r for r in self.records if r.status in ("rolled-back", "failed")]
-
-    def table(self):
-        from rich.table import Table
-
-        t = Table(title=f"graphopt pipeline: {self.pipeline}", title_justify="left", caption_justify="left",
-                  caption="rewrites: edits the pass made; nodes: graph nodes but inputs and output (constants "
-                          "included); tensors: parameters and buffers held; param bytes: those the graph reads")
-        for col in self.COLUMNS:
-            t.add_column(col, justify="left" if col in ("pass", "status") else "right")
-        colours = {"changed": "[green]", "rolled back": "[red]", "failed": "[red]", "changed, no budget": "[yellow]"}
-        for row in self.rows():
-            t.add_row(row[0], colours.get(row[1], "") + row[1], *row[2:])
-        return t
-
-    #: the columns of :meth:`rows`, as the table and the HTML report show them
-    COLUMNS = ("pass", "status", "rewrites", "nodes", "tensors", "param bytes", "max abs err", "SQNR dB", "ms")
-
-    def rows(self) -> list[list[str]]:
-        """The table's cells, one row per record (plain text; the HTML report shows the same)."""
-        out = []
-        for r in self.records:
-            status = {"rolled-back": "rolled back"}.get(r.status, r.status)
-            if r.check == "no budget":
-                status = "changed, no budget"
-            out.append([
-                r.name, status, str(r.rewrites), f"{r.nodes_before} -> {r.nodes_after}",
-                f"{r.tensors_before} -> {r.tensors_after}",
-                f"{_fmt_bytes(r.param_bytes_before)} -> {_fmt_bytes(r.param_bytes_after)}",
-                "-" if r.max_abs_error is None else _fmt_err(r.max_abs_error),
-                "-" if r.min_sqnr_db is None else _fmt_db(r.min_sqnr_db),
-                f"{r.seconds * 1e3:.1f}",
-            ])
-        return out
-
-    def save_html(self, path: Any) -> Any:
-        """Write this report as one self-contained HTML page (:mod:`graphopt.view.html`);
-        returns the path. Needs Graphviz's ``dot`` (ReportError when it is missing)."""
-        from graphopt.view.html import write_html
-
-        return write_html(self, path)
-
-    def details(self) -> list[str]:
-        lines = list(self.notes)
-        if self.shapes:
-            where = f"; every check also at {', '.join(f'{k}={v}' for k, v in self.checked_at.items())}" \
-                if self.checked_at else "; static shapes: other sizes are refused"
-            lines.insert(0, f"inputs: {' | '.join(self.shapes)}{where}")
-        for r in self.records:
-            if r.error:
-                lines.append(f"{r.name}: {r.error}")
-                if r.max_abs_error is not None:  # the table's figure: the worst input, not the first failing one
-                    lines.append(f"{r.name}: max abs error {_fmt_err(r.max_abs_error)} over all inputs checked")
-            if r.check == "no budget":
-                measured = (f"output SQNR {_fmt_db(r.min_sqnr_db)} dB against the graph before it"
-                            if r.min_sqnr_db is not None else "output SQNR not measured (verify='each' measures it)")
-                lines.append(f"{r.name}: no budget: {measured}; its {r.contract} contract accepts any loss")
-            for node, reason in r.declines:
-                lines.append(f"{r.name}: declined at {node}: {reason}")
-            for note in r.notes:
-                lines.append(f"{r.name}: {note}")
-        if self.final_verdict is not None:
-            lines.append(f"final check against the captured model: {self.final_check_text()}")
-        return lines
-
-    def __str__(self) -> str:
-        from rich.console import Console
-
-        console = Console(width=120, record=True, file=open("/dev/null", "w"), color_system=None)
-        console.print(self.table())
-        for line in self.details():
-            console.print(line, markup=False, highlight=False)
-        return console.export_text()
-
-
-def _fmt_err(value: float) -> str:
-    return f"{value:.2e}"
-
-
-def _fmt_db(value: float) -> str:
-    return "inf" if value == float("inf") else "-inf" if value == float("-inf") else f"{value:.1f}"
-
-
-def _fmt_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 @dataclass
 class Result:
     """What a pipeline run returns."""
@@ -249,198 +65,7 @@ class Result:
         return iter((self.module, self.report))
 
 
-# --------------------------------------------------------------------------- hooks
-
-
-class Hook:
-    """Instrumentation: subclass and override what you need."""
-
-    def before_pass(self, inv: Invocation, gm: fx.GraphModule, ctx: PassContext) -> None: ...
-
-    def after_pass(self, inv: Invocation, gm: fx.GraphModule, record: PassRecord) -> None: ...
-
-    def on_failure(self, inv: Invocation, gm: fx.GraphModule, record: PassRecord, error: BaseException) -> None: ...
-
-
-class PrintGraph(Hook):
-    """Print the graph (or a unified diff of its code) after each pass that changed it."""
-
-    def __init__(self, diff: bool = True, only_changed: bool = True, file=None):
-        self.diff, self.only_changed, self.file = diff, only_changed, file
-        self._before = ""
-
-    def before_pass(self, inv, gm, ctx):
-        self._before = gm.code
-
-    def after_pass(self, inv, gm, record):
-        if self.only_changed and not record.changed:
-            return
-        print(f"--- after {inv} ({record.status}) ---", file=self.file)
-        if self.diff:
-            lines = difflib.unified_diff(self._before.splitlines(), gm.code.splitlines(), "before", "after", lineterm="")
-            print("\n".join(lines), file=self.file)
-        else:
-            print(gm.code, file=self.file)
-
-
-class Timing(Hook):
-    """Collect wall time per pass name across runs (``.totals``)."""
-
-    def __init__(self):
-        self.totals: dict[str, float] = {}
-
-    def after_pass(self, inv, gm, record):
-        self.totals[inv.name] = self.totals.get(inv.name, 0.0) + record.seconds
-
-
 # --------------------------------------------------------------------------- manager
-
-
-class _Snapshot:
-    """The state of a graph module before a pass: a copy of its graph and of its module tree's
-    containers, sharing the tensors. Building the runnable module waits until a rollback or a
-    divergence search needs it; after :meth:`restore` the snapshot is spent (the manager
-    mutates what it returned)."""
-
-    def __init__(self, gm: fx.GraphModule):
-        self.graph = copy.deepcopy(gm.graph)
-        keep = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
-        self.root = _shallow_tree(gm, "", keep)
-        self.class_name = gm.__class__.__name__
-        self.training = gm.training
-        self.meta = dict(getattr(gm, "meta", {}))
-        self._module: fx.GraphModule | None = None
-
-    def module(self) -> fx.GraphModule:
-        """The state as a module, to run (not to mutate)."""
-        if self._module is None:
-            # the copied tree becomes the module's own (GraphModule(root, graph) would walk and
-            # rebuild it once per attribute the graph reads)
-            empty = fx.Graph(tracer_cls=self.graph._tracer_cls, tracer_extras=self.graph._tracer_extras)
-            gm = lazy.graph_module(torch.nn.Module(), empty, self.class_name)
-            state = gm.__dict__
-            for key in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
-                state[key] = self.root.__dict__[key]
-            for key, value in self.root.__dict__.items():
-                if isinstance(value, torch.Tensor):  # plain tensor attributes (fx constants)
-                    state[key] = value
-            gm.graph = self.graph
-            gm.meta = self.meta
-            gm.train(self.training)
-            self._module = gm
-        return self._module
-
-    restore = module  # the manager takes the module itself; the snapshot is not used again
-    spent_by_restore = True
-
-
-class _Unchanged:
-    """The state of the working module while it still equals the caller's graph module, which
-    the manager never mutates: until a pass changes something, rollback copies that module
-    again and no snapshot is taken."""
-
-    spent_by_restore = False
-
-    def __init__(self, gm: fx.GraphModule):
-        self._gm = gm
-
-    def module(self) -> fx.GraphModule:
-        return self._gm
-
-    def restore(self) -> fx.GraphModule:
-        return _copy_graph_module(self._gm)
-
-
-def _shallow_tree(module: torch.nn.Module, prefix: str, keep: set[str]) -> torch.nn.Module:
-    """Plain containers mirroring ``module``'s tree and sharing its tensors; modules the graph
-    calls (opaque ``call_module`` targets) are kept as they are."""
-    if prefix in keep:
-        return module
-    new = torch.nn.Module()
-    new.training = module.training
-    new._parameters = dict(module._parameters)
-    new._buffers = dict(module._buffers)
-    new._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
-    for key, value in module.__dict__.items():
-        if isinstance(value, torch.Tensor):  # plain tensor attributes (fx constants)
-            new.__dict__[key] = value
-    for name, child in module._modules.items():
-        new._modules[name] = None if child is None else _shallow_tree(child, f"{prefix}.{name}" if prefix else name, keep)
-    return new
-
-
-def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """A new graph module with its own graph and containers over the same tensors: passes
-    never write tensors in place, so the caller's module stays as it was."""
-    return _Snapshot(gm).module()
-
-
-def _tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
-    """Every parameter and buffer by qualified name, each tensor once (under its first name),
-    from one walk of the module tree: a pass step needs them for versions, its fingerprint and
-    byte counts, and walking a tree of thousands of containers once per use was a fifth of a
-    large pipeline's time."""
-    out: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for prefix, module in gm.named_modules():
-        for table in (module._parameters, module._buffers):
-            for name, t in table.items():
-                if t is not None and id(t) not in seen:
-                    seen.add(id(t))
-                    out[f"{prefix}.{name}" if prefix else name] = t
-    return out
-
-
-def _graph_nodes(gm: fx.GraphModule) -> int:
-    """The report's node count: every node but the inputs and the output (constant and
-    parameter reads included, so removing one shows)."""
-    return sum(1 for n in gm.graph.nodes if n.op not in ("placeholder", "output"))
-
-
-def _read_tensors(gm: fx.GraphModule, tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-    """The tensors the graph reads (through get_attr, or inside a module it calls): the report's
-    bytes, which a pass that leaves tensors behind for eliminate-dead-code does not inflate."""
-    targets = {str(n.target) for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
-    out = []
-    for name, t in tensors.items():
-        parts = name.split(".")
-        if any(".".join(parts[:k]) in targets for k in range(1, len(parts) + 1)):
-            out.append(t)
-    return out
-
-
-def _tensor_versions(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
-    return {name: (id(t), t._version) for name, t in tensors.items()}
-
-
-#: node.meta entries derived by analysis; anything else a pass writes there (fusion units,
-#: quantization parameters, ...) is part of what it changed.
-_DERIVED_META = frozenset({"tensor_meta", "type", "stack_trace", "nn_module_stack", "provenance",
-                           "val", "example_value", "source_fn_stack", "original_aten", "seq_nr",
-                           "from_node", "torch_fn"})
-
-
-def _leaf_key(value: Any) -> Any:
-    if isinstance(value, fx.Node):
-        return ("node", value.name)
-    if isinstance(value, torch.Tensor):
-        return ("tensor", id(value))
-    return value
-
-
-def _fingerprint(gm: fx.GraphModule, tensors: dict[str, torch.Tensor]) -> tuple:
-    """What a pass can change: graph structure, the tensors behind attributes, and the meta
-    entries passes write. Cheaper than regenerating code, so unchanged graphs skip recompiling,
-    shape propagation and verification."""
-    structure = tuple(
-        (n.name, n.op, n.target if isinstance(n.target, str) else id(n.target),
-         fx.node.map_aggregate(n.args, _leaf_key), fx.node.map_aggregate(n.kwargs, _leaf_key))
-        for n in gm.graph.nodes
-    )
-    meta = frozenset(
-        (n.name, k, repr(v)) for n in gm.graph.nodes for k, v in n.meta.items() if k not in _DERIVED_META
-    )
-    return structure, frozenset((k, id(t)) for k, t in tensors.items()), meta
 
 
 def _run_all(gm: torch.nn.Module, inputs: list[tuple]) -> list[list[torch.Tensor]]:
@@ -871,69 +496,3 @@ def optimize(
     with bar.PipelineProgress(len(pm.invocations), "optimizing", force=progress is True) as shown:
         pm.hooks.append(shown)
         return pm.run(model, example_inputs, calibration_data=calibration_data, dynamic_shapes=dynamic_shapes)
-
-
-@dataclass
-class BisectResult:
-    """The first rewrite that breaks equivalence (``None`` fields when nothing breaks)."""
-
-    total_rewrites: int
-    first_bad: int | None  # 1-based index over all rewrites of the pipeline
-    pass_name: str | None
-    rewrite_in_pass: int | None  # 1-based within that pass
-    description: str | None
-    verdict: Any = None
-
-    def __str__(self) -> str:
-        if self.first_bad is None:
-            return f"no rewrite breaks equivalence ({self.total_rewrites} rewrites checked)"
-        return (f"rewrite {self.first_bad} of {self.total_rewrites} breaks equivalence: pass {self.pass_name!r}, "
-                f"its rewrite #{self.rewrite_in_pass}: {self.description or '(no description)'}; {self.verdict}")
-
-
-def bisect(model: Any, example_inputs: Any, pipeline: Any, *, tolerance: Any = None,
-           calibration_data: Iterable[Any] | None = None) -> BisectResult:
-    """Find the first rewrite of ``pipeline`` after which the graph stops matching ``model``.
-
-    Like LLVM's opt-bisect: the pipeline is re-run with a global rewrite budget (passes ask
-    ``ctx.may_rewrite`` before each rewrite) and the budget is binary-searched.
-    """
-    from graphopt.capture import capture
-
-    inputs = G.as_input_tuple(example_inputs)
-    if calibration_data is not None:
-        calibration_data = list(calibration_data)  # every attempt re-runs the pipeline on it
-    base = model if isinstance(model, fx.GraphModule) else capture(model, inputs)
-    inputs = structure.graph_inputs(base, inputs)
-    check_inputs = verify.verification_inputs(inputs, synthesize=2, seed=0)
-    reference = _run_all(base, check_inputs)
-    tol = tolerance
-    pm = PassManager(pipeline, verify="none", on_failure="raise")
-
-    def attempt(limit: int | None):
-        budget = RewriteBudget(limit)
-        gm = pm.run(base, inputs, calibration_data=calibration_data, budget=budget).module
-        verdict = verify.compare_outputs(reference, _run_all(gm, check_inputs), tol)
-        return verdict, budget
-
-    verdict, budget = attempt(None)
-    total = len(budget.granted)
-    if verdict.ok:
-        return BisectResult(total, None, None, None, None, verdict)
-    zero_verdict, _ = attempt(0)
-    if not zero_verdict.ok:
-        return BisectResult(total, 0, None, None,
-                            "the graph breaks with no rewrite granted: a pass changes it without asking "
-                            "ctx.may_rewrite(), so bisection cannot narrow it down", zero_verdict)
-    lo, hi = 0, total  # invariant: budget lo is good, budget hi is bad
-    bad_verdict = verdict
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        v, _ = attempt(mid)
-        if v.ok:
-            lo = mid
-        else:
-            hi, bad_verdict = mid, v
-    pass_name, description = budget.granted[hi - 1]
-    within = sum(1 for n, _ in budget.granted[:hi] if n == pass_name)
-    return BisectResult(total, hi, pass_name, within, description, bad_verdict)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 from typing import Iterable
 
-from graphopt.pipeline.manager import Hook
+from graphopt.pipeline.hooks import Hook
 
 
 class PrintIR(Hook):

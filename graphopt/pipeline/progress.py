@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from graphopt.pipeline.manager import Hook
+from graphopt.pipeline.hooks import Hook
 
 
 def wanted(progress: bool | None) -> bool:

@@ -40,7 +40,8 @@ from graphopt.errors import GraphoptError, ModelRunError, PropertyTestError
 from graphopt.ir.graph import preserved_state
 from graphopt.ir.lazy import has_code, materialize
 from graphopt.lowering import get_backend, lower
-from graphopt.pipeline.passes import Contract, Lossy, available_passes
+from graphopt.pipeline.contracts import Contract, Lossy
+from graphopt.pipeline.passes import available_passes
 from graphopt.pipeline.manager import PassManager, Result
 from graphopt.testing.strategies import OTHER_BATCH_SIZES, Case, inputs_at_batch, models
 
