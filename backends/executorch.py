@@ -41,10 +41,11 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.fx as fx
 
-from graphopt.errors import LoweringError
+from graphopt.errors import LoweringError, exception_summary
 from graphopt.ir.graph import add_constant, get_attr_value, set_tensor
 from graphopt.fileio import native_stdout_discarded
-from graphopt.lowering import Backend, Requires, exception_summary, other_kernels_tolerance, register_backend
+from graphopt.lowering.backend import Backend, Requires, register_backend
+from graphopt.lowering.support import other_kernels_tolerance
 from graphopt.quantization import has_qdq, lowering_tolerance
 from graphopt.ir import shapes
 from graphopt.quantization.qdq import DEQUANTIZE_PER_CHANNEL, DEQUANTIZE_PER_TENSOR, QUANTIZE_PER_CHANNEL, QUANTIZE_PER_TENSOR, has_dynamic_qdq

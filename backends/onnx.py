@@ -26,7 +26,7 @@ example's shapes (the report says so).
 A quantized graph (quantize/dequantize nodes, e.g. from the ``mobile-int8`` preset) is written
 as QuantizeLinear/DequantizeLinear around float operators, which ONNX Runtime fuses into its
 int8 kernels (QLinearConv, ...). The TorchScript exporter learns these ops from
-:mod:`graphopt.quantization.onnx_symbolics`. Dynamically quantized linear layers
+:mod:`graphopt.backends._onnx_symbolics`. Dynamically quantized linear layers
 (``quantize{mode=dynamic}``) are written for the TorchScript exporter as DynamicQuantizeLinear +
 MatMulInteger, which ONNX Runtime fuses into DynamicQuantizeMatMul
 (:mod:`graphopt.backends._quantized_onnx`; the report counts them as ``integer_linears``). The
@@ -56,12 +56,12 @@ from graphopt.ir import shapes, structure
 from graphopt.backends._bfloat16_onnx import NOTE as BFLOAT16_NOTE
 from graphopt.backends._bfloat16_onnx import has_bfloat16, in_float32
 from graphopt.backends._quantized_onnx import DYNAMO_TRANSLATIONS, float_between_qdq, integer_linears
-from graphopt.errors import LoweringError
+from graphopt.backends._onnx_symbolics import register_torchscript_symbolics
+from graphopt.errors import LoweringError, exception_summary
 from graphopt.fileio import native_stdout_discarded
-from graphopt.lowering import (Backend, exception_summary, other_kernels_tolerance, output_dtype, recording_warnings,
-                               register_backend, tracer_warning)
+from graphopt.lowering.backend import Backend, register_backend
+from graphopt.lowering.support import other_kernels_tolerance, output_dtype, recording_warnings, tracer_warning
 from graphopt.quantization import has_qdq, kernels, lowering_tolerance, saturating_weights
-from graphopt.quantization.onnx_symbolics import register_torchscript_symbolics
 from graphopt.quantization.qdq import has_dynamic_qdq
 
 _EXPORTERS = ("auto", "torchscript", "dynamo")

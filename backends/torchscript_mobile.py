@@ -37,8 +37,9 @@ import torch.backends.xnnpack
 import torch.fx as fx
 
 from graphopt.ir import shapes
-from graphopt.errors import LoweringError
-from graphopt.lowering import Backend, exception_summary, other_kernels_tolerance, recording_warnings, register_backend, tracer_warning
+from graphopt.errors import LoweringError, exception_summary
+from graphopt.lowering.backend import Backend, register_backend
+from graphopt.lowering.support import other_kernels_tolerance, recording_warnings, tracer_warning
 from graphopt.quantization import has_qdq, lowering_tolerance
 
 _METHODS = ("auto", "script", "trace")

@@ -54,7 +54,7 @@ def sqnr_db(ref: np.ndarray, out: np.ndarray) -> float:
 
 def export_onnx(module: nn.Module, example: torch.Tensor, path: Path, dynamic_batch: bool = False) -> Path:
     """TorchScript-based export (graphopt's QDQ ops get their symbolics registered first)."""
-    from graphopt.quantization.onnx_symbolics import register_torchscript_symbolics
+    from graphopt.backends._onnx_symbolics import register_torchscript_symbolics
 
     register_torchscript_symbolics(ONNX_OPSET)
     axes = {"x": {0: "batch"}, "y": {0: "batch"}} if dynamic_batch else None

@@ -21,7 +21,7 @@ from graphopt.ir import ops
 from graphopt.errors import GraphoptError, LoweringError
 from graphopt.ir.graph import get_attr_value
 from graphopt.quantization import kernels, qdq
-from graphopt.quantization.onnx_symbolics import register_torchscript_symbolics
+from graphopt.backends._onnx_symbolics import register_torchscript_symbolics
 from test_int8_lowering import optimized_op_counts  # op types ONNX Runtime runs after its optimizations
 
 

@@ -26,7 +26,7 @@ from graphopt.backends._quantized_torchscript import convert_for_torchscript
 from graphopt.errors import LoweringError
 from graphopt.quantization import kernels, qdq
 from graphopt.quantization.error_bounds import output_error_bounds
-from graphopt.quantization.onnx_symbolics import register_torchscript_symbolics
+from graphopt.backends._onnx_symbolics import register_torchscript_symbolics
 
 OPSET = 18
 

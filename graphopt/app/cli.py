@@ -161,7 +161,7 @@ def _plan_output(model_ref: str, backend: str | None, output: str | None) -> tup
     one -o has, when that suffix is another backend's, is refused.
     """
     from graphopt.errors import LoweringError
-    from graphopt.lowering import available_backends, get_backend
+    from graphopt.lowering.backend import available_backends, get_backend
 
     if output == "":
         raise UsageError("-o: empty path; give a file path")
@@ -235,7 +235,7 @@ def cmd_models(args) -> int:
 
 
 def cmd_backends(args) -> int:
-    from graphopt.lowering import available_backends
+    from graphopt.lowering.backend import available_backends
 
     for name, b in available_backends().items():
         missing = b.unavailable()

@@ -22,7 +22,8 @@ def run_demo(model_name: str = "resnet_cnn", out_dir: str = "out/demo") -> int:
     from graphopt.ir import graph as G
     from graphopt import optimize
     from graphopt.capture import capture
-    from graphopt.lowering import available_backends, lower
+    from graphopt.lowering.backend import available_backends
+    from graphopt.lowering.run import lower
     from graphopt.app.timing import round_robin_ms
 
     console = Console(width=None if sys.stdout.isatty() else 120)

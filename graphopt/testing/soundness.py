@@ -39,7 +39,8 @@ from graphopt.capture import capture
 from graphopt.errors import GraphoptError, ModelRunError, PropertyTestError
 from graphopt.ir.graph import preserved_state
 from graphopt.ir.lazy import has_code, materialize
-from graphopt.lowering import get_backend, lower
+from graphopt.lowering.backend import get_backend
+from graphopt.lowering.run import lower
 from graphopt.pipeline.contracts import Contract, Lossy
 from graphopt.pipeline.passes import available_passes
 from graphopt.pipeline.manager import PassManager, Result
