@@ -3,7 +3,7 @@
 Two front ends end in the same canonical form (see :mod:`graphopt.ir.canonical`):
 
 - ``mode="symbolic"`` (default): ``torch.fx`` symbolic tracing. Standard layers are not traced
-  into: the tracer inlines each call from :data:`graphopt.ir.ops.MODULE_LOWERINGS` as it meets
+  into: the tracer inlines each call from :data:`graphopt.ir.lowerings.MODULE_LOWERINGS` as it meets
   it; user ``leaf_modules`` stay opaque ``call_module`` nodes; ``concrete_args`` fix Python
   arguments.
 - ``mode="export"``: ``torch.export.export``; parameters and buffers become ``get_attr`` nodes
@@ -45,7 +45,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 from torch.export.graph_signature import InputKind, OutputKind
 
-from graphopt.ir import canonical, lazy, ops, shapes, structure
+from graphopt.ir import canonical, lazy, lowerings, shapes, structure
 from graphopt.errors import CaptureError, GraphoptError, InputError, first_line
 from graphopt.ir.graph import (
     as_input_tuple,
@@ -339,7 +339,7 @@ def _check_model(model: Any) -> None:
             "Pass the model object (e.g. MyNet()), not its class or a function; wrap a plain "
             "function in an nn.Module whose forward calls it."
         )
-    if ops.has_hooks(model):
+    if lowerings.has_hooks(model):
         raise CaptureError(
             f"{type(model).__name__} has hooks on the model itself, which a graph cannot hold (hooks on "
             "submodules are fine: those stay opaque calls). Remove them before capture, or capture a "
@@ -824,7 +824,7 @@ class _CaptureTracer(fx.Tracer):
         self.leaf_types = leaf_types
         self.leaf_names = leaf_names
         self.user_leaves: set[str] = set()
-        self.lowerings: dict[str, tuple[ops.Step, ...]] = {}  # path -> steps, for layers to inline
+        self.lowerings: dict[str, tuple[lowerings.Step, ...]] = {}  # path -> steps, for layers to inline
         self.lowered: list[str] = []  # paths of the layers inlined while tracing
         self.stack_texts: dict[tuple[tuple[str, int, str], ...], str] = {}
 
@@ -861,7 +861,7 @@ class _CaptureTracer(fx.Tracer):
         if module_qualified_name in self.leaf_names or isinstance(m, self.leaf_types):
             self.user_leaves.add(module_qualified_name)
             return True
-        if isinstance(m, ops.LOWERABLE_TYPES) or ops.is_opaque(m):
+        if isinstance(m, lowerings.LOWERABLE_TYPES) or lowerings.is_opaque(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -878,7 +878,7 @@ def _trace_symbolic(
     # Lowerings are read off the layers before tracing: while tracing, fx intercepts module
     # attribute reads (a parameter read scans all parameters and records a get_attr node).
     tracer.lowerings = {path: steps for path, m in root.named_modules()
-                        if type(m) in ops.MODULE_LOWERINGS and (steps := ops.lowering_for(m)) is not None}
+                        if type(m) in lowerings.MODULE_LOWERINGS and (steps := lowerings.lowering_for(m)) is not None}
     try:
         graph = tracer.trace(root, concrete_args=concrete_args)
     except Exception as exc:  # noqa: BLE001 - fx raises many kinds
@@ -1133,7 +1133,7 @@ def _outputs(
     return pytree.tree_unflatten(user_outputs, out_spec) if out_spec is not None else tuple(user_outputs)
 
 
-_LOWERABLE_NAMES = {f"{t.__module__}.{t.__qualname__}" for t in ops.LOWERABLE_TYPES}
+_LOWERABLE_NAMES = {f"{t.__module__}.{t.__qualname__}" for t in lowerings.LOWERABLE_TYPES}
 
 
 def _export_provenance(node: fx.Node) -> str:

@@ -42,7 +42,8 @@ from graphopt.ir.lazy import has_code, materialize
 from graphopt.lowering import get_backend, lower
 from graphopt.pipeline.passes import Contract, Lossy, available_passes
 from graphopt.pipeline.manager import PassManager, Result
-from graphopt.testing.strategies import OTHER_BATCH_SIZES, Case, inputs_at_batch, models
+from graphopt.testing.cases import Case
+from graphopt.testing.strategies import OTHER_BATCH_SIZES, inputs_at_batch, models
 
 __all__ = ["assert_sound", "PropertyStats", "property_test", "check_pass", "all_registered_passes"]
 
