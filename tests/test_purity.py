@@ -13,7 +13,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from graphopt.ir import ops
+from graphopt.ir import ops, specs
 from graphopt.ir.purity import is_impure, is_random, may_alias_input, mutated_values
 
 
@@ -133,7 +133,7 @@ class TestOutOfPlaceTwinsArePure:
     def test_every_pure_canonical_op_is_pure(self, name):
         spec = ops.SPECS[name]
         graph = fx.Graph()
-        args = tuple(graph.placeholder(p) if d is ops._NO_DEFAULT else d for p, d in spec.params)
+        args = tuple(graph.placeholder(p) if d is specs._NO_DEFAULT else d for p, d in spec.params)
         op = graph.call_function(spec.target, args)
         graph.output(op)
         assert is_impure(op, fx.GraphModule(nn.Module(), graph)) is None

@@ -390,7 +390,7 @@ LEN_OF_THE_BATCH = CONV_BN_RELU.replace("return torch.relu(self.bn(self.conv(x))
                    reason="symbolic tracing refuses len() of a traced tensor ('len' is not supported in "
                           "symbolic tracing), and torch.export, which capture falls back to, specializes it: "
                           "the batch is kept static, so the strategies do not spell batch reads as len(x); "
-                          "once this passes, add 'len({v.name})' to strategies._batch_reads")
+                          "once this passes, add 'len({v.name})' to graphopt.testing.builder._batch_reads")
 def test_len_reads_the_batch_without_specializing_it():
     result = gt.assert_sound("mobile-fp32", gt.case_from_code(LEN_OF_THE_BATCH), dtypes=("model",))
     assert result.report.checked_at  # the batch stayed dynamic

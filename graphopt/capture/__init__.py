@@ -3,7 +3,7 @@
 Two front ends end in the same canonical form (see :mod:`graphopt.ir.canonical`):
 
 - ``mode="symbolic"`` (default): ``torch.fx`` symbolic tracing. Standard layers are not traced
-  into: the tracer inlines each call from :data:`graphopt.ir.ops.MODULE_LOWERINGS` as it meets
+  into: the tracer inlines each call from :data:`graphopt.ir.lowerings.MODULE_LOWERINGS` as it meets
   it; user ``leaf_modules`` stay opaque ``call_module`` nodes; ``concrete_args`` fix Python
   arguments.
 - ``mode="export"``: ``torch.export.export``; parameters and buffers become ``get_attr`` nodes

@@ -8,7 +8,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from graphopt.ir import ops
+from graphopt.ir import lowerings
 from graphopt.errors import CaptureError, InputError
 from graphopt.ir.graph import as_input_tuple
 
@@ -22,7 +22,7 @@ def _check_model(model: Any) -> None:
             "Pass the model object (e.g. MyNet()), not its class or a function; wrap a plain "
             "function in an nn.Module whose forward calls it."
         )
-    if ops.has_hooks(model):
+    if lowerings.has_hooks(model):
         raise CaptureError(
             f"{type(model).__name__} has hooks on the model itself, which a graph cannot hold (hooks on "
             "submodules are fine: those stay opaque calls). Remove them before capture, or capture a "

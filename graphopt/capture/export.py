@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 from torch.export.graph_signature import InputKind, OutputKind
 
-from graphopt.ir import ops, shapes
+from graphopt.ir import lowerings, shapes
 from graphopt.errors import CaptureError, first_line
 from graphopt.ir.graph import execute, fresh_copies, get_attr_value, unique_attr_name
 from graphopt.capture.isolation import _Isolation
@@ -217,7 +217,7 @@ def _outputs(
     return pytree.tree_unflatten(user_outputs, out_spec) if out_spec is not None else tuple(user_outputs)
 
 
-_LOWERABLE_NAMES = {f"{t.__module__}.{t.__qualname__}" for t in ops.LOWERABLE_TYPES}
+_LOWERABLE_NAMES = {f"{t.__module__}.{t.__qualname__}" for t in lowerings.LOWERABLE_TYPES}
 
 
 def _export_provenance(node: fx.Node) -> str:

@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from graphopt.ir import canonical, ops
+from graphopt.ir import canonical, lowerings
 from graphopt.errors import CaptureError, first_line
 from graphopt.capture.messages import _WAYS_OUT, _is_library_file, _where
 
@@ -31,7 +31,7 @@ class _CaptureTracer(fx.Tracer):
         self.leaf_types = leaf_types
         self.leaf_names = leaf_names
         self.user_leaves: set[str] = set()
-        self.lowerings: dict[str, tuple[ops.Step, ...]] = {}  # path -> steps, for layers to inline
+        self.lowerings: dict[str, tuple[lowerings.Step, ...]] = {}  # path -> steps, for layers to inline
         self.lowered: list[str] = []  # paths of the layers inlined while tracing
         self.stack_texts: dict[tuple[tuple[str, int, str], ...], str] = {}
 
@@ -68,7 +68,7 @@ class _CaptureTracer(fx.Tracer):
         if module_qualified_name in self.leaf_names or isinstance(m, self.leaf_types):
             self.user_leaves.add(module_qualified_name)
             return True
-        if isinstance(m, ops.LOWERABLE_TYPES) or ops.is_opaque(m):
+        if isinstance(m, lowerings.LOWERABLE_TYPES) or lowerings.is_opaque(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -85,7 +85,7 @@ def _trace_symbolic(
     # Lowerings are read off the layers before tracing: while tracing, fx intercepts module
     # attribute reads (a parameter read scans all parameters and records a get_attr node).
     tracer.lowerings = {path: steps for path, m in root.named_modules()
-                        if type(m) in ops.MODULE_LOWERINGS and (steps := ops.lowering_for(m)) is not None}
+                        if type(m) in lowerings.MODULE_LOWERINGS and (steps := lowerings.lowering_for(m)) is not None}
     try:
         graph = tracer.trace(root, concrete_args=concrete_args)
     except Exception as exc:  # noqa: BLE001 - fx raises many kinds

@@ -4,11 +4,11 @@
 runs on any GraphModule:
 
 1. Standard ``nn`` layers called as ``call_module`` become the functional calls their forward
-   makes (:data:`graphopt.ir.ops.MODULE_LOWERINGS`), reading parameters through ``get_attr`` nodes
+   makes (:data:`graphopt.ir.lowerings.MODULE_LOWERINGS`), reading parameters through ``get_attr`` nodes
    with qualified names. A node whose ``meta["keep_module"]`` is true (a user leaf) stays.
 2. aten ``convolution`` and ``addmm(bias, x, w.t())`` become conv/conv-transpose and ``linear``.
-3. Every spelling in :data:`graphopt.ir.ops.ALL_ALIASES` becomes the canonical callable with all
-   parameters positional, values normalized (:func:`graphopt.ir.ops.normalize_value`), string
+3. Every spelling in :data:`graphopt.ir.aliases.ALL_ALIASES` becomes the canonical callable with all
+   parameters positional, values normalized (:func:`graphopt.ir.aliases.normalize_value`), string
    conv padding resolved to numbers where it is symmetric.
 4. Dropout with ``training=False`` is removed.
 
@@ -34,7 +34,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from graphopt.ir import ops
+from graphopt.ir import aliases, lowerings, ops, specs
 from graphopt.ir.graph import get_attr_value, tensor_meta
 from graphopt.ir.purity import may_alias_input
 
@@ -141,14 +141,14 @@ class _Rewriter:
                 continue
             if len(node.args) != 1 or node.kwargs:
                 continue  # every lowerable layer takes exactly one input
-            steps = ops.lowering_for(self.module.get_submodule(node.target))
+            steps = lowerings.lowering_for(self.module.get_submodule(node.target))
             if steps is None or not self._allowed(node, f"inline {node.target}"):
                 continue
             self._inline(node, steps)
             count += 1
         return count
 
-    def _inline(self, node: fx.Node, steps: tuple[ops.Step, ...]) -> None:
+    def _inline(self, node: fx.Node, steps: tuple[lowerings.Step, ...]) -> None:
         with self.graph.inserting_before(node):
             value = emit_lowering(self.graph, steps, node.args[0], str(node.target), node.meta)
         node.replace_all_uses_with(value)
@@ -228,14 +228,14 @@ class _Rewriter:
         order: dict[fx.Node, int] = {}
         settled: set[tuple[Any, ...]] = set()  # spellings found canonical already, see _spelling
         for node in list(self.graph.nodes):
-            alias = ops.alias_of(node)
+            alias = aliases.alias_of(node)
             if alias is None:
                 continue
             spelling = _spelling(node)
             if spelling in settled or ops.fused_activation_op(node) is not None:
                 continue
-            bound = ops.bind_alias(alias, node.args, dict(node.kwargs))
-            args = ops.canonical_args(alias, bound) if bound is not None else None
+            bound = aliases.bind_alias(alias, node.args, dict(node.kwargs))
+            args = aliases.canonical_args(alias, bound) if bound is not None else None
             if args is None:
                 continue
             args = self._normalize(alias.op, args)
@@ -249,7 +249,7 @@ class _Rewriter:
                 continue
             if alias.first_output and not _only_first_output_used(node):
                 continue
-            writes = ops.writes_input(alias, bound)
+            writes = aliases.writes_input(alias, bound)
             if writes is None:
                 self.decline(node, "in-place flag is not a constant; left as written")
                 continue
@@ -268,16 +268,16 @@ class _Rewriter:
         return count
 
     def _normalize(self, op: str, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        spec = ops.SPECS[op]
-        out = [ops.normalize_value(op, name, value) for (name, _), value in zip(spec.params, args)]
+        spec = specs.SPECS[op]
+        out = [aliases.normalize_value(op, name, value) for (name, _), value in zip(spec.params, args)]
         if op in ("conv1d", "conv2d", "conv3d") and isinstance(out[spec.index["padding"]], str):
             out[spec.index["padding"]] = self._numeric_padding(out, spec)
         return tuple(out)
 
-    def _numeric_padding(self, args: list[Any], spec: ops.OpSpec) -> Any:
+    def _numeric_padding(self, args: list[Any], spec: specs.OpSpec) -> Any:
         """'valid' is zero padding; 'same' is ``dilation*(k-1)/2`` per side when that is whole."""
         padding = args[spec.index["padding"]]
-        n = ops.TUPLE_PARAMS[spec.name][0]
+        n = aliases.TUPLE_PARAMS[spec.name][0]
         if padding == "valid":
             return (0,) * n
         shape = self._shape(args[spec.index["weight"]])
@@ -289,7 +289,7 @@ class _Rewriter:
             return padding  # asymmetric: only the string says it
         return tuple(t // 2 for t in totals)
 
-    def _rewrite(self, node: fx.Node, alias: ops.Alias, args: tuple[Any, ...]) -> None:
+    def _rewrite(self, node: fx.Node, alias: aliases.Alias, args: tuple[Any, ...]) -> None:
         if alias.first_output:
             for user in list(node.users):
                 user.replace_all_uses_with(node)
@@ -310,9 +310,9 @@ class _Rewriter:
 # -- helpers --------------------------------------------------------------------------------
 
 
-def emit_lowering(graph: fx.Graph, steps: tuple[ops.Step, ...], value: Any, path: str,
+def emit_lowering(graph: fx.Graph, steps: tuple[lowerings.Step, ...], value: Any, path: str,
                   origin_meta: dict[str, Any]) -> Any:
-    """Create the nodes of a module lowering (:func:`graphopt.ir.ops.lowering_for`) at ``graph``'s
+    """Create the nodes of a module lowering (:func:`graphopt.ir.lowerings.lowering_for`) at ``graph``'s
     insertion point and return the node holding the result (``value`` for no steps).
 
     ``value`` is the module's input, ``path`` its qualified name (parameters are read as
@@ -344,9 +344,9 @@ def _create_call(graph: fx.Graph, kind: str, target: Any, args: tuple[Any, ...])
 
 
 def _materialize(graph: fx.Graph, a: Any, value: Any, path: str, origin_meta: dict[str, Any]) -> Any:
-    if a is ops.INPUT:
+    if a is lowerings.INPUT:
         return value
-    if isinstance(a, ops.Attr):
+    if isinstance(a, lowerings.Attr):
         getter = graph.get_attr(f"{path}.{a.name}")
         _inherit_meta(getter, origin_meta, getter.target)
         return getter

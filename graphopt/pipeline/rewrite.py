@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 
 import torch.fx as fx
 
-from graphopt.ir import ops
+from graphopt.ir import ops, specs
 from graphopt.errors import PassDefinitionError
 from graphopt.ir.graph import copy_provenance
 
@@ -101,7 +101,7 @@ class Rule:
             self._chain = tuple(self.pattern)
             if not self._chain or not all(isinstance(p, str) for p in self._chain):
                 raise PassDefinitionError(f"Rule pattern {self.pattern!r}: give op names (strings), producer first")
-        unknown = [p for p in self._chain if p not in ops.SPECS]
+        unknown = [p for p in self._chain if p not in specs.SPECS]
         if unknown:
             raise PassDefinitionError(
                 f"Rule pattern names unknown op(s) {unknown}; canonical op names are those of "

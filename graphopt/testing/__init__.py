@@ -20,7 +20,9 @@ from __future__ import annotations
 
 from graphopt.testing.profiles import PROFILES, load_profile
 from graphopt.testing.soundness import PropertyStats, all_registered_passes, assert_sound, check_pass, property_test
-from graphopt.testing.strategies import OP_KINDS, Case, ModelSpec, case_from_code, model_specs, models, render
+from graphopt.testing.cases import Case, ModelSpec, case_from_code, render
+from graphopt.testing.kinds import OP_KINDS
+from graphopt.testing.strategies import model_specs, models
 
 __all__ = [
     "Case", "ModelSpec", "OP_KINDS", "PROFILES", "PropertyStats", "all_registered_passes", "assert_sound",

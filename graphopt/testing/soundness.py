@@ -44,7 +44,8 @@ from graphopt.lowering.run import lower
 from graphopt.pipeline.contracts import Contract, Lossy
 from graphopt.pipeline.passes import available_passes
 from graphopt.pipeline.manager import PassManager, Result
-from graphopt.testing.strategies import OTHER_BATCH_SIZES, Case, inputs_at_batch, models
+from graphopt.testing.cases import Case
+from graphopt.testing.strategies import OTHER_BATCH_SIZES, inputs_at_batch, models
 
 __all__ = ["assert_sound", "PropertyStats", "property_test", "check_pass", "all_registered_passes"]
 
