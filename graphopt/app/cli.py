@@ -339,12 +339,12 @@ def cmd_optimize(args) -> int:
         from graphopt.lowering import lower
 
         out.parent.mkdir(parents=True, exist_ok=True)
-        with console.status(f"lowering to {backend} and verifying in its runtime"):
-            # checked against the graph and the model itself; a lossy pipeline's distance from the
-            # model is the report's to give (only shapes are held against the model then)
-            lossy = any(r.changed and r.contract.startswith("lossy") for r in result.report.records)
-            artifact = lower(result.module, inputs, backend=backend, path=out, reference=original,
-                             reference_tolerance=_loose() if lossy else None)
+        # checked against the graph and the model itself; a lossy pipeline's distance from the
+        # model is the report's to give (only shapes are held against the model then); lower's own
+        # bar (on a terminal) shows export, load and verify
+        lossy = any(r.changed and r.contract.startswith("lossy") for r in result.report.records)
+        artifact = lower(result.module, inputs, backend=backend, path=out, reference=original,
+                         reference_tolerance=_loose() if lossy else None)
         console.print(str(artifact), markup=False, highlight=False)
     elif out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
