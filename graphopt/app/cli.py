@@ -4,6 +4,7 @@
     graphopt passes
     graphopt models
     graphopt demo
+    graphopt explore MODEL --pipeline mobile-int8   (optimize, then open the graphs in Model Explorer)
 
 Exit codes: 0 done; 1 done, but some pass failed verification (rolled back, see the report);
 2 nothing or not everything was done: bad arguments, an output path that cannot be written
@@ -53,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="graphopt", description="Verified graph compiler for PyTorch models headed to phones.")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
 
-    o = sub.add_parser("optimize", help="capture, optimize and (optionally) lower a model")
+    # optimize's arguments; explore takes them too (it runs the same pipeline, then serves its graphs)
+    o = _Parser(add_help=False)
     o.add_argument("model", help="built-in example, package.module:factory, path/file.py:factory or torchvision:NAME")
     o.add_argument("--input", action="append", default=[], metavar="SHAPE",
                    help="example input shape such as 1x3x224x224 (repeat for several inputs)")
@@ -89,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input dims that stay dynamic: 'batch' (default: dim 0), 'static', or "
                         "INPUT.DIM=NAME,... with INPUT a forward parameter name or input index "
                         "(e.g. input_ids.0=batch,input_ids.1=seq)")
+    sub.add_parser("optimize", parents=[o], help="capture, optimize and (optionally) lower a model")
+    e = sub.add_parser("explore", parents=[o],
+                       help="optimize, then open each state of the graph in Model Explorer with graphopt's node data "
+                            "(needs the explorer extra: pip install 'graphopt[explorer]'); serves until Ctrl-C")
+    e.add_argument("--port", type=int, default=8080, help="Model Explorer's local server port (default 8080)")
+    e.add_argument("--no-browser", action="store_true", help="serve only; do not open a browser tab")
 
     sub.add_parser("passes", help="list registered passes with contracts and options")
     sub.add_parser("models", help="list built-in example models")
@@ -108,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return 2
         return {"optimize": cmd_optimize, "passes": cmd_passes, "models": cmd_models,
-                "backends": cmd_backends, "demo": cmd_demo}[args.command](args)
+                "backends": cmd_backends, "demo": cmd_demo, "explore": cmd_explore}[args.command](args)
     except UsageError as exc:
         message = _one_line(str(exc))
         print(message if message.startswith("graphopt") else f"graphopt: error: {message}", file=sys.stderr)
@@ -331,19 +339,33 @@ def cmd_optimize(args) -> int:
         from graphopt.lowering import lower
 
         out.parent.mkdir(parents=True, exist_ok=True)
-        with console.status(f"lowering to {backend} and verifying in its runtime"):
-            # checked against the graph and the model itself; a lossy pipeline's distance from the
-            # model is the report's to give (only shapes are held against the model then)
-            lossy = any(r.changed and r.contract.startswith("lossy") for r in result.report.records)
-            artifact = lower(result.module, inputs, backend=backend, path=out, reference=original,
-                             reference_tolerance=_loose() if lossy else None)
+        # checked against the graph and the model itself; a lossy pipeline's distance from the
+        # model is the report's to give (only shapes are held against the model then); lower's own
+        # bar (on a terminal) shows export, load and verify
+        lossy = any(r.changed and r.contract.startswith("lossy") for r in result.report.records)
+        artifact = lower(result.module, inputs, backend=backend, path=out, reference=original,
+                         reference_tolerance=_loose() if lossy else None)
         console.print(str(artifact), markup=False, highlight=False)
     elif out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         n = save(result.module, out)
         console.print(f"wrote {out} ({n} bytes): graph code + state, load with graphopt.app.models.load(path, trust_code=True)",
                       markup=False, highlight=False)
+    if args.command == "explore":
+        from graphopt.view import explorer
+
+        console.print(f"Model Explorer on http://localhost:{args.port}/ (Ctrl-C stops it)", markup=False, highlight=False)
+        explorer.explore(result.report, port=args.port, open_browser=not args.no_browser)
     return 1 if result.report.failed else 0
+
+
+def cmd_explore(args) -> int:
+    from graphopt.view import explorer
+
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port {args.port}: give a port number between 1 and 65535")
+    explorer.require()  # before the run: say what to install
+    return cmd_optimize(args)
 
 
 def _ir_printing(args) -> list:

@@ -48,8 +48,8 @@ def run_demo(model_name: str = "resnet_cnn", out_dir: str = "out/demo") -> int:
             console.print(f"  {name}: skipped, {missing}", markup=False, highlight=False)
             continue
         path = os.path.join(out_dir, f"{model_name}{getattr(backend, 'suffix', suffix.get(name, ''))}")
-        with console.status(f"lowering to {name}, reloading and verifying in its runtime"):
-            artifacts[name] = lower(result.module, inputs, backend=name, path=path, reference=model)
+        # lower's bar (on a terminal) shows export, load and verify in the runtime
+        artifacts[name] = lower(result.module, inputs, backend=name, path=path, reference=model)
         console.print(f"  {artifacts[name]}", markup=False, highlight=False)
 
     runners = {"eager, original": lambda: model(*inputs), "eager, optimized": lambda: result.module(*inputs)}

@@ -37,6 +37,7 @@ def lower(
     reference: Callable[..., Any] | None = None,
     reference_tolerance: Tolerance | None = None,
     dynamic_shapes: Any = "batch",
+    progress: bool | None = None,
     **options: Any,
 ) -> Artifact:
     """Lower ``module`` with ``backend`` to ``path``, reload it in the backend's runtime and
@@ -68,7 +69,20 @@ def lower(
     Raises :class:`UnknownBackendError` (with close names), :class:`InputError` when the
     inputs do not fit the module, and :class:`LoweringError` for bad options, an unwritable
     path, nodes the backend cannot take (each named with its source line) and wrong results.
+
+    ``progress``: a bar on stderr over capture, export, load and verify (default: when stderr
+    is a terminal; ``False`` silences it, ``True`` forces it).
     """
+    from graphopt.pipeline import progress as bar
+
+    total = 2 + bool(verify) + (not isinstance(module, fx.GraphModule))
+    with bar.stages(f"lowering to {backend}", total, progress) as step:
+        return _lower(module, example_inputs, backend, path, verify, tolerance, reference, reference_tolerance,
+                      dynamic_shapes, step, options)
+
+
+def _lower(module, example_inputs, backend, path, verify, tolerance, reference, reference_tolerance,
+           dynamic_shapes, step, options) -> Artifact:
     started = time.perf_counter()
     backend_cls = get_backend(backend)
     missing = backend_cls.unavailable()
@@ -86,6 +100,8 @@ def lower(
     if not target.suffix:
         target = target.with_name(target.name + backend_cls.suffix)
     inputs = G.as_input_tuple(example_inputs, module)
+    if not isinstance(module, fx.GraphModule):
+        step("capture")
     gm = module if isinstance(module, fx.GraphModule) else _capture(module, inputs, dynamic_shapes)
     layout = structure.layout_of(gm.graph)
     if layout is not None:  # the graph takes the containers' tensors flat; so does the file
@@ -112,8 +128,10 @@ def lower(
         with _staged_output(target, backend) as staged:
             try:
                 with collect_warnings(report["warnings"]):
+                    step("export")
                     with _timed(report, "export"):
                         lowering.export(gm, inputs, staged, report)
+                    step("load")
                     with _timed(report, "load"):
                         runner = lowering.load(staged, report)
             except LoweringError as exc:  # the backend's own account of the failure
@@ -124,6 +142,7 @@ def lower(
                 raise _failure(lowering, gm, inputs, f"writing or loading the file failed: {exception_summary(exc)}") from exc
             size = sum(f.stat().st_size for f in staged.parent.iterdir())
             if verify:
+                step("verify")
                 if tolerance is None:
                     tolerance = lowering.default_tolerance(gm)
                 verdict = _verify(lowering, gm, runner, inputs, tolerance, report, reference, reference_tolerance)

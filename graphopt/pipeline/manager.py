@@ -64,6 +64,12 @@ class Result:
     def __iter__(self):  # allows `gm, report = pm.run(...)`
         return iter((self.module, self.report))
 
+    def explore(self, *, port: int = 8080, open_browser: bool = True) -> None:
+        """Open each state of the graph in Model Explorer (:func:`graphopt.view.explorer.explore`)."""
+        from graphopt.view.explorer import explore
+
+        explore(self.report, port=port, open_browser=open_browser)
+
 
 # --------------------------------------------------------------------------- manager
 

@@ -29,21 +29,23 @@ def chromium_path() -> str | None:
     return None
 
 
-def _run(page: Path, *flags: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def _run(page: Path, *flags: str, fragment: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     binary = chromium_path()
     if binary is None:
         raise ReportError("headless Chromium is not installed (Debian: apt-get install chromium)")
+    url = Path(page).resolve().as_uri() + (f"#{fragment}" if fragment else "")
     with tempfile.TemporaryDirectory(prefix="graphopt-chromium-") as profile:
-        done = subprocess.run([binary, *_FLAGS, f"--user-data-dir={profile}", *flags, Path(page).resolve().as_uri()],
+        done = subprocess.run([binary, *_FLAGS, f"--user-data-dir={profile}", *flags, url],
                               capture_output=True, text=True, timeout=timeout, check=False)
     if done.returncode != 0:
         raise ReportError(f"chromium exited with {done.returncode}: {done.stderr.strip()[-400:]}")
     return done
 
 
-def dump_dom(page: Path) -> str:
-    """The page's DOM, serialized after its script ran."""
-    return _run(page, "--dump-dom").stdout
+def dump_dom(page: Path, fragment: str | None = None) -> str:
+    """The page's DOM, serialized after its script ran; ``fragment`` is given to the page as its
+    URL's ``#fragment`` (the report's ``#all`` fills every picture of a large report)."""
+    return _run(page, "--dump-dom", fragment=fragment).stdout
 
 
 def screenshot(page: Path, png: Path, width: int = 1400, height: int = 1800) -> Path:

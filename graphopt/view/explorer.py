@@ -26,6 +26,11 @@ def _require() -> Any:
     return graph_builder, node_data_builder
 
 
+def require() -> None:
+    """Raise :class:`ReportError` saying what to install when Model Explorer is not installed."""
+    _require()
+
+
 def _states(report: Any) -> list[tuple[str, GraphView]]:
     """(graph id, view) of each state of the graph, in order: as captured, then after each pass
     that changed it."""
