@@ -10,7 +10,7 @@ interpreter; torch.ao FX (prepare_fx/convert_fx, x86 qconfig); ONNX Runtime ``qu
 (QDQ, per-channel, U8S8 + reduce_range and the S8S8 defaults). All int8 paths calibrate on the
 same 256 training images. Besides accuracy, the logits' SQNR against fp32 tells methods apart.
 
-Speed and size. ``graphopt.app.examples.resnet18`` / ``mobilenet_v2`` (random weights, randomized
+Speed and size. ``graphopt.examples.resnet18`` / ``mobilenet_v2`` (random weights, randomized
 batch norms), batch 1, 224x224, 1 and 2 threads. Variants timed round-robin in one process
 (``graphopt.app.timing.round_robin_ms``): eager fp32, fp32 in ONNX Runtime (all optimizations) and in
 the lite interpreter (script + freeze), graphopt int8 in both, torch.ao FX int8 (x86 engine,

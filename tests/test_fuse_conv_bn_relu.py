@@ -658,8 +658,8 @@ def test_a_user_pass_looking_for_relu_sees_the_fused_in_place_ones(registry):
 
 @pytest.mark.parametrize("name", ["resnet_cnn", "mobilenet_cnn", "mlp", "transformer_block"])
 def test_mobile_fp32_is_sound_and_idempotent_on_the_examples(name):
-    model, x = graphopt.app.examples.get_example(name)
-    case = Case(model, x, f"model, example_inputs = graphopt.app.examples.get_example({name!r})")
+    model, x = graphopt.examples.get_example(name)
+    case = Case(model, x, f"model, example_inputs = graphopt.examples.get_example({name!r})")
     result = assert_sound("mobile-fp32", case, idempotent=True)
     units = sum(r.figures.get("fusion_units", 0) for r in result.report.records)
     in_place = [n for n in result.module.graph.nodes if fused_activation_op(n)]
@@ -669,7 +669,7 @@ def test_mobile_fp32_is_sound_and_idempotent_on_the_examples(name):
 # every conv-bn-relu6 of MobileNetV2; in ResNet-18 the relus after residual adds are not units
 @pytest.mark.parametrize("name,units", [("mobilenet_v2", 35), ("resnet18", 9)])
 def test_mobile_fp32_on_full_size_examples_fuses_in_place_and_a_second_run_changes_nothing(name, units):
-    model, x = graphopt.app.examples.get_example(name)
+    model, x = graphopt.examples.get_example(name)
     first = graphopt.optimize(model, x, "mobile-fp32")
     assert sum(1 for n in first.module.graph.nodes if fused_activation_op(n)) == units
     second = graphopt.optimize(first.module, x, "mobile-fp32")

@@ -162,7 +162,7 @@ class TestPlacement:
         if example is None:
             model, x = Residual(), X
         else:
-            model, (x,) = graphopt.app.examples.get_example(example)
+            model, (x,) = graphopt.examples.get_example(example)
 
         def int8_graph():
             gm, _ = run(copy.deepcopy(model), x, pipeline="mobile-int8")
