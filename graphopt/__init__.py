@@ -9,13 +9,13 @@ lower it to TorchScript mobile (.ptl), ONNX or ExecuTorch (.pte).
 The rooms of the package:
 
 - ``graphopt.ir``: the canonical form passes work on (ops and their spellings, graphs, shapes,
-  purity, input/output structure, structural diffs);
+  purity, input/output structure);
 - ``graphopt.capture``: models into canonical graphs (symbolic tracing, torch.export);
 - ``graphopt.pipeline``: passes, presets, the PassManager, the rewrite helper, bisection;
 - ``graphopt.verify``: tolerances, input synthesis, comparison and localization;
 - ``graphopt.lowering``: the backend protocol and registry, ``lower()``;
 - ``graphopt.channels`` and ``graphopt.quantization``: the analyses behind pruning and int8;
-- ``graphopt.view``: the HTML report and Model Explorer;
+- ``graphopt.view``: structural diffs by node identity, the HTML report, Model Explorer;
 - ``graphopt.testing``: the property-testing kit;
 - ``graphopt.app``: the command line, the demo, example models, model references.
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -38,12 +39,17 @@ def _source_modules() -> set[str]:
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
+    # built from a copy: setuptools keeps build/ in the source tree, and files left there by an
+    # earlier build (a module since moved) would go into the wheel
+    source = tmp_path_factory.mktemp("source") / "graphopt"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis", "out"))
     done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                           "-w", str(out), str(ROOT)], capture_output=True, text=True, timeout=600)
+                           "-w", str(out), str(source)], capture_output=True, text=True, timeout=600)
     if done.returncode != 0 and "No module named 'setuptools'" in done.stderr + done.stdout:
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "setuptools>=77", "wheel"], check=True)
         done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                               "-w", str(out), str(ROOT)], capture_output=True, text=True, timeout=600)
+                               "-w", str(out), str(source)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     (built,) = out.glob("graphopt-*.whl")
     return built
@@ -56,6 +62,8 @@ def test_the_wheel_holds_every_module_of_the_tree(wheel):
     in_wheel = {f[:-3].replace("/", ".").removesuffix(".__init__") for f in files if f.endswith(".py")}
     missing = _source_modules() - in_wheel
     assert not missing, f"modules missing from the wheel (add their packages to pyproject.toml): {sorted(missing)}"
+    assert not in_wheel - _source_modules(), f"modules in the wheel that the tree does not have: {in_wheel - _source_modules()}"
+    assert {"graphopt/view/template.html", "graphopt/view/report.js"} <= set(files)  # the HTML report's assets
     assert "graphopt = graphopt.app.cli:main" in entry_points
 
 

@@ -65,7 +65,7 @@ class Report:
     shapes: list[str] = field(default_factory=list)
     checked_at: dict[str, int] = field(default_factory=dict)
     #: the graph before and after each pass that changed it or declined somewhere, by index into
-    #: ``records`` (:class:`graphopt.ir.diff.GraphView`); consecutive passes share a view
+    #: ``records`` (:class:`graphopt.view.diff.GraphView`); consecutive passes share a view
     graphs: dict[int, tuple[Any, Any]] = field(default_factory=dict, repr=False)
     #: the lowest SQNR floor among the budgeted lossy passes that changed the graph: the final
     #: check holds the whole run to it (a run cannot be within every pass's budget and below it)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from graphopt.errors import ReportError
-from graphopt.ir.diff import GraphView, diff
+from graphopt.view.diff import GraphView, diff
 
 
 def _require() -> Any:
