@@ -17,7 +17,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test,executorch,explorer]"
 	touch $@
 
+# the demo's HTML report lays graphs out with Graphviz: installed where this machine allows it
 demo: setup
+	@command -v dot >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		apt-get update -q && apt-get install -y -q graphviz; } || \
+		echo "note: Graphviz's dot is missing; the demo skips its HTML report (apt-get install graphviz)"
 	$(VENV)/bin/graphopt demo
 
 test: setup

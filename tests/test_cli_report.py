@@ -146,3 +146,18 @@ class TestCalibrationData:
         torch.save([Payload()], path)
         with pytest.raises(CalibrationDataError, match="cannot read it as .pt"):
             load_calibration_file(path, (self.example,))
+
+
+def test_demo_without_graphviz_skips_its_report_and_says_why(tmp_path, monkeypatch, capsys):
+    """`make demo` must work on a machine without Graphviz: the report is skipped with the
+    reason, every other step still runs."""
+    from graphopt.app import cli
+    from graphopt.view import layout
+
+    monkeypatch.setattr(layout, "dot_path", lambda: None)
+    code = cli.main(["demo", "--out", str(tmp_path / "demo")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "HTML report skipped" in out and "apt-get install graphviz" in out
+    assert not (tmp_path / "demo" / "report.html").exists()
+    assert any(p.suffix == ".onnx" for p in (tmp_path / "demo").iterdir())
