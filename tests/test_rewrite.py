@@ -103,3 +103,15 @@ def test_a_predicate_pattern_matches_what_names_cannot(registry):
                                                 lambda m: m.root.args[0], name="mul-one"))
     assert count == 1 and [n.op for n in gm.graph.nodes] == ["placeholder", "output"]
     assert ctx.rewrites_granted == 1
+
+
+def test_a_budget_that_runs_out_midway_leaves_a_recompiled_module():
+    model, x = _model()
+    gm = graphopt.capture(model, x)
+    ctx = graphopt.PassContext("t", {}, x, budget=graphopt.pipeline.passes.RewriteBudget(1))
+    count = rewrite.apply(gm, ctx, rewrite.Rule("relu", lambda m: m.graph.call_function(torch.clamp, (m.input, 0.0))))
+    assert count == 1 and ctx.rewrites_granted == 1
+    assert sum(1 for n in gm.graph.nodes if n.target is torch.clamp) == 1
+    assert "torch.clamp" in gm.code  # the generated code is the rewritten graph's
+    with torch.no_grad():
+        torch.testing.assert_close(gm(*x), model(*x))

@@ -144,7 +144,10 @@ def apply(gm: fx.GraphModule, ctx: Any, *rules: Rule) -> int:
     graph = gm.graph
     erased: set[fx.Node] = set()
     count = 0
+    budget_left = True
     for node in list(graph.nodes):
+        if not budget_left:
+            break
         if node in erased or node.op in ("placeholder", "output", "get_attr"):
             continue
         for rule in rules:
@@ -159,7 +162,8 @@ def apply(gm: fx.GraphModule, ctx: Any, *rules: Rule) -> int:
                 ctx.decline(match.root, f"{rule.name}: {reason}")
                 continue
             if not ctx.may_rewrite(f"{rule.name} at {match.root.name}"):
-                return count
+                budget_left = False  # bisection's budget ran out: keep what was done, consistent
+                break
             _rewrite_one(graph, rule, match, erased)
             count += 1
             break
