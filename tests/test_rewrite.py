@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import graphopt
 from graphopt.ir import ops
 from graphopt.pipeline import rewrite
-from graphopt.errors import PassDefinitionError
+from graphopt.errors import NotCanonicalError, PassDefinitionError
 
 
 class ConvRelus(nn.Module):
@@ -115,3 +115,12 @@ def test_a_budget_that_runs_out_midway_leaves_a_recompiled_module():
     assert "torch.clamp" in gm.code  # the generated code is the rewritten graph's
     with torch.no_grad():
         torch.testing.assert_close(gm(*x), model(*x))
+
+
+def test_asking_a_match_for_an_op_it_lacks_is_a_graphopt_error():
+    model, x = _model()
+    gm = graphopt.capture(model, x)
+    relu = next(n for n in gm.graph.nodes if ops.is_op(n, "relu"))
+    match = rewrite.Match(gm, (relu,))
+    with pytest.raises(NotCanonicalError, match=r"no 'conv2d' in this match"):
+        match["conv2d"]

@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 import torch.fx as fx
 
 from graphopt.ir import ops, specs
-from graphopt.errors import PassDefinitionError
+from graphopt.errors import NotCanonicalError, PassDefinitionError
 from graphopt.ir.graph import copy_provenance
 
 __all__ = ["Match", "Rule", "apply"]
@@ -66,7 +66,7 @@ class Match:
         for node in self.nodes:
             if ops.is_op(node, op):
                 return node
-        raise KeyError(f"no {op!r} in this match ({', '.join(n.name for n in self.nodes)})")
+        raise NotCanonicalError(f"no {op!r} in this match ({', '.join(n.name for n in self.nodes)})")
 
     def arg(self, op: str, name: str) -> Any:
         """Parameter ``name`` of the matched ``op`` node (``match.arg("conv2d", "weight")``)."""
