@@ -21,6 +21,10 @@ quantized at run time (``quantize`` without ``fold-weight-quantization``) is ref
 quantized portable kernels. The program is verified within a few quantization steps of each output
 (:func:`graphopt.quantization.lowering_tolerance`): XNNPACK requantizes with its own rounding.
 
+A model returning containers (named tuples, ``ModelOutput``, dicts, nested) becomes a program
+returning its tensors flat, named in ``report["output_names"]``;
+:meth:`~graphopt.lowering.Artifact.run` gives them back in the model's containers.
+
 Loading a program sizes ExecuTorch's thread pool (process-wide; XNNPACK's kernels run on it) to
 ``torch.get_num_threads()``; ``set_threads(n)`` sizes it explicitly.
 """
@@ -45,7 +49,7 @@ from graphopt.errors import LoweringError, exception_summary
 from graphopt.ir.graph import add_constant, get_attr_value, set_tensor
 from graphopt.fileio import native_stdout_discarded
 from graphopt.lowering.backend import Backend, Requires, register_backend
-from graphopt.lowering.support import other_kernels_tolerance
+from graphopt.lowering.support import flat_output_module, other_kernels_tolerance
 from graphopt.quantization import has_qdq, lowering_tolerance
 from graphopt.ir import shapes
 from graphopt.quantization.qdq import DEQUANTIZE_PER_CHANNEL, DEQUANTIZE_PER_TENSOR, QUANTIZE_PER_CHANNEL, QUANTIZE_PER_TENSOR, has_dynamic_qdq
@@ -98,6 +102,7 @@ class ExecuTorch(Backend):
 
     def export(self, gm: fx.GraphModule, example_inputs: tuple[Any, ...], path: Path, report: dict[str, Any]) -> None:
         et = executorch_modules()
+        gm = flat_output_module(gm, example_inputs, report)  # a program cannot serialize a named tuple's structure
         gm = contiguous_constants(gm)
         quantized = has_qdq(gm)
         if quantized:

@@ -20,6 +20,9 @@ loaded with that engine set, and verified within a few quantization steps of eac
 torch has no int8 kernel for (SiLU, a broadcast multiply) compute in float between dequantize
 and quantize: ``report["float_between_qdq"]`` lists them and a note says so. When
 ``torch.jit.script`` fails, the error keeps TorchScript's reason and the line it points at.
+A model returning containers (named tuples, ``ModelOutput``, dicts, nested) is lowered to a file
+returning its tensors as one flat tuple, named in ``report["output_names"]``;
+:meth:`~graphopt.lowering.Artifact.run` gives them back in the model's containers.
 Dynamically quantized linear layers (``quantize{mode=dynamic}``) run on
 ``quantized::linear_dynamic``, which quantizes their float input itself.
 """
@@ -39,7 +42,7 @@ import torch.fx as fx
 from graphopt.ir import shapes
 from graphopt.errors import LoweringError, exception_summary
 from graphopt.lowering.backend import Backend, register_backend
-from graphopt.lowering.support import other_kernels_tolerance, recording_warnings, tracer_warning
+from graphopt.lowering.support import flat_output_module, other_kernels_tolerance, recording_warnings, tracer_warning
 from graphopt.quantization import has_qdq, lowering_tolerance
 
 _METHODS = ("auto", "script", "trace")
@@ -81,6 +84,7 @@ class TorchScriptMobile(Backend):
         self._quantized = False
 
     def export(self, gm: fx.GraphModule, example_inputs: tuple[Any, ...], path: Path, report: dict[str, Any]) -> None:
+        gm = flat_output_module(gm, example_inputs, report)  # TorchScript has no named tuples or ModelOutputs
         if has_qdq(gm):
             self._quantized = True
             self._export_quantized(gm, example_inputs, path, report)

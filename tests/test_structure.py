@@ -233,3 +233,25 @@ def test_tuple_input_items_are_named_by_index(tmp_path):
     assert onnx_names(artifact.path) == (["pair.0", "pair.1"], ["output_0"])
     got = run_by_name(artifact.path, {"pair.0": example[0][0], "pair.1": example[0][1]})
     close(got["output_0"], model(*example))
+
+
+@pytest.mark.parametrize("backend", ["torchscript-mobile", "executorch"])
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_nested_named_tuple_outputs_lower_flat_and_come_back_in_their_containers(mode, backend, tmp_path):
+    if backend == "executorch":
+        pytest.importorskip("executorch", reason="executorch is not installed")
+    torch.manual_seed(6)
+    model, x = NamedTupleOut().eval(), torch.randn(2, 3, 8, 8)
+    gm = graphopt.capture(model, (x,), mode=mode)
+    artifact = graphopt.lower(gm, (x,), backend=backend, path=tmp_path / "m", reference=model)
+    assert set(artifact.report["verification"]) == {"example inputs", "inputs at batch=1"}
+    assert artifact.report["output_names"] == ["features", "score.logits", "score.pair.0", "score.pair.1"]
+    if backend == "torchscript-mobile":  # the named tuple built in forward is read field by field: scriptable
+        assert artifact.report["converter"] == "script"
+    other = torch.randn(3, 3, 8, 8)
+    back, want = artifact.run(other), model(other)
+    assert type(back) is Features and type(back.score) is dict and type(back.score["pair"]) is tuple
+    close(back.features, want.features)
+    close(back.score["logits"], want.score["logits"])
+    close(back.score["pair"][1], want.score["pair"][1])
+    assert type(gm(x)) is Features  # the graph given to lower still returns the model's containers

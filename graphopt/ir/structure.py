@@ -55,6 +55,13 @@ def _items(value: Any) -> list[tuple[Any, str, Any]] | None:
     return None
 
 
+def _builds_named_tuple(node: fx.Node) -> bool:
+    """Whether ``node`` calls a named tuple class (as a traced ``forward`` returning one does)."""
+    target = node.target
+    return (node.op == "call_function" and isinstance(target, type) and issubclass(target, tuple)
+            and hasattr(target, "_fields"))
+
+
 def _is_sequence(value: Any) -> bool:
     return isinstance(value, (tuple, list)) and not hasattr(type(value), "_fields")
 
@@ -90,6 +97,8 @@ def flat_outputs(gm: fx.GraphModule, outputs: Any) -> tuple[fx.GraphModule, list
     names: list[str] = []
 
     def walk(arg: Any, value: Any, name: str) -> None:
+        if isinstance(arg, fx.Node) and _builds_named_tuple(arg):  # read its fields where they are made
+            arg = arg.target(*arg.args, **arg.kwargs)
         if isinstance(arg, fx.Node):
             arg = env.get(arg, arg)  # a node of gm's graph, or a read this walk added
             if isinstance(value, torch.Tensor):
@@ -122,6 +131,9 @@ def flat_outputs(gm: fx.GraphModule, outputs: Any) -> tuple[fx.GraphModule, list
         else:
             walk(structure, outputs, "")
         new = graph.output(tuple(leaves))
+        for made in [env[n] for n in gm.graph.nodes if n in env and _builds_named_tuple(n)]:
+            if not made.users:  # a container only the output read, which now reads its fields
+                graph.erase_node(made)
         new.meta = {k: v for k, v in node.meta.items() if k not in (OUTPUT_SPEC_KEY, "tensor_meta")}
     taken = input_names(gm)
     names = _unique(taken + [n.lstrip(".") for n in names])[len(taken):]

@@ -1,12 +1,12 @@
 """Helpers for backends: the tolerance for another library's kernels, a graph's output dtype,
-and the recording of the warnings torch and the exporters raise (collected into the report, or
+a graph returning its tensors flat (for formats without containers), and the recording of the warnings torch and the exporters raise (collected into the report, or
 inspected, as a ``TracerWarning`` is)."""
 from __future__ import annotations
 
 import contextlib
 import logging
 import warnings
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 import torch.fx as fx
@@ -14,6 +14,7 @@ import torch.utils._pytree as pytree
 
 from graphopt.errors import ANSI_ESCAPE
 from graphopt.ir import graph as G
+from graphopt.ir import structure
 
 if TYPE_CHECKING:
     from graphopt.verify import Tolerance
@@ -47,6 +48,25 @@ def output_dtype(gm: fx.GraphModule) -> torch.dtype:
     dtypes = [G.tensor_meta(n).dtype for n in pytree.tree_leaves(output.args[0])
               if isinstance(n, fx.Node) and G.tensor_meta(n) is not None and G.tensor_meta(n).dtype.is_floating_point]
     return max(dtypes, key=lambda d: torch.finfo(d).eps, default=torch.float32)
+
+
+def flat_output_module(gm: fx.GraphModule, inputs: tuple[Any, ...], report: dict[str, Any]) -> fx.GraphModule:
+    """``gm`` itself when it returns one tensor, else a graph module (over a copy of its graph,
+    sharing its attributes) returning every tensor ``gm`` returns as one flat tuple, in pytree
+    leaf order, each named by its path in ``report["output_names"]``
+    (:func:`graphopt.ir.structure.flat_outputs`).
+
+    For runtimes that cannot return the model's containers: TorchScript knows no user-defined
+    named tuple or ``ModelOutput``, and an ExecuTorch program cannot serialize a named tuple's
+    structure. :meth:`graphopt.lowering.Artifact.run` rebuilds the containers from the flat
+    tuple, and verification compares tensors in that same order."""
+    with torch.no_grad():
+        outputs = gm(*inputs)
+    if isinstance(outputs, torch.Tensor):
+        return gm
+    flat, names = structure.flat_outputs(gm, outputs)
+    report["output_names"] = names
+    return flat
 
 
 
