@@ -47,6 +47,7 @@ import torch.fx as fx
 
 from graphopt.errors import LoweringError, exception_summary
 from graphopt.ir.graph import add_constant, get_attr_value, set_tensor
+from graphopt.ir.purity import mutated_values
 from graphopt.fileio import native_stdout_discarded
 from graphopt.lowering.backend import Backend, Requires, register_backend
 from graphopt.lowering.support import flat_output_module, other_kernels_tolerance
@@ -104,6 +105,8 @@ class ExecuTorch(Backend):
         et = executorch_modules()
         gm = flat_output_module(gm, example_inputs, report)  # a program cannot serialize a named tuple's structure
         gm = contiguous_constants(gm)
+        if has_attention(gm):
+            gm, report["views_as_reshapes"] = views_as_reshapes(gm)
         quantized = has_qdq(gm)
         if quantized:
             gm, converted = signed_activations(gm)
@@ -223,7 +226,7 @@ class ExecuTorch(Backend):
                 gm = portable_qparams(gm)
             try:
                 traced_at, spec = shapes.export_spec(gm, inputs, max_size=self.max_size) if dynamic else (inputs, None)
-                exported = torch.export.export(gm, traced_at, dynamic_shapes=spec, strict=False)
+                exported = attention_decomposed(torch.export.export(gm, traced_at, dynamic_shapes=spec, strict=False))
             except Exception as exc:
                 raise LoweringError(f"torch.export failed: {exception_summary(exc)}") from exc
             if spec is not None:
@@ -242,6 +245,66 @@ class ExecuTorch(Backend):
 
 _VIEWS = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default,
           torch.ops.aten.flatten.using_ints)
+
+
+#: torch's fused attention: its kernel and its decomposition give the output different strides
+_ATTENTION = ("scaled_dot_product_attention", "_scaled_dot_product_attention_math",
+              "_scaled_dot_product_flash_attention_for_cpu")
+
+
+def has_attention(gm: fx.GraphModule) -> bool:
+    return any(node.op == "call_function" and getattr(node.target, "__name__", "").split(".")[0] in _ATTENTION
+               for node in gm.graph.nodes)
+
+
+def attention_decomposed(exported: Any) -> Any:
+    """``exported`` with ``scaled_dot_product_attention`` decomposed into its math, before
+    ExecuTorch's lowering sees it. The lowering first turns each ``reshape`` into a view where
+    the strides allow it, with the strides torch's fused attention kernel gives its output,
+    and only then decomposes attention, whose math gives that output other strides: the views
+    after it then fail ("Cannot view a tensor with shape [2, 8, 32] and strides (32, 64, 1)",
+    GPT-2's ``x.view(-1, nx)`` in each ``Conv1D``). Decomposed here, every later view is
+    chosen on the strides the program has (with :func:`views_as_reshapes` for the graph's own
+    views)."""
+    if not any(str(getattr(n.target, "__name__", "")).split(".")[0] in _ATTENTION for n in exported.graph.nodes):
+        return exported
+    table = {op: fn for op, fn in torch.export.default_decompositions().items()
+             if str(op).split(".")[1] in _ATTENTION}
+    return exported.run_decompositions(table)
+
+
+def views_as_reshapes(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
+    """A copy of ``gm`` with its ``view`` calls spelled ``reshape``, and their count (``gm``
+    itself, and 0, when it has none or writes any value in place).
+
+    A view needs its input's strides to allow it; ``reshape`` is the same view where they do
+    and a copy where they do not, with the same values. A graph captured with torch's fused
+    attention kernel has views valid for that kernel's output strides, which its
+    decomposition (:func:`attention_decomposed`) does not give. Only a write through the view
+    could tell the two apart, hence the copy is taken only for graphs without in-place
+    writes."""
+    if any(mutated_values(node) for node in gm.graph.nodes):
+        return gm, 0
+    views = [n for n in gm.graph.nodes if _is_view_call(n)]
+    if not views:
+        return gm, 0
+    graph = copy.deepcopy(gm.graph)
+    for node in graph.nodes:
+        if _is_view_call(node):
+            sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+            node.op, node.target = "call_function", torch.ops.aten.reshape.default
+            node.args, node.kwargs = (node.args[0], list(sizes)), {}
+    plain = fx.GraphModule(gm, graph)
+    plain.meta.update(gm.meta)
+    return plain, len(views)
+
+
+def _is_view_call(node: fx.Node) -> bool:
+    """``x.view(*sizes)``, ``x.view(sizes)`` or ``aten.view(x, sizes)`` (not ``view(dtype)``)."""
+    if node.op == "call_method" and node.target == "view":
+        sizes = node.args[1:]
+        return not node.kwargs and bool(sizes) and not any(isinstance(s, torch.dtype) for s in sizes)
+    return node.op == "call_function" and node.target is torch.ops.aten.view.default and not node.kwargs
 
 
 def inferred_view_dims(module: fx.GraphModule) -> int:

@@ -724,6 +724,55 @@ def test_aten_addmm_with_transposed_weight_becomes_linear() -> None:
     assert torch.equal(gm(x_value), want)
 
 
+class _Conv1D(nn.Module):
+    """transformers' Conv1D (GPT-2): a linear layer with its weight stored (in, out), as addmm."""
+
+    def __init__(self, nx: int, nf: int):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.randn(nx, nf)), nn.Parameter(torch.randn(nf))
+
+    def forward(self, x):
+        out = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+        return out.view(x.size(0), x.size(1), -1)
+
+
+class _TwoConv1D(nn.Module):
+    def __init__(self, tied: bool = False):
+        super().__init__()
+        self.a, self.b = _Conv1D(6, 6), _Conv1D(6, 6 if tied else 4)
+        if tied:
+            self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_addmm_with_a_constant_weight_becomes_linear_reading_it_transposed(mode) -> None:
+    torch.manual_seed(0)
+    model, x = _TwoConv1D().eval(), torch.randn(2, 5, 6)
+    gm = capture(model, (x,), mode=mode)
+    linears = [n for n in gm.graph.nodes if ops.is_op(n, "linear")]
+    assert len(linears) == 2 and not any("addmm" in str(n.target) for n in gm.graph.nodes)
+    assert [str(ops.arg(n, "weight").target) for n in linears] == ["a.weight_t", "b.weight_t"]
+    assert torch.equal(gm.get_parameter("b.weight_t"), model.b.weight.T)  # (out, in), as linear's weight
+    assert "b.weight" not in gm.state_dict() and model.b.weight.shape == (6, 4)  # the model's own is untouched
+    other = torch.randn(3, 5, 6)  # another batch
+    torch.testing.assert_close(gm(other), model(other))
+    assert canonicalize(gm) == 0  # idempotent
+
+
+def test_addmm_whose_weight_is_read_elsewhere_stays_addmm_with_a_decline() -> None:
+    torch.manual_seed(0)
+    model, x = _TwoConv1D(tied=True).eval(), torch.randn(2, 5, 6)
+    traced = fx.symbolic_trace(model)
+    declined: list[str] = []
+    assert canonicalize(traced, decline=lambda node, reason: declined.append(reason)) >= 0
+    assert sum(n.target is torch.addmm for n in traced.graph.nodes) == 2
+    assert len(declined) == 2 and all("a.weight is read elsewhere too" in reason for reason in declined)
+    torch.testing.assert_close(traced(x), model(x))
+
+
 def test_aten_convolution_becomes_conv_or_conv_transpose_by_its_flag() -> None:
     for transposed in (False, True):
         graph = fx.Graph()

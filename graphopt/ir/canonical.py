@@ -6,7 +6,9 @@ runs on any GraphModule:
 1. Standard ``nn`` layers called as ``call_module`` become the functional calls their forward
    makes (:data:`graphopt.ir.lowerings.MODULE_LOWERINGS`), reading parameters through ``get_attr`` nodes
    with qualified names. A node whose ``meta["keep_module"]`` is true (a user leaf) stays.
-2. aten ``convolution`` and ``addmm(bias, x, w.t())`` become conv/conv-transpose and ``linear``.
+2. aten ``convolution`` and ``addmm(bias, x, w.t())`` become conv/conv-transpose and ``linear``;
+   so does ``addmm(bias, x, W)`` with a constant ``W`` only it reads (GPT-2's ``Conv1D``), its
+   attribute then stored transposed.
 3. Every spelling in :data:`graphopt.ir.aliases.ALL_ALIASES` becomes the canonical callable with all
    parameters positional, values normalized (:func:`graphopt.ir.aliases.normalize_value`), string
    conv padding resolved to numbers where it is symmetric.
@@ -35,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from graphopt.ir import aliases, lowerings, ops, specs
-from graphopt.ir.graph import get_attr_value, tensor_meta
+from graphopt.ir.graph import get_attr_value, tensor_meta, tensor_metadata
 from graphopt.ir.purity import may_alias_input
 
 aten = torch.ops.aten
@@ -163,7 +165,7 @@ class _Rewriter:
                 continue
             if node.target is aten.convolution.default:
                 count += self._convolution(node)
-            elif node.target is aten.addmm.default:
+            elif node.target in (aten.addmm.default, torch.addmm):
                 count += self._addmm_as_linear(node)
             elif node.target is aten.sym_size.int:
                 count += self._size_method(node)
@@ -202,23 +204,68 @@ class _Rewriter:
         return 1
 
     def _addmm_as_linear(self, node: fx.Node) -> int:
-        """``addmm(b, x, w.t())`` with unit scales is ``linear(x, w, b)`` (the same kernel)."""
-        b = _bind_schema(node)
-        transposed = b.get("mat2")
-        if b.get("beta", 1) != 1 or b.get("alpha", 1) != 1 or not isinstance(transposed, fx.Node):
+        """``addmm(b, x, w.t())`` with unit scales is ``linear(x, w, b)`` (the same kernel).
+
+        So is ``addmm(b, x, W)`` with ``W`` a constant ``(in, out)`` matrix, as transformers'
+        ``Conv1D`` (GPT-2's projections) computes: ``linear(x, W.T, b)``, reading ``W.T``
+        (``(out, in)``, as linear's weight is; a parameter if ``W`` is one, ``requires_grad``
+        kept) from a new attribute beside ``W`` named ``<W's name>_t``, so that passes matching
+        ``linear`` (int8 units, pruning) see it. ``W`` itself is left as it is (the model
+        captured from still reads it); nothing reads it afterwards, and ``eliminate-dead-code``
+        drops it. Only where this node is ``W``'s one reader: a weight read elsewhere too (tied,
+        or by an opaque module) would be stored twice, so it is left as ``addmm``, with a decline.
+        """
+        b = _bind_addmm(node)
+        if b is None or b.get("beta", 1) != 1 or b.get("alpha", 1) != 1 or not isinstance(b["mat2"], fx.Node):
             return 0
-        is_t = transposed.target is aten.t.default or (
-            transposed.target is aten.permute.default and list(transposed.args[1]) in ([1, 0], [-1, -2]))
-        if transposed.op != "call_function" or not is_t:
+        mat2 = b["mat2"]
+        if self._rank(b["self"]) != 1:
             return 0
-        weight = transposed.args[0]
-        if self._rank(weight) != 2 or self._rank(b["self"]) != 1:
+        if mat2.op == "get_attr":
+            return self._constant_addmm_as_linear(node, b, mat2)
+        is_t = mat2.op == "call_function" and (mat2.target is aten.t.default or (
+            mat2.target is aten.permute.default and list(mat2.args[1]) in ([1, 0], [-1, -2])))
+        if not is_t:
+            return 0
+        weight = mat2.args[0]
+        if self._rank(weight) != 2:
             return 0
         if not self._allowed(node, "aten.addmm -> linear"):
             return 0
         node.target, node.args, node.kwargs = F.linear, (b["mat1"], weight, b["self"]), {}
-        if not transposed.users:
-            self.graph.erase_node(transposed)
+        if not mat2.users:
+            self.graph.erase_node(mat2)
+        return 1
+
+    def _constant_addmm_as_linear(self, node: fx.Node, b: dict[str, Any], weight: fx.Node) -> int:
+        value = get_attr_value(self.module, weight)
+        if not (isinstance(value, torch.Tensor) and value.dim() == 2 and value.is_floating_point()):
+            return 0
+        target = str(weight.target)
+        readers = [n for n in self.graph.nodes if n is not weight and (
+            (n.op == "get_attr" and str(n.target) == target)
+            or (n.op == "call_module" and target.startswith(f"{n.target}.")))]
+        readers += [user for user in weight.users if user is not node]
+        if readers:
+            self.decline(node, f"addmm's weight {target} is read elsewhere too (by {readers[0].name}): linear would "
+                               "need it stored a second time, transposed, so it is left as addmm")
+            return 0
+        if not self._allowed(node, "addmm with a constant weight -> linear"):
+            return 0
+        owner_name, _, field = target.rpartition(".")
+        owner = self.module.get_submodule(owner_name) if owner_name else self.module
+        name, i = f"{field}_t", 1
+        while hasattr(owner, name):
+            name, i = f"{field}_t{i}", i + 1
+        transposed = value.detach().t().contiguous()
+        if isinstance(value, nn.Parameter):
+            owner.register_parameter(name, nn.Parameter(transposed, requires_grad=value.requires_grad))
+        else:
+            owner.register_buffer(name, transposed)
+        weight.target = f"{owner_name}.{name}" if owner_name else name
+        if "tensor_meta" in weight.meta:
+            weight.meta["tensor_meta"] = tensor_metadata(transposed)
+        node.target, node.args, node.kwargs = F.linear, (b["mat1"], weight, b["self"]), {}
         return 1
 
     # -- 3./4. aliases, values, no-ops --------------------------------------------------------
@@ -358,6 +405,17 @@ def _inherit_meta(new: fx.Node, origin_meta: dict[str, Any], provenance: str) ->
     for key in ("stack_trace", "nn_module_stack"):
         if key in origin_meta:
             new.meta[key] = origin_meta[key]
+
+
+def _bind_addmm(node: fx.Node) -> dict[str, Any] | None:
+    """``aten.addmm`` or ``torch.addmm``'s arguments by the aten schema's names (None if odd)."""
+    if node.target is aten.addmm.default:
+        return _bind_schema(node)
+    kwargs = dict(node.kwargs)
+    args = [*node.args] + [kwargs.pop(k) for k in ("input", "mat1", "mat2")[len(node.args):] if k in kwargs]
+    if len(args) != 3 or set(kwargs) - {"beta", "alpha"}:
+        return None
+    return {"self": args[0], "mat1": args[1], "mat2": args[2], **kwargs}
 
 
 def _bind_schema(node: fx.Node) -> dict[str, Any]:
