@@ -151,12 +151,21 @@ def quantize(
         ])
     worst = min(sqnr) if sqnr else math.inf
     if CONTRACT.min_sqnr_db is not None and worst < CONTRACT.min_sqnr_db:
-        culprits = ", ".join(f"{n} ({v:.1f} dB)" for n, v in sorted(isolated.items(), key=lambda kv: kv[1])[:3])
-        advice = ("A range chosen at run time follows each batch's largest value, so outliers coarsen every step: "
-                  "try skip=[...] or keep_float_worst=N, or mode=static with calibration=entropy or mse"
-                  if plan.dynamic else
-                  "Try calibration=mse, entropy or histogram, more representative calibration data, "
-                  "skip=[...] or keep_float_worst=N")
+        worst_layers = sorted(isolated, key=isolated.get)[:3]
+        where = {u.node.name: provenance(u.node) for u in plan.units}
+        culprits = ", ".join(f"{where.get(n, n)} ({isolated[n]:.1f} dB)" for n in worst_layers)
+        clipped = {} if plan.dynamic else evaluation.out_of_range(reference, plan, params, data.held_out, set(worst_layers))
+        if clipped:  # narrower ranges (mse, entropy) would clip more: the data must cover these values
+            name = min(clipped, key=lambda n: isolated[n])
+            advice = (f"{clipped[name]:.1%} of {where.get(name, name)}'s held-out outputs fall outside the range "
+                      f"calibrated for it, and int8 clips them: pass more, or more representative, calibration "
+                      f"batches, or keep it float with skip=[{where.get(name, name)!r}]")
+        elif plan.dynamic:
+            advice = ("A range chosen at run time follows each batch's largest value, so outliers coarsen every "
+                      "step: try skip=[...] or keep_float_worst=N, or mode=static with calibration=entropy or mse")
+        else:
+            advice = ("Try calibration=mse, entropy or histogram, more representative calibration data, "
+                      "skip=[...] or keep_float_worst=N")
         raise QuantizationError(
             f"int8 output SQNR {worst:.1f} dB on held-out inputs is below the {CONTRACT.min_sqnr_db:g} dB budget"
             f"{' (mode=dynamic)' if plan.dynamic else ''}; layers losing the most alone: "

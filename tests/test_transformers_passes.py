@@ -277,3 +277,23 @@ def test_gpt2_static_int8_lowers_to_executorch(tmp_path):
     assert artifact.verdict.ok and artifact.report["views_as_reshapes"] > 0
     assert artifact.report["delegated_ops"]  # XNNPACK took part of it
     assert _sqnr_db(_main(model(*example)), _main(artifact.run(*example))) > 20.0
+
+
+def test_distilbert_static_int8_names_the_clipping_classifier_and_its_advice_holds():
+    """DistilBERT's loss under static int8 is its classifier's output: held-out logits fall
+    outside the range five small calibration batches gave it (attention, softmax and layer norm
+    stay float and are not to blame), so the error says so and names the skip that works."""
+    torch.manual_seed(0)
+    make, inputs = SMALL_MODELS.MODELS["distilbert"]
+    model, example = make().eval(), inputs()
+    gm = graphopt.capture(model, example, dynamic_shapes=[{0: "batch", 1: "seq"}])
+    calibration = [_inputs("distilbert", size) for size in SIZES["text"] * 3]  # the last one is held out
+    record = _record(graphopt.optimize(gm, example, "quantize", calibration_data=calibration), "quantize")
+    assert record.status == "rolled-back" and "layers losing the most alone: classifier (" in record.error
+    assert "of classifier's held-out outputs fall outside the range calibrated for it" in record.error
+    skip = record.error.split("skip=")[1]
+    assert skip == "['classifier']"
+    result = graphopt.optimize(gm, example, f"quantize{{skip={skip}}}", calibration_data=calibration)
+    assert _record(result, "quantize").check == "ok" and result.report.final_verdict.ok
+    x = _inputs("distilbert", (3, 8))
+    assert _sqnr_db(_main(model(*x)), _main(result.module(*x))) > 15.0

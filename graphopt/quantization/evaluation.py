@@ -8,6 +8,9 @@
   add, which is what ``keep_float_worst`` uses.
 - *Cumulative layer SQNR*: the unit's output value in the int8 graph against the float graph,
   i.e. every error upstream included. Where it drops sharply is where accuracy is lost.
+- *Out of range*: the share of a unit's float output values on held-out inputs that fall
+  outside the range calibrated for it, which int8 clips. A layer losing for this reason needs
+  calibration data that covers its values, not a calibration method that narrows ranges.
 """
 from __future__ import annotations
 
@@ -79,6 +82,24 @@ def _quantized_unit_output(unit: Unit, values: dict[str, Any], qparams: dict[fx.
     if unit.activation is not None:
         y = unit.activation.target(y, *unit.activation.args[1:])
     return y if plan.dynamic else fake_quantize(y, qparams[unit.output])
+
+
+def out_of_range(gm: fx.GraphModule, plan: Plan, qparams: dict[fx.Node, TensorQParams],
+                 batches: list[tuple[Any, ...]], names: set[str]) -> dict[str, float]:
+    """For the units whose compute node is named in ``names``: the fraction of their float
+    output values over ``batches`` outside the range their output parameters represent (those
+    with none outside are left out)."""
+    units = [u for u in plan.units if u.node.name in names and u.output in qparams]
+    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    with torch.no_grad():
+        for batch in batches:
+            rec = _Recording(gm, {u.output.name for u in units})
+            rec.run(*batch)
+            for unit in units:
+                value, q = rec.values[unit.output.name], qparams[unit.output]
+                counts[unit.node.name][0] += int(((value < q.lowest()) | (value > q.highest())).sum())
+                counts[unit.node.name][1] += value.numel()
+    return {name: outside / total for name, (outside, total) in counts.items() if outside}
 
 
 def cumulative_layer_sqnr(reference: fx.GraphModule, quantized: fx.GraphModule, plan: Plan,
