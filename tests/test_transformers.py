@@ -134,3 +134,27 @@ def test_onnx_inputs_and_outputs_are_named_after_the_parameters_and_model_output
     session = ort.InferenceSession(str(artifact.path), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["pixel_values"]
     assert [o.name for o in session.get_outputs()] == ["logits"]
+
+
+@pytest.mark.parametrize("name,dims", [("bert", "batch"), ("distilbert", "batch"), ("bert", [{0: "batch", 1: "seq"}])])
+def test_onnx_falls_back_to_the_dynamo_exporter_when_the_trace_fails_or_bakes_sizes_in_and_says_so(name, dims, tmp_path):
+    """The TorchScript exporter traces: on these graphs it either fails (arange over a symbolic
+    size) or writes the example's batch into the reshapes (after mobile-fp32, batch dynamic);
+    the file then comes from the dynamo exporter, the report says why, and it is verified, and
+    right, at other batch sizes (and sequence lengths)."""
+    torch.manual_seed(0)
+    make, inputs = SMALL_MODELS.MODELS[name]
+    model, example = make().eval(), inputs()
+    result = graphopt.optimize(graphopt.capture(model, example, dynamic_shapes=dims), example, "mobile-fp32")
+    artifact = graphopt.lower(result.module, example, backend="onnx", path=tmp_path / name, reference=model)
+    report = artifact.report
+    assert report["exporter"] == "dynamo" and "fell back" in report["summary"]
+    assert report["exporter_fallback"].startswith("the torchscript exporter failed: ")
+    if dims == "batch":  # the trace ran, with the example's batch written into the file
+        assert "the trace holds the example's sizes" in report["exporter_fallback"]
+    second = "inputs at batch=1" + ("" if dims == "batch" else ", seq=1")
+    assert set(report["verification"]) == {"example inputs", second}
+    assert all(v["ok"] for v in report["verification"].values())
+    for size in ((1, 8), (3, 8)) if dims == "batch" else ((1, 5), (3, 11)):
+        x = (torch.randint(0, 100, size),)
+        torch.testing.assert_close(torch.as_tensor(_logits(artifact.run(*x))), _logits(model(*x)), rtol=1e-4, atol=1e-5)
