@@ -21,6 +21,10 @@ quantized at run time (``quantize`` without ``fold-weight-quantization``) is ref
 quantized portable kernels. The program is verified within a few quantization steps of each output
 (:func:`graphopt.quantization.lowering_tolerance`): XNNPACK requantizes with its own rounding.
 
+A graph with ``scaled_dot_product_attention`` (transformers) has it decomposed before
+ExecuTorch's lowering and its views spelled as reshapes (:func:`attention_decomposed`), which
+the lowering otherwise fails on with "Cannot view a tensor ..." (GPT-2).
+
 A model returning containers (named tuples, ``ModelOutput``, dicts, nested) becomes a program
 returning its tensors flat, named in ``report["output_names"]``;
 :meth:`~graphopt.lowering.Artifact.run` gives them back in the model's containers.
@@ -252,9 +256,12 @@ _ATTENTION = ("scaled_dot_product_attention", "_scaled_dot_product_attention_mat
               "_scaled_dot_product_flash_attention_for_cpu")
 
 
+def _is_attention(node: fx.Node) -> bool:
+    return node.op == "call_function" and str(getattr(node.target, "__name__", "")).split(".")[0] in _ATTENTION
+
+
 def has_attention(gm: fx.GraphModule) -> bool:
-    return any(node.op == "call_function" and getattr(node.target, "__name__", "").split(".")[0] in _ATTENTION
-               for node in gm.graph.nodes)
+    return any(_is_attention(node) for node in gm.graph.nodes)
 
 
 def attention_decomposed(exported: Any) -> Any:
@@ -266,7 +273,7 @@ def attention_decomposed(exported: Any) -> Any:
     GPT-2's ``x.view(-1, nx)`` in each ``Conv1D``). Decomposed here, every later view is
     chosen on the strides the program has (with :func:`views_as_reshapes` for the graph's own
     views)."""
-    if not any(str(getattr(n.target, "__name__", "")).split(".")[0] in _ATTENTION for n in exported.graph.nodes):
+    if not any(_is_attention(node) for node in exported.graph.nodes):
         return exported
     table = {op: fn for op, fn in torch.export.default_decompositions().items()
              if str(op).split(".")[1] in _ATTENTION}
