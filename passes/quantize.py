@@ -59,17 +59,12 @@ from graphopt.ir import ops, shapes
 from graphopt.errors import QuantizationError
 from graphopt.ir.graph import add_constant, copy_provenance, get_attr_value, provenance
 from graphopt.quantization import calibration as calib
+from graphopt.quantization.calibration import Calibrator
 from graphopt.quantization import evaluation, kernels, qdq
 from graphopt.pipeline.options import OneOf, Range, check_patterns
 from graphopt.quantization.configs import BackendConfig, available_configs, get_config
-from graphopt.quantization.observers import Observer, make_observer
 from graphopt.quantization.placement import Plan, Unit, plan_dynamic_quantization, plan_quantization, weight_axis
-from graphopt.quantization.qparams import (
-    TensorQParams,
-    affine_qparams,
-    guard_bias_scales,
-    symmetric_per_channel_scales,
-)
+from graphopt.quantization.qparams import TensorQParams, symmetric_per_channel_scales
 
 CONTRACT = graphopt.Lossy(min_sqnr_db=15.0)
 
@@ -107,12 +102,12 @@ def quantize(
     if mode == "dynamic":
         data = calib.measurement_data(ctx.example_inputs, ctx.calibration_data, batches=held_out_batches,
                                       dynamic=shapes.dynamic_dims_of_inputs(gm))
-        measure: _Calibrator | _WeightScales = _WeightScales(gm, cfg)
+        measure: Calibrator | _WeightScales = _WeightScales(gm, cfg)
         planner = plan_dynamic_quantization
     else:
         data = calib.collect(ctx.example_inputs, ctx.calibration_data, max_batches=max_calibration_batches,
                              held_out=held_out_batches, dynamic=shapes.dynamic_dims_of_inputs(gm))
-        measure = _Calibrator(gm, cfg, calibration, bins, percentile, data.batches)
+        measure = Calibrator(gm, cfg, calibration, bins, percentile, data.batches)
         planner = plan_quantization
     veto = _Veto(ctx, skip)
 
@@ -220,58 +215,7 @@ class _Veto:
         return None if self.granted[unit.node] else "rewrite budget exhausted (bisection)"
 
 
-# ------------------------------------------------------------------------- calibration
-
-
-class _Calibrator:
-    """Observers per group, calibration runs, and the resulting parameters."""
-
-    def __init__(self, gm: fx.GraphModule, cfg: BackendConfig, method: str, bins: int, percentile: float,
-                 batches: list):
-        self.gm, self.cfg, self.method, self.bins, self.percentile, self.batches = gm, cfg, method, bins, percentile, batches
-        self.raised = 0  # weight channels whose scale the int32 bias guard raised, last plan
-        qlevels = cfg.activation.qmax - cfg.activation.qmin + 1
-        make_observer(method, bins=bins, percentile=percentile, qlevels=qlevels)  # validate options early
-
-    def params(self, plan: Plan) -> tuple[dict[fx.Node, TensorQParams], dict[fx.Node, torch.Tensor], set[fx.Node]]:
-        """Activation parameters per value, weight scales per weighted unit, and the values
-        calibration never reached."""
-        act = self.cfg.activation
-        observers: dict[fx.Node, Observer] = {}
-        watch: dict[fx.Node, Observer] = {}
-        for root, members in plan.groups.roots().items():
-            if plan.groups.fixed_of(root) is None:
-                observers[root] = make_observer(self.method, bins=self.bins, percentile=self.percentile,
-                                                qlevels=act.qmax - act.qmin + 1)
-                watch.update({m: observers[root] for m in members})
-        calib.calibrate(self.gm, watch, self.batches)
-
-        params: dict[fx.Node, TensorQParams] = {}
-        missing: set[fx.Node] = set()
-        for root, members in plan.groups.roots().items():
-            fixed = plan.groups.fixed_of(root)
-            if fixed is not None:
-                qp = TensorQParams(fixed.scale, fixed.zero_point, act.qmin, act.qmax, act.dtype)
-            else:
-                seen = observers[root].range()
-                if seen is None:
-                    missing.update(members)
-                    continue
-                qp = affine_qparams(*seen, act.qmin, act.qmax, act.dtype, self.cfg.activation_scale_min)
-            params.update({m: qp for m in members})
-
-        scales: dict[fx.Node, torch.Tensor] = {}
-        raised: dict[fx.Node, int] = {}
-        for unit in plan.units:
-            if unit.kind == "weighted" and unit.inputs[0] in params:
-                weight = get_attr_value(self.gm, unit.node.args[1])
-                s = symmetric_per_channel_scales(weight, weight_axis(unit.node), self.cfg.weight.qmax,
-                                                 self.cfg.weight_scale_min)
-                bias = ops.arg(unit.node, "bias")
-                bias_value = get_attr_value(self.gm, bias) if isinstance(bias, fx.Node) and bias.op == "get_attr" else None
-                scales[unit.node], raised[unit.node] = guard_bias_scales(s, bias_value, params[unit.inputs[0]].scale)
-        self.raised = sum(raised.values())
-        return params, scales, missing
+# ------------------------------------------------------------------------- dynamic mode
 
 
 class _WeightScales:
