@@ -49,7 +49,7 @@ import copy
 import fnmatch
 import math
 from collections import Counter
-from typing import Annotated, Literal
+from typing import Annotated, Any, Callable, Literal
 
 import torch
 import torch.fx as fx
@@ -60,13 +60,14 @@ from graphopt.errors import QuantizationError
 from graphopt.ir.graph import add_constant, copy_provenance, get_attr_value, provenance
 from graphopt.quantization import calibration as calib
 from graphopt.quantization.calibration import Calibrator
-from graphopt.quantization import evaluation, kernels, qdq
+from graphopt.quantization import evaluation, kernels, mixed_precision, qdq
 from graphopt.pipeline.options import OneOf, Range, check_patterns
 from graphopt.quantization.configs import BackendConfig, available_configs, get_config
+from graphopt.quantization.sensitivity import LayerSensitivity, layer_sensitivity
 from graphopt.quantization.placement import Plan, Unit, plan_dynamic_quantization, plan_quantization, weight_axis
 from graphopt.quantization.qparams import TensorQParams, symmetric_per_channel_scales
 
-CONTRACT = graphopt.Lossy(min_sqnr_db=15.0)
+CONTRACT = graphopt.Lossy(min_sqnr_db=15.0, budget_option="min_sqnr", budget_option_raises_only=True)
 
 @graphopt.register_pass("quantize", contract=CONTRACT, after=("fuse-conv-bn-relu",))
 def quantize(
@@ -83,6 +84,9 @@ def quantize(
     skip: tuple[str, ...] = (),
     keep_float_worst: Annotated[int, Range(ge=0)] = 0,
     per_layer_report: bool = False,
+    min_sqnr: Annotated[float, Range(gt=0, why="output SQNR in dB")] | None = None,
+    metric: Callable[[Any, tuple], float] | None = None,
+    max_drop: Annotated[float, Range(ge=0, why="score below the float model's")] | None = None,
 ) -> int:
     """Int8 quantization: calibrated QDQ pairs, or linears quantizing inputs at run time (mode=dynamic).
 
@@ -92,12 +96,17 @@ def quantize(
     Options: mode (static | dynamic), config (x86 | xnnpack), calibration (minmax |
     moving_average | histogram | mse | entropy; static only), percentile (histogram), bins
     (histogram, mse, entropy), skip (glob patterns), keep_float_worst (N layers),
-    per_layer_report, max_calibration_batches, held_out_batches.
+    per_layer_report, max_calibration_batches, held_out_batches; min_sqnr (dB: keep the fewest
+    layers float to reach it), metric + max_drop (Python only: fn(outputs, batch) -> score).
     """
     if qdq.has_qdq(gm):
         ctx.note("the graph already holds quantize/dequantize nodes; left as it is")
         return 0
     check_patterns(ctx.pass_name, "skip", skip, _layer_names(gm))
+    mixed_precision.check_options(metric, max_drop)
+    floor = max(CONTRACT.min_sqnr_db, min_sqnr or 0.0)
+    if min_sqnr is not None and min_sqnr < CONTRACT.min_sqnr_db:
+        ctx.note(f"min_sqnr={min_sqnr:g} dB is below the pass's {CONTRACT.min_sqnr_db:g} dB budget, which still holds")
     cfg = get_config(config)
     if mode == "dynamic":
         data = calib.measurement_data(ctx.example_inputs, ctx.calibration_data, batches=held_out_batches,
@@ -116,7 +125,17 @@ def quantize(
         params, scales, _ = measure.params(probe)
         isolated = evaluation.isolated_layer_sqnr(gm, probe, params, scales, data.held_out)
         worst_first = sorted(isolated, key=isolated.get)[:keep_float_worst]
-        veto.kept_float = {name: isolated[name] for name in worst_first}
+        veto.kept_float = {name: f"one of the {keep_float_worst} worst layers (isolated SQNR {isolated[name]:.1f} dB)"
+                           for name in worst_first}
+    if min_sqnr is not None or metric is not None:
+        target = mixed_precision.Target(floor, metric, max_drop)
+        choice = mixed_precision.fewest_float(gm, veto.planning_without(planner, gm, cfg), measure.params,
+                                              data.held_out, target)
+        veto.kept_float.update({s.name: f"needed for {target.describe()} (alone in int8 it leaves "
+                                        f"{s.sqnr_db:.1f} dB at the outputs; weights {s.weight_sqnr_db:.1f}, "
+                                        f"input {s.activation_sqnr_db:.1f})" for s in choice.kept})
+        ctx.record("mixed_precision", {"target": target.describe(), "layers": choice.layers,
+                                       "probes": [p.to_dict() for p in choice.probes]})
 
     plan = planner(gm, cfg, veto, ctx.decline)
     params, scales, missing = measure.params(plan)
@@ -130,6 +149,8 @@ def quantize(
         return 0
 
     isolated = evaluation.isolated_layer_sqnr(gm, plan, params, scales, data.held_out)
+    sensitivity = {s.name: s for s in layer_sensitivity(gm, plan, params, scales, data.held_out)} \
+        if per_layer_report else {}
     reference = fx.GraphModule(gm, copy.deepcopy(gm.graph))
     _insert(gm, plan, params, scales)
     gm.graph.lint()
@@ -141,11 +162,20 @@ def quantize(
         cumulative = evaluation.cumulative_layer_sqnr(reference, gm, plan, data.held_out)
         ctx.record("per_layer", [
             {"layer": u.node.name, "op": u.op, "provenance": provenance(u.node),
-             "isolated_sqnr_db": isolated.get(u.node.name), "cumulative_sqnr_db": cumulative[u.node.name]}
+             "isolated_sqnr_db": isolated.get(u.node.name), "cumulative_sqnr_db": cumulative[u.node.name],
+             **_sensitivity_row(sensitivity.get(u.node.name))}
             for u in plan.units if u.kind != "shared"
         ])
+    if metric is not None:
+        drop = (mixed_precision.score(metric, mixed_precision.outputs_of(reference, data.held_out), data.held_out)
+                - mixed_precision.score(metric, mixed_precision.outputs_of(gm, data.held_out), data.held_out))
+        ctx.record("metric_drop", drop)
+        if drop > max_drop:
+            raise QuantizationError(f"int8 loses {drop:.3g} of the metric on held-out inputs, more than max_drop="
+                                    f"{max_drop:g}; the layers kept float were chosen on a simulation that met it. "
+                                    "Allow a larger drop, or skip=[...] more layers")
     worst = min(sqnr) if sqnr else math.inf
-    if CONTRACT.min_sqnr_db is not None and worst < CONTRACT.min_sqnr_db:
+    if worst < floor:
         culprits = ", ".join(f"{n} ({v:.1f} dB)" for n, v in sorted(isolated.items(), key=lambda kv: kv[1])[:3])
         advice = ("A range chosen at run time follows each batch's largest value, so outliers coarsen every step: "
                   "try skip=[...] or keep_float_worst=N, or mode=static with calibration=entropy or mse"
@@ -153,7 +183,8 @@ def quantize(
                   "Try calibration=mse, entropy or histogram, more representative calibration data, "
                   "skip=[...] or keep_float_worst=N")
         raise QuantizationError(
-            f"int8 output SQNR {worst:.1f} dB on held-out inputs is below the {CONTRACT.min_sqnr_db:g} dB budget"
+            f"int8 output SQNR {worst:.1f} dB on held-out inputs is below the {floor:g} dB budget"
+            f"{' (min_sqnr)' if min_sqnr is not None and min_sqnr > CONTRACT.min_sqnr_db else ''}"
             f"{' (mode=dynamic)' if plan.dynamic else ''}; layers losing the most alone: "
             f"{culprits or 'none measured'}. {advice}"
         )
@@ -187,7 +218,7 @@ class _Veto:
 
     def __init__(self, ctx: graphopt.PassContext, skip: tuple[str, ...]):
         self.ctx, self.skip = ctx, tuple(skip)
-        self.kept_float: dict[str, float] = {}
+        self.kept_float: dict[str, str] = {}  # node name -> why
         self.no_data: set[fx.Node] = set()
         self.granted: dict[fx.Node, bool] = {}
 
@@ -200,11 +231,18 @@ class _Veto:
             if any(fnmatch.fnmatchcase(n, pattern) for n in names if n):
                 return f"skipped by pattern {pattern!r}"
         if unit.node.name in self.kept_float:
-            return f"kept float: one of the worst layers (isolated SQNR {self.kept_float[unit.node.name]:.1f} dB)"
+            return f"kept float: {self.kept_float[unit.node.name]}"
         untouched = [v.name for v in (unit.output, *unit.inputs) if v in self.no_data]
         if untouched:
             return f"no calibration data reached {', '.join(untouched)}; left float"
         return None
+
+    def planning_without(self, planner, gm: fx.GraphModule, cfg: BackendConfig):
+        """``names -> plan`` with those layers float as well, for the mixed-precision search."""
+        def plan(names: set[str]) -> Plan:
+            return planner(gm, cfg, lambda u: "kept float" if u.node.name in names else self.without_budget(u),
+                           lambda n, r: None)
+        return plan
 
     def __call__(self, unit: Unit) -> str | None:
         reason = self.without_budget(unit)
@@ -290,6 +328,14 @@ def _insert(gm: fx.GraphModule, plan: Plan, params: dict[fx.Node, TensorQParams]
 # ------------------------------------------------------------------------- report
 
 
+def _sensitivity_row(s: LayerSensitivity | None) -> dict[str, float | None]:
+    """The per-layer report's sensitivity columns: output SQNR with only the layer's weights,
+    only its input, or both in int8 (weighted layers; None for the others)."""
+    return {"weight_sqnr_db": s.weight_sqnr_db if s else None,
+            "activation_sqnr_db": s.activation_sqnr_db if s else None,
+            "sensitivity_sqnr_db": s.sqnr_db if s else None}
+
+
 def _report(ctx: graphopt.PassContext, cfg: BackendConfig, plan: Plan, data: calib.CalibrationData,
             method: str, percentile: float, sqnr: list[float], raised: int, veto: _Veto) -> None:
     ctx.note(cfg.summary())
@@ -312,3 +358,5 @@ def _report(ctx: graphopt.PassContext, cfg: BackendConfig, plan: Plan, data: cal
     ctx.record("bias_guard_raised_channels", raised)
     if veto.kept_float:
         ctx.record("kept_float", dict(veto.kept_float))
+    weighted = [u for u in plan.units if u.kind == "weighted"]
+    ctx.record("float_fraction", len(veto.kept_float) / max(len(weighted) + len(veto.kept_float), 1))
