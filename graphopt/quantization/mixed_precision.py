@@ -128,12 +128,8 @@ def fewest_float(gm: fx.GraphModule, plan_keeping: Callable[[set[str]], Plan], p
         return probes[k]
 
     most = len(ranking) - 1  # every layer float is no int8 model: not a candidate
-    low, high = -1, 0  # probe(low) misses the target, probe(high) is the next to try
-    while most >= 0 and not probe(high).ok:
-        if high == most:
-            break
-        low, high = high, min(most, max(1, 2 * high))
-    if most < 0 or not probe(high).ok:
+    k = smallest_passing(most, lambda k: probe(k).ok)
+    if k is None:
         best = max(probes.values(), key=lambda p: (p.sqnr_db, -(p.drop or 0.0)), default=None)
         reached = (f"the best reached is {best.sqnr_db:.1f} dB"
                    + (f" (metric drop {best.drop:.3g})" if best.drop is not None else "")
@@ -143,11 +139,25 @@ def fewest_float(gm: fx.GraphModule, plan_keeping: Callable[[set[str]], Plan], p
             f"in int8: {reached}. Lower the target, skip=[...] the regions at fault, or calibrate on more "
             "representative data"
         )
+    choice.kept = ranking[:k]
+    return choice
+
+
+def smallest_passing(most: int, passes: Callable[[int], bool]) -> int | None:
+    """The smallest ``k`` in ``[0, most]`` with ``passes(k)``, assuming that once it passes it
+    keeps passing; None when ``passes(most)`` fails too. Tries 0, 1, 2, 4, ... up to ``most``,
+    then bisects between the last miss and the first pass: ``O(log k)`` calls."""
+    if most < 0:
+        return None
+    low, high = -1, 0  # passes(low) is known to fail; high is the next to try
+    while not passes(high):
+        if high == most:
+            return None
+        low, high = high, min(most, max(1, 2 * high))
     while high - low > 1:
         mid = (low + high) // 2
-        low, high = (low, mid) if probe(mid).ok else (mid, high)
-    choice.kept = ranking[:high]
-    return choice
+        low, high = (low, mid) if passes(mid) else (mid, high)
+    return high
 
 
 def simulate(gm: fx.GraphModule, plan: Plan, qparams: dict[fx.Node, TensorQParams],
