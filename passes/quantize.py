@@ -33,7 +33,12 @@ models dominated by linear layers whose activation ranges vary from input to inp
 Options: ``mode`` (static | dynamic), ``config``, ``calibration`` (static only); ``skip`` (glob
 patterns on node names, module paths or weight names) and ``keep_float_worst=N`` (the N weighted
 layers with the worst isolated SQNR) keep layers float (a skip pattern matching nothing is an
-OptionError); ``per_layer_report=true`` records per-layer SQNR in the report. Calibration
+OptionError); ``per_layer_report=true`` records per-layer SQNR in the report (isolated, cumulative,
+and the output SQNR with only the layer's weights, only its input, or both in int8: see
+``graphopt.quantization.sensitivity``). ``min_sqnr=DB`` keeps the fewest layers float to reach DB dB
+output SQNR, and raises the budget below to DB; from Python, ``metric=fn`` (``fn(model_outputs,
+batch) -> score``, higher is better) with ``max_drop=D`` keeps layers float until the score is
+within D of the float graph's (see ``graphopt.quantization.mixed_precision``). Calibration
 batches (held-out ones included) must match the example inputs in dtype and in shape beyond dim
 0 and hold no NaN/inf; a batch that does not is a CalibrationDataError (an InputError) naming it.
 

@@ -152,3 +152,4 @@ class TestPerLayerReport:
         by_module = {s.module: s for s in weight_report.layers}
         for module in ("a", "c"):
             assert rows[module]["weight_sqnr_db"] == pytest.approx(by_module[module].weight_sqnr_db, abs=1e-6)
+            assert rows[module]["activation_sqnr_db"] == pytest.approx(by_module[module].activation_sqnr_db, abs=1e-6)
