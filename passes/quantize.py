@@ -134,7 +134,7 @@ def quantize(
                            for name in worst_first}
     if min_sqnr is not None or metric is not None:
         target = mixed_precision.Target(floor, metric, max_drop)
-        choice = mixed_precision.fewest_float(gm, veto.planning_without(planner, gm, cfg), measure.params,
+        choice = mixed_precision.fewest_float(gm, veto.keeping_float(planner, gm, cfg), measure.params,
                                               data.held_out, target)
         veto.kept_float.update({s.name: f"needed for {target.describe()} (alone in int8 it leaves "
                                         f"{s.sqnr_db:.1f} dB at the outputs; weights {s.weight_sqnr_db:.1f}, "
@@ -242,7 +242,7 @@ class _Veto:
             return f"no calibration data reached {', '.join(untouched)}; left float"
         return None
 
-    def planning_without(self, planner, gm: fx.GraphModule, cfg: BackendConfig):
+    def keeping_float(self, planner, gm: fx.GraphModule, cfg: BackendConfig):
         """``names -> plan`` with those layers float as well, for the mixed-precision search."""
         def plan(names: set[str]) -> Plan:
             return planner(gm, cfg, lambda u: "kept float" if u.node.name in names else self.without_budget(u),

@@ -78,6 +78,17 @@ class TestMinSqnr:
         assert float_layers(result.module) == {"b"}
         assert min(record.figures["held_out_sqnr_db"]) >= 30
 
+    def test_a_graph_without_convs_or_linears_is_judged_as_it_is(self):
+        class Adds(torch.nn.Module):
+            def forward(self, x):
+                return torch.relu(x) + x * 0.5
+
+        result, record = run("quantize{min_sqnr=25}", model=Adds().eval())
+        assert record.figures["mixed_precision"]["layers"] == 0
+        assert record.figures["units_by_op"] == {"add": 1}
+        with pytest.raises(QuantizationError, match="with 0 of 0 layers float"):
+            run("quantize{min_sqnr=80}", model=Adds().eval())
+
     def test_the_model_is_not_touched(self):
         model = planted("weight")
         before = copy.deepcopy(model.state_dict())

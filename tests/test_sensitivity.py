@@ -18,7 +18,7 @@ import torch.nn as nn
 
 import graphopt
 import graphopt.passes.quantize  # noqa: F401  (registers the pass analyze takes its options from)
-from graphopt.errors import OptionError, ReportError
+from graphopt.errors import OptionError, ReportError, TrainingModeError
 from graphopt.quantization import LayerSensitivity, SensitivityReport, analyze
 
 
@@ -84,6 +84,11 @@ class TestRanking:
         before = copy.deepcopy(model.state_dict())
         analyze(model, X, data())
         assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+    def test_a_model_in_training_mode_is_refused_as_mobile_int8_refuses_it(self):
+        model = nn.Sequential(nn.Linear(16, 8), nn.BatchNorm1d(8)).train()
+        with pytest.raises(TrainingModeError, match=r"model.eval\(\)"):
+            analyze(model, (X,), data())
 
     def test_options_are_checked_as_quantize_checks_them(self):
         with pytest.raises(OptionError, match=r"did you mean 'x86'"):

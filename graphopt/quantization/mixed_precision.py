@@ -127,13 +127,13 @@ def fewest_float(gm: fx.GraphModule, plan_keeping: Callable[[set[str]], Plan], p
             choice.probes.append(probes[k])
         return probes[k]
 
-    most = len(ranking) - 1  # every layer float is no int8 model: not a candidate
+    most = max(len(ranking) - 1, 0)  # every layer float is no int8 model: not a candidate
     k = smallest_passing(most, lambda k: probe(k).ok)
     if k is None:
-        best = max(probes.values(), key=lambda p: (p.sqnr_db, -(p.drop or 0.0)), default=None)
+        best = max(probes.values(), key=lambda p: (p.sqnr_db, -(p.drop or 0.0)))
         reached = (f"the best reached is {best.sqnr_db:.1f} dB"
                    + (f" (metric drop {best.drop:.3g})" if best.drop is not None else "")
-                   + f" with {best.float_layers} of {len(ranking)} layers float" if best else "there is no layer to rank")
+                   + f" with {best.float_layers} of {len(ranking)} layers float")
         raise QuantizationError(
             f"quantize: cannot reach {target.describe()} on the held-out batches while keeping any conv or linear "
             f"in int8: {reached}. Lower the target, skip=[...] the regions at fault, or calibrate on more "

@@ -275,8 +275,9 @@ def analyze(model: Any, example_inputs: Any, calibration_data: Iterable[Any] | N
     options = get_pass("quantize").resolve_options({k: v for k, v in given.items() if v is not None})
     steps = build_pipeline("mobile-int8")
     before = steps[:next(i for i, inv in enumerate(steps) if inv.name == "quantize")]
-    gm = PassManager(before, verify="final", on_failure="raise").run(
-        model, example_inputs, dynamic_shapes=dynamic_shapes).module
+    manager = PassManager(before, verify="final", on_failure="raise")
+    manager.inference_presets = ["mobile-int8"]  # a model in training mode is refused, as the preset refuses it
+    gm = manager.run(model, example_inputs, dynamic_shapes=dynamic_shapes).module
 
     cfg = get_config(options["config"])
     inputs = structure.graph_inputs(gm, G.as_input_tuple(example_inputs, model))
