@@ -141,6 +141,8 @@ def quantize(
                                         f"input {s.activation_sqnr_db:.1f})" for s in choice.kept})
         ctx.record("mixed_precision", {"target": target.describe(), "layers": choice.layers,
                                        "probes": [p.to_dict() for p in choice.probes]})
+        ctx.note(f"mixed precision: {len(choice.kept)} of {choice.layers} layers kept float for {target.describe()} "
+                 f"(simulated: {choice.reached.sqnr_db:.1f} dB; {len(choice.probes)} plans tried)")
 
     plan = planner(gm, cfg, veto, ctx.decline)
     params, scales, missing = measure.params(plan)

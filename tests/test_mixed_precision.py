@@ -48,6 +48,8 @@ class TestMinSqnr:
         assert record.figures["float_fraction"] == pytest.approx(1 / 3)
         assert [p["float_layers"] for p in record.figures["mixed_precision"]["probes"]] == [0, 1]
         assert any(node == "linear_1" and "kept float: needed for" in why for node, why in record.declines)
+        assert any(note.startswith("mixed precision: 1 of 3 layers kept float for output SQNR >= 30 dB")
+                   for note in record.notes)
 
     def test_min_sqnr_tightens_the_contract_and_never_loosens_it(self):
         result, record = run("fuse-conv-bn-relu,quantize{min_sqnr=30}", verify="each")
