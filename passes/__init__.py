@@ -3,6 +3,7 @@ from graphopt.passes import (  # noqa: F401
     canonicalize,
     channels_last,
     eliminate_dead_code,
+    equalize_cross_layer,
     fold_constants,
     fold_weight_quant,
     fuse_conv_bn_relu,
