@@ -9,5 +9,6 @@ from graphopt.passes import (  # noqa: F401
     fuse_conv_bn_relu,
     prune_channels,
     quantize,
+    smooth_activations,
 )
 from graphopt.passes import presets  # noqa: F401,E402  (after the passes they name)
