@@ -2,6 +2,7 @@
 from graphopt.passes import (  # noqa: F401
     canonicalize,
     channels_last,
+    correct_quantization_bias,
     eliminate_dead_code,
     equalize_cross_layer,
     fold_constants,
