@@ -215,7 +215,7 @@ def _frozen_channels(gm: fx.GraphModule) -> dict[tuple[str, str], str]:
         reason = "; ".join(f"{r} (at {n})" for n, r in group.frozen[:2])
         for producer in group.producers:
             for consumer in group.consumers:
-                out[(producer.name, consumer.name)] = reason
+                out[(producer.node.name, consumer.node.name)] = reason
     return out
 
 
