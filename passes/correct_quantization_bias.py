@@ -73,25 +73,24 @@ def correct_quantization_bias(
         ctx.note(f"no calibration data: errors measured on {data.description}; pass calibration_data")
 
     corrections = _measure(gm, layers, data.batches)
-    corrections = {n: c for n, c in corrections.items() if ctx.may_rewrite(f"correct the bias of {n.name}")}
-    if not corrections:
-        return 0
     reference = _float_reference(gm)
     before = evaluation.output_sqnr(reference, gm, data.held_out)
-    undo = _rewrite(gm, corrections)
+    undo = _rewrite(gm, corrections)  # a trial: taken back whatever it shows
     after = evaluation.output_sqnr(reference, gm, data.held_out)
+    undo()
     ctx.record("held_out_sqnr_db", {"before": before, "after": after})
     worse = [i for i, (b, a) in enumerate(zip(before, after)) if a < b]
     if worse:
-        undo()
         figures = ", ".join(f"output {i}: {before[i]:.2f} -> {after[i]:.2f} dB" for i in worse)
         for node in corrections:
             ctx.decline(node, f"bias correction taken back: held-out SQNR got worse ({figures})")
         return 0
+    granted = {n: c for n, c in corrections.items() if ctx.may_rewrite(f"correct the bias of {n.name}")}
+    _rewrite(gm, granted)
     ctx.note("held-out output SQNR " + ", ".join(f"{b:.2f} -> {a:.2f} dB" for b, a in zip(before, after))
              + f" with {len(corrections)} bias(es) corrected; {data.description}")
-    ctx.record("biases_corrected", len(corrections))
-    return len(corrections)
+    ctx.record("biases_corrected", len(granted))
+    return len(granted)
 
 
 def _layers(gm: fx.GraphModule, ctx: graphopt.PassContext) -> dict[fx.Node, torch.Tensor]:
@@ -216,6 +215,7 @@ def _rewrite(gm: fx.GraphModule, corrections: dict[fx.Node, torch.Tensor]):
             ops.set_arg(node, "bias", old)
             node.meta.pop("bias_corrected", None)
             graph.erase_node(new)
+            delattr(gm, str(new.target))
         gm.recompile()
 
     return undo
