@@ -25,6 +25,9 @@ are constant attributes, read only by linear layers as their input. In post-norm
 reads ``X' * s`` instead (one elementwise multiply by a constant, exact up to rounding), which
 smooths the linear layers' inputs at the cost of that multiply.
 
+A layer norm whose output some node writes in place is declined (readers after the write see
+another value than the one smoothed).
+
 New tensors are new attributes (``<name>_smoothed``); the originals stay untouched. Computed in
 float64, cast once. The contract is exact: the float graph computes the same outputs.
 """
@@ -86,10 +89,14 @@ def smooth_activations(
     something other than a linear layer, or rescale that reader's input by s. Rewrites counted:
     one per layer norm smoothed.
     """
-    written = {str(v.target) for v in written_values(gm) if v.op == "get_attr"}
+    writes = written_values(gm)
+    written = {str(v.target) for v in writes if v.op == "get_attr"}
     candidates = []
     for norm in [n for n in gm.graph.nodes if ops.is_op(n, "layer_norm")]:
         try:
+            if norm in writes:
+                raise _Decline(f"its output is written in place by {writes[norm].name}: the readers after that "
+                               "write see other values")
             candidates.append((norm, _readers(gm, norm, written, other_readers)))
         except _Decline as decline:
             ctx.decline(norm, str(decline))

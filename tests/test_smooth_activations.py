@@ -205,6 +205,20 @@ class TestDeclines:
         reasons = self.reasons(Returned().eval(), (torch.randn(2, 4),), f"{PASS}{{other_readers=rescale}}")
         assert "graph output" in reasons
 
+    def test_a_norm_whose_output_is_written_in_place(self):
+        class Written(nn.Module):  # found by the property kit: the write went to the rescaled copy
+            def __init__(self):
+                super().__init__()
+                self.norm, self.fc = nn.LayerNorm(7), nn.Linear(7, 4, bias=False)
+
+            def forward(self, x):
+                y = self.norm(x)
+                y.add_(x)
+                return y + x, self.fc(y)
+
+        reasons = self.reasons(Written().eval(), (torch.randn(2, 3, 7),), f"{PASS}{{other_readers=rescale}}")
+        assert "written in place by add_" in reasons
+
     def test_a_norm_no_linear_reads(self):
         class NoLinear(nn.Module):
             def __init__(self):
