@@ -136,3 +136,14 @@ class TestWhereItDoesNotRun:
     def test_a_float_graph_has_nothing_to_correct(self):
         _, records = run(Positive().eval(), batches(1)[0], PASS)
         assert records[PASS].rewrites == 0 and records[PASS].declines == []
+
+
+def test_the_accurate_preset_lowers_to_onnx_and_verifies(tmp_path):
+    model, example = examples.get_example("mobilenet_cnn")
+    gen = torch.Generator().manual_seed(3)
+    data = [(torch.randn(2, 3, 32, 32, generator=gen),) for _ in range(6)]
+    gm, records = run(model, example, "mobile-int8-accurate", data)
+    assert records[PASS].rewrites > 0
+    assert any(str(ops.arg(n, "bias").target).endswith("_corrected") for n in weighted(gm))
+    artifact = graphopt.lower(gm, example, backend="onnx", path=tmp_path / "m")
+    assert all(v["ok"] for v in artifact.report["verification"].values())

@@ -174,7 +174,7 @@ def test_correct_quantization_bias():
 # rollback allowed is quantize declining for its SQNR budget: a rolled-back exact pass is a
 # rewrite that verification caught, at the example or at the second batch size.
 _batch_stats = PropertyStats("every preset at batch 1,3,5")
-_BUILT_IN_PRESETS = ("mobile-fp32", "mobile-int8", "mobile-pruned")
+_BUILT_IN_PRESETS = ("mobile-fp32", "mobile-int8", "mobile-pruned", "mobile-int8-accurate")
 
 
 @_fewer(20)
