@@ -42,7 +42,7 @@ import torch.fx as fx
 
 import graphopt
 from graphopt.ir import ops, shapes
-from graphopt.ir.graph import add_constant, add_parameter, copy_provenance, get_attr_value
+from graphopt.ir.graph import add_constant, add_parameter, copy_provenance, get_attr_value, tensor_meta
 from graphopt.ir.purity import written_values
 from graphopt.pipeline.options import Range
 from graphopt.quantization import calibration as calib
@@ -179,10 +179,10 @@ def _rewrite(gm: fx.GraphModule, norm: fx.Node, linears: list[fx.Node], others: 
              s: torch.Tensor) -> None:
     graph = gm.graph
     weight, bias = ops.arg(norm, "weight"), ops.arg(norm, "bias")
-    if weight is None:  # an affine weight of ones, divided by s
-        like = get_attr_value(gm, bias) if bias is not None else torch.empty(0)
-        ones = torch.ones(s.shape, dtype=like.dtype if like.numel() else torch.float32)
-        attr = add_constant(gm, f"{norm.name}_weight_smoothed", (ones.double() / s).to(ones.dtype))
+    if weight is None:  # an affine weight of ones, divided by s, in the dtype the norm computes in
+        meta = tensor_meta(norm)
+        dtype = meta.dtype if meta is not None else get_attr_value(gm, ops.arg(linears[0], "weight")).dtype
+        attr = add_constant(gm, f"{norm.name}_weight_smoothed", (1.0 / s).to(dtype))
         with graph.inserting_before(norm):
             node = graph.get_attr(attr)
         node.meta["provenance"] = attr

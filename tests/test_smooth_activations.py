@@ -124,6 +124,10 @@ class TestScales:
         norm, _ = norm_and_readers(gm)
         assert ops.arg(norm, "weight") is not None and ops.arg(norm, "bias") is None
         assert_same(gm, model, (x,))
+        model, x = model.double(), x.double()  # found by the property kit: the new weight took float32
+        gm, record = run(model, (x,), calibration=[(x,)])
+        norm, _ = norm_and_readers(gm)
+        assert record.rewrites == 1 and get_attr_value(gm, ops.arg(norm, "weight")).dtype == torch.float64
 
 
 class TestTransformers:
