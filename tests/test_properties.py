@@ -50,10 +50,10 @@ test_channels_last = property_test(
 # relu6 pairs are declined, and the kit draws them too)
 test_equalize_cross_layer = property_test("equalize-cross-layer", min_fired=3,
                                           ops=["conv2d", "conv1d", "linear", "relu", "relu6", "add", "flatten"])
-# layer norms read by linear layers (drawn from these two kinds alone, a norm over the last dim
-# feeding a linear layer is rare enough); other_readers=rescale so norms with other readers fire too
-test_smooth_activations = property_test("smooth-activations{other_readers=rescale}", min_fired=2,
-                                        ops=["layer_norm", "linear"])
+# layer norms read by linear layers (drawn from these two kinds alone, and deep: a norm over the
+# last dim feeding a linear layer is rare); other_readers=rescale so norms with other readers fire too
+test_smooth_activations = property_test("smooth-activations{other_readers=rescale}", min_fired=3,
+                                        ops=["layer_norm", "linear"], max_depth=8)
 
 
 def test_every_registered_builtin_pass_has_a_property_test():
