@@ -218,6 +218,8 @@ class TestDeclines:
         assert record.rewrites == 0 and record.declines == []
 
 
+# soundness of the pair after fusion (in-place relu units, folded batch norms); how often
+# equalization alone fires is guarded by test_properties.test_equalize_cross_layer
 test_sound_on_generated_models_after_fusion = graphopt.testing.property_test(
     FUSED, min_fired=3, ops=["conv2d", "conv1d", "batch_norm", "relu", "relu6", "linear", "add", "flatten"],
 )
