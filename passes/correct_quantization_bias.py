@@ -140,7 +140,7 @@ def _measure(gm: fx.GraphModule, layers: dict[fx.Node, torch.Tensor],
                 corrected[node] = _corrected_bias(gm, node, layers[node], runs)
             for run in runs:
                 if node in corrected:
-                    args = list(fx.node.map_arg(ops.normalized_args(node), lambda n: run.env[n]))
+                    args = list(fx.node.map_arg(ops.normalized_args(node), run.env.__getitem__))
                     args[_index(node, "bias")] = corrected[node]
                     run.env[node] = node.target(*args)
                 else:
@@ -162,7 +162,7 @@ def _corrected_bias(gm: fx.GraphModule, node: fx.Node, float_weight: torch.Tenso
     total: torch.Tensor | None = None
     count = 0
     for run in runs:
-        args = list(fx.node.map_arg(ops.normalized_args(node), lambda n: run.env[n]))
+        args = list(fx.node.map_arg(ops.normalized_args(node), run.env.__getitem__))
         weight = args[_index(node, "weight")]
         args[_index(node, "weight")] = weight - float_weight.to(weight.dtype)
         args[_index(node, "bias")] = None

@@ -214,7 +214,7 @@ class TestDeclines:
         assert "frozen" in record.declines[0][1] and "graph input 'z'" in record.declines[0][1]
 
     def test_a_non_homogeneous_activation_is_not_a_candidate(self):
-        gm, record = run(Pair(nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1), nn.SiLU()).eval(), torch.randn(1, 3, 4, 4))
+        _, record = run(Pair(nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1), nn.SiLU()).eval(), torch.randn(1, 3, 4, 4))
         assert record.rewrites == 0 and record.declines == []
 
 

@@ -105,7 +105,7 @@ class TestScales:
         assert set(s.topk(2).indices.tolist()) == {2, 9}
 
     def test_without_calibration_data_it_says_the_ranges_are_synthesized(self):
-        gm, record = run(NormThenLinears().eval(), (torch.randn(2, 3, 16),))
+        _, record = run(NormThenLinears().eval(), (torch.randn(2, 3, 16),))
         assert record.rewrites == 1 and any("no calibration data" in n for n in record.notes)
 
     def test_a_second_run_finds_nothing_to_move_and_the_model_is_untouched(self):
@@ -169,7 +169,7 @@ class TestTransformers:
 
 class TestDeclines:
     def reasons(self, model, inputs, pipeline=PASS):
-        gm, record = run(model, inputs, pipeline)
+        _, record = run(model, inputs, pipeline)
         assert record.rewrites == 0
         return " | ".join(r for _, r in record.declines)
 
