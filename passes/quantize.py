@@ -8,10 +8,13 @@ What it does (``mode=static``), in order:
    and torch's x86 engine on CPUs without VNNI; ``config=xnnpack`` for ARM phones). Fusion
    units marked by ``fuse-conv-bn-relu`` stay whole. See ``graphopt.quantization.placement``.
 2. Calibrates: runs the float graph on ``ctx.calibration_data`` (or synthesized inputs, with a
-   warning) and picks each activation range with the chosen method (``minmax``,
-   ``moving_average``, ``histogram`` with ``percentile``, ``mse``, ``entropy``: KL-divergence
-   threshold, see ``graphopt.quantization.observers``). NaN/inf stops it with a
-   QuantizationError naming the value.
+   warning) and picks each activation range with the chosen method (``auto`` by default: per
+   tensor the least-error range of ``minmax``, ``histogram``, ``mse`` and ``entropy``; or one
+   of ``minmax``, ``moving_average``, ``histogram`` with ``percentile``, ``mse``, ``entropy``:
+   KL-divergence threshold, see ``graphopt.quantization.observers``). A named method's range
+   with over 4x min-max's expected squared error falls back to min-max, said in the report
+   (``graphopt.quantization.range_choice``). NaN/inf stops it with a QuantizationError naming
+   the value.
 3. Inserts ``quantize_per_tensor``/``dequantize_per_tensor`` after every int8 value (one
    dequantize per consumer) and ``quantize_per_channel``/``dequantize_per_channel`` on each
    weight (axis 0, axis 1 for transposed convs). Biases stay float: backends store them as
@@ -62,7 +65,8 @@ from graphopt.quantization import calibration as calib
 from graphopt.quantization import evaluation, kernels, qdq
 from graphopt.pipeline.options import OneOf, Range, check_patterns
 from graphopt.quantization.configs import BackendConfig, available_configs, get_config
-from graphopt.quantization.observers import Observer, make_observer
+from graphopt.quantization import range_choice
+from graphopt.quantization.observers import HistogramObserver
 from graphopt.quantization.placement import Plan, Unit, plan_dynamic_quantization, plan_quantization, weight_axis
 from graphopt.quantization.qparams import (
     TensorQParams,
@@ -80,7 +84,7 @@ def quantize(
     *,
     mode: Literal["static", "dynamic"] = "static",
     config: Annotated[str, OneOf(available_configs, why="registered quantization configs")] = "x86",
-    calibration: Literal["minmax", "moving_average", "histogram", "mse", "entropy"] = "histogram",
+    calibration: Literal["auto", "minmax", "moving_average", "histogram", "mse", "entropy"] = "auto",
     percentile: Annotated[float, Range(gt=50, le=100, why="percent of values inside the range")] = 99.99,
     bins: Annotated[int, Range(ge=1)] = 2048,
     max_calibration_batches: Annotated[int, Range(ge=1)] = 64,
@@ -94,9 +98,9 @@ def quantize(
     Static: calibrate, then insert quantize/dequantize pairs (QDQ). Dynamic: int8 linear layers
     whose inputs are quantized at run time, per tensor; no calibration.
 
-    Options: mode (static | dynamic), config (x86 | xnnpack), calibration (minmax |
+    Options: mode (static | dynamic), config (x86 | xnnpack), calibration (auto | minmax |
     moving_average | histogram | mse | entropy; static only), percentile (histogram), bins
-    (histogram, mse, entropy), skip (glob patterns), keep_float_worst (N layers),
+    (every method but minmax: the histogram that also checks each range), skip (glob patterns), keep_float_worst (N layers),
     per_layer_report, max_calibration_batches, held_out_batches.
     """
     if qdq.has_qdq(gm):
@@ -142,6 +146,8 @@ def quantize(
 
     sqnr = evaluation.output_sqnr(reference, gm, data.held_out)
     _report(ctx, cfg, plan, data, calibration, percentile, sqnr, measure.raised, veto)
+    if isinstance(measure, _Calibrator):
+        range_choice.report(ctx, calibration, measure.choices)
     if per_layer_report:
         cumulative = evaluation.cumulative_layer_sqnr(reference, gm, plan, data.held_out)
         ctx.record("per_layer", [
@@ -230,19 +236,21 @@ class _Calibrator:
                  batches: list):
         self.gm, self.cfg, self.method, self.bins, self.percentile, self.batches = gm, cfg, method, bins, percentile, batches
         self.raised = 0  # weight channels whose scale the int32 bias guard raised, last plan
+        self.choices: dict[str, range_choice.RangeChoice] = {}  # per group root, last plan
         qlevels = cfg.activation.qmax - cfg.activation.qmin + 1
-        make_observer(method, bins=bins, percentile=percentile, qlevels=qlevels)  # validate options early
+        HistogramObserver(method, bins=bins, percentile=percentile, qlevels=qlevels)  # validate options early
 
     def params(self, plan: Plan) -> tuple[dict[fx.Node, TensorQParams], dict[fx.Node, torch.Tensor], set[fx.Node]]:
         """Activation parameters per value, weight scales per weighted unit, and the values
         calibration never reached."""
         act = self.cfg.activation
-        observers: dict[fx.Node, Observer] = {}
-        watch: dict[fx.Node, Observer] = {}
+        observers: dict[fx.Node, HistogramObserver] = {}
+        watch: dict[fx.Node, HistogramObserver] = {}
+        self.choices = {}
         for root, members in plan.groups.roots().items():
             if plan.groups.fixed_of(root) is None:
-                observers[root] = make_observer(self.method, bins=self.bins, percentile=self.percentile,
-                                                qlevels=act.qmax - act.qmin + 1)
+                observers[root] = HistogramObserver(self.method, bins=self.bins, percentile=self.percentile,
+                                                    qlevels=act.qmax - act.qmin + 1)
                 watch.update({m: observers[root] for m in members})
         calib.calibrate(self.gm, watch, self.batches)
 
@@ -253,11 +261,12 @@ class _Calibrator:
             if fixed is not None:
                 qp = TensorQParams(fixed.scale, fixed.zero_point, act.qmin, act.qmax, act.dtype)
             else:
-                seen = observers[root].range()
-                if seen is None:
+                choice = range_choice.choose(observers[root], self.method)
+                if choice is None:
                     missing.update(members)
                     continue
-                qp = affine_qparams(*seen, act.qmin, act.qmax, act.dtype, self.cfg.activation_scale_min)
+                self.choices[root.name] = choice
+                qp = affine_qparams(*choice.bounds, act.qmin, act.qmax, act.dtype, self.cfg.activation_scale_min)
             params.update({m: qp for m in members})
 
         scales: dict[fx.Node, torch.Tensor] = {}
