@@ -127,6 +127,7 @@ class HistogramObserver(Observer):
         self.counts = np.zeros(bins, dtype=np.float64)
         self.seen = MinMaxObserver()
         self.averaged = MovingAverageObserver()
+        self.zeros = 0  # values exactly 0 (representable exactly by every range)
 
     def edges(self) -> np.ndarray:
         return np.linspace(self.low, self.high, self.bins + 1)
@@ -148,6 +149,12 @@ class HistogramObserver(Observer):
             self.counts = np.diff(np.interp(self.edges(), old_edges, old_cdf))
         hist = torch.histc(data.float().reshape(-1), self.bins, self.low, self.high)
         self.counts += hist.double().numpy()
+        self.zeros += int((data == 0).sum())
+
+    def nonzero_fraction(self) -> float:
+        """The fraction of the values seen that were not exactly 0."""
+        total = self.counts.sum()
+        return 1.0 - self.zeros / total if total > 0 else 0.0
 
     def range(self) -> tuple[float, float] | None:
         if not self.batches:
@@ -185,11 +192,17 @@ class HistogramObserver(Observer):
     def error(self, bounds: tuple[float, float], trim: float = 0.0) -> float:
         """Expected squared error per value seen when quantizing over ``bounds``
         (:func:`expected_squared_error` on this histogram), leaving out the fraction ``trim``
-        of the values with the largest errors."""
+        of the values with the largest errors. Values exactly 0 count with no error: every
+        range represents 0 exactly (see ``qparams``), and after a ReLU they are half the values."""
         total = self.counts.sum()
         if total <= 0:
             return 0.0
-        return expected_squared_error(self.centers(), self.counts, *bounds, self.qlevels, trim) / total
+        counts = self.counts.copy()
+        if self.low <= 0.0 <= self.high:
+            at_zero = min(int((0.0 - self.low) / (self.high - self.low) * self.bins), self.bins - 1)
+            counts[at_zero] = max(counts[at_zero] - self.zeros, 0.0)
+        share = trim * total / max(counts.sum(), 1e-300)  # of the values that can be wrong
+        return expected_squared_error(self.centers(), counts, *bounds, self.qlevels, min(share, 1.0)) / total
 
     def _percentile_range(self) -> tuple[float, float]:
         edges, cdf = self.edges(), np.concatenate([[0.0], np.cumsum(self.counts)])

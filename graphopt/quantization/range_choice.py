@@ -9,10 +9,11 @@ hand.
 
 The guard: every range is scored on the tensor's own calibration histogram with one error
 model (:func:`~graphopt.quantization.observers.squared_errors`: clipping distance squared
-outside, ``step**2 / 12`` inside), over all values but the :data:`OUTLIER_SHARE` with the
-largest errors under that range (each range is allowed its outliers: clipping a few far
-values is what an outlier-resistant method is for, and a single value 30 deviations out would
-otherwise dominate any squared error). A method's range whose error exceeds
+outside, ``step**2 / 12`` inside), over all values but the :data:`OUTLIER_SHARE` of the
+non-zero ones with the largest errors under that range (each range is allowed its outliers:
+clipping a few far values is what an outlier-resistant method is for, and a single value 30
+deviations out would otherwise dominate any squared error; counting the share among non-zero
+values keeps a mostly-zero tensor's few real values from all passing as outliers). A method's range whose error exceeds
 :data:`FALLBACK_FACTOR` times min-max's falls back to min-max, and the pass report says which
 tensors did and by how much.
 
@@ -38,7 +39,7 @@ from graphopt.quantization.observers import HistogramObserver
 #: misjudged the distribution, not a trade-off.
 FALLBACK_FACTOR = 4.0
 
-#: The fraction of calibration values (1 in 100) a range may give up as outliers before the
+#: The fraction of non-zero calibration values (1 in 100) a range may give up as outliers before the
 #: guard counts their error: rare far values (a hot pixel, a bad sample) are what clipping
 #: methods exist to ignore, whereas ranges that clip a real part of the distribution (a
 #: ReLU6's saturated channels hold 10-30% of its values) clip far more than that.
@@ -80,11 +81,12 @@ def choose(observer: HistogramObserver, method: str) -> RangeChoice | None:
         return RangeChoice(low, high, chosen, observer.error((low, high)), reference)
     low, high = observer.candidate(method)
     error = observer.error((low, high))
-    robust, robust_reference = observer.error((low, high), OUTLIER_SHARE), observer.error(minmax, OUTLIER_SHARE)
+    share = OUTLIER_SHARE * observer.nonzero_fraction()
+    robust, robust_reference = observer.error((low, high), share), observer.error(minmax, share)
     if robust > FALLBACK_FACTOR * robust_reference:
         why = (f"{method} range [{low:.4g}, {high:.4g}] has {_db(robust, robust_reference):.1f} dB more expected "
                f"squared error than min-max's [{minmax[0]:.4g}, {minmax[1]:.4g}] on the calibration values, "
-               f"outliers ({OUTLIER_SHARE:.0%}) aside (limit {_db(FALLBACK_FACTOR, 1.0):.1f} dB)")
+               f"outliers ({OUTLIER_SHARE:.0%} of non-zero values) aside (limit {_db(FALLBACK_FACTOR, 1.0):.1f} dB)")
         return RangeChoice(minmax[0], minmax[1], "minmax", reference, reference, why)
     return RangeChoice(low, high, method, error, reference)
 
