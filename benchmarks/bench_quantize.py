@@ -270,7 +270,8 @@ def bench_calibration(calibration_batches: int = 16, held_out_batches: int = 4) 
         with torch.no_grad():
             out = torch.cat([gm(x) for (x,) in held_out]).numpy()
         ranges = record.figures.get("calibration_ranges", {})
-        rows.append({"method": method, "sqnr_db": sqnr_db(ref, out), "pass_sqnr_db": record.figures["held_out_sqnr_db"][0],
+        rows.append({"method": method, "sqnr_db": sqnr_db(ref, out),
+                     "pass_sqnr_db": record.figures["held_out_sqnr_db"][0],
                      "methods_used": record.figures.get("calibration_methods", {}),
                      "fell_back": [name for name, r in ranges.items() if "fallback" in r]})
     return rows
@@ -351,7 +352,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", "## Calibration methods on a wide-range CNN", "",
                   "`wide_range_cnn`: depthwise-separable, per-channel ranges over four decades; SQNR of the outputs "
                   "against fp32 on 4 held-out batches of 8.", "",
-                  "| method | output SQNR dB | pass held-out SQNR dB | ranges used (per tensor) | fell back to min-max |",
+                  "| method | output SQNR dB | pass held-out SQNR dB | ranges used (per tensor) "
+                  "| fell back to min-max |",
                   "| --- | ---: | ---: | --- | --- |"]
         for r in report["calibration"]:
             used = ", ".join(f"{m} {n}" for m, n in r["methods_used"].items())

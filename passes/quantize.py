@@ -99,8 +99,8 @@ def quantize(
     whose inputs are quantized at run time, per tensor; no calibration.
 
     Options: mode (static | dynamic), config (x86 | xnnpack), calibration (auto | minmax |
-    moving_average | histogram | mse | entropy; static only), percentile (histogram), bins
-    (every method but minmax: the histogram that also checks each range), skip (glob patterns), keep_float_worst (N layers),
+    moving_average | histogram | mse | entropy; static only), percentile (histogram), bins (the
+    histogram every method's range is checked on), skip (glob patterns), keep_float_worst (N layers),
     per_layer_report, max_calibration_batches, held_out_batches.
     """
     if qdq.has_qdq(gm):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import warnings
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -203,7 +202,8 @@ def test_no_method_is_far_worse_than_minmax_on_any_distribution(batches):
     for method in METHODS:
         choice = choose(observed(method, batches), method)
         errors = fake_quant_errors(values, *choice.bounds)
-        where = (f"{method}: range {choice.bounds} ({choice.method}), min-max {float(values.min()), float(values.max())}; "
+        seen = float(values.min()), float(values.max())
+        where = (f"{method}: range {choice.bounds} ({choice.method}), min-max {seen}; "
                  f"{len(batches)} batch(es) of {batches[0].numel()}, {int((values != 0).sum())} non-zero")
         assert outliers_aside(errors, values) <= FALLBACK_FACTOR * HISTOGRAM_SLACK * reference + floor, \
             f"{where}: {outliers_aside(errors, values):.3g} vs min-max {reference:.3g}"
