@@ -70,6 +70,17 @@ def wide_range_runs() -> dict[str, tuple[float, graphopt.pipeline.report.PassRec
 
 
 class TestWideRangeCNN:
+    def test_the_builder_is_deterministic_and_its_channel_ranges_span_four_decades(self):
+        rng = torch.get_rng_state()
+        model, (x,) = wide_range_cnn(0)
+        again, (x_again,) = wide_range_cnn(0)
+        assert torch.equal(torch.get_rng_state(), rng) and torch.equal(x, x_again)
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+        assert not any(m.training for m in model.modules())
+        for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            gain = bn.weight.detach() / (bn.running_var + bn.eps).sqrt()  # each channel's output scale
+            assert float(gain.max() / gain.min()) > 1e3
+
     def test_every_method_stays_within_a_few_db_of_minmax_and_above_the_budget(self, wide_range_runs):
         minmax = wide_range_runs["minmax"][0]
         for method, (sqnr, record) in wide_range_runs.items():
