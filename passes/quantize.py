@@ -62,10 +62,9 @@ from graphopt.ir import ops, shapes
 from graphopt.errors import QuantizationError
 from graphopt.ir.graph import add_constant, copy_provenance, get_attr_value, provenance
 from graphopt.quantization import calibration as calib
-from graphopt.quantization import evaluation, kernels, qdq
+from graphopt.quantization import evaluation, kernels, qdq, range_choice
 from graphopt.pipeline.options import OneOf, Range, check_patterns
 from graphopt.quantization.configs import BackendConfig, available_configs, get_config
-from graphopt.quantization import range_choice
 from graphopt.quantization.observers import HistogramObserver
 from graphopt.quantization.placement import Plan, Unit, plan_dynamic_quantization, plan_quantization, weight_axis
 from graphopt.quantization.qparams import (
