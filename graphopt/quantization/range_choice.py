@@ -39,10 +39,10 @@ from graphopt.quantization.observers import HistogramObserver
 #: misjudged the distribution, not a trade-off.
 FALLBACK_FACTOR = 4.0
 
-#: The fraction of non-zero calibration values (1 in 100) a range may give up as outliers before the
-#: guard counts their error: rare far values (a hot pixel, a bad sample) are what clipping
-#: methods exist to ignore, whereas ranges that clip a real part of the distribution (a
-#: ReLU6's saturated channels hold 10-30% of its values) clip far more than that.
+#: The fraction of non-zero calibration values (1 in 100) a range may give up as outliers
+#: before the guard counts their error: rare far values (a hot pixel, a bad sample) are what
+#: clipping methods exist to ignore, whereas a range that clips a real part of the
+#: distribution (the saturated values of a ReLU6, whole channels) clips far more than that.
 OUTLIER_SHARE = 0.01
 
 
