@@ -8,10 +8,13 @@ What it does (``mode=static``), in order:
    and torch's x86 engine on CPUs without VNNI; ``config=xnnpack`` for ARM phones). Fusion
    units marked by ``fuse-conv-bn-relu`` stay whole. See ``graphopt.quantization.placement``.
 2. Calibrates: runs the float graph on ``ctx.calibration_data`` (or synthesized inputs, with a
-   warning) and picks each activation range with the chosen method (``minmax``,
-   ``moving_average``, ``histogram`` with ``percentile``, ``mse``, ``entropy``: KL-divergence
-   threshold, see ``graphopt.quantization.observers``). NaN/inf stops it with a
-   QuantizationError naming the value.
+   warning) and picks each activation range with the chosen method (``auto`` by default: per
+   tensor the least-error range of ``minmax``, ``histogram``, ``mse`` and ``entropy``; or one
+   of ``minmax``, ``moving_average``, ``histogram`` with ``percentile``, ``mse``, ``entropy``:
+   KL-divergence threshold, see ``graphopt.quantization.observers``). A named method's range
+   with over 4x min-max's expected squared error falls back to min-max, said in the report
+   (``graphopt.quantization.range_choice``). NaN/inf stops it with a QuantizationError naming
+   the value.
 3. Inserts ``quantize_per_tensor``/``dequantize_per_tensor`` after every int8 value (one
    dequantize per consumer) and ``quantize_per_channel``/``dequantize_per_channel`` on each
    weight (axis 0, axis 1 for transposed convs). Biases stay float: backends store them as
@@ -65,7 +68,7 @@ from graphopt.errors import QuantizationError
 from graphopt.ir.graph import add_constant, copy_provenance, get_attr_value, provenance
 from graphopt.quantization import calibration as calib
 from graphopt.quantization.calibration import Calibrator
-from graphopt.quantization import evaluation, kernels, mixed_precision, qdq
+from graphopt.quantization import evaluation, kernels, mixed_precision, qdq, range_choice
 from graphopt.pipeline.options import OneOf, Range, check_patterns
 from graphopt.quantization.configs import BackendConfig, available_configs, get_config
 from graphopt.quantization.sensitivity import LayerSensitivity, layer_sensitivity
@@ -81,7 +84,7 @@ def quantize(
     *,
     mode: Literal["static", "dynamic"] = "static",
     config: Annotated[str, OneOf(available_configs, why="registered quantization configs")] = "x86",
-    calibration: Literal["minmax", "moving_average", "histogram", "mse", "entropy"] = "histogram",
+    calibration: Literal["auto", "minmax", "moving_average", "histogram", "mse", "entropy"] = "auto",
     percentile: Annotated[float, Range(gt=50, le=100, why="percent of values inside the range")] = 99.99,
     bins: Annotated[int, Range(ge=1)] = 2048,
     max_calibration_batches: Annotated[int, Range(ge=1)] = 64,
@@ -98,9 +101,9 @@ def quantize(
     Static: calibrate, then insert quantize/dequantize pairs (QDQ). Dynamic: int8 linear layers
     whose inputs are quantized at run time, per tensor; no calibration.
 
-    Options: mode (static | dynamic), config (x86 | xnnpack), calibration (minmax |
-    moving_average | histogram | mse | entropy; static only), percentile (histogram), bins
-    (histogram, mse, entropy), skip (glob patterns), keep_float_worst (N layers),
+    Options: mode (static | dynamic), config (x86 | xnnpack), calibration (auto | minmax |
+    moving_average | histogram | mse | entropy; static only), percentile (histogram), bins (the
+    histogram every method's range is checked on), skip (glob patterns), keep_float_worst (N layers),
     per_layer_report, max_calibration_batches, held_out_batches; min_sqnr (dB: keep the fewest
     layers float to reach it), metric + max_drop (Python only: fn(outputs, batch) -> score).
     """
@@ -165,6 +168,8 @@ def quantize(
 
     sqnr = evaluation.output_sqnr(reference, gm, data.held_out)
     _report(ctx, cfg, plan, data, calibration, percentile, sqnr, measure.raised, veto)
+    if isinstance(measure, Calibrator):
+        range_choice.report(ctx, calibration, measure.choices)
     if per_layer_report:
         cumulative = evaluation.cumulative_layer_sqnr(reference, gm, plan, data.held_out)
         ctx.record("per_layer", [
@@ -187,8 +192,8 @@ def quantize(
         advice = ("A range chosen at run time follows each batch's largest value, so outliers coarsen every step: "
                   "try skip=[...] or keep_float_worst=N, or mode=static with calibration=entropy or mse"
                   if plan.dynamic else
-                  "Try calibration=mse, entropy or histogram, more representative calibration data, "
-                  "skip=[...] or keep_float_worst=N")
+                  "Try min_sqnr=DB (keeps the fewest layers float that reach it), the mobile-int8-accurate preset "
+                  "(equalization and bias correction), more representative calibration data, or skip=[...]")
         raise QuantizationError(
             f"int8 output SQNR {worst:.1f} dB on held-out inputs is below the {floor:g} dB budget"
             f"{' (min_sqnr)' if min_sqnr is not None and min_sqnr > CONTRACT.min_sqnr_db else ''}"

@@ -24,7 +24,8 @@ from graphopt.ir import ops
 from graphopt.ir.graph import get_attr_value
 from graphopt.errors import CalibrationDataError, QuantizationError
 from graphopt.quantization.configs import BackendConfig
-from graphopt.quantization.observers import Observer, make_observer
+from graphopt.quantization import range_choice
+from graphopt.quantization.observers import HistogramObserver, Observer
 from graphopt.quantization.placement import Plan, weight_axis
 from graphopt.quantization.qparams import TensorQParams, affine_qparams, guard_bias_scales, symmetric_per_channel_scales
 
@@ -220,27 +221,30 @@ class Calibrator:
                  batches: list):
         self.gm, self.cfg, self.method, self.bins, self.percentile, self.batches = gm, cfg, method, bins, percentile, batches
         self.raised = 0  # weight channels whose scale the int32 bias guard raised, last plan
-        self._ranges: dict[frozenset[fx.Node], tuple[float, float] | None] = {}
+        self.choices: dict[str, range_choice.RangeChoice] = {}  # per group root, last plan
+        self._choices: dict[frozenset[fx.Node], range_choice.RangeChoice | None] = {}
         self._new_observer()  # validate options early
 
-    def _new_observer(self) -> Observer:
+    def _new_observer(self) -> HistogramObserver:
         act = self.cfg.activation
-        return make_observer(self.method, bins=self.bins, percentile=self.percentile, qlevels=act.qmax - act.qmin + 1)
+        return HistogramObserver(self.method, bins=self.bins, percentile=self.percentile, qlevels=act.qmax - act.qmin + 1)
 
     def params(self, plan: Plan) -> tuple[dict[fx.Node, TensorQParams], dict[fx.Node, torch.Tensor], set[fx.Node]]:
         """Activation parameters per value, weight scales per weighted unit, and the values
         calibration never reached."""
         act = self.cfg.activation
         groups = {root: frozenset(members) for root, members in plan.groups.roots().items()}
-        observers: dict[frozenset[fx.Node], Observer] = {}
-        watch: dict[fx.Node, Observer] = {}
+        observers: dict[frozenset[fx.Node], HistogramObserver] = {}
+        watch: dict[fx.Node, HistogramObserver] = {}
+        self.choices = {}
         for root, members in groups.items():
-            if plan.groups.fixed_of(root) is None and members not in self._ranges:
+            if plan.groups.fixed_of(root) is None and members not in self._choices:
                 observers[members] = self._new_observer()
                 watch.update({m: observers[members] for m in members})
         if watch:
             calibrate(self.gm, watch, self.batches)
-        self._ranges.update({members: observer.range() for members, observer in observers.items()})
+        self._choices.update({members: range_choice.choose(observer, self.method)
+                              for members, observer in observers.items()})
 
         params: dict[fx.Node, TensorQParams] = {}
         missing: set[fx.Node] = set()
@@ -249,11 +253,12 @@ class Calibrator:
             if fixed is not None:
                 qp = TensorQParams(fixed.scale, fixed.zero_point, act.qmin, act.qmax, act.dtype)
             else:
-                seen = self._ranges[members]
-                if seen is None:
+                choice = self._choices[members]
+                if choice is None:
                     missing.update(members)
                     continue
-                qp = affine_qparams(*seen, act.qmin, act.qmax, act.dtype, self.cfg.activation_scale_min)
+                self.choices[root.name] = choice
+                qp = affine_qparams(*choice.bounds, act.qmin, act.qmax, act.dtype, self.cfg.activation_scale_min)
             params.update({m: qp for m in members})
 
         scales: dict[fx.Node, torch.Tensor] = {}
