@@ -28,7 +28,7 @@ from graphopt.view import explorer as me  # noqa: E402
 @pytest.fixture(scope="module")
 def fp32():
     model, inputs = examples.get_example("resnet_cnn")
-    return graphopt.optimize(model, inputs, "mobile-fp32")
+    return graphopt.optimize(model, inputs, "mobile-fp32", keep_graphs=True)
 
 
 def test_each_graph_state_matches_its_fx_graph(fp32):
@@ -62,12 +62,12 @@ def test_the_pass_overlay_names_the_pass_that_added_or_changed_each_node(fp32):
 
 def test_int8_and_pruned_channel_overlays():
     model, inputs = examples.get_example("resnet_cnn")
-    pruned = graphopt.optimize(model, inputs, "prune-channels{ratio=0.5}").report
+    pruned = graphopt.optimize(model, inputs, "prune-channels{ratio=0.5}", keep_graphs=True).report
     removed = me.node_data(pruned)["channels removed"].graphsData["1 after prune-channels"].results
     d = graph_diff.diff(*pruned.graphs[0])
     assert {n: r.value for n, r in removed.items()} == {n: b - a for n, (b, a) in d.channels.items()}
     with pytest.warns(UserWarning, match="no calibration data"):
-        quantized = graphopt.optimize(model, inputs, "mobile-int8").report
+        quantized = graphopt.optimize(model, inputs, "mobile-int8", keep_graphs=True).report
     overlays = me.node_data(quantized)["int8"].graphsData
     last = me.graphs(quantized).graphs[-1]
     marks = overlays[last.id].results
@@ -136,7 +136,7 @@ import sys
 import graphopt
 from graphopt.app import examples
 model, inputs = examples.get_example("mlp")
-graphopt.optimize(model, inputs, "mobile-fp32", progress=False).explore(port=int(sys.argv[1]), open_browser=False)
+graphopt.optimize(model, inputs, "mobile-fp32", progress=False, keep_graphs=True).explore(port=int(sys.argv[1]), open_browser=False)
 """
 
 
@@ -147,7 +147,7 @@ def test_model_explorer_server_starts_and_serves_the_graphs(tmp_path):
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
     model, inputs = examples.get_example("mlp")
-    expected = _report_graphs(graphopt.optimize(model, inputs, "mobile-fp32", progress=False).report)
+    expected = _report_graphs(graphopt.optimize(model, inputs, "mobile-fp32", progress=False, keep_graphs=True).report)
     log = tmp_path / "server.log"
     with open(log, "w") as sink:
         server = subprocess.Popen([sys.executable, "-c", _SERVE, str(port)], stdout=sink, stderr=subprocess.STDOUT,

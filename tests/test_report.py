@@ -22,7 +22,7 @@ needs_dot = pytest.mark.skipif(shutil.which("dot") is None,
 @pytest.fixture(scope="module")
 def fp32_run():
     model, inputs = examples.get_example("resnet_cnn")
-    return graphopt.optimize(model, inputs, "mobile-fp32")
+    return graphopt.optimize(model, inputs, "mobile-fp32", keep_graphs=True)
 
 
 def _record(report, name, nth=0):
@@ -116,7 +116,7 @@ class TestGraphDiff:
     def test_int8_regions_and_float_islands_are_marked(self):
         model, inputs = examples.get_example("resnet_cnn")
         with pytest.warns(UserWarning, match="no calibration data"):
-            report = graphopt.optimize(model, inputs, "mobile-int8").report
+            report = graphopt.optimize(model, inputs, "mobile-int8", keep_graphs=True).report
         i, _ = _record(report, "quantize")
         before, after = report.graphs[i]
         assert not any(n.precision for n in before.nodes.values())
@@ -131,7 +131,7 @@ class TestGraphDiff:
 
     def test_pruned_layers_record_channels_kept(self):
         model, inputs = examples.get_example("resnet_cnn")
-        report = graphopt.optimize(model, inputs, "prune-channels{ratio=0.5}").report
+        report = graphopt.optimize(model, inputs, "prune-channels{ratio=0.5}", keep_graphs=True).report
         before, after = report.graphs[0]
         d = graph_diff.diff(before, after)
         convs = {n: c for n, c in d.channels.items() if after.nodes[n].op == "conv2d"}
@@ -156,7 +156,7 @@ class TestHtml:
 
     def test_declines_are_attached_to_their_nodes(self, tmp_path):
         model, inputs = examples.get_example("resnet_cnn")
-        report = graphopt.optimize(model, inputs, "prune-channels{ratio=0.5}").report
+        report = graphopt.optimize(model, inputs, "prune-channels{ratio=0.5}", keep_graphs=True).report
         page = report.save_html(tmp_path / "r.html").read_text()
         data = json.loads(re.search(r'id="data">(.*?)</script>', page, re.S).group(1))
         declines = data["views"][0]["declines"]

@@ -36,7 +36,7 @@ FILLS = {"added": (0xa5, 0xd6, 0xa7), "removed": (0xef, 0x9a, 0x9a), "changed": 
 @pytest.fixture(scope="module")
 def demo_page(tmp_path_factory):
     model, inputs = examples.get_example("resnet_cnn")  # graphopt demo's model and pipeline
-    report = graphopt.optimize(model, inputs, "mobile-fp32", verify="each").report
+    report = graphopt.optimize(model, inputs, "mobile-fp32", verify="each", keep_graphs=True).report
     page = report.save_html(tmp_path_factory.mktemp("report") / "report.html")
     return report, page
 
@@ -164,7 +164,7 @@ def int8_run(tmp_path_factory):
     gen = torch.Generator().manual_seed(1)
     calibration = [tuple(torch.randn(x.shape, generator=gen) for x in inputs) for _ in range(2)]
     report = graphopt.optimize(model, inputs, "mobile-int8", verify="final", calibration_data=calibration,
-                               progress=False).report
+                               progress=False, keep_graphs=True).report
     tmp = tmp_path_factory.mktemp("int8")
     return report, _probe(report.save_html(tmp / "report.html"), tmp)
 
@@ -173,7 +173,7 @@ def int8_run(tmp_path_factory):
 def pruned_run(tmp_path_factory):
     model, inputs = examples.get_example("resnet18")
     report = graphopt.optimize(model, inputs, "canonicalize,eliminate-dead-code,prune-channels", verify="final",
-                               progress=False).report
+                               progress=False, keep_graphs=True).report
     tmp = tmp_path_factory.mktemp("pruned")
     return report, _probe(report.save_html(tmp / "report.html"), tmp)
 

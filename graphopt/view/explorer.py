@@ -34,6 +34,9 @@ def require() -> None:
 def _states(report: Any) -> list[tuple[str, GraphView]]:
     """(graph id, view) of each state of the graph, in order: as captured, then after each pass
     that changed it."""
+    if not getattr(report, "graphs_kept", True):
+        raise ReportError("this run did not keep its graphs, so there is nothing to show in Model Explorer: run it "
+                          "with keep_graphs=True (graphopt.optimize(..., keep_graphs=True)); `graphopt explore` does")
     states: list[tuple[str, GraphView]] = []
     for i, (before, after) in sorted(report.graphs.items()):
         if not states:
