@@ -85,6 +85,29 @@ def test_the_screenshot_shows_the_graphs_in_the_diff_colours(demo_page, tmp_path
         assert below_legend[fill] > 2000, f"no {status} node fill {fill} in the screenshot"
 
 
+def test_hovering_a_node_shows_its_error_against_the_original_graph(demo_page, tmp_path):
+    report, page = demo_page
+    pictures = _probe(page, tmp_path)
+    views = {(v["record"], side): v["history_" + side] for v in _page_data(page)["views"] for side in ("before", "after")}
+    shown = 0
+    for (i, side), picture in pictures.items():
+        recorded = views[(i, side)]
+        for name, (_, tip) in picture["nodes"].items():
+            node = (report.graphs[i][0] if side == "before" else report.graphs[i][1]).nodes[name]
+            error = None if recorded is None else report.numeric_history[recorded].get(node.provenance)
+            if error is None:
+                assert "vs original:" not in tip, (i, side, name)
+            else:
+                shown += 1
+                assert (f"vs original: {error} (value of {node.provenance}, "
+                        f"after pass #{recorded + 1} {report.records[recorded].name})") in tip
+    assert shown  # the demo's fusion changes values by rounding: its nodes show their error
+
+
+def _page_data(page: Path) -> dict:
+    return json.loads(re.search(r'id="data">(.*?)</script>', page.read_text(encoding="utf-8"), re.S).group(1))
+
+
 # ------------------------------------------------------------------ mobile-int8 and prune-channels
 
 #: appended to a copy of a report: once the page's script is done, hover every node of every
