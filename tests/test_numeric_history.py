@@ -142,6 +142,22 @@ class TestWhatIsRecorded:
             graphopt.PassManager("t-scale-act", verify="final", numeric_history=True)
 
 
+    def test_a_graph_that_cannot_be_run_node_by_node_stops_the_history_not_the_run(self, scaling_passes, monkeypatch):
+        def broken(*args, **kwargs):
+            raise RuntimeError("no interpreter today")
+
+        monkeypatch.setattr(history, "node_errors", broken)
+        result = graphopt.optimize(TwoLayers().eval(), INPUTS, "t-scale-act,t-scale-act")
+        assert [r.status for r in result.report.records] == ["changed", "changed"]
+        assert result.report.numeric_history == {}
+        assert any(n.startswith("numeric history stopped at pass 't-scale-act'") and "no interpreter today" in n
+                   for n in result.report.notes)
+
+    def test_optimize_can_leave_it_out(self, scaling_passes):
+        report = graphopt.optimize(TwoLayers().eval(), INPUTS, "t-scale-act", numeric_history=False).report
+        assert report.records[0].changed and report.numeric_history == {}
+
+
 class TestReading:
     def test_first_below_names_the_pass_after_which_a_node_fell_below(self, scaling_passes):
         report = graphopt.optimize(TwoLayers().eval(), INPUTS, "t-times-one,t-scale-act,t-scale-act").report

@@ -24,7 +24,7 @@ from graphopt.ir import graph as G
 from graphopt.ir import shapes, structure
 from graphopt.view import diff as graph_diff
 from graphopt.errors import CalibrationDataError, GraphoptError, OptionError, PassError, PipelineError, VerificationError
-from graphopt.errors import TrainingModeError
+from graphopt.errors import TrainingModeError, exception_summary
 from graphopt.pipeline.hooks import Hook
 from graphopt.pipeline.passes import PassContext, RewriteBudget
 from graphopt.pipeline.report import PassRecord, Report
@@ -279,6 +279,8 @@ class PassManager:
                     report.unbudgeted.append(inv.name)
             if not any_change:
                 break
+        if history is not None and history.stopped:
+            report.notes.append(history.stopped)
 
         if self.verify_mode != "none":
             tol = verify.Tolerance(float("inf"), float("inf")) if lossy else None
@@ -441,6 +443,7 @@ class _History:
         self.inputs_list = inputs_list
         self.original: Any = None  # the state before the first pass that changed the graph
         self.values: Any = None
+        self.stopped: str | None = None  # why recording stopped, for the report's notes
 
     def after(self, before: Any, gm: fx.GraphModule, record: PassRecord, contract: Any) -> dict | None:
         """Per-node errors after a pass, or None when it changed nothing (or was rolled back),
@@ -453,10 +456,16 @@ class _History:
             return None
         from graphopt.verify import history
 
-        if self.values is None:
-            self.values = history.record(self.original.module(), self.inputs_list)
-            self.original = None  # its values are kept: the state itself is no longer needed
-        return history.node_errors(self.values, gm, self.inputs_list)
+        try:
+            if self.values is None:
+                self.values = history.record(self.original.module(), self.inputs_list)
+                self.original = None  # its values are kept: the state itself is no longer needed
+            return history.node_errors(self.values, gm, self.inputs_list)
+        except Exception as exc:  # a diagnosis must not fail a run its checks passed: say so, stop it
+            self.stopped = (f"numeric history stopped at pass {record.name!r}: running the graph node by node "
+                            f"raised {exception_summary(exc)}")
+            self.inputs_list = []
+            return None
 
 
 def _check_word(error: BaseException | None, changed: bool, contract: Any, verdict: Any) -> str | None:
@@ -538,16 +547,18 @@ def optimize(
     dynamic_shapes: Any = "batch",
     progress: bool | None = None,
     keep_graphs: bool = False,
+    numeric_history: bool | None = None,
 ) -> Result:
     """Capture (if needed) and optimize ``model`` with ``pipeline``; returns ``Result``.
     ``dynamic_shapes``: the input dims the result stays generic over (see :func:`graphopt.capture`).
     ``keep_graphs``: keep the graph after each pass that changed it, for ``report.save_html`` and
-    ``Result.explore`` (see :class:`PassManager`).
+    ``Result.explore``; ``numeric_history``: per-node error against the original graph after
+    each pass (default: with ``verify="each"``; see :class:`PassManager`).
     ``progress``: a bar on stderr over capture and the passes (default: when stderr is a terminal)."""
     from graphopt.pipeline import progress as bar
 
     pm = PassManager(pipeline, verify=verify, on_failure=on_failure, options=options, hooks=hooks,
-                     fixed_point=fixed_point, keep_graphs=keep_graphs)
+                     fixed_point=fixed_point, keep_graphs=keep_graphs, numeric_history=numeric_history)
     if not bar.wanted(progress) or fixed_point:  # a fixed point has no known number of steps
         return pm.run(model, example_inputs, calibration_data=calibration_data, dynamic_shapes=dynamic_shapes)
     with bar.PipelineProgress(len(pm.invocations), "optimizing", force=progress is True) as shown:
