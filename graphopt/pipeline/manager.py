@@ -66,7 +66,8 @@ class Result:
         return iter((self.module, self.report))
 
     def explore(self, *, port: int = 8080, open_browser: bool = True) -> None:
-        """Open each state of the graph in Model Explorer (:func:`graphopt.view.explorer.explore`)."""
+        """Open each state of the graph in Model Explorer (:func:`graphopt.view.explorer.explore`);
+        the run must have kept its graphs (``keep_graphs=True``)."""
         from graphopt.view.explorer import explore
 
         explore(self.report, port=port, open_browser=open_browser)

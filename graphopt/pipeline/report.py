@@ -193,7 +193,8 @@ class Report:
 
     def save_html(self, path: Any) -> Any:
         """Write this report as one self-contained HTML page (:mod:`graphopt.view.html`);
-        returns the path. Needs Graphviz's ``dot`` (ReportError when it is missing)."""
+        returns the path. Needs Graphviz's ``dot`` (ReportError when it is missing). The graph
+        pictures need a run that kept them (``keep_graphs=True``)."""
         from graphopt.view.html import write_html
 
         return write_html(self, path)

@@ -9,8 +9,12 @@ int8 regions and float islands marked, layers whose channels shrank outlined, de
 on the nodes they name. Graphs are laid out by Graphviz ``dot`` (:mod:`graphopt.view.layout`);
 each state of the graph is laid out once and shared by the two passes it sits between.
 
-    result = graphopt.optimize(model, inputs, "mobile-fp32")
+    result = graphopt.optimize(model, inputs, "mobile-fp32", keep_graphs=True)
     result.report.save_html("report.html")
+
+Without ``keep_graphs=True`` the run keeps no graphs and the page holds the table and the
+detail lines only. With ``verify="each"`` hovering a node also shows its value's error against
+the original graph (``Report.numeric_history``), as of the pass the picture shows.
 """
 from __future__ import annotations
 
