@@ -126,33 +126,38 @@ def _error(refs: list[torch.Tensor], signals: list[float], cands: list[torch.Ten
     return sqnr_from_powers(signal, noise), max_abs
 
 
+def _judge(original: RecordedValues, gm: fx.GraphModule, inputs: tuple[Any, ...],
+           k: int) -> dict[str, tuple[float, float]]:
+    """(SQNR dB, max abs) by provenance of ``gm``'s values on input set ``k``."""
+    now: dict[str, tuple[float, float]] = {}
+
+    def judge(node: fx.Node, value: Any) -> None:
+        if node.op not in _COMPUTE_OPS:
+            return
+        key = G.provenance(node)
+        ref = original.values.get(key)
+        leaves = _floating(value) if ref is not None else None
+        if leaves is None:
+            return
+        figures = _error(ref[k], original.signals[key][k], leaves)
+        if figures is not None:
+            now[key] = figures  # the last corresponding node of a provenance holds its value
+
+    _run(gm, inputs, judge)
+    return now
+
+
 def node_errors(original: RecordedValues, gm: fx.GraphModule,
                 inputs_list: Sequence[tuple[Any, ...]]) -> dict[str, NodeError]:
     """Each value of ``gm`` that still corresponds to one of ``original`` (same provenance, shape
     and dtype), with its error against it, by provenance in the original's graph order."""
     worst: dict[str, tuple[float, float]] = {}
     for k, inputs in enumerate(inputs_list):
-        now: dict[str, tuple[float, float] | None] = {}
-
-        def judge(node: fx.Node, value: Any) -> None:
-            if node.op not in _COMPUTE_OPS:
-                return
-            key = G.provenance(node)
-            ref = original.values.get(key)
-            leaves = _floating(value) if ref is not None else None
-            if leaves is None:
-                return
-            figures = _error(ref[k], original.signals[key][k], leaves)
-            if figures is not None:
-                now[key] = figures  # the last corresponding node of a provenance holds its value
-
-        _run(gm, inputs, judge)
-        for key, figures in now.items():
-            if k == 0:
-                worst[key] = figures
-            elif key in worst:
-                worst[key] = (min(worst[key][0], figures[0]), max(worst[key][1], figures[1]))
-        if k > 0:  # a value must correspond on every input set
-            for key in [key for key in worst if key not in now]:
-                del worst[key]
+        now = _judge(original, gm, inputs, k)
+        if k == 0:
+            worst = now
+            continue
+        # a value must correspond on every input set: the lowest SQNR, the largest difference
+        worst = {key: (min(figures[0], now[key][0]), max(figures[1], now[key][1]))
+                 for key, figures in worst.items() if key in now}
     return {key: NodeError(*worst[key]) for key in original.order if key in worst}
