@@ -429,6 +429,7 @@ def bench_task(task: Task, methods: tuple[Method, ...], work: Path, rounds: int,
                show: Callable[[str], None] = lambda what: None) -> dict[str, Any]:
     from graphopt.app.timing import round_robin_ms
 
+    (work / task.name).mkdir(parents=True, exist_ok=True)
     calibration = calibration_batches(task.x_train)
     example = calibration[0][0]
     with torch.no_grad():
@@ -583,8 +584,6 @@ def main(argv: list[str] | None = None) -> int:
             show(f"{name}: data and training")
             try:
                 task = TASK_BUILDERS[name](args.quick)
-                work = Path(tmp) / name
-                work.mkdir()
                 report["tasks"].append(bench_task(task, METHODS, Path(tmp), rounds, calls, show))
             except Exception as exc:  # the task itself could not be built: its section says why
                 status, reason = _failure(exc)
