@@ -66,9 +66,17 @@ import torch
 import torch.nn as nn
 
 from benchmarks import bench_executorch, peers
+from benchmarks.bench_quantize import (
+    CALIBRATION_BATCH_SIZE,
+    CALIBRATION_BATCHES,
+    export_onnx,
+    ort_quantize_static,
+    ort_session,
+    save_lite,
+    sqnr_db,
+    torch_ao_fx,
+)
 from benchmarks.report import _jsonable
-from benchmarks.bench_quantize import CALIBRATION_BATCH_SIZE, CALIBRATION_BATCHES, export_onnx, ort_quantize_static, \
-    ort_session, save_lite, sqnr_db, torch_ao_fx
 
 TASKS = ("mnist1d", "shapes")
 MNIST1D_INSTALL = "pip install mnist1d (or pip install -e \".[bench]\")"
@@ -183,9 +191,9 @@ def mnist1d_data(samples: int, seed: int = 42) -> tuple[torch.Tensor, ...]:
         data = make_dataset(args)
     finally:
         np.random.set_state(state)
-    x = lambda a: torch.tensor(a, dtype=torch.float32).unsqueeze(1)  # noqa: E731
-    y = lambda a: torch.tensor(a, dtype=torch.int64)  # noqa: E731
-    return x(data["x"]), y(data["y"]), x(data["x_test"]), y(data["y_test"])
+    signals = [torch.tensor(data[k], dtype=torch.float32).unsqueeze(1) for k in ("x", "x_test")]
+    labels = [torch.tensor(data[k], dtype=torch.int64) for k in ("y", "y_test")]
+    return signals[0], labels[0], signals[1], labels[1]
 
 
 SHAPES = ("disc", "ring", "square", "triangle", "cross")
@@ -196,7 +204,10 @@ def shapes_data(count: int, seed: int, noise: float = 0.15) -> tuple[torch.Tenso
 
     Deterministic in ``seed``; values roughly in [-1.5, 1.5]."""
     g = torch.Generator().manual_seed(seed)
-    u = lambda *shape: torch.rand(*shape, generator=g)  # noqa: E731
+
+    def u(*shape: int) -> torch.Tensor:
+        return torch.rand(*shape, generator=g)
+
     labels = torch.randint(0, 10, (count,), generator=g)
     shape, striped = labels // 2, (labels % 2).bool()
     axis = torch.linspace(-1, 1, 32)
@@ -244,7 +255,8 @@ def shapes_task(quick: bool = False) -> Task:
     torch.manual_seed(0)
     t0 = time.perf_counter()
     model = train(ShapesNet(), x_train, y_train, epochs=3 if quick else 8)
-    return Task("shapes", "synthetic shapes/textures 3x32x32, depthwise-separable CNN with an outlier channel", model,
+    return Task("shapes", f"synthetic 3x32x32 images ({', '.join(SHAPES)}; plain or striped), "
+                "depthwise-separable CNN with an outlier channel", model,
                 x_train, y_train, x_test, y_test, time.perf_counter() - t0)
 
 
@@ -313,8 +325,9 @@ def _numpy(module: Callable[[torch.Tensor], Any]) -> Callable[[torch.Tensor], np
 
 
 def graphopt_method(method: Method, model: nn.Module, example: torch.Tensor, calibration: list, work: Path) -> Built:
-    import graphopt
     import graphopt.passes  # noqa: F401  (registers every built-in pass and preset)
+
+    import graphopt
     from graphopt.errors import PipelineError
 
     try:  # names and options are checked here, before anything runs
@@ -486,7 +499,9 @@ def goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     if fp32 is None or not ours:
         return [{"goal": "graphopt int8 within 0.3 points of fp32", "verdict": "not measured",
                  "detail": "no fp32 row" if fp32 is None else "no graphopt int8 row ran"}]
-    rank = lambda r: (r["accuracy"], r["sqnr_db"])  # noqa: E731
+    def rank(row: dict[str, Any]) -> tuple[float, float]:
+        return row["accuracy"], row["sqnr_db"]
+
     best = max(ours, key=rank)
     loss = fp32["accuracy"] - best["accuracy"]
     found = [{"goal": "graphopt int8 within 0.3 points of fp32", "verdict": "met" if loss <= 0.3 else "missed",
@@ -527,10 +542,10 @@ def markdown(report: dict[str, Any]) -> str:
             lines += [f"{t['status']}: {t['reason']}", ""]
             continue
         fp32 = next((r["accuracy"] for r in t["rows"] if r["tool"] == "fp32" and r["status"] == "ok"), None)
-        lines += [f"{t['description']}. {t['train_images']} training and {t['test_images']} test examples, "
-                  f"{t['parameters']:,} parameters, trained in {t['train_seconds']:.0f} s; calibration on "
-                  f"{t['calibration_images']} training examples. SQNR: logits against fp32 on the test set. "
-                  "Latency: ONNX Runtime, batch 1, 1 thread, median.", ""]
+        lines += [(f"{t['description']}. {t['train_images']} training and {t['test_images']} test examples, "
+                   f"{t['parameters']:,} parameters, trained in {t['train_seconds']:.0f} s; calibration on "
+                   f"{t['calibration_images']} training examples. SQNR: logits against fp32 on the test set. "
+                   "Latency: ONNX Runtime, batch 1, 1 thread, median."), ""]
         table = []
         for r in t["rows"]:
             if r["status"] != "ok":

@@ -211,7 +211,7 @@ class TestAccuracyBenchmark:
 
         np.random.seed(7)
         state = np.random.get_state()[1].copy()
-        x_train, y_train, x_test, y_test = bench_accuracy.mnist1d_data(500)
+        x_train, y_train, x_test, _ = bench_accuracy.mnist1d_data(500)
         assert (np.random.get_state()[1] == state).all()
         assert x_train.shape == (400, 1, 40) and x_test.shape == (100, 1, 40) and y_train.dtype == torch.int64
         assert torch.equal(bench_accuracy.mnist1d_data(500)[0], x_train)
