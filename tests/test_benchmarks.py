@@ -268,6 +268,10 @@ class TestAccuracyBenchmark:
         assert within["verdict"] == "missed" and ahead["verdict"] == "missed"
         rows[-1] = row("fx", "torch.ao", 79.5, 22.0)  # the best peer loses only 0.5 points
         assert bench_accuracy.goals(rows)[1]["verdict"].startswith("not applicable")
+        rows.append({**row("keep-float", "graphopt", 80.0, 30.0), "mixed_precision": True})
+        within = bench_accuracy.goals(rows)[0]
+        assert within["graphopt"] == "keep-float" and within["verdict"] == "met"
+        assert within["detail"].endswith("best all-int8 row mse 79.60%")
 
     def test_a_task_gives_a_row_per_method_and_failures_stay_rows(self, tmp_path):
         import torch
