@@ -207,3 +207,36 @@ class TestHtml:
         with pytest.raises(ReportError, match="apt-get install graphviz"):
             fp32_run.report.save_html(tmp_path / "r.html")
         assert not (tmp_path / "r.html").exists()
+
+
+class TestSensitivityChart:
+    """quantize{per_layer_report=true} draws each layer's int8 sensitivity into the page, worst first."""
+
+    @pytest.fixture(scope="class")
+    def int8_run(self):
+        model, inputs = examples.get_example("resnet_cnn")
+        pipeline = ("canonicalize,eliminate-dead-code,fold-constants,fuse-conv-bn-relu,eliminate-dead-code,"
+                    "quantize{per_layer_report=true}")
+        return graphopt.optimize(model, inputs, pipeline)
+
+    def test_the_chart_ranks_the_recorded_layers_worst_first(self, int8_run):
+        from graphopt.view import charts
+
+        i, record = _record(int8_run.report, "quantize")
+        rows = record.figures["per_layer"]
+        page = charts.sensitivity_sections(int8_run.report.records)
+        assert f'data-record="{i}"' in page
+        drawn = re.findall(r'<g class="layer" data-layer="([^"]*)"', page)
+        expected = [r["layer"] for r in sorted((r for r in rows if r["sensitivity_sqnr_db"] is not None),
+                                               key=lambda r: r["sensitivity_sqnr_db"])]
+        assert drawn == expected[:charts.MAX_LAYERS] and len(drawn) >= 3
+        # bar lengths follow the figures: the worst layer's "both" bar is the shortest of the "both" bars
+        widths = [float(w) for w in re.findall(r'<rect class="sensitivity_sqnr_db" x="\d+" y="\d+" width="([\d.]+)"', page)]
+        assert widths == sorted(widths) and widths[0] < widths[-1]
+
+    @needs_dot
+    def test_the_page_holds_the_chart_and_a_run_without_the_figures_does_not(self, int8_run, fp32_run, tmp_path):
+        page = int8_run.report.save_html(tmp_path / "int8.html").read_text()
+        assert "Int8 sensitivity per layer" in page and page.count('<g class="layer"') >= 3
+        plain = fp32_run.report.save_html(tmp_path / "fp32.html").read_text()
+        assert "Int8 sensitivity per layer" not in plain

@@ -29,6 +29,7 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
+from graphopt.view import charts
 from graphopt.view import layout as graph_layout
 from graphopt.errors import ReportError
 from graphopt.view.diff import GraphView, diff
@@ -167,7 +168,7 @@ def build_html(report: Any) -> str:
     page = Template(_asset("template.html")).substitute(
         title=html.escape(report.pipeline), table=_table(report), caption=caption, seconds=f"{report.seconds:.2f}",
         details="".join(f"<li>{html.escape(line)}</li>" for line in report.details()),
-        rollbacks=rollback_html,
+        rollbacks=rollback_html + charts.sensitivity_sections(report.records),
         views="".join(sections) or ("<p>No pass changed the graph.</p>" if report.graphs_kept else
                                     "<p>This run did not keep its graphs: run it with keep_graphs=True "
                                     "(graphopt.optimize(..., keep_graphs=True)) to see each pass's graph here.</p>"),
