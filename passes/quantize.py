@@ -142,6 +142,9 @@ def quantize(
         veto.kept_float.update({s.name: f"needed for {target.describe()} (alone in int8 it leaves "
                                         f"{s.sqnr_db:.1f} dB at the outputs; weights {s.weight_sqnr_db:.1f}, "
                                         f"input {s.activation_sqnr_db:.1f})" for s in choice.kept})
+        veto.kept_float.update({p: f"its output feeds {layer}, kept float for {target.describe()} because its "
+                                   "input's int8 range loses the most; an int8 producer would hand it integers"
+                                   for p, layer in choice.producers.items()})
         ctx.record("mixed_precision", {"target": target.describe(), "layers": choice.layers,
                                        "probes": [p.to_dict() for p in choice.probes]})
         ctx.note(f"mixed precision: {len(choice.kept)} of {choice.layers} layers kept float for {target.describe()} "
@@ -371,4 +374,6 @@ def _report(ctx: graphopt.PassContext, cfg: BackendConfig, plan: Plan, data: cal
     if veto.kept_float:
         ctx.record("kept_float", dict(veto.kept_float))
     weighted = [u for u in plan.units if u.kind == "weighted"]
-    ctx.record("float_fraction", len(veto.kept_float) / max(len(weighted) + len(veto.kept_float), 1))
+    graph_nodes = plan.units[0].node.graph.nodes if plan.units else ()
+    float_weighted = [n for n in graph_nodes if n.name in veto.kept_float and ops.is_op(n, *_WEIGHTED_OPS)]
+    ctx.record("float_fraction", len(float_weighted) / max(len(weighted) + len(float_weighted), 1))

@@ -58,6 +58,18 @@ class TestMinSqnr:
         loose = graphopt.PassManager("quantize{min_sqnr=10}").invocations[0]
         assert loose.contract.min_sqnr_db == 15
 
+    def test_a_layer_hurt_by_its_input_is_kept_float_with_the_layer_that_writes_that_input(self):
+        # c's input holds a huge constant channel that b writes: with b int8, c reads integers on
+        # a range that channel stretches, float weights or not; with b float too it reads floats
+        result, record = run(model=planted("activation"), min_sqnr=30.0)
+        assert float_layers(result.module) == {"b", "c"}
+        assert min(record.figures["held_out_sqnr_db"]) >= 30
+        kept = record.figures["kept_float"]
+        assert set(kept) == {"linear_1", "linear_2"}
+        assert "its output feeds linear_2" in kept["linear_1"] and "needed for" in kept["linear_2"]
+        assert [p["float_layers"] for p in record.figures["mixed_precision"]["probes"]] == [0, 1]
+        assert record.figures["float_fraction"] == pytest.approx(2 / 3)
+
     def test_a_budget_below_the_floor_still_meets_the_floor(self):
         result, record = run(min_sqnr=10.0)
         assert float_layers(result.module) == {"b"}

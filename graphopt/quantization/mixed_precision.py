@@ -9,6 +9,13 @@ then by bisection between the last two: a few probes when a handful of layers ar
 parameters of that plan (groups seen before are not calibrated again) and simulates the int8
 graph by fake quantization, reading each value quantized where the inserted QDQ pairs would.
 
+Keeping a layer float keeps its weights float, but its input stays int8 as long as the unit
+producing that input is int8 (an int8 kernel writes integers). So a layer that loses most to its
+*input* quantization (``cause == "activations"``: an activation range stretched by an outlier
+channel, say) is kept float together with the units producing its input (through pooling and
+other ops that share their input's parameters); its input is then a float value again. Those
+producers are listed in :attr:`Choice.producers` with the layer they serve.
+
 The search assumes that keeping more layers float does not lower the SQNR (true in the usual
 case, not guaranteed); the pass verifies its choice on the graph it really builds.
 """
@@ -68,6 +75,8 @@ class Choice:
     kept: list[LayerSensitivity]
     layers: int  #: weighted layers that could be int8
     probes: list[Probe] = field(default_factory=list)
+    #: units kept float so that a kept layer's input is float: producer node name -> that layer
+    producers: dict[str, str] = field(default_factory=dict)
 
     @property
     def reached(self) -> Probe:
@@ -114,10 +123,14 @@ def fewest_float(gm: fx.GraphModule, plan_keeping: Callable[[set[str]], Plan], p
     float_score = score(target.metric, reference, batches) if target.metric is not None else None
     choice = Choice([], len(ranking))
     probes: dict[int, Probe] = {}
+    feeding = {s.name: input_producers(base, s.name) if s.cause == "activations" else [] for s in ranking}
+
+    def float_names(k: int) -> set[str]:
+        return {s.name for s in ranking[:k]} | {p for s in ranking[:k] for p in feeding[s.name]}
 
     def probe(k: int) -> Probe:
         if k not in probes:
-            plan = plan_keeping({s.name for s in ranking[:k]})
+            plan = plan_keeping(float_names(k))
             qparams, scales, _ = params_of(plan)
             outputs = [simulate(gm, plan, qparams, scales, batch) for batch in batches]
             sqnr = output_sqnr_of(reference, outputs)
@@ -140,7 +153,32 @@ def fewest_float(gm: fx.GraphModule, plan_keeping: Callable[[set[str]], Plan], p
             "representative data"
         )
     choice.kept = ranking[:k]
+    kept = {s.name for s in choice.kept}
+    choice.producers = {p: s.name for s in reversed(choice.kept) for p in feeding[s.name] if p not in kept}
     return choice
+
+
+def input_producers(plan: Plan, layer: str) -> list[str]:
+    """The units of ``plan`` whose int8 output ``layer`` (a unit's node name) reads, found
+    through the units that share or fix their input's parameters (pooling, reshapes, sigmoid...):
+    keep them float too and ``layer`` reads a float input."""
+    by_output = {u.output: u for u in plan.units}
+    unit = next((u for u in plan.units if u.node.name == layer), None)
+    found: list[str] = []
+    pending = list(unit.inputs) if unit is not None else []
+    seen: set[fx.Node] = set()
+    while pending:
+        value = pending.pop()
+        if value in seen:
+            continue
+        seen.add(value)
+        producer = by_output.get(value)
+        if producer is None:  # a float op's output: quantized for int8 readers only
+            continue
+        found.append(producer.node.name)
+        if producer.kind in ("shared", "fixed"):
+            pending.extend(producer.inputs)
+    return found
 
 
 def smallest_passing(most: int, passes: Callable[[int], bool]) -> int | None:
