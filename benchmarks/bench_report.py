@@ -58,7 +58,7 @@ def main() -> None:
 
     model, inputs = chain(args.nodes)
     t0 = time.perf_counter()
-    result = graphopt.optimize(model, inputs, "mobile-fp32", verify="none")
+    result = graphopt.optimize(model, inputs, "mobile-fp32", verify="none", keep_graphs=True)
     figures["chain"] = {"pipeline_s": round(time.perf_counter() - t0, 2), **measure(result.report, out / "chain.html")}
 
     runs = {
@@ -70,7 +70,7 @@ def main() -> None:
         model, inputs = examples.get_example(model_name)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # int8 without calibration data says so; known here
-            result = graphopt.optimize(model, inputs, pipeline)
+            result = graphopt.optimize(model, inputs, pipeline, keep_graphs=True)
         page = out / f"{name}.html"
         figures[name] = measure(result.report, page)
         shot = RESULTS / "report.png" if name == "demo" else out / f"{name}.png"

@@ -9,7 +9,8 @@ of the graph's own memory, the hardest case for the memory goal). Each size runs
 subprocess. Reported: nodes, symbolic_trace seconds, capture seconds and their ratio; the
 first call of each result (fx's module runs code generated at trace time; a captured module
 generates its code on that call, see ``graphopt.ir.lazy``) and the ratio of capture + first call
-to symbolic_trace + first call; pipeline seconds and the total (capture + pipeline), how
+to symbolic_trace + first call; pipeline seconds (and with ``keep_graphs=True``,
+the graph views the HTML report draws) and the total (capture + pipeline), how
 capture and the total grow against the smallest size; and memory: the peak RSS growth of one
 capture + pipeline, the parameter bytes, the graph's own size and the peak against the goal,
 read both as 2 x parameter bytes + the graph and as 2 x (parameter bytes + the graph), beside
@@ -75,10 +76,10 @@ def blocks_for(target_nodes: int) -> int:
     return max(1, (target_nodes - FIXED_NODES) // NODES_PER_BLOCK)
 
 
-def _pipeline(gm, x):
+def _pipeline(gm, x, keep_graphs: bool = False):
     import graphopt
 
-    result = graphopt.PassManager("canonicalize,eliminate-dead-code", verify="final").run(gm, x)
+    result = graphopt.PassManager("canonicalize,eliminate-dead-code", verify="final", keep_graphs=keep_graphs).run(gm, x)
     assert result.report.final_verdict.ok, result.report.final_verdict
     return result
 
@@ -165,26 +166,38 @@ def measure_one(target_nodes: int, repeat: int = 1, channels: int = 4, trace_mem
     t_capture = _best_time(lambda: graphopt.capture(model, x), repeat)
     t_trace_call = _first_call(lambda: torch.fx.symbolic_trace(model), x, repeat)
     t_capture_call = _first_call(lambda: graphopt.capture(model, x), x, repeat)
-    t_pipeline = float("inf")
+    # keep_graphs=True: the graph views the HTML report draws, as --report asks; CPU seconds as
+    # well as wall ones, since the ratio of the two runs is what matters on a shared machine
+    best = {(keep, clock): float("inf") for keep in (False, True) for clock in ("wall", "cpu")}
     for _ in range(repeat):
-        gm = graphopt.capture(model, x)
-        nodes, compute_nodes = len(gm.graph.nodes), G.count_nodes(gm)
-        gc.collect()
-        t1 = time.perf_counter()
-        result = _pipeline(gm, x)
-        t_pipeline = min(t_pipeline, time.perf_counter() - t1)
-        del gm, result
+        for keep_graphs in (False, True):
+            gm = graphopt.capture(model, x)
+            nodes, compute_nodes = len(gm.graph.nodes), G.count_nodes(gm)
+            gc.collect()
+            t1, c1 = time.perf_counter(), time.process_time()
+            result = _pipeline(gm, x, keep_graphs)
+            wall, cpu = time.perf_counter() - t1, time.process_time() - c1
+            best[keep_graphs, "wall"] = min(best[keep_graphs, "wall"], wall)
+            best[keep_graphs, "cpu"] = min(best[keep_graphs, "cpu"], cpu)
+            del gm, result
+    t_pipeline, t_graphs = best[False, "wall"], best[True, "wall"]
     return {
         "target_nodes": target_nodes, "channels": channels, "nodes": nodes, "compute_nodes": compute_nodes,
         "symbolic_trace_s": t_trace, "capture_s": t_capture, "capture_vs_trace": t_capture / t_trace,
         "trace_first_call_s": t_trace_call, "capture_first_call_s": t_capture_call,
         "ready_vs_trace": (t_capture + t_capture_call) / (t_trace + t_trace_call),
-        "pipeline_s": t_pipeline, "total_s": t_capture + t_pipeline, **memory,
+        "pipeline_s": t_pipeline, "pipeline_keep_graphs_s": t_graphs,
+        "pipeline_cpu_s": best[False, "cpu"], "pipeline_keep_graphs_cpu_s": best[True, "cpu"],
+        "total_s": t_capture + t_pipeline, **memory,
     }
 
 
 def _mib(value: float | None, digits: int = 1) -> str:
     return f"{value / 2**20:.{digits}f} MiB" if value is not None else "n/a"
+
+
+def _seconds(value: float | None) -> str:
+    return f"{value:.2f}" if value is not None else "n/a"
 
 
 def _ratio(value: float | None, suffix: str = "") -> str:
@@ -196,9 +209,9 @@ def tables(rows: list[dict]) -> str:
     base = next((r for r in rows if "total_s" in r), None)
     time_lines = [
         "| nodes | symbolic_trace s | capture s | capture/trace | first call: traced / captured s "
-        "| (capture + first call) / (trace + first call) | capture vs smallest | pipeline s | total s "
-        "| total vs smallest |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        "| (capture + first call) / (trace + first call) | capture vs smallest | pipeline s "
+        "| pipeline with keep_graphs s | total s | total vs smallest |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     memory_lines = [
         "| nodes | channels | peak RSS growth | param bytes | graph bytes | peak / (2 x params + graph) "
         "| peak / 2 x (params + graph) | symbolic_trace: peak / kept |",
@@ -211,7 +224,8 @@ def tables(rows: list[dict]) -> str:
             f"| {r['nodes']} | {r['symbolic_trace_s']:.2f} | {r['capture_s']:.2f} | {r['capture_vs_trace']:.2f}x | "
             f"{r['trace_first_call_s']:.2f} / {r['capture_first_call_s']:.2f} | {r['ready_vs_trace']:.2f}x | "
             f"{r['capture_s'] / base['capture_s']:.1f}x | "
-            f"{r['pipeline_s']:.2f} | {r['total_s']:.2f} | {r['total_s'] / base['total_s']:.1f}x |")
+            f"{r['pipeline_s']:.2f} | {_seconds(r.get('pipeline_keep_graphs_s'))} | {r['total_s']:.2f} | "
+            f"{r['total_s'] / base['total_s']:.1f}x |")
         fx_ratio = (f"{_mib(r['trace_peak_bytes'], 0)} / {_mib(r['trace_kept_bytes'], 0)} = "
                     f"{r['trace_peak_bytes'] / r['trace_kept_bytes']:.2f}" if r.get("trace_kept_bytes") else "n/a")
         memory_lines.append(

@@ -7,8 +7,10 @@ Sections (``--sections``, default all):
 - ``latency``: per model, graphopt's registered presets (``mobile-fp32``, and ``mobile-int8``,
   ``mobile-pruned`` once registered) in each runtime against the peers, timed round robin in
   this process (:mod:`benchmarks.bench_fp32`, :mod:`benchmarks.peers`).
-- ``quantize``, ``prune``: ``benchmarks/bench_quantize.py`` and ``benchmarks/bench_prune.py``
-  (int8 and pruning peers, the digits-CNN accuracy tables), each run as
+- ``quantize``, ``accuracy``, ``prune``: ``benchmarks/bench_quantize.py``,
+  ``benchmarks/bench_accuracy.py`` and ``benchmarks/bench_prune.py`` (int8 and pruning peers,
+  the digits-CNN accuracy tables; int8 accuracy on MNIST-1D and a synthetic CIFAR-sized task
+  that min-max calibration does not saturate), each run as
   ``python -m benchmarks.bench_X [--quick] [--threads T] [--out DIR]`` (the flags its
   ``--help`` lists); the JSON and Markdown it writes into DIR join the report.
 - ``executorch``: ``benchmarks/bench_executorch.py`` run the same way: graphopt's fp32 and
@@ -36,9 +38,10 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("latency", "quantize", "prune", "executorch", "scaling")
+SECTIONS = ("latency", "quantize", "accuracy", "prune", "executorch", "scaling")
 #: the benchmark modules run in processes of their own, by section
-EXTERNAL = {"quantize": "bench_quantize", "prune": "bench_prune", "executorch": "bench_executorch"}
+EXTERNAL = {"quantize": "bench_quantize", "accuracy": "bench_accuracy", "prune": "bench_prune",
+            "executorch": "bench_executorch"}
 
 #: layer width of the second spine run (bench_spine's default is 4)
 WIDE_CHANNELS = 32
@@ -48,8 +51,10 @@ MODES = {
     # quick: the ExecuTorch section alone takes about 2 CPU-minutes, and CI runs it beside other tests
     "quick": {"runs": 10, "spine_sizes": "500", "wide_spine_sizes": None, "fusion_sizes": [300],
               "external_timeout": 600, "spine_timeout": 240, "fusion_timeout": 120},
+    # accuracy trains two models before quantizing them a dozen ways: it gets longer than the others
     "full": {"runs": 30, "spine_sizes": "500,2000,5000,20000,50000", "wide_spine_sizes": "2000,20000",
-             "fusion_sizes": [500, 2000, 5000], "external_timeout": 480, "spine_timeout": 900, "fusion_timeout": 300},
+             "fusion_sizes": [500, 2000, 5000], "external_timeout": 480, "accuracy_timeout": 1200,
+             "spine_timeout": 900, "fusion_timeout": 300},
 }
 
 
@@ -122,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         for section, module in EXTERNAL.items():
             if section in sections:
                 show(f"{module} (its own process)")
-                results["external"][module] = run_external(module, args, out / section, mode["external_timeout"])
+                timeout = mode.get(f"{section}_timeout", mode["external_timeout"])
+                results["external"][module] = run_external(module, args, out / section, timeout)
                 progress.advance(task)
         if "scaling" in sections:
             show("bench_spine scaling (its own processes)")

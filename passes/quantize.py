@@ -8,10 +8,13 @@ What it does (``mode=static``), in order:
    and torch's x86 engine on CPUs without VNNI; ``config=xnnpack`` for ARM phones). Fusion
    units marked by ``fuse-conv-bn-relu`` stay whole. See ``graphopt.quantization.placement``.
 2. Calibrates: runs the float graph on ``ctx.calibration_data`` (or synthesized inputs, with a
-   warning) and picks each activation range with the chosen method (``minmax``,
-   ``moving_average``, ``histogram`` with ``percentile``, ``mse``, ``entropy``: KL-divergence
-   threshold, see ``graphopt.quantization.observers``). NaN/inf stops it with a
-   QuantizationError naming the value.
+   warning) and picks each activation range with the chosen method (``auto`` by default: per
+   tensor the least-error range of ``minmax``, ``histogram``, ``mse`` and ``entropy``; or one
+   of ``minmax``, ``moving_average``, ``histogram`` with ``percentile``, ``mse``, ``entropy``:
+   KL-divergence threshold, see ``graphopt.quantization.observers``). A named method's range
+   with over 4x min-max's expected squared error falls back to min-max, said in the report
+   (``graphopt.quantization.range_choice``). NaN/inf stops it with a QuantizationError naming
+   the value.
 3. Inserts ``quantize_per_tensor``/``dequantize_per_tensor`` after every int8 value (one
    dequantize per consumer) and ``quantize_per_channel``/``dequantize_per_channel`` on each
    weight (axis 0, axis 1 for transposed convs). Biases stay float: backends store them as
@@ -33,7 +36,12 @@ models dominated by linear layers whose activation ranges vary from input to inp
 Options: ``mode`` (static | dynamic), ``config``, ``calibration`` (static only); ``skip`` (glob
 patterns on node names, module paths or weight names) and ``keep_float_worst=N`` (the N weighted
 layers with the worst isolated SQNR) keep layers float (a skip pattern matching nothing is an
-OptionError); ``per_layer_report=true`` records per-layer SQNR in the report. Calibration
+OptionError); ``per_layer_report=true`` records per-layer SQNR in the report (isolated, cumulative,
+and the output SQNR with only the layer's weights, only its input, or both in int8: see
+``graphopt.quantization.sensitivity``). ``min_sqnr=DB`` keeps the fewest layers float to reach DB dB
+output SQNR, and raises the budget below to DB; from Python, ``metric=fn`` (``fn(model_outputs,
+batch) -> score``, higher is better) with ``max_drop=D`` keeps layers float until the score is
+within D of the float graph's (see ``graphopt.quantization.mixed_precision``). Calibration
 batches (held-out ones included) must match the example inputs in dtype and in shape beyond dim
 0 and hold no NaN/inf; a batch that does not is a CalibrationDataError (an InputError) naming it.
 
@@ -49,7 +57,7 @@ import copy
 import fnmatch
 import math
 from collections import Counter
-from typing import Annotated, Literal
+from typing import Annotated, Any, Callable, Literal
 
 import torch
 import torch.fx as fx
@@ -59,19 +67,15 @@ from graphopt.ir import ops, shapes
 from graphopt.errors import QuantizationError
 from graphopt.ir.graph import add_constant, copy_provenance, get_attr_value, provenance
 from graphopt.quantization import calibration as calib
-from graphopt.quantization import evaluation, kernels, qdq
+from graphopt.quantization.calibration import Calibrator
+from graphopt.quantization import evaluation, kernels, mixed_precision, qdq, range_choice
 from graphopt.pipeline.options import OneOf, Range, check_patterns
 from graphopt.quantization.configs import BackendConfig, available_configs, get_config
-from graphopt.quantization.observers import Observer, make_observer
+from graphopt.quantization.sensitivity import LayerSensitivity, layer_sensitivity
 from graphopt.quantization.placement import Plan, Unit, plan_dynamic_quantization, plan_quantization, weight_axis
-from graphopt.quantization.qparams import (
-    TensorQParams,
-    affine_qparams,
-    guard_bias_scales,
-    symmetric_per_channel_scales,
-)
+from graphopt.quantization.qparams import TensorQParams, symmetric_per_channel_scales
 
-CONTRACT = graphopt.Lossy(min_sqnr_db=15.0)
+CONTRACT = graphopt.Lossy(min_sqnr_db=15.0, budget_option="min_sqnr", budget_option_raises_only=True)
 
 @graphopt.register_pass("quantize", contract=CONTRACT, after=("fuse-conv-bn-relu",))
 def quantize(
@@ -80,7 +84,7 @@ def quantize(
     *,
     mode: Literal["static", "dynamic"] = "static",
     config: Annotated[str, OneOf(available_configs, why="registered quantization configs")] = "x86",
-    calibration: Literal["minmax", "moving_average", "histogram", "mse", "entropy"] = "histogram",
+    calibration: Literal["auto", "minmax", "moving_average", "histogram", "mse", "entropy"] = "auto",
     percentile: Annotated[float, Range(gt=50, le=100, why="percent of values inside the range")] = 99.99,
     bins: Annotated[int, Range(ge=1)] = 2048,
     max_calibration_batches: Annotated[int, Range(ge=1)] = 64,
@@ -88,31 +92,39 @@ def quantize(
     skip: tuple[str, ...] = (),
     keep_float_worst: Annotated[int, Range(ge=0)] = 0,
     per_layer_report: bool = False,
+    min_sqnr: Annotated[float, Range(gt=0, why="output SQNR in dB")] | None = None,
+    metric: Callable[[Any, tuple], float] | None = None,
+    max_drop: Annotated[float, Range(ge=0, why="score below the float model's")] | None = None,
 ) -> int:
     """Int8 quantization: calibrated QDQ pairs, or linears quantizing inputs at run time (mode=dynamic).
 
     Static: calibrate, then insert quantize/dequantize pairs (QDQ). Dynamic: int8 linear layers
     whose inputs are quantized at run time, per tensor; no calibration.
 
-    Options: mode (static | dynamic), config (x86 | xnnpack), calibration (minmax |
-    moving_average | histogram | mse | entropy; static only), percentile (histogram), bins
-    (histogram, mse, entropy), skip (glob patterns), keep_float_worst (N layers),
-    per_layer_report, max_calibration_batches, held_out_batches.
+    Options: mode (static | dynamic), config (x86 | xnnpack), calibration (auto | minmax |
+    moving_average | histogram | mse | entropy; static only), percentile (histogram), bins (the
+    histogram every method's range is checked on), skip (glob patterns), keep_float_worst (N layers),
+    per_layer_report, max_calibration_batches, held_out_batches; min_sqnr (dB: keep the fewest
+    layers float to reach it), metric + max_drop (Python only: fn(outputs, batch) -> score).
     """
     if qdq.has_qdq(gm):
         ctx.note("the graph already holds quantize/dequantize nodes; left as it is")
         return 0
     check_patterns(ctx.pass_name, "skip", skip, _layer_names(gm))
+    mixed_precision.check_options(metric, max_drop)
+    floor = max(CONTRACT.min_sqnr_db, min_sqnr or 0.0)
+    if min_sqnr is not None and min_sqnr < CONTRACT.min_sqnr_db:
+        ctx.note(f"min_sqnr={min_sqnr:g} dB is below the pass's {CONTRACT.min_sqnr_db:g} dB budget, which still holds")
     cfg = get_config(config)
     if mode == "dynamic":
         data = calib.measurement_data(ctx.example_inputs, ctx.calibration_data, batches=held_out_batches,
                                       dynamic=shapes.dynamic_dims_of_inputs(gm))
-        measure: _Calibrator | _WeightScales = _WeightScales(gm, cfg)
+        measure: Calibrator | _WeightScales = _WeightScales(gm, cfg)
         planner = plan_dynamic_quantization
     else:
         data = calib.collect(ctx.example_inputs, ctx.calibration_data, max_batches=max_calibration_batches,
                              held_out=held_out_batches, dynamic=shapes.dynamic_dims_of_inputs(gm))
-        measure = _Calibrator(gm, cfg, calibration, bins, percentile, data.batches)
+        measure = Calibrator(gm, cfg, calibration, bins, percentile, data.batches)
         planner = plan_quantization
     veto = _Veto(ctx, skip)
 
@@ -121,7 +133,22 @@ def quantize(
         params, scales, _ = measure.params(probe)
         isolated = evaluation.isolated_layer_sqnr(gm, probe, params, scales, data.held_out)
         worst_first = sorted(isolated, key=isolated.get)[:keep_float_worst]
-        veto.kept_float = {name: isolated[name] for name in worst_first}
+        veto.kept_float = {name: f"one of the {keep_float_worst} worst layers (isolated SQNR {isolated[name]:.1f} dB)"
+                           for name in worst_first}
+    if min_sqnr is not None or metric is not None:
+        target = mixed_precision.Target(floor, metric, max_drop)
+        choice = mixed_precision.fewest_float(gm, veto.keeping_float(planner, gm, cfg), measure.params,
+                                              data.held_out, target)
+        veto.kept_float.update({s.name: f"needed for {target.describe()} (alone in int8 it leaves "
+                                        f"{s.sqnr_db:.1f} dB at the outputs; weights {s.weight_sqnr_db:.1f}, "
+                                        f"input {s.activation_sqnr_db:.1f})" for s in choice.kept})
+        veto.kept_float.update({p: f"its output feeds {layer}, kept float for {target.describe()} because its "
+                                   "input's int8 range loses the most; an int8 producer would hand it integers"
+                                   for p, layer in choice.producers.items()})
+        ctx.record("mixed_precision", {"target": target.describe(), "layers": choice.layers,
+                                       "probes": [p.to_dict() for p in choice.probes]})
+        ctx.note(f"mixed precision: {len(choice.kept)} of {choice.layers} layers kept float for {target.describe()} "
+                 f"(simulated: {choice.reached.sqnr_db:.1f} dB; {len(choice.probes)} plans tried)")
 
     plan = planner(gm, cfg, veto, ctx.decline)
     params, scales, missing = measure.params(plan)
@@ -135,6 +162,8 @@ def quantize(
         return 0
 
     isolated = evaluation.isolated_layer_sqnr(gm, plan, params, scales, data.held_out)
+    sensitivity = {s.name: s for s in layer_sensitivity(gm, plan, params, scales, data.held_out)} \
+        if per_layer_report else {}
     reference = fx.GraphModule(gm, copy.deepcopy(gm.graph))
     _insert(gm, plan, params, scales)
     gm.graph.lint()
@@ -142,15 +171,26 @@ def quantize(
 
     sqnr = evaluation.output_sqnr(reference, gm, data.held_out)
     _report(ctx, cfg, plan, data, calibration, percentile, sqnr, measure.raised, veto)
+    if isinstance(measure, Calibrator):
+        range_choice.report(ctx, calibration, measure.choices)
     if per_layer_report:
         cumulative = evaluation.cumulative_layer_sqnr(reference, gm, plan, data.held_out)
         ctx.record("per_layer", [
             {"layer": u.node.name, "op": u.op, "provenance": provenance(u.node),
-             "isolated_sqnr_db": isolated.get(u.node.name), "cumulative_sqnr_db": cumulative[u.node.name]}
+             "isolated_sqnr_db": isolated.get(u.node.name), "cumulative_sqnr_db": cumulative[u.node.name],
+             **_sensitivity_row(sensitivity.get(u.node.name))}
             for u in plan.units if u.kind != "shared"
         ])
+    if metric is not None:
+        drop = (mixed_precision.score(metric, mixed_precision.outputs_of(reference, data.held_out), data.held_out)
+                - mixed_precision.score(metric, mixed_precision.outputs_of(gm, data.held_out), data.held_out))
+        ctx.record("metric_drop", drop)
+        if drop > max_drop:
+            raise QuantizationError(f"int8 loses {drop:.3g} of the metric on held-out inputs, more than max_drop="
+                                    f"{max_drop:g}; the layers kept float were chosen on a simulation that met it. "
+                                    "Allow a larger drop, or skip=[...] more layers")
     worst = min(sqnr) if sqnr else math.inf
-    if CONTRACT.min_sqnr_db is not None and worst < CONTRACT.min_sqnr_db:
+    if worst < floor:
         worst_layers = sorted(isolated, key=isolated.get)[:3]
         where = {u.node.name: provenance(u.node) for u in plan.units}
         culprits = ", ".join(f"{where.get(n, n)} ({isolated[n]:.1f} dB)" for n in worst_layers)
@@ -164,10 +204,11 @@ def quantize(
             advice = ("A range chosen at run time follows each batch's largest value, so outliers coarsen every "
                       "step: try skip=[...] or keep_float_worst=N, or mode=static with calibration=entropy or mse")
         else:
-            advice = ("Try calibration=mse, entropy or histogram, more representative calibration data, "
-                      "skip=[...] or keep_float_worst=N")
+            advice = ("Try min_sqnr=DB (keeps the fewest layers float that reach it), the mobile-int8-accurate "
+                      "preset (equalization and bias correction), more representative calibration data, or skip=[...]")
         raise QuantizationError(
-            f"int8 output SQNR {worst:.1f} dB on held-out inputs is below the {CONTRACT.min_sqnr_db:g} dB budget"
+            f"int8 output SQNR {worst:.1f} dB on held-out inputs is below the {floor:g} dB budget"
+            f"{' (min_sqnr)' if min_sqnr is not None and min_sqnr > CONTRACT.min_sqnr_db else ''}"
             f"{' (mode=dynamic)' if plan.dynamic else ''}; layers losing the most alone: "
             f"{culprits or 'none measured'}. {advice}"
         )
@@ -201,7 +242,7 @@ class _Veto:
 
     def __init__(self, ctx: graphopt.PassContext, skip: tuple[str, ...]):
         self.ctx, self.skip = ctx, tuple(skip)
-        self.kept_float: dict[str, float] = {}
+        self.kept_float: dict[str, str] = {}  # node name -> why
         self.no_data: set[fx.Node] = set()
         self.granted: dict[fx.Node, bool] = {}
 
@@ -214,11 +255,18 @@ class _Veto:
             if any(fnmatch.fnmatchcase(n, pattern) for n in names if n):
                 return f"skipped by pattern {pattern!r}"
         if unit.node.name in self.kept_float:
-            return f"kept float: one of the worst layers (isolated SQNR {self.kept_float[unit.node.name]:.1f} dB)"
+            return f"kept float: {self.kept_float[unit.node.name]}"
         untouched = [v.name for v in (unit.output, *unit.inputs) if v in self.no_data]
         if untouched:
             return f"no calibration data reached {', '.join(untouched)}; left float"
         return None
+
+    def keeping_float(self, planner, gm: fx.GraphModule, cfg: BackendConfig):
+        """``names -> plan`` with those layers float as well, for the mixed-precision search."""
+        def plan(names: set[str]) -> Plan:
+            return planner(gm, cfg, lambda u: "kept float" if u.node.name in names else self.without_budget(u),
+                           lambda n, r: None)
+        return plan
 
     def __call__(self, unit: Unit) -> str | None:
         reason = self.without_budget(unit)
@@ -229,58 +277,7 @@ class _Veto:
         return None if self.granted[unit.node] else "rewrite budget exhausted (bisection)"
 
 
-# ------------------------------------------------------------------------- calibration
-
-
-class _Calibrator:
-    """Observers per group, calibration runs, and the resulting parameters."""
-
-    def __init__(self, gm: fx.GraphModule, cfg: BackendConfig, method: str, bins: int, percentile: float,
-                 batches: list):
-        self.gm, self.cfg, self.method, self.bins, self.percentile, self.batches = gm, cfg, method, bins, percentile, batches
-        self.raised = 0  # weight channels whose scale the int32 bias guard raised, last plan
-        qlevels = cfg.activation.qmax - cfg.activation.qmin + 1
-        make_observer(method, bins=bins, percentile=percentile, qlevels=qlevels)  # validate options early
-
-    def params(self, plan: Plan) -> tuple[dict[fx.Node, TensorQParams], dict[fx.Node, torch.Tensor], set[fx.Node]]:
-        """Activation parameters per value, weight scales per weighted unit, and the values
-        calibration never reached."""
-        act = self.cfg.activation
-        observers: dict[fx.Node, Observer] = {}
-        watch: dict[fx.Node, Observer] = {}
-        for root, members in plan.groups.roots().items():
-            if plan.groups.fixed_of(root) is None:
-                observers[root] = make_observer(self.method, bins=self.bins, percentile=self.percentile,
-                                                qlevels=act.qmax - act.qmin + 1)
-                watch.update({m: observers[root] for m in members})
-        calib.calibrate(self.gm, watch, self.batches)
-
-        params: dict[fx.Node, TensorQParams] = {}
-        missing: set[fx.Node] = set()
-        for root, members in plan.groups.roots().items():
-            fixed = plan.groups.fixed_of(root)
-            if fixed is not None:
-                qp = TensorQParams(fixed.scale, fixed.zero_point, act.qmin, act.qmax, act.dtype)
-            else:
-                seen = observers[root].range()
-                if seen is None:
-                    missing.update(members)
-                    continue
-                qp = affine_qparams(*seen, act.qmin, act.qmax, act.dtype, self.cfg.activation_scale_min)
-            params.update({m: qp for m in members})
-
-        scales: dict[fx.Node, torch.Tensor] = {}
-        raised: dict[fx.Node, int] = {}
-        for unit in plan.units:
-            if unit.kind == "weighted" and unit.inputs[0] in params:
-                weight = get_attr_value(self.gm, unit.node.args[1])
-                s = symmetric_per_channel_scales(weight, weight_axis(unit.node), self.cfg.weight.qmax,
-                                                 self.cfg.weight_scale_min)
-                bias = ops.arg(unit.node, "bias")
-                bias_value = get_attr_value(self.gm, bias) if isinstance(bias, fx.Node) and bias.op == "get_attr" else None
-                scales[unit.node], raised[unit.node] = guard_bias_scales(s, bias_value, params[unit.inputs[0]].scale)
-        self.raised = sum(raised.values())
-        return params, scales, missing
+# ------------------------------------------------------------------------- dynamic mode
 
 
 class _WeightScales:
@@ -355,6 +352,14 @@ def _insert(gm: fx.GraphModule, plan: Plan, params: dict[fx.Node, TensorQParams]
 # ------------------------------------------------------------------------- report
 
 
+def _sensitivity_row(s: LayerSensitivity | None) -> dict[str, float | None]:
+    """The per-layer report's sensitivity columns: output SQNR with only the layer's weights,
+    only its input, or both in int8 (weighted layers; None for the others)."""
+    return {"weight_sqnr_db": s.weight_sqnr_db if s else None,
+            "activation_sqnr_db": s.activation_sqnr_db if s else None,
+            "sensitivity_sqnr_db": s.sqnr_db if s else None}
+
+
 def _report(ctx: graphopt.PassContext, cfg: BackendConfig, plan: Plan, data: calib.CalibrationData,
             method: str, percentile: float, sqnr: list[float], raised: int, veto: _Veto) -> None:
     ctx.note(cfg.summary())
@@ -377,3 +382,7 @@ def _report(ctx: graphopt.PassContext, cfg: BackendConfig, plan: Plan, data: cal
     ctx.record("bias_guard_raised_channels", raised)
     if veto.kept_float:
         ctx.record("kept_float", dict(veto.kept_float))
+    weighted = [u for u in plan.units if u.kind == "weighted"]
+    graph_nodes = plan.units[0].node.graph.nodes if plan.units else ()
+    float_weighted = [n for n in graph_nodes if n.name in veto.kept_float and ops.is_op(n, *_WEIGHTED_OPS)]
+    ctx.record("float_fraction", len(float_weighted) / max(len(weighted) + len(float_weighted), 1))

@@ -185,3 +185,120 @@ class TestExecuTorchBenchmark:
             ("graphopt-int8-x86", "SQNR vs eager fp32 at least as high"): "missed",
             ("go", "digits accuracy at least as high"): "missed",
         }
+
+
+class TestAccuracyBenchmark:
+    """The builders of benchmarks/bench_accuracy.py (its quick run takes minutes: too long here)."""
+
+    def test_synthetic_images_are_cifar_sized_and_fixed_by_the_seed(self):
+        import torch
+
+        from benchmarks import bench_accuracy
+
+        x, y = bench_accuracy.shapes_data(300, seed=3)
+        again, labels = bench_accuracy.shapes_data(300, seed=3)
+        other, _ = bench_accuracy.shapes_data(300, seed=4)
+        assert x.shape == (300, 3, 32, 32) and x.dtype == torch.float32
+        assert torch.equal(x, again) and torch.equal(y, labels) and not torch.equal(x, other)
+        assert set(y.tolist()) == set(range(10))
+
+    def test_mnist1d_comes_from_its_seeded_generator_and_leaves_numpy_alone(self):
+        import numpy as np
+        import torch
+
+        pytest.importorskip("mnist1d", reason="the bench extra's mnist1d")
+        from benchmarks import bench_accuracy
+
+        np.random.seed(7)
+        state = np.random.get_state()[1].copy()
+        x_train, y_train, x_test, _ = bench_accuracy.mnist1d_data(500)
+        assert (np.random.get_state()[1] == state).all()
+        assert x_train.shape == (400, 1, 40) and x_test.shape == (100, 1, 40) and y_train.dtype == torch.int64
+        assert torch.equal(bench_accuracy.mnist1d_data(500)[0], x_train)
+        assert not torch.equal(bench_accuracy.mnist1d_data(500, seed=1)[0], x_train)
+
+    def test_without_mnist1d_the_task_says_how_to_install_it(self, monkeypatch):
+        from benchmarks import bench_accuracy, peers
+
+        monkeypatch.setitem(sys.modules, "mnist1d.data", None)  # makes the import fail
+        with pytest.raises(peers.Unavailable, match=r"pip install mnist1d"):
+            bench_accuracy.mnist1d_data(100)
+
+    def test_the_outlier_channel_is_what_costs_plain_min_max(self, tmp_path):
+        """A briefly trained model and its twin with the gain moved into the next layer's weights
+        compute the same function; min-max int8 (ORT's quantize_static) does worse on the first."""
+        import torch
+
+        from benchmarks import bench_accuracy, bench_quantize
+
+        x, y = bench_accuracy.shapes_data(1200, seed=1)
+        torch.manual_seed(0)
+        model = bench_accuracy.train(bench_accuracy.ShapesNet(), x[:1000], y[:1000], epochs=3)
+        gain, depthwise = model.features[5], model.features[6][0]
+        twin = bench_accuracy.ShapesNet(gain=1.0)
+        twin.load_state_dict({**model.state_dict(), "features.5.scale": torch.ones_like(gain.scale)})
+        with torch.no_grad():
+            twin.features[6][0].weight[0] = depthwise.weight[0] * gain.scale[0, 0]
+            reference, same = model(x[1000:]), twin.eval()(x[1000:])
+            ranges = model.features[:6](x[1000:]).amax((0, 2, 3))
+        torch.testing.assert_close(same, reference, rtol=1e-4, atol=1e-4)
+        assert ranges[0] > 5 * ranges[1:].max()  # one channel far beyond the others
+        calibration = bench_accuracy.calibration_batches(x[:1000])[:-1]
+        sqnr = {}
+        for name, m in (("outlier", model), ("twin", twin)):
+            fp32 = bench_quantize.export_onnx(m, x[:2], tmp_path / f"{name}.onnx", dynamic_batch=True)
+            int8 = bench_quantize.ort_quantize_static(fp32, tmp_path / f"{name}-int8.onnx", calibration, u8s8=False)
+            sqnr[name] = bench_quantize.sqnr_db(reference.numpy(), bench_quantize.ort_session(int8)(x[1000:]))
+        assert sqnr["outlier"] < sqnr["twin"] - 3, sqnr
+
+    def test_goals_take_graphopt_best_row_and_the_best_peer(self):
+        from benchmarks import bench_accuracy
+
+        def row(key, tool, accuracy, sqnr, status="ok"):
+            return {"key": key, "variant": key, "tool": tool, "accuracy": accuracy, "sqnr_db": sqnr, "status": status}
+
+        rows = [row("fp32", "fp32", 80.0, 120.0), row("minmax", "graphopt", 77.0, 15.0),
+                row("mse", "graphopt", 79.8, 26.0), row("accurate", "graphopt", None, None, "not available"),
+                row("ort", "onnxruntime", 78.5, 19.0), row("fx", "torch.ao", 78.9, 22.0)]
+        within, ahead = bench_accuracy.goals(rows)
+        assert within["graphopt"] == "mse" and within["verdict"] == "met"
+        assert ahead["peer"] == "fx" and ahead["verdict"] == "met"  # 0.9 points, but 4 dB ahead
+        rows[2] = row("mse", "graphopt", 79.6, 24.0)  # 0.7 points and 2 dB ahead: neither is enough
+        within, ahead = bench_accuracy.goals(rows)
+        assert within["verdict"] == "missed" and ahead["verdict"] == "missed"
+        rows[-1] = row("fx", "torch.ao", 79.5, 22.0)  # the best peer loses only 0.5 points
+        assert bench_accuracy.goals(rows)[1]["verdict"].startswith("not applicable")
+        rows.append({**row("keep-float", "graphopt", 80.0, 30.0), "mixed_precision": True})
+        within = bench_accuracy.goals(rows)[0]
+        assert within["graphopt"] == "keep-float" and within["verdict"] == "met"
+        assert within["detail"].endswith("best all-int8 row mse 79.60%")
+
+    def test_a_task_gives_a_row_per_method_and_failures_stay_rows(self, tmp_path):
+        import torch
+
+        from benchmarks import bench_accuracy
+        from benchmarks.bench_accuracy import Method
+
+        x, y = bench_accuracy.shapes_data(400, seed=5)
+        torch.manual_seed(0)
+        task = bench_accuracy.Task("tiny", "untrained", bench_accuracy.ShapesNet(gain=1.0).eval(), x[:300], y[:300],
+                                   x[300:], y[300:])
+        by_key = {m.key: m for m in bench_accuracy.METHODS}
+        methods = (by_key["fp32"], by_key["graphopt-histogram"], by_key["ort-s8s8"],
+                   Method("missing", "a preset this build lacks", "graphopt", "no-such-preset"),
+                   Method("broken", "a tool nobody wrote", "nobody"))
+        result = bench_accuracy.bench_task(task, methods, tmp_path, rounds=1, calls=2)
+        rows = {r["key"]: r for r in result["rows"]}
+        assert list(rows) == ["fp32", "graphopt-histogram", "ort-s8s8", "missing", "broken"]
+        with torch.no_grad():
+            eager = float((task.model(task.x_test).argmax(1) == task.y_test).double().mean() * 100)
+        assert rows["fp32"]["accuracy"] == pytest.approx(eager) and rows["fp32"]["sqnr_db"] > 80
+        for key in ("graphopt-histogram", "ort-s8s8"):
+            assert rows[key]["status"] == "ok" and rows[key]["runtime"] == "ONNX Runtime"
+            assert 20 < rows[key]["sqnr_db"] < 80 and rows[key]["latency_ms"] > 0
+            assert rows[key]["bytes"] < rows["fp32"]["bytes"] / 1.3  # int8 weights
+        assert rows["missing"]["status"] == "not available"
+        assert rows["missing"]["reason"].startswith("not available in this build: unknown pass 'no-such-preset'")
+        assert rows["broken"]["status"] == "failed" and "nobody" in rows["broken"]["reason"]
+        text = bench_accuracy.markdown({"quick": True, "machine": "m", "versions": {}, "tasks": [result]})
+        assert "| a preset this build lacks | not available |" in text

@@ -28,7 +28,7 @@ from graphopt.view import explorer as me  # noqa: E402
 @pytest.fixture(scope="module")
 def fp32():
     model, inputs = examples.get_example("resnet_cnn")
-    return graphopt.optimize(model, inputs, "mobile-fp32")
+    return graphopt.optimize(model, inputs, "mobile-fp32", keep_graphs=True)
 
 
 def test_each_graph_state_matches_its_fx_graph(fp32):
@@ -50,7 +50,7 @@ def test_each_graph_state_matches_its_fx_graph(fp32):
 
 def test_the_pass_overlay_names_the_pass_that_added_or_changed_each_node(fp32):
     overlays = me.node_data(fp32.report)
-    assert set(overlays) == {"pass", "int8", "channels removed"}
+    assert set(overlays) == {"pass", "int8", "channels removed", me.SQNR_OVERLAY}
     json.loads(overlays["pass"].to_json_string())  # Model Explorer's own serializer accepts it
     fuse = next(i for i, r in enumerate(fp32.report.records) if r.name == "fuse-conv-bn-relu")
     before, after = fp32.report.graphs[fuse]
@@ -60,14 +60,33 @@ def test_the_pass_overlay_names_the_pass_that_added_or_changed_each_node(fp32):
     assert {n for n, r in results.items() if r.value == fuse + 1} == set(d.added) | set(d.changed)
 
 
+def test_the_sqnr_overlay_gives_each_node_the_error_of_its_value_against_the_original(fp32):
+    report = fp32.report
+    overlay = me.node_data(report)[me.SQNR_OVERLAY]
+    json.loads(overlay.to_json_string())
+    assert report.numeric_history and overlay.graphsData
+    for i, (_, after) in sorted(report.graphs.items()):
+        graph_id = f"{i + 1} after {report.records[i].name}"
+        measured = [j for j in report.numeric_history if j <= i]
+        if not measured:
+            assert graph_id not in overlay.graphsData
+            continue
+        errors = report.numeric_history[max(measured)]
+        expected = {n: errors[v.provenance].sqnr_db for n, v in after.nodes.items()
+                    if v.provenance in errors and errors[v.provenance].sqnr_db != float("inf")}
+        assert expected and {n: r.value for n, r in overlay.graphsData[graph_id].results.items()} == expected
+    without = graphopt.optimize(*examples.get_example("mlp"), "mobile-fp32", verify="final", keep_graphs=True).report
+    assert me.SQNR_OVERLAY not in me.node_data(without)
+
+
 def test_int8_and_pruned_channel_overlays():
     model, inputs = examples.get_example("resnet_cnn")
-    pruned = graphopt.optimize(model, inputs, "prune-channels{ratio=0.5}").report
+    pruned = graphopt.optimize(model, inputs, "prune-channels{ratio=0.5}", keep_graphs=True).report
     removed = me.node_data(pruned)["channels removed"].graphsData["1 after prune-channels"].results
     d = graph_diff.diff(*pruned.graphs[0])
     assert {n: r.value for n, r in removed.items()} == {n: b - a for n, (b, a) in d.channels.items()}
     with pytest.warns(UserWarning, match="no calibration data"):
-        quantized = graphopt.optimize(model, inputs, "mobile-int8").report
+        quantized = graphopt.optimize(model, inputs, "mobile-int8", keep_graphs=True).report
     overlays = me.node_data(quantized)["int8"].graphsData
     last = me.graphs(quantized).graphs[-1]
     marks = overlays[last.id].results
@@ -108,7 +127,8 @@ def test_explore_command_serves_the_graphs_and_overlays_of_its_run(served, fp32,
     [(config, kwargs)] = served
     assert kwargs == {"port": 8765, "no_open_in_browser": True}
     assert _served_graphs(config) == _report_graphs(fp32.report)  # one graph per state, every fx node
-    assert [s.split("/")[2] for s in config.node_data_sources] == ["pass", "int8", "channels removed"]
+    assert [s.split("/")[2] for s in config.node_data_sources] == ["pass", "int8", "channels removed",
+                                                                      me.SQNR_OVERLAY]
     served_pass = json.loads(config.node_data_list[0].to_json_string())
     assert served_pass == json.loads(me.node_data(fp32.report)["pass"].to_json_string())
 
@@ -136,7 +156,7 @@ import sys
 import graphopt
 from graphopt.app import examples
 model, inputs = examples.get_example("mlp")
-graphopt.optimize(model, inputs, "mobile-fp32", progress=False).explore(port=int(sys.argv[1]), open_browser=False)
+graphopt.optimize(model, inputs, "mobile-fp32", progress=False, keep_graphs=True).explore(port=int(sys.argv[1]), open_browser=False)
 """
 
 
@@ -147,7 +167,7 @@ def test_model_explorer_server_starts_and_serves_the_graphs(tmp_path):
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
     model, inputs = examples.get_example("mlp")
-    expected = _report_graphs(graphopt.optimize(model, inputs, "mobile-fp32", progress=False).report)
+    expected = _report_graphs(graphopt.optimize(model, inputs, "mobile-fp32", progress=False, keep_graphs=True).report)
     log = tmp_path / "server.log"
     with open(log, "w") as sink:
         server = subprocess.Popen([sys.executable, "-c", _SERVE, str(port)], stdout=sink, stderr=subprocess.STDOUT,

@@ -13,6 +13,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 import graphopt
+from graphopt.ir import graph as G
 from graphopt.pipeline import passes as pass_infra
 from graphopt.errors import OptionError, PassError, PipelineError, VerificationError
 
@@ -345,6 +346,80 @@ def test_bisect_finds_the_first_bad_rewrite(registry):
     found = graphopt.bisect(Chain(), (torch.randn(8, 8),), "t-bad-third")
     assert (found.pass_name, found.first_bad, found.rewrite_in_pass, found.description) == ("t-bad-third", 2, 2, "relu #1")
     assert found.total_rewrites == 3
+
+
+class _ReluChain(nn.Module):
+    def forward(self, x):
+        return torch.relu(torch.relu(torch.relu(x) - 0.5) + 0.25)
+
+
+def _register_noisy_relus(registry, contract, scales):
+    """A lossy pass scaling the value of each relu by its entry of ``scales``, one rewrite each;
+    returns the provenance of each relu it rewrote, in order."""
+    rewritten = []
+
+    @registry("t-noisy-relus", contract=contract)
+    def noisy(gm, ctx):
+        n = 0
+        for i, node in enumerate([n for n in gm.graph.nodes if n.target is torch.relu]):
+            if not ctx.may_rewrite(f"scale relu #{i} ({node.name})"):
+                continue
+            with gm.graph.inserting_after(node):
+                scaled = gm.graph.call_function(torch.mul, (node, scales[i]))
+            node.replace_all_uses_with(scaled, delete_user_cb=lambda user: user is not scaled)
+            G.copy_provenance(scaled, node)
+            rewritten.append(G.provenance(node))
+            n += 1
+        return n
+
+    return rewritten
+
+
+def test_lossy_bisect_finds_the_rewrite_that_drops_output_sqnr_below_the_budget(registry):
+    # relu #0 and #2 lose ~60 dB each, relu #1 ~20 dB: with a 30 dB budget the second rewrite is the bad one
+    rewritten = _register_noisy_relus(registry, graphopt.Lossy(min_sqnr_db=None), [1.001, 1.1, 1.001])
+    found = graphopt.bisect(_ReluChain(), (torch.randn(8, 8),), "t-noisy-relus", min_sqnr=30)
+    assert (found.pass_name, found.first_bad, found.rewrite_in_pass, found.total_rewrites) == ("t-noisy-relus", 2, 2, 3)
+    assert found.description.startswith("scale relu #1")
+    assert found.min_sqnr == 30 and found.verdict.ok and found.verdict.min_sqnr_db < 30
+    relus = list(dict.fromkeys(rewritten))
+    # the error entered at the second relu: worse than the budget there, the first relu's is not
+    assert found.entered_at == relus[1]
+    assert found.node_errors[relus[1]].sqnr_db < 30 < found.node_errors[relus[0]].sqnr_db
+    assert "breaks the 30 dB output SQNR budget" in str(found) and repr(relus[1]) in str(found)
+
+
+def test_lossy_bisect_judges_against_the_lowest_budget_of_the_lossy_passes_by_default(registry):
+    _register_noisy_relus(registry, graphopt.Lossy(min_sqnr_db=50.0), [1.001, 1.001, 1.01])
+    found = graphopt.bisect(_ReluChain(), (torch.randn(8, 8),), "t-noisy-relus")
+    assert found.min_sqnr == 50.0 and (found.first_bad, found.rewrite_in_pass) == (3, 3)
+    within = graphopt.bisect(_ReluChain(), (torch.randn(8, 8),), "t-noisy-relus", min_sqnr=20)
+    assert within.first_bad is None and "no rewrite breaks the 20 dB output SQNR budget" in str(within)
+
+
+def test_lossy_bisect_of_int8_names_a_quantize_rewrite_and_the_value_it_degraded():
+    from graphopt.app import examples
+
+    model, inputs = examples.get_example("resnet_cnn")
+    with pytest.warns(UserWarning, match="no calibration data"):
+        full = graphopt.optimize(model, inputs, "mobile-int8").report.final_verdict.min_sqnr_db
+        found = graphopt.bisect(model, inputs, "mobile-int8", min_sqnr=full + 2)  # a budget the whole run misses
+    assert found.pass_name == "quantize" and found.description.startswith("quantize ")
+    assert 0 < found.first_bad <= found.total_rewrites and found.verdict.min_sqnr_db < full + 2
+    assert found.entered_at is not None and found.node_errors[found.entered_at].sqnr_db < float("inf")
+
+
+def test_lossy_bisect_without_any_budget_asks_for_one(registry):
+    _register_noisy_relus(registry, graphopt.Lossy(min_sqnr_db=None), [1.1, 1.1, 1.1])
+    with pytest.raises(PipelineError, match="pass min_sqnr="):
+        graphopt.bisect(_ReluChain(), (torch.randn(8, 8),), "t-noisy-relus")
+
+
+def test_exact_bisect_names_the_node_where_the_difference_entered(registry):
+    rewritten = _register_noisy_relus(registry, graphopt.Exact(), [1.0, 1.5, 1.0])
+    found = graphopt.bisect(_ReluChain(), (torch.randn(8, 8),), "t-noisy-relus")
+    assert found.min_sqnr is None and found.first_bad == 2
+    assert found.entered_at == list(dict.fromkeys(rewritten))[1]
 
 
 def test_entry_point_passes_are_discovered(tmp_path, monkeypatch):

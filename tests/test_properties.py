@@ -46,6 +46,15 @@ test_channels_last = property_test(
          "permute", "mean", "linear", *_SHAPE_READS],
 )
 
+# conv/linear chains without batch norm between them (equalization through relu or nothing;
+# relu6 pairs are declined, and the kit draws them too)
+test_equalize_cross_layer = property_test("equalize-cross-layer", min_fired=3,
+                                          ops=["conv2d", "conv1d", "linear", "relu", "relu6", "add", "flatten"])
+# layer norms read by linear layers (drawn from these two kinds alone, and deep: a norm over the
+# last dim feeding a linear layer is rare); other_readers=rescale so norms with other readers fire too
+test_smooth_activations = property_test("smooth-activations{other_readers=rescale}", min_fired=3,
+                                        ops=["layer_norm", "linear"], max_depth=8)
+
 
 def test_every_registered_builtin_pass_has_a_property_test():
     tested = {name.removeprefix("test_").replace("_", "-") for name in globals() if name.startswith("test_")}
@@ -107,6 +116,54 @@ def test_quantize():
 test_fold_weight_quantization = test_quantize  # the same property covers both int8 passes
 
 
+# The recovery preset on the same models: the exact passes never roll back, quantize keeps or
+# declines for its budget as above, and bias correction either keeps held-out SQNR at least as
+# good (its record says so) or takes itself back with the reason; never a rollback by the manager.
+_accurate_stats = {"valid": 0, "corrected": 0}
+
+
+@_fewer(15)
+@given(case=models(ops=_INT8_OPS, max_depth=5))
+def _accurate_property(case):
+    import warnings
+
+    import torch
+
+    from graphopt import verify
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = graphopt.PassManager("mobile-int8-accurate").run(case.module, case.example_inputs)
+    _accurate_stats["valid"] += 1
+    records = {r.name: r for r in result.report.records}
+    where = f"\n{case.code}\nreport:\n{result.report}"
+    for name in ("equalize-cross-layer", "smooth-activations", "correct-quantization-bias"):
+        assert records[name].status in ("changed", "unchanged"), f"{name}: {records[name].error}{where}"
+    if records["quantize"].status == "rolled-back":
+        assert "dB" in records["quantize"].error
+        return
+    correction = records["correct-quantization-bias"]
+    if correction.rewrites:
+        _accurate_stats["corrected"] += 1
+        held = correction.figures["held_out_sqnr_db"]
+        assert all(a >= b for a, b in zip(held["after"], held["before"])), f"{held}{where}"
+    else:
+        assert all("taken back" in reason for _, reason in correction.declines), where
+    outs, refs = verify.run(result.module, case.example_inputs), verify.run(case.module, case.example_inputs)
+    assert [o.shape for o in outs] == [r.shape for r in refs]
+    assert all(torch.isfinite(o).all() for o in outs)
+
+
+def test_correct_quantization_bias():
+    from types import SimpleNamespace
+
+    _accurate_stats.update(valid=0, corrected=0)
+    _accurate_property()
+    test_correct_quantization_bias.stats = SimpleNamespace(
+        pipeline="mobile-int8-accurate", drawn=_accurate_stats["valid"], valid=_accurate_stats["valid"],
+        fired=_accurate_stats["corrected"])
+    assert _accurate_stats["valid"] >= 5 and _accurate_stats["corrected"] >= 2, _accurate_stats
+
 # Every preset on models that read their batch size (x.reshape(x.shape[0], -1), a class token
 # expanded to x.shape[0], x.new_ones(x.shape[0], k), torch.arange(x.shape[0]), the batch padded
 # to pairs): the batch stays dynamic (report.checked_at) and the optimized module equals the
@@ -117,7 +174,7 @@ test_fold_weight_quantization = test_quantize  # the same property covers both i
 # rollback allowed is quantize declining for its SQNR budget: a rolled-back exact pass is a
 # rewrite that verification caught, at the example or at the second batch size.
 _batch_stats = PropertyStats("every preset at batch 1,3,5")
-_BUILT_IN_PRESETS = ("mobile-fp32", "mobile-int8", "mobile-pruned")
+_BUILT_IN_PRESETS = ("mobile-fp32", "mobile-int8", "mobile-pruned", "mobile-int8-accurate")
 
 
 @_fewer(20)

@@ -409,7 +409,7 @@ class TestParameterMath:
 
 
 class TestCalibration:
-    @pytest.mark.parametrize("method", ["minmax", "moving_average", "histogram", "mse", "entropy"])
+    @pytest.mark.parametrize("method", ["auto", "minmax", "moving_average", "histogram", "mse", "entropy"])
     def test_every_method_runs_from_a_pipeline_string(self, method):
         gm, records = run(SmallNet(), X, pipeline=f"fuse-conv-bn-relu,quantize{{calibration={method}}}")
         assert records["quantize"].status == "changed"
@@ -505,7 +505,7 @@ class TestCalibration:
     def test_unknown_config_and_method_are_option_errors(self):
         with pytest.raises(OptionError, match=r"option config must be one of x86, xnnpack.*got 'x68'; did you mean 'x86'"):
             run(SmallNet(), X, config="x68")
-        with pytest.raises(OptionError, match="'kl' is not one of minmax, moving_average, histogram, mse, entropy"):
+        with pytest.raises(OptionError, match="'kl' is not one of auto, minmax, moving_average, histogram, mse, entropy"):
             graphopt.PassManager("quantize{calibration=kl}")
 
 

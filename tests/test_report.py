@@ -22,7 +22,7 @@ needs_dot = pytest.mark.skipif(shutil.which("dot") is None,
 @pytest.fixture(scope="module")
 def fp32_run():
     model, inputs = examples.get_example("resnet_cnn")
-    return graphopt.optimize(model, inputs, "mobile-fp32")
+    return graphopt.optimize(model, inputs, "mobile-fp32", keep_graphs=True)
 
 
 def _record(report, name, nth=0):
@@ -116,7 +116,7 @@ class TestGraphDiff:
     def test_int8_regions_and_float_islands_are_marked(self):
         model, inputs = examples.get_example("resnet_cnn")
         with pytest.warns(UserWarning, match="no calibration data"):
-            report = graphopt.optimize(model, inputs, "mobile-int8").report
+            report = graphopt.optimize(model, inputs, "mobile-int8", keep_graphs=True).report
         i, _ = _record(report, "quantize")
         before, after = report.graphs[i]
         assert not any(n.precision for n in before.nodes.values())
@@ -131,7 +131,7 @@ class TestGraphDiff:
 
     def test_pruned_layers_record_channels_kept(self):
         model, inputs = examples.get_example("resnet_cnn")
-        report = graphopt.optimize(model, inputs, "prune-channels{ratio=0.5}").report
+        report = graphopt.optimize(model, inputs, "prune-channels{ratio=0.5}", keep_graphs=True).report
         before, after = report.graphs[0]
         d = graph_diff.diff(before, after)
         convs = {n: c for n, c in d.channels.items() if after.nodes[n].op == "conv2d"}
@@ -154,9 +154,37 @@ class TestHtml:
             titles = re.findall(r'<g class="node[^"]*">\s*<title>([^<]*)</title>', template)
             assert sorted(t.replace("&#45;", "-") for t in titles) == sorted(graph)
 
+    def test_each_side_of_a_pass_carries_the_latest_numeric_history_at_or_before_it(self, fp32_run):
+        from graphopt.view.html import build_html
+
+        report = fp32_run.report
+        assert report.numeric_history  # fusion and channels-last change values (by rounding)
+        page = build_html(report)
+        data = json.loads(re.search(r'id="data">(.*?)</script>', page, re.S).group(1))
+        recorded = sorted(report.numeric_history)
+        for view in data["views"]:
+            i = view["record"]
+            earlier = [j for j in recorded if j < i]
+            assert view["history_before"] == (earlier[-1] if earlier else None)
+            assert view["history_after"] == (i if i in recorded else view["history_before"])
+            for j in (view["history_before"], view["history_after"]):
+                if j is not None:
+                    shown = data["history"][str(j)]
+                    assert shown["label"] == f"after pass #{j + 1} {report.records[j].name}"
+                    assert shown["nodes"] == {k: str(e) for k, e in report.numeric_history[j].items()}
+
+    def test_a_run_without_graphs_says_how_to_keep_them(self, tmp_path):
+        from graphopt.view.html import build_html
+
+        model, inputs = examples.get_example("resnet_cnn")
+        report = graphopt.optimize(model, inputs, "mobile-fp32").report
+        page = build_html(report)
+        assert "did not keep its graphs" in page and "keep_graphs=True" in page
+        assert '<table class="passes">' in page
+
     def test_declines_are_attached_to_their_nodes(self, tmp_path):
         model, inputs = examples.get_example("resnet_cnn")
-        report = graphopt.optimize(model, inputs, "prune-channels{ratio=0.5}").report
+        report = graphopt.optimize(model, inputs, "prune-channels{ratio=0.5}", keep_graphs=True).report
         page = report.save_html(tmp_path / "r.html").read_text()
         data = json.loads(re.search(r'id="data">(.*?)</script>', page, re.S).group(1))
         declines = data["views"][0]["declines"]
@@ -179,3 +207,36 @@ class TestHtml:
         with pytest.raises(ReportError, match="apt-get install graphviz"):
             fp32_run.report.save_html(tmp_path / "r.html")
         assert not (tmp_path / "r.html").exists()
+
+
+class TestSensitivityChart:
+    """quantize{per_layer_report=true} draws each layer's int8 sensitivity into the page, worst first."""
+
+    @pytest.fixture(scope="class")
+    def int8_run(self):
+        model, inputs = examples.get_example("resnet_cnn")
+        pipeline = ("canonicalize,eliminate-dead-code,fold-constants,fuse-conv-bn-relu,eliminate-dead-code,"
+                    "quantize{per_layer_report=true}")
+        return graphopt.optimize(model, inputs, pipeline)
+
+    def test_the_chart_ranks_the_recorded_layers_worst_first(self, int8_run):
+        from graphopt.view import charts
+
+        i, record = _record(int8_run.report, "quantize")
+        rows = record.figures["per_layer"]
+        page = charts.sensitivity_sections(int8_run.report.records)
+        assert f'data-record="{i}"' in page
+        drawn = re.findall(r'<g class="layer" data-layer="([^"]*)"', page)
+        expected = [r["layer"] for r in sorted((r for r in rows if r["sensitivity_sqnr_db"] is not None),
+                                               key=lambda r: r["sensitivity_sqnr_db"])]
+        assert drawn == expected[:charts.MAX_LAYERS] and len(drawn) >= 3
+        # bar lengths follow the figures: the worst layer's "both" bar is the shortest of the "both" bars
+        widths = [float(w) for w in re.findall(r'<rect class="sensitivity_sqnr_db" x="\d+" y="\d+" width="([\d.]+)"', page)]
+        assert widths == sorted(widths) and widths[0] < widths[-1]
+
+    @needs_dot
+    def test_the_page_holds_the_chart_and_a_run_without_the_figures_does_not(self, int8_run, fp32_run, tmp_path):
+        page = int8_run.report.save_html(tmp_path / "int8.html").read_text()
+        assert "Int8 sensitivity per layer" in page and page.count('<g class="layer"') >= 3
+        plain = fp32_run.report.save_html(tmp_path / "fp32.html").read_text()
+        assert "Int8 sensitivity per layer" not in plain

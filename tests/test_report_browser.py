@@ -36,7 +36,7 @@ FILLS = {"added": (0xa5, 0xd6, 0xa7), "removed": (0xef, 0x9a, 0x9a), "changed": 
 @pytest.fixture(scope="module")
 def demo_page(tmp_path_factory):
     model, inputs = examples.get_example("resnet_cnn")  # graphopt demo's model and pipeline
-    report = graphopt.optimize(model, inputs, "mobile-fp32", verify="each").report
+    report = graphopt.optimize(model, inputs, "mobile-fp32", verify="each", keep_graphs=True).report
     page = report.save_html(tmp_path_factory.mktemp("report") / "report.html")
     return report, page
 
@@ -83,6 +83,29 @@ def test_the_screenshot_shows_the_graphs_in_the_diff_colours(demo_page, tmp_path
     below_legend = Counter(pixels[width * 150:])  # the toolbar's legend shows each colour too
     for status, fill in FILLS.items():
         assert below_legend[fill] > 2000, f"no {status} node fill {fill} in the screenshot"
+
+
+def test_hovering_a_node_shows_its_error_against_the_original_graph(demo_page, tmp_path):
+    report, page = demo_page
+    pictures = _probe(page, tmp_path)
+    views = {(v["record"], side): v["history_" + side] for v in _page_data(page)["views"] for side in ("before", "after")}
+    shown = 0
+    for (i, side), picture in pictures.items():
+        recorded = views[(i, side)]
+        for name, (_, tip) in picture["nodes"].items():
+            node = (report.graphs[i][0] if side == "before" else report.graphs[i][1]).nodes[name]
+            error = None if recorded is None else report.numeric_history[recorded].get(node.provenance)
+            if error is None:
+                assert "vs original:" not in tip, (i, side, name)
+            else:
+                shown += 1
+                assert (f"vs original: {error} (value of {node.provenance}, "
+                        f"after pass #{recorded + 1} {report.records[recorded].name})") in tip
+    assert shown  # the demo's fusion changes values by rounding: its nodes show their error
+
+
+def _page_data(page: Path) -> dict:
+    return json.loads(re.search(r'id="data">(.*?)</script>', page.read_text(encoding="utf-8"), re.S).group(1))
 
 
 # ------------------------------------------------------------------ mobile-int8 and prune-channels
@@ -164,7 +187,7 @@ def int8_run(tmp_path_factory):
     gen = torch.Generator().manual_seed(1)
     calibration = [tuple(torch.randn(x.shape, generator=gen) for x in inputs) for _ in range(2)]
     report = graphopt.optimize(model, inputs, "mobile-int8", verify="final", calibration_data=calibration,
-                               progress=False).report
+                               progress=False, keep_graphs=True).report
     tmp = tmp_path_factory.mktemp("int8")
     return report, _probe(report.save_html(tmp / "report.html"), tmp)
 
@@ -173,7 +196,7 @@ def int8_run(tmp_path_factory):
 def pruned_run(tmp_path_factory):
     model, inputs = examples.get_example("resnet18")
     report = graphopt.optimize(model, inputs, "canonicalize,eliminate-dead-code,prune-channels", verify="final",
-                               progress=False).report
+                               progress=False, keep_graphs=True).report
     tmp = tmp_path_factory.mktemp("pruned")
     return report, _probe(report.save_html(tmp / "report.html"), tmp)
 

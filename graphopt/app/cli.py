@@ -327,7 +327,7 @@ def cmd_optimize(args) -> int:
     # optimize's own bar (on a terminal) shows capture and each pass
     result = optimize(model, inputs, args.pipeline, verify=args.verify, on_failure=args.on_failure,
                       options=options or None, dynamic_shapes=dynamic, calibration_data=calibration,
-                      hooks=hooks)
+                      hooks=hooks, keep_graphs=report_html is not None or args.command == "explore")
     console.print(result.report.table())
     for line in result.report.details():
         console.print(line, markup=False, highlight=False)

@@ -34,7 +34,7 @@ def run_demo(model_name: str = "resnet_cnn", out_dir: str = "out/demo") -> int:
     console.print(f"[bold]graphopt demo[/bold]: {model_name} ({examples.EXAMPLES[model_name].description}), "
                   f"input {tuple(inputs[0].shape)}, 1 thread")
     original = capture(model, inputs)
-    result = optimize(model, inputs, "mobile-fp32", verify="each")  # its bar shows each pass on a terminal
+    result = optimize(model, inputs, "mobile-fp32", verify="each", keep_graphs=True)  # its bar shows each pass on a terminal
     console.print(result.report.table())
     for line in result.report.details():
         console.print("  " + line, markup=False, highlight=False)

@@ -143,6 +143,39 @@ class SmallMobileNet(nn.Module):
         return self.classifier(torch.flatten(x, 1))
 
 
+class SeparableCNN(nn.Module):
+    """Depthwise-separable CNN: a conv stem, depthwise 3x3 + pointwise 1x1 blocks (each conv-BN-ReLU6),
+    global average pooling and a linear head."""
+
+    def __init__(self, num_classes: int = 10, widths: tuple[int, ...] = (16, 32, 64)):
+        super().__init__()
+        layers: list[nn.Module] = [ConvBNActivation(3, widths[0], stride=2)]
+        for cin, cout in zip(widths, widths[1:]):
+            layers += [ConvBNActivation(cin, cin, groups=cin), ConvBNActivation(cin, cout, kernel=1)]
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(widths[-1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.adaptive_avg_pool2d(self.features(x), (1, 1))
+        return self.classifier(torch.flatten(x, 1))
+
+
+def spread_channel_ranges(model: nn.Module, decades: float = 4.0) -> None:
+    """Give each BN layer per-channel output scales spread log-uniformly over ``decades`` decades
+    around 1 (1e-2..1e2 for 4), with running statistics and shifts to match: the channels of one
+    tensor then differ in range by that much, as in trained networks whose BN scales drift apart.
+    Uses the global RNG."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                scale = 10.0 ** (decades * (torch.rand(n) - 0.5))
+                m.running_mean.normal_(0.0, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.copy_(scale * m.running_var.add(m.eps).sqrt())
+                m.bias.copy_(scale * torch.empty(n).uniform_(-0.5, 1.0))
+
+
 class MLP(nn.Module):
     def __init__(self, sizes: tuple[int, ...] = (64, 128, 64, 10)):
         super().__init__()
@@ -261,6 +294,29 @@ def mlp(seed: int = 0) -> Example:
 
 def transformer_block(seed: int = 0) -> Example:
     return _build(seed, EncoderBlock, 2, 8, 32)
+
+
+def wide_range_cnn(seed: int = 0) -> Example:
+    """:class:`SeparableCNN` whose per-channel ranges span four decades (see
+    :func:`spread_channel_ranges`), 2x3x32x32. A hard case for calibration: one per-tensor range
+    must serve channels 1e4 apart, and the linear head reads pooled ReLU6 outputs."""
+    def make() -> nn.Module:
+        model = SeparableCNN()
+        spread_channel_ranges(model)
+        return model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = make()
+        example = torch.randn(2, 3, 32, 32)
+    return model.eval(), (example,)
+
+
+def normal_batches(example: torch.Tensor, count: int, *, batch: int = 8, seed: int = 0) -> list[tuple[torch.Tensor]]:
+    """``count`` seeded batches of standard normal inputs shaped like ``example`` (``batch`` rows
+    each), as ``calibration_data``; the global RNG is left as it was."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn((batch, *example.shape[1:]), generator=g, dtype=example.dtype),) for _ in range(count)]
 
 
 def resnet18(seed: int = 0) -> Example:

@@ -76,12 +76,15 @@ class Lossy(Contract):
     checked. Shapes and dtypes must still match. With neither figure set the contract has no
     budget: the manager measures and reports the SQNR but accepts any value ("no budget").
     ``budget_option``: the name of a pass option that, when not None, sets ``min_sqnr_db`` for
-    that invocation (``prune-channels{min_sqnr=20}``).
+    that invocation (``prune-channels{min_sqnr=20}``); with ``budget_option_raises_only`` it may
+    only raise the figure, never lower it (``quantize{min_sqnr=30}`` tightens its 15 dB floor,
+    ``min_sqnr=10`` leaves it at 15).
     """
 
     min_sqnr_db: float | None = 20.0
     max_rel_error: float | None = None
     budget_option: str | None = None
+    budget_option_raises_only: bool = False
     lossy: bool = dataclasses.field(default=True, init=False)
 
     @property
@@ -90,7 +93,12 @@ class Lossy(Contract):
 
     def for_options(self, options: dict[str, Any]) -> "Lossy":
         value = options.get(self.budget_option) if self.budget_option else None
-        return self if value is None else dataclasses.replace(self, min_sqnr_db=float(value))
+        if value is None:
+            return self
+        figure = float(value)
+        if self.budget_option_raises_only and self.min_sqnr_db is not None:
+            figure = max(figure, self.min_sqnr_db)
+        return dataclasses.replace(self, min_sqnr_db=figure)
 
     def tolerance(self, dtype: torch.dtype):
         from graphopt import verify

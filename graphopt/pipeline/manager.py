@@ -24,7 +24,7 @@ from graphopt.ir import graph as G
 from graphopt.ir import shapes, structure
 from graphopt.view import diff as graph_diff
 from graphopt.errors import CalibrationDataError, GraphoptError, OptionError, PassError, PipelineError, VerificationError
-from graphopt.errors import TrainingModeError
+from graphopt.errors import TrainingModeError, exception_summary
 from graphopt.pipeline.hooks import Hook
 from graphopt.pipeline.passes import PassContext, RewriteBudget
 from graphopt.pipeline.report import PassRecord, Report
@@ -66,7 +66,8 @@ class Result:
         return iter((self.module, self.report))
 
     def explore(self, *, port: int = 8080, open_browser: bool = True) -> None:
-        """Open each state of the graph in Model Explorer (:func:`graphopt.view.explorer.explore`)."""
+        """Open each state of the graph in Model Explorer (:func:`graphopt.view.explorer.explore`);
+        the run must have kept its graphs (``keep_graphs=True``)."""
         from graphopt.view.explorer import explore
 
         explore(self.report, port=port, open_browser=open_browser)
@@ -137,6 +138,12 @@ class PassManager:
     ``"raise"`` raises PassError / VerificationError. ``fixed_point=True`` repeats the pipeline
     until no pass changes the graph (at most ``max_iterations`` times). ``options`` sets pass
     options from Python: ``{"quantize": {"calibration": "histogram"}}``.
+
+    ``keep_graphs=True`` keeps a structural view of the graph after every pass that changed it
+    (``Report.graphs``, what the HTML report and Model Explorer draw); off by default, since
+    building the views costs time on large graphs. ``numeric_history`` (default: on with
+    ``verify="each"``) records, after each pass that changed the values, every node's error
+    against the original graph (``Report.numeric_history``); it needs ``verify="each"``.
     """
 
     def __init__(
@@ -151,6 +158,8 @@ class PassManager:
         options: dict[str, dict[str, Any]] | None = None,
         synthesize: int = 2,
         seed: int = 0,
+        keep_graphs: bool = False,
+        numeric_history: bool | None = None,
     ):
         if verify not in ("each", "final", "none"):
             raise PipelineError(f"verify must be 'each', 'final' or 'none', not {verify!r}")
@@ -166,6 +175,11 @@ class PassManager:
         self.hooks = list(hooks)
         self.synthesize = synthesize
         self.seed = seed
+        self.keep_graphs = keep_graphs
+        if numeric_history and verify != "each":
+            raise PipelineError(f"numeric_history=True needs verify='each' (it measures each pass's result), "
+                                f"not verify={verify!r}")
+        self.numeric_history = verify == "each" if numeric_history is None else numeric_history
 
     @property
     def pipeline_string(self) -> str:
@@ -225,7 +239,8 @@ class PassManager:
         notes.extend(capture_notes(gm))
         inputs = structure.graph_inputs(gm, inputs)  # containers (dicts, lists, ...) as the graph's flat inputs
         budget = budget or RewriteBudget()
-        report = Report(self.pipeline_string, notes=notes, shapes=shapes.describe(gm), checked_at=shapes.sizes_for(gm))
+        report = Report(self.pipeline_string, notes=notes, shapes=shapes.describe(gm), checked_at=shapes.sizes_for(gm),
+                        graphs_kept=self.keep_graphs)
         start = time.perf_counter()
         check_inputs = verify.verification_inputs(inputs, synthesize=self.synthesize, seed=self.seed) \
             if self.verify_mode != "none" else [inputs]
@@ -238,15 +253,21 @@ class PassManager:
         current_outs = reference
 
         lossy = False
-        seen = graph_diff.view(gm)
+        seen = graph_diff.view(gm) if self.keep_graphs else None
+        history = _History([check_inputs[i] for i, label in enumerate(labels) if _in_distribution(label)]) \
+            if self.numeric_history else None
         for iteration in range(self.max_iterations if self.fixed_point else 1):
             any_change = False
             for inv in self.invocations:
-                gm, current_outs, record, clean = self._run_one(
+                gm, current_outs, record, clean, before = self._run_one(
                     inv, gm, clean, inputs, check_inputs, labels, current_outs, calibration_data, budget, iteration
                 )
                 report.records.append(record)
-                if record.changed or record.declines:
+                if history is not None:
+                    errors = history.after(before, gm, record, inv.contract)
+                    if errors is not None:
+                        report.numeric_history[len(report.records) - 1] = errors
+                if self.keep_graphs and (record.changed or record.declines):
                     now = graph_diff.view(gm) if record.changed else seen
                     report.graphs[len(report.records) - 1] = (seen, now)
                     seen = now
@@ -259,6 +280,8 @@ class PassManager:
                     report.unbudgeted.append(inv.name)
             if not any_change:
                 break
+        if history is not None and history.stopped:
+            report.notes.append(history.stopped)
 
         if self.verify_mode != "none":
             tol = verify.Tolerance(float("inf"), float("inf")) if lossy else None
@@ -394,10 +417,10 @@ class PassManager:
                 h.on_failure(inv, gm, record, error)
             if fatal:
                 raise error
-            return snapshot.restore(), current_outs, record, None if snapshot.spent_by_restore else snapshot
+            return snapshot.restore(), current_outs, record, None if snapshot.spent_by_restore else snapshot, None
         for h in self.hooks:
             h.after_pass(inv, gm, record)
-        return gm, new_outs, record, None if changed else snapshot
+        return gm, new_outs, record, None if changed else snapshot, snapshot
 
     @staticmethod
     def _check_no_inplace(name: str, tensors: dict[str, torch.Tensor], versions: dict[str, tuple[int, int]]) -> None:
@@ -410,6 +433,40 @@ class PassManager:
                     "The shared tensor is now changed and cannot be restored: re-capture the model.",
                     pass_name=name,
                 )
+
+
+class _History:
+    """The numeric history of one run: the original graph's values, recorded once (on the first
+    pass that changes values: until then the state before a pass is the original), and each
+    changed state's per-node error against them."""
+
+    def __init__(self, inputs_list: list[tuple]):
+        self.inputs_list = inputs_list
+        self.original: Any = None  # the state before the first pass that changed the graph
+        self.values: Any = None
+        self.stopped: str | None = None  # why recording stopped, for the report's notes
+
+    def after(self, before: Any, gm: fx.GraphModule, record: PassRecord, contract: Any) -> dict | None:
+        """Per-node errors after a pass, or None when it changed nothing (or was rolled back),
+        or is exact and its outputs were bit-equal to the graph's before it."""
+        if not record.changed or not self.inputs_list:
+            return None
+        if self.values is None and self.original is None:
+            self.original = before
+        if not contract.lossy and record.max_abs_error == 0:
+            return None
+        from graphopt.verify import history
+
+        try:
+            if self.values is None:
+                self.values = history.record(self.original.module(), self.inputs_list)
+                self.original = None  # its values are kept: the state itself is no longer needed
+            return history.node_errors(self.values, gm, self.inputs_list)
+        except Exception as exc:  # a diagnosis must not fail a run its checks passed: say so, stop it
+            self.stopped = (f"numeric history stopped at pass {record.name!r}: running the graph node by node "
+                            f"raised {exception_summary(exc)}")
+            self.inputs_list = []
+            return None
 
 
 def _check_word(error: BaseException | None, changed: bool, contract: Any, verdict: Any) -> str | None:
@@ -490,14 +547,19 @@ def optimize(
     fixed_point: bool = False,
     dynamic_shapes: Any = "batch",
     progress: bool | None = None,
+    keep_graphs: bool = False,
+    numeric_history: bool | None = None,
 ) -> Result:
     """Capture (if needed) and optimize ``model`` with ``pipeline``; returns ``Result``.
     ``dynamic_shapes``: the input dims the result stays generic over (see :func:`graphopt.capture`).
+    ``keep_graphs``: keep the graph after each pass that changed it, for ``report.save_html`` and
+    ``Result.explore``; ``numeric_history``: per-node error against the original graph after
+    each pass (default: with ``verify="each"``; see :class:`PassManager`).
     ``progress``: a bar on stderr over capture and the passes (default: when stderr is a terminal)."""
     from graphopt.pipeline import progress as bar
 
     pm = PassManager(pipeline, verify=verify, on_failure=on_failure, options=options, hooks=hooks,
-                     fixed_point=fixed_point)
+                     fixed_point=fixed_point, keep_graphs=keep_graphs, numeric_history=numeric_history)
     if not bar.wanted(progress) or fixed_point:  # a fixed point has no known number of steps
         return pm.run(model, example_inputs, calibration_data=calibration_data, dynamic_shapes=dynamic_shapes)
     with bar.PipelineProgress(len(pm.invocations), "optimizing", force=progress is True) as shown:

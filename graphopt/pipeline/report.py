@@ -48,6 +48,18 @@ class PassRecord:
         return d
 
 
+@dataclass(frozen=True)
+class HistoryPoint:
+    """A node's error against the original graph after one pass (:meth:`Report.node_history`)."""
+
+    record: int  # index into Report.records
+    pass_name: str
+    error: Any  # graphopt.verify.history.NodeError
+
+    def __str__(self) -> str:
+        return f"after pass #{self.record + 1} {self.pass_name}: {self.error}"
+
+
 @dataclass
 class Report:
     """Per-pass records plus the final verdict; ``str()`` is a table, ``to_dict()`` is JSON-able."""
@@ -65,8 +77,14 @@ class Report:
     shapes: list[str] = field(default_factory=list)
     checked_at: dict[str, int] = field(default_factory=dict)
     #: the graph before and after each pass that changed it or declined somewhere, by index into
-    #: ``records`` (:class:`graphopt.view.diff.GraphView`); consecutive passes share a view
+    #: ``records`` (:class:`graphopt.view.diff.GraphView`); consecutive passes share a view.
+    #: Kept only when the run was asked to (``keep_graphs=True``; ``graphs_kept`` says so)
     graphs: dict[int, tuple[Any, Any]] = field(default_factory=dict, repr=False)
+    graphs_kept: bool = True
+    #: per-node error against the original graph after each pass that changed values, by index
+    #: into ``records``: provenance -> :class:`graphopt.verify.history.NodeError`. Recorded with
+    #: ``verify="each"``; exact passes whose outputs stayed bit-equal have no entry
+    numeric_history: dict[int, dict[str, Any]] = field(default_factory=dict, repr=False)
     #: the lowest SQNR floor among the budgeted lossy passes that changed the graph: the final
     #: check holds the whole run to it (a run cannot be within every pass's budget and below it)
     sqnr_floor_db: float | None = None
@@ -82,7 +100,33 @@ class Report:
             "final_check": self.final_check,
             "unbudgeted_lossy_passes": list(self.unbudgeted),
             "final_verdict": self.final_verdict.to_dict() if self.final_verdict is not None else None,
+            "numeric_history": [
+                {"record": i, "pass": self.records[i].name, "nodes": {k: e.to_dict() for k, e in errors.items()}}
+                for i, errors in sorted(self.numeric_history.items())
+            ],
         }
+
+    def node_history(self, node: str) -> list[HistoryPoint]:
+        """The error of ``node`` (a provenance: the module path or original node name, as the
+        per-pass entries of :attr:`numeric_history` key it) after each pass that recorded it."""
+        return [HistoryPoint(i, self.records[i].name, errors[node])
+                for i, errors in sorted(self.numeric_history.items()) if node in errors]
+
+    def first_below(self, node: str, min_sqnr_db: float) -> HistoryPoint | None:
+        """The first pass after which ``node``'s value is below ``min_sqnr_db`` against the
+        original graph (None if it never is, or has no history)."""
+        return next((p for p in self.node_history(node) if p.error.sqnr_db < min_sqnr_db), None)
+
+    def history_lines(self, worst: int = 3) -> list[str]:
+        """One line per pass with a numeric history entry: how many values were compared and the
+        ``worst`` of them (lowest SQNR against the original graph)."""
+        lines = []
+        for i, errors in sorted(self.numeric_history.items()):
+            ranked = sorted(errors.items(), key=lambda item: (item[1].sqnr_db, -item[1].max_abs))[:worst]
+            shown = "; ".join(f"{node} {error}" for node, error in ranked) or "none corresponds"
+            lines.append(f"{self.records[i].name} (#{i + 1}): per-node error against the original graph, "
+                         f"{len(errors)} value(s) compared; lowest: {shown}")
+        return lines
 
     @property
     def final_check(self) -> str | None:
@@ -149,7 +193,8 @@ class Report:
 
     def save_html(self, path: Any) -> Any:
         """Write this report as one self-contained HTML page (:mod:`graphopt.view.html`);
-        returns the path. Needs Graphviz's ``dot`` (ReportError when it is missing)."""
+        returns the path. Needs Graphviz's ``dot`` (ReportError when it is missing). The graph
+        pictures need a run that kept them (``keep_graphs=True``)."""
         from graphopt.view.html import write_html
 
         return write_html(self, path)
@@ -173,6 +218,7 @@ class Report:
                 lines.append(f"{r.name}: declined at {node}: {reason}")
             for note in r.notes:
                 lines.append(f"{r.name}: {note}")
+        lines.extend(self.history_lines())
         if self.final_verdict is not None:
             lines.append(f"final check against the captured model: {self.final_check_text()}")
         return lines

@@ -1,4 +1,5 @@
-"""Calibration: run the float graph on representative inputs and let observers watch values.
+"""Calibration: run the float graph on representative inputs and let observers watch values;
+:class:`Calibrator` turns what they saw into a plan's parameters.
 
 Data comes from the user (``calibration_data``: an iterable of input tuples, or of single
 tensors for one-input models). Without it, the example inputs plus synthesized inputs of the
@@ -19,8 +20,14 @@ import torch
 import torch.fx as fx
 
 from graphopt.ir import graph as G
+from graphopt.ir import ops
+from graphopt.ir.graph import get_attr_value
 from graphopt.errors import CalibrationDataError, QuantizationError
-from graphopt.quantization.observers import Observer
+from graphopt.quantization.configs import BackendConfig
+from graphopt.quantization import range_choice
+from graphopt.quantization.observers import HistogramObserver, Observer
+from graphopt.quantization.placement import Plan, weight_axis
+from graphopt.quantization.qparams import TensorQParams, affine_qparams, guard_bias_scales, symmetric_per_channel_scales
 
 #: synthesized kinds that look like data (see graphopt.verify.DISTRIBUTIONS)
 _IN_DISTRIBUTION = ("uniform", "normal")
@@ -198,3 +205,71 @@ def calibrate(gm: fx.GraphModule, watch: dict[fx.Node, Observer], batches: list[
                     )
             _Watching(gm, watch, f"calibration batch #{i}").run(*batch)
             progress.advance(task)
+
+
+class Calibrator:
+    """The parameters of a static plan: observers per group of values sharing parameters, the
+    calibration runs that feed them, weight scales with the int32 bias guard.
+
+    The ``quantize`` pass and :func:`graphopt.quantization.analyze` both take their parameters
+    from here, so a layer is measured with the parameters the pass would give it. A group's range
+    depends only on its members and the batches, so it is kept: planning again with some layers
+    left float (``quantize{min_sqnr=...}``) calibrates only the groups that changed.
+    """
+
+    def __init__(self, gm: fx.GraphModule, cfg: BackendConfig, method: str, bins: int, percentile: float,
+                 batches: list):
+        self.gm, self.cfg, self.method, self.bins, self.percentile, self.batches = gm, cfg, method, bins, percentile, batches
+        self.raised = 0  # weight channels whose scale the int32 bias guard raised, last plan
+        self.choices: dict[str, range_choice.RangeChoice] = {}  # per group root, last plan
+        self._choices: dict[frozenset[fx.Node], range_choice.RangeChoice | None] = {}
+        self._new_observer()  # validate options early
+
+    def _new_observer(self) -> HistogramObserver:
+        act = self.cfg.activation
+        return HistogramObserver(self.method, bins=self.bins, percentile=self.percentile, qlevels=act.qmax - act.qmin + 1)
+
+    def params(self, plan: Plan) -> tuple[dict[fx.Node, TensorQParams], dict[fx.Node, torch.Tensor], set[fx.Node]]:
+        """Activation parameters per value, weight scales per weighted unit, and the values
+        calibration never reached."""
+        act = self.cfg.activation
+        groups = {root: frozenset(members) for root, members in plan.groups.roots().items()}
+        observers: dict[frozenset[fx.Node], HistogramObserver] = {}
+        watch: dict[fx.Node, HistogramObserver] = {}
+        self.choices = {}
+        for root, members in groups.items():
+            if plan.groups.fixed_of(root) is None and members not in self._choices:
+                observers[members] = self._new_observer()
+                watch.update({m: observers[members] for m in members})
+        if watch:
+            calibrate(self.gm, watch, self.batches)
+        self._choices.update({members: range_choice.choose(observer, self.method)
+                              for members, observer in observers.items()})
+
+        params: dict[fx.Node, TensorQParams] = {}
+        missing: set[fx.Node] = set()
+        for root, members in groups.items():
+            fixed = plan.groups.fixed_of(root)
+            if fixed is not None:
+                qp = TensorQParams(fixed.scale, fixed.zero_point, act.qmin, act.qmax, act.dtype)
+            else:
+                choice = self._choices[members]
+                if choice is None:
+                    missing.update(members)
+                    continue
+                self.choices[root.name] = choice
+                qp = affine_qparams(*choice.bounds, act.qmin, act.qmax, act.dtype, self.cfg.activation_scale_min)
+            params.update({m: qp for m in members})
+
+        scales: dict[fx.Node, torch.Tensor] = {}
+        raised: dict[fx.Node, int] = {}
+        for unit in plan.units:
+            if unit.kind == "weighted" and unit.inputs[0] in params:
+                weight = get_attr_value(self.gm, unit.node.args[1])
+                s = symmetric_per_channel_scales(weight, weight_axis(unit.node), self.cfg.weight.qmax,
+                                                 self.cfg.weight_scale_min)
+                bias = ops.arg(unit.node, "bias")
+                bias_value = get_attr_value(self.gm, bias) if isinstance(bias, fx.Node) and bias.op == "get_attr" else None
+                scales[unit.node], raised[unit.node] = guard_bias_scales(s, bias_value, params[unit.inputs[0]].scale)
+        self.raised = sum(raised.values())
+        return params, scales, missing

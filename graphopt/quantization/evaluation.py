@@ -128,3 +128,16 @@ def output_sqnr(reference: fx.GraphModule, quantized: fx.GraphModule, batches: l
                 if r.is_floating_point():
                     _accumulate(sums, str(i), r, o)
     return [sqnr_from_powers(*sums[k]) for k in sorted(sums, key=int)]
+
+
+def output_sqnr_of(reference: list[Any], outputs: list[Any]) -> float:
+    """The worst SQNR (dB) over the float outputs, given the outputs of two graphs on the same
+    batches (one output structure per batch, flattened as pytrees)."""
+    from torch.utils import _pytree as pytree
+
+    sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for ref, out in zip(reference, outputs):
+        for i, (r, o) in enumerate(zip(pytree.tree_leaves(ref), pytree.tree_leaves(out))):
+            if isinstance(r, torch.Tensor) and r.is_floating_point():
+                _accumulate(sums, str(i), r, o)
+    return min((sqnr_from_powers(*s) for s in sums.values()), default=float("inf"))

@@ -61,6 +61,14 @@ node name; the last reference node of a provenance, shapes must agree) and repor
 candidate node, in topological order, whose value differs beyond tolerance *and* whose
 difference is not undone further down (a fused conv keeps the conv's provenance but carries the
 BN's value; the next matched node agrees again, so it is not blamed).
+
+Numeric history
+---------------
+:mod:`graphopt.verify.history` uses the same node-by-node runs to measure every value of a
+graph against the original it came from (same provenance, shape and dtype; SQNR and max abs
+error): ``record`` keeps the original's values once, ``node_errors`` judges a later state. The
+PassManager keeps them per pass (``Report.numeric_history``), bisection uses them to say where
+a bad rewrite's error entered.
 """
 from __future__ import annotations
 

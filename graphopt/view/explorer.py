@@ -7,14 +7,21 @@ path with ``/``, so thousands of nodes fold into the module tree), its inputs as
 kind/shape/dtype/provenance/precision/fusion as attributes. :func:`node_data` gives the overlays,
 one per graph: ``pass`` (1-based index of the pass that added or changed the node, 0 if none did),
 ``int8`` (1 in an int8 region, 0 in a float island), ``channels removed`` (layers whose channel
-dim shrank). :func:`explore` opens them in Model Explorer's local server.
+dim shrank), and with a numeric history (``verify="each"``) ``SQNR dB vs original`` (each value's
+error against the original graph, as of the latest pass that measured it; equal values left
+out). :func:`explore` opens them in Model Explorer's local server.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from graphopt.errors import ReportError
 from graphopt.view.diff import GraphView, diff
+
+
+#: the overlay of per-node error against the original graph (runs with a numeric history)
+SQNR_OVERLAY = "SQNR dB vs original"
 
 
 def _require() -> Any:
@@ -34,6 +41,9 @@ def require() -> None:
 def _states(report: Any) -> list[tuple[str, GraphView]]:
     """(graph id, view) of each state of the graph, in order: as captured, then after each pass
     that changed it."""
+    if not getattr(report, "graphs_kept", True):
+        raise ReportError("this run did not keep its graphs, so there is nothing to show in Model Explorer: run it "
+                          "with keep_graphs=True (graphopt.optimize(..., keep_graphs=True)); `graphopt explore` does")
     states: list[tuple[str, GraphView]] = []
     for i, (before, after) in sorted(report.graphs.items()):
         if not states:
@@ -73,6 +83,7 @@ def node_data(report: Any) -> dict[str, Any]:
     channels: dict[str, tuple[int, int]] = {}
     by_view = {id(view): graph_id for graph_id, view in states}
     per_graph: dict[str, tuple[dict[str, int], dict[str, tuple[int, int]]]] = {states[0][0]: ({}, {})} if states else {}
+    sqnr: dict[str, dict[str, float]] = {}  # graph id -> node name -> SQNR dB of its value against the original
     for i, (before, after) in sorted(report.graphs.items()):
         d = diff(before, after)
         for name in [*d.added, *d.changed]:
@@ -80,7 +91,15 @@ def node_data(report: Any) -> dict[str, Any]:
         channels = {k: v for k, v in channels.items() if k in after.nodes}
         channels.update(d.channels)
         per_graph[by_view[id(after)]] = ({n: touched[n] for n in after.nodes if n in touched}, dict(channels))
+        history = [j for j in report.numeric_history if j <= i]
+        if history:  # the error of each value against the original graph, as of the latest pass that measured it
+            errors = report.numeric_history[max(history)]
+            sqnr[by_view[id(after)]] = {n: errors[v.provenance].sqnr_db for n, v in after.nodes.items()
+                                        if v.provenance in errors and math.isfinite(errors[v.provenance].sqnr_db)}
     overlays: dict[str, Any] = {"pass": {}, "int8": {}, "channels removed": {}}
+    if report.numeric_history:
+        overlays[SQNR_OVERLAY] = {graph_id: nd.GraphNodeData(
+            results={n: nd.NodeDataResult(value=v) for n, v in values.items()}) for graph_id, values in sqnr.items()}
     for graph_id, view in states:
         passes, shrunk = per_graph.get(graph_id, ({}, {}))
         overlays["pass"][graph_id] = nd.GraphNodeData(

@@ -9,8 +9,12 @@ int8 regions and float islands marked, layers whose channels shrank outlined, de
 on the nodes they name. Graphs are laid out by Graphviz ``dot`` (:mod:`graphopt.view.layout`);
 each state of the graph is laid out once and shared by the two passes it sits between.
 
-    result = graphopt.optimize(model, inputs, "mobile-fp32")
+    result = graphopt.optimize(model, inputs, "mobile-fp32", keep_graphs=True)
     result.report.save_html("report.html")
+
+Without ``keep_graphs=True`` the run keeps no graphs and the page holds the table and the
+detail lines only. With ``verify="each"`` hovering a node also shows its value's error against
+the original graph (``Report.numeric_history``), as of the pass the picture shows.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
+from graphopt.view import charts
 from graphopt.view import layout as graph_layout
 from graphopt.errors import ReportError
 from graphopt.view.diff import GraphView, diff
@@ -101,6 +106,8 @@ def build_html(report: Any) -> str:
         return graph_ids[id(view)]
 
     views, sections = [], []
+    recorded = sorted(report.numeric_history)
+    history_used: set[int] = set()
     # a large report opens with its passes closed: each fills its pictures when opened
     eager = sum(len(g) for pair in report.graphs.values() for g in {id(v): v for v in pair}.values()) <= EAGER_NODES
     for i, (before, after) in sorted(report.graphs.items()):
@@ -110,12 +117,17 @@ def build_html(report: Any) -> str:
         for node, reason in record.declines:
             declines.setdefault(node, []).append(reason)
         b, a = graph_index(before), graph_index(after)
+        # the error of each value against the original graph: the latest entry at or before a side
+        history_before = max((j for j in recorded if j < i), default=None)
+        history_after = i if i in report.numeric_history else history_before
+        history_used.update(j for j in (history_before, history_after) if j is not None)
         views.append({
             "record": i, "pass": record.name, "before": b, "after": a,
             "before_status": {**{n: "removed" for n in d.removed}, **{n: "changed" for n in d.changed}},
             "after_status": {**{n: "added" for n in d.added}, **{n: "changed" for n in d.changed}},
             "changed": d.changed, "channels": {k: list(v) for k, v in d.channels.items()},
             "declines": declines, "error": _error_text(record),
+            "history_before": history_before, "history_after": history_after,
         })
         counts = (f"{len(d.added)} added, {len(d.removed)} removed, {len(d.changed)} changed"
                   + (f", tensors held {record.tensors_before} -> {record.tensors_after}"
@@ -143,6 +155,10 @@ def build_html(report: Any) -> str:
         # what a node's hover shows (its inputs are the picture's edges)
         "graphs": [{name: {k: v for k, v in node.to_dict().items() if k not in ("name", "inputs") and v is not None}
                     for name, node in g.nodes.items()} for g in graphs],
+        # per-node error against the original graph (keyed by provenance) after the passes that recorded it
+        "history": {str(j): {"label": f"after pass #{j + 1} {report.records[j].name}",
+                             "nodes": {k: str(e) for k, e in report.numeric_history[j].items()}}
+                    for j in sorted(history_used)},
         "total_nodes": sum(len(g) for g in graphs),
         "eager_nodes": EAGER_NODES,
     }
@@ -152,8 +168,10 @@ def build_html(report: Any) -> str:
     page = Template(_asset("template.html")).substitute(
         title=html.escape(report.pipeline), table=_table(report), caption=caption, seconds=f"{report.seconds:.2f}",
         details="".join(f"<li>{html.escape(line)}</li>" for line in report.details()),
-        rollbacks=rollback_html,
-        views="".join(sections) or "<p>No pass changed the graph.</p>",
+        rollbacks=rollback_html + charts.sensitivity_sections(report.records),
+        views="".join(sections) or ("<p>No pass changed the graph.</p>" if report.graphs_kept else
+                                    "<p>This run did not keep its graphs: run it with keep_graphs=True "
+                                    "(graphopt.optimize(..., keep_graphs=True)) to see each pass's graph here.</p>"),
         templates="".join(_graph_template(k, p) for k, p in enumerate(_layouts(graphs))),
         data=payload, script=_asset("report.js"),
     )

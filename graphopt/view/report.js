@@ -65,6 +65,9 @@
     const ch = view.channels[g.dataset.node];
     if (ch && side === "after") lines.push("channels:   " + ch[1] + " kept of " + ch[0] + " (" + (ch[0] - ch[1]) + " removed)");
     for (const reason of view.declines[g.dataset.node] || []) lines.push("declined:   " + reason);
+    const recorded = data.history[view["history_" + side]];
+    const error = recorded && recorded.nodes[info.provenance];
+    if (error) lines.push("vs original: " + error + " (value of " + info.provenance + ", " + recorded.label + ")");
     lines.push("pass error: " + view.error + " (outputs, whole graph)");
     return lines.join("\n");
   }
