@@ -658,6 +658,17 @@ class TestContract:
         assert "skip=['" in record.error and "calibration=mse" not in record.error
         assert not qdq.has_qdq(result.module)
 
+    def test_a_budget_lost_to_resolution_is_not_blamed_on_the_data(self):
+        # held-out data like the calibration data (a stray value past the range is normal): the
+        # loss is a layer's resolution, and the advice is mixed precision or recovery, not more data
+        from test_sensitivity import X as mlp_x, data as mlp_data, planted
+
+        manager = graphopt.PassManager("quantize", verify="none", synthesize=0, on_failure="rollback")
+        record = manager.run(planted("weight"), (mlp_x,), calibration_data=mlp_data()).report.records[-1]
+        assert record.status == "rolled-back" and "below the 15 dB budget" in record.error
+        assert "fall outside the range" not in record.error
+        assert "min_sqnr=DB" in record.error and "mobile-int8-accurate" in record.error
+
 
 # --------------------------------------------------------------------------- folding and the preset
 
