@@ -342,6 +342,11 @@ def graphopt_method(method: Method, model: nn.Module, example: torch.Tensor, cal
     quantize = [r for r in result.report.records if r.name == "quantize"]
     if quantize and "held_out_sqnr_db" in quantize[-1].figures:
         figures["pass_held_out_sqnr_db"] = quantize[-1].figures["held_out_sqnr_db"]
+    note = ""
+    if quantize and quantize[-1].figures.get("kept_float"):  # what mixed precision (or keep_float_worst) left float
+        kept, fraction = quantize[-1].figures["kept_float"], quantize[-1].figures.get("float_fraction", 0.0)
+        figures["kept_float"], figures["float_fraction"] = sorted(kept), fraction
+        note = f"float: {', '.join(sorted(kept))} ({fraction:.0%} of convs and linears)"
     graph_run = _numpy(result.module)
     try:
         path = export_onnx(result.module, example, work / f"{method.key}.onnx", dynamic_batch=True)
@@ -350,7 +355,7 @@ def graphopt_method(method: Method, model: nn.Module, example: torch.Tensor, cal
 
         return Built(graph_run, "graphopt QDQ graph, eager", graph_run=graph_run, figures=figures,
                      note=f"ONNX export failed: {exception_summary(exc)}")
-    return Built(ort_session(path), "ONNX Runtime", onnx=path, graph_run=graph_run, figures=figures)
+    return Built(ort_session(path), "ONNX Runtime", onnx=path, graph_run=graph_run, figures=figures, note=note)
 
 
 def torch_ao_method(model: nn.Module, example: torch.Tensor, calibration: list, work: Path) -> Built:

@@ -51,7 +51,7 @@ import torch.fx as fx
 import graphopt
 from graphopt import channels
 from graphopt.ir import ops
-from graphopt.ir.graph import add_constant, add_parameter, copy_provenance, get_attr_value
+from graphopt.ir.graph import get_attr_value, rewritten_attr
 from graphopt.ir.purity import written_values
 from graphopt.pipeline.options import Range
 
@@ -283,18 +283,6 @@ def _write(gm: fx.GraphModule, layer: fx.Node, original: _Weights, work: _Weight
         if old_tensor is None:
             continue
         old_node = ops.arg(layer, name)
-        value = torch.empty_like(old_tensor)  # same dtype and memory format
-        value.copy_(new64)
-        target = str(old_node.target)
-        hint = target if target.endswith("_equalized") else f"{target}_equalized"
-        if isinstance(old_tensor, torch.nn.Parameter):
-            attr = add_parameter(gm, hint, value, requires_grad=old_tensor.requires_grad)
-        else:
-            attr = add_constant(gm, hint, value)
-        with gm.graph.inserting_before(layer):
-            node = gm.graph.get_attr(attr)
-        node.meta["provenance"] = attr
-        copy_provenance(node, old_node)
-        ops.set_arg(layer, name, node)
+        ops.set_arg(layer, name, rewritten_attr(gm, old_node, old_tensor, new64, "_equalized", before=layer))
         if not old_node.users:
             gm.graph.erase_node(old_node)

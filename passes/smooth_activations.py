@@ -42,7 +42,7 @@ import torch.fx as fx
 
 import graphopt
 from graphopt.ir import ops, shapes
-from graphopt.ir.graph import add_constant, add_parameter, copy_provenance, get_attr_value, tensor_meta
+from graphopt.ir.graph import add_constant, copy_provenance, get_attr_value, rewritten_attr, tensor_meta
 from graphopt.ir.purity import written_values
 from graphopt.pipeline.options import Range
 from graphopt.quantization import calibration as calib
@@ -211,19 +211,7 @@ def _replace(gm: fx.GraphModule, layer: fx.Node, name: str, change) -> None:
     in float64 and stored in the old tensor's dtype and kind (parameter or buffer)."""
     old_node = ops.arg(layer, name)
     old = get_attr_value(gm, old_node)
-    value = torch.empty_like(old)
-    value.copy_(change(old.detach().double()))
-    target = str(old_node.target)
-    hint = target if target.endswith("_smoothed") else f"{target}_smoothed"
-    if isinstance(old, torch.nn.Parameter):
-        attr = add_parameter(gm, hint, value, requires_grad=old.requires_grad)
-    else:
-        attr = add_constant(gm, hint, value)
-    with gm.graph.inserting_before(layer):
-        node = gm.graph.get_attr(attr)
-    node.meta["provenance"] = attr
-    copy_provenance(node, old_node)
-    ops.set_arg(layer, name, node)
+    ops.set_arg(layer, name, rewritten_attr(gm, old_node, old, change(old.detach().double()), "_smoothed", before=layer))
     if not old_node.users:
         gm.graph.erase_node(old_node)
 

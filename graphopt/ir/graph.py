@@ -443,6 +443,28 @@ def add_parameter(gm: fx.GraphModule, hint: str, value: torch.Tensor, requires_g
     return name
 
 
+def rewritten_attr(gm: fx.GraphModule, old: fx.Node, old_value: torch.Tensor, new_value: torch.Tensor, suffix: str,
+                   before: fx.Node) -> fx.Node:
+    """A ``get_attr`` node, inserted before ``before``, of a new attribute holding ``new_value``
+    stored as ``old_value`` was (dtype, memory format, parameter or buffer): what a pass that
+    rescales a layer's weights points the layer at, leaving ``old`` (the ``get_attr`` of
+    ``old_value``) for other readers. The attribute is named after ``old``'s with ``suffix``
+    (once), and the node keeps ``old``'s provenance."""
+    value = torch.empty_like(old_value)
+    value.copy_(new_value)
+    target = str(old.target)
+    hint = target if target.endswith(suffix) else f"{target}{suffix}"
+    if isinstance(old_value, torch.nn.Parameter):
+        attr = add_parameter(gm, hint, value, requires_grad=old_value.requires_grad)
+    else:
+        attr = add_constant(gm, hint, value)
+    with gm.graph.inserting_before(before):
+        node = gm.graph.get_attr(attr)
+    node.meta["provenance"] = attr
+    copy_provenance(node, old)
+    return node
+
+
 def param_bytes(module: torch.nn.Module) -> int:
     """Bytes held by the module's parameters and buffers (each storage counted once)."""
     return tensor_bytes(list(module.parameters()) + list(module.buffers()))
