@@ -458,8 +458,9 @@ def save(results: dict[str, Any], path: Path) -> None:
             on_disk = json.loads(path.read_text())
         except ValueError:
             on_disk = {}
-        results["models"] = {**on_disk.get("models", {}), **results.get("models", {})}
-    tmp = path.with_suffix(".json.tmp")
+        merged = {**on_disk.get("models", {}), **results.get("models", {})}
+        results.setdefault("models", {}).update(merged)  # in place: run_corpus holds this dict
+    tmp = path.with_suffix(f".json.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(results, indent=1))
     tmp.replace(path)
 

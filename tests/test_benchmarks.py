@@ -236,6 +236,19 @@ class TestCorpus:
         again = json.loads((out / "corpus.json").read_text())
         assert again["models"]["hf:bert"] == results["models"]["hf:bert"]
 
+    def test_runs_sharing_a_results_file_keep_each_others_models(self, tmp_path):
+        from benchmarks import bench_corpus
+
+        path = tmp_path / "corpus.json"
+        mine = {"models": {"hf:a": {"name": "hf:a"}}}
+        held = mine["models"]  # run_corpus keeps adding to this dict between saves
+        bench_corpus.save(mine, path)
+        bench_corpus.save({"models": {"timm:b": {"name": "timm:b"}}}, path)
+        held["hf:c"] = {"name": "hf:c"}
+        bench_corpus.save(mine, path)
+        assert set(json.loads(path.read_text())["models"]) == {"hf:a", "timm:b", "hf:c"}
+        assert list(tmp_path.iterdir()) == [path]
+
     def test_statuses_of_exceptions(self):
         from benchmarks import bench_corpus
         from graphopt.errors import CaptureError, LoweringError, VerificationError
