@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -223,7 +224,8 @@ def load(name: str) -> tuple[nn.Module, dict[str, torch.Tensor], str]:
         model.eval()
     examples.randomize_batch_norms(model)
     size = _fitting_size(model, sizes)
-    return model, {"x": _image_inputs(size)}, f"2x3x{size}x{size}"
+    first = next(iter(inspect.signature(model.forward).parameters))  # "x", "input", "images", ...
+    return model, {first: _image_inputs(size)}, f"{first} 2x3x{size}x{size}"
 
 
 # ------------------------------------------------------------------------------------ one model
