@@ -35,6 +35,7 @@ reruns them), so an interrupted run resumes. A family whose package is missing i
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import importlib.util
 import inspect
@@ -372,8 +373,10 @@ def run_model(name: str, workdir: Path, wanted: tuple[str, ...] = STAGES + PEERS
         status, detail = _judge_pipeline(result, budget_declines=False)
         pruned = [r for r in result.report.records if r.name == "prune-channels"]
         if status == "ok" and pruned and pruned[0].rewrites == 0:
-            reasons = sorted({reason for _, reason in pruned[0].declines})
-            return "declined", "nothing pruned" + (f": {reasons[0][:200]}" if reasons else "")
+            # the commonest reasons first: the one the output layer always gives says little
+            counts = collections.Counter(reason.split(" left whole: ")[-1] for _, reason in pruned[0].declines)
+            reasons = "; ".join(f"{n}x {reason[:160]}" for reason, n in counts.most_common(3))
+            return "declined", f"nothing pruned ({len(pruned[0].declines)} decline(s): {reasons})"
         if status == "ok" and pruned:
             saved = 1 - pruned[0].param_bytes_after / max(pruned[0].param_bytes_before, 1)
             detail = f"{pruned[0].rewrites} group(s) pruned, {saved:.0%} of parameter bytes; {detail}"
@@ -446,6 +449,7 @@ def run_corpus(names: list[str], results: dict[str, Any], path: Path, timeout: f
             except subprocess.TimeoutExpired:
                 record = {"name": name, "load_error": f"timed out after {timeout:.0f} s", "stages": {}, "peers": {}}
         record["wall_s"] = round(time.perf_counter() - started, 1)
+        record["finished_at"] = time.time()
         record["environment"] = {"torch": torch.__version__, "python": platform.python_version()}
         models[name] = record
         save(results, path)
@@ -454,13 +458,17 @@ def run_corpus(names: list[str], results: dict[str, Any], path: Path, timeout: f
 
 def save(results: dict[str, Any], path: Path) -> None:
     """Write ``results``, keeping the models another run (another environment, say the vision
-    venv) wrote into the same file meanwhile; this run's records win."""
+    venv, or a ``--force`` rerun) wrote into the same file meanwhile; of two records of one model
+    the one finished last wins."""
     if path.exists():
         try:
             on_disk = json.loads(path.read_text())
         except ValueError:
             on_disk = {}
-        merged = {**on_disk.get("models", {}), **results.get("models", {})}
+        merged = dict(results.get("models", {}))
+        for name, record in on_disk.get("models", {}).items():  # the newer record of a model wins
+            if record.get("finished_at", 0) >= merged.get(name, {}).get("finished_at", 0):
+                merged[name] = record
         results.setdefault("models", {}).update(merged)  # in place: run_corpus holds this dict
     tmp = path.with_suffix(f".json.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(results, indent=1))

@@ -249,6 +249,15 @@ class TestCorpus:
         assert set(json.loads(path.read_text())["models"]) == {"hf:a", "timm:b", "hf:c"}
         assert list(tmp_path.iterdir()) == [path]
 
+    def test_of_two_records_of_a_model_the_later_one_wins(self, tmp_path):
+        from benchmarks import bench_corpus
+
+        path = tmp_path / "corpus.json"
+        old_run = {"models": {"tv:m": {"name": "tv:m", "finished_at": 1.0}}}
+        bench_corpus.save({"models": {"tv:m": {"name": "tv:m", "finished_at": 2.0, "rerun": True}}}, path)
+        bench_corpus.save(old_run, path)  # the long run saves its own, older record afterwards
+        assert json.loads(path.read_text())["models"]["tv:m"]["rerun"] is True
+
     def test_statuses_of_exceptions(self):
         from benchmarks import bench_corpus
         from graphopt.errors import CaptureError, LoweringError, VerificationError
