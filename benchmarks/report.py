@@ -297,7 +297,7 @@ def markdown(results: dict[str, Any], charts: dict[str, str]) -> str:
 
 
 #: external modules whose tables get a section of their own rather than "Quantization and pruning"
-_OWN_SECTIONS = {"bench_executorch": "ExecuTorch"}
+_OWN_SECTIONS = {"bench_executorch": "ExecuTorch", "bench_corpus": "Corpus"}
 
 
 def _external_sections(external: dict[str, Any]) -> list[str]:

@@ -16,6 +16,9 @@ Sections (``--sections``, default all):
 - ``executorch``: ``benchmarks/bench_executorch.py`` run the same way: graphopt's fp32 and
   int8 results lowered to ExecuTorch against ExecuTorch's own flow (latency, ``.pte`` size,
   error, delegation, compile time, digits-CNN accuracy in the ExecuTorch runtime).
+- ``corpus`` (only when asked for: hours on 2 cores): ``benchmarks/bench_corpus.py``, every
+  model of the Hugging Face / timm / torchvision corpus through each stage in a process of its
+  own, resumable; it writes ``corpus.json`` and ``corpus.md`` into the output folder itself.
 - ``scaling``: ``benchmarks/bench_spine.py`` (capture + canonicalize + DCE vs
   ``symbolic_trace``) and the fusion scaling of :func:`benchmarks.bench_fp32.fusion_scaling`.
 
@@ -38,7 +41,9 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("latency", "quantize", "accuracy", "prune", "executorch", "scaling")
+SECTIONS = ("latency", "quantize", "accuracy", "prune", "executorch", "scaling", "corpus")
+#: what runs without --sections: the corpus takes hours, so it runs only when named
+DEFAULT_SECTIONS = ("latency", "quantize", "accuracy", "prune", "executorch", "scaling")
 #: the benchmark modules run in processes of their own, by section
 EXTERNAL = {"quantize": "bench_quantize", "accuracy": "bench_accuracy", "prune": "bench_prune",
             "executorch": "bench_executorch"}
@@ -66,7 +71,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="comma-separated: built-in example names and torchvision:NAME (default: per mode)")
     ap.add_argument("--out", default=None, help="output folder (default benchmarks/results, or .../quick)")
     ap.add_argument("--runs", type=int, default=None, help="timed calls per path and thread count (default 30, quick 10)")
-    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"any of {', '.join(SECTIONS)}")
+    ap.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
+                    help=f"any of {', '.join(SECTIONS)} (default: all but corpus)")
     args = ap.parse_args(argv)
     unknown = set(args.sections.split(",")) - set(SECTIONS)
     if unknown:
@@ -102,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         "rows": [], "goals": [], "external": {}, "scaling": {},
     }
     results["environment"]["load_samples"] = []  # [seconds into the run, 1-minute load average, step]
-    units = len(models) * ("latency" in sections) + sum(s in sections for s in EXTERNAL) + 2 * ("scaling" in sections)
+    units = len(models) * ("latency" in sections) + sum(s in sections for s in EXTERNAL) + 2 * ("scaling" in sections) \
+        + ("corpus" in sections)
     columns = (SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
@@ -140,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
             show("fusion scaling (a process per size)")
             results["scaling"]["fusion"] = bench_fp32.fusion_scaling(mode["fusion_sizes"], mode["fusion_timeout"])
             progress.advance(task)
+        if "corpus" in sections:
+            show("bench_corpus (a process per model; resumes from corpus.json)")
+            results["external"]["bench_corpus"] = run_corpus(out)
+            progress.advance(task)
         show("writing the report")
         results["environment"]["load_average_at_end"] = list(os.getloadavg())
         results["wall_s"] = time.perf_counter() - started
@@ -169,7 +180,7 @@ def _print_summary(console: Any, results: dict[str, Any], written: dict[str, Pat
 # ------------------------------------------------------------------------- other modules
 
 
-def _subprocess(args: list[str], timeout: float) -> tuple[int | None, str, str]:
+def _subprocess(args: list[str], timeout: float | None) -> tuple[int | None, str, str]:
     """(exit code or None on time-out, stdout, stderr) of ``python -m ...`` from the repo root."""
     try:
         done = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
@@ -224,6 +235,24 @@ def run_external(module: str, args: argparse.Namespace, out: Path, timeout: floa
     for path in sorted(out.glob("*.md")):
         collected["markdown"][path.name] = path.read_text()
     return collected
+
+
+def run_corpus(out: Path) -> dict[str, Any]:
+    """``benchmarks.bench_corpus --out out``: no overall time-out (each model has its own); its
+    summary and table. Models already in ``out/corpus.json`` are not rerun."""
+    out.mkdir(parents=True, exist_ok=True)
+    command = ["benchmarks.bench_corpus", "--out", str(out)]
+    started = time.perf_counter()
+    code, _, stderr = _subprocess(command, None)
+    ran = {"command": "python -m " + " ".join(command), "seconds": time.perf_counter() - started}
+    if code != 0:
+        return {**ran, "status": "failed", "reason": _last_line(stderr, code)}
+    try:
+        summary = json.loads((out / "corpus.json").read_text())["summary"]
+        table = (out / "corpus.md").read_text()
+    except (OSError, ValueError, KeyError) as exc:
+        return {**ran, "status": "failed", "reason": f"its output could not be read: {exc}"}
+    return {**ran, "status": "ran", "json": {"corpus.json": {"summary": summary}}, "markdown": {"corpus.md": table}}
 
 
 def run_spine(quick: bool, sizes: str, out: Path, timeout: float, channels: int = 4) -> dict[str, Any]:

@@ -302,3 +302,118 @@ class TestAccuracyBenchmark:
         assert rows["broken"]["status"] == "failed" and "nobody" in rows["broken"]["reason"]
         text = bench_accuracy.markdown({"quick": True, "machine": "m", "versions": {}, "tasks": [result]})
         assert "| a preset this build lacks | not available |" in text
+
+
+CORPUS_COMMAND = ["-m", "benchmarks.bench_corpus", "--models", "hf:bert", "--stages",
+                  "capture,mobile-fp32,lite,torch.export"]
+
+
+@pytest.fixture(scope="module")
+def corpus_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str, Path, str]:
+    out = tmp_path_factory.mktemp("corpus")
+    done = subprocess.run([sys.executable, *CORPUS_COMMAND, "--out", str(out)], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads((out / "corpus.json").read_text()), (out / "corpus.md").read_text(), out, done.stderr
+
+
+class TestCorpus:
+    """benchmarks/bench_corpus.py: a model per process, statuses that say what happened, resumable."""
+
+    def test_each_asked_stage_has_a_status_and_a_time(self, corpus_run):
+        results, _, _, _ = corpus_run
+        record = results["models"]["hf:bert"]
+        assert record["inputs"] == "input_ids + attention_mask (2, 8)"
+        for stage in ("capture", "mobile-fp32", "lite"):
+            assert record["stages"][stage]["status"] == "ok", record["stages"][stage]
+            assert record["stages"][stage]["seconds"] > 0
+        assert record["stages"]["lite"]["detail"].startswith("verified on ")
+        assert record["peers"]["torch.export"]["status"] == "ok"
+        for stage in ("onnx", "int8-onnx", "prune"):
+            assert record["stages"][stage]["status"] == "not run"
+            assert "--stages" in record["stages"][stage]["detail"]
+
+    def test_summary_counts_and_table(self, corpus_run):
+        results, table, _, _ = corpus_run
+        rates = results["summary"]["rates"]
+        assert rates["capture"]["ok"] == 1 and rates["capture"]["ok_rate"] == 1.0
+        assert rates["onnx"]["not run"] == 1 and rates["onnx"]["ok_rate"] is None
+        assert results["summary"]["median_capture_fp32_vs_export"] > 0
+        assert results["summary"]["median_onnx_vs_dynamo"] is None  # neither was asked for
+        assert "| hf:bert | input_ids + attention_mask (2, 8) |" in table
+        assert "| capture | 1 | 0 | 0 | 0 | 0 | 100% |" in table
+
+    def test_a_second_run_skips_models_already_in_the_file(self, corpus_run):
+        results, _, out, stderr = corpus_run
+        assert "[1/1] hf:bert" in stderr
+        done = subprocess.run([sys.executable, *CORPUS_COMMAND, "--out", str(out)], cwd=REPO, capture_output=True,
+                              text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "hf:bert" not in done.stderr
+        again = json.loads((out / "corpus.json").read_text())
+        assert again["models"]["hf:bert"] == results["models"]["hf:bert"]
+
+    def test_runs_sharing_a_results_file_keep_each_others_models(self, tmp_path):
+        from benchmarks import bench_corpus
+
+        path = tmp_path / "corpus.json"
+        mine = {"models": {"hf:a": {"name": "hf:a"}}}
+        held = mine["models"]  # run_corpus keeps adding to this dict between saves
+        bench_corpus.save(mine, path)
+        bench_corpus.save({"models": {"timm:b": {"name": "timm:b"}}}, path)
+        held["hf:c"] = {"name": "hf:c"}
+        bench_corpus.save(mine, path)
+        assert set(json.loads(path.read_text())["models"]) == {"hf:a", "timm:b", "hf:c"}
+        assert list(tmp_path.iterdir()) == [path]
+
+    def test_of_two_records_of_a_model_the_later_one_wins(self, tmp_path):
+        from benchmarks import bench_corpus
+
+        path = tmp_path / "corpus.json"
+        old_run = {"models": {"tv:m": {"name": "tv:m", "finished_at": 1.0}}}
+        bench_corpus.save({"models": {"tv:m": {"name": "tv:m", "finished_at": 2.0, "rerun": True}}}, path)
+        bench_corpus.save(old_run, path)  # the long run saves its own, older record afterwards
+        assert json.loads(path.read_text())["models"]["tv:m"]["rerun"] is True
+
+    def test_statuses_of_exceptions(self):
+        from benchmarks import bench_corpus
+        from graphopt.errors import CaptureError, LoweringError, VerificationError
+
+        assert bench_corpus.classify(CaptureError("cannot trace\nmore"))[0] == "declined"
+        assert bench_corpus.classify(CaptureError("cannot trace\nmore"))[1] == "CaptureError: cannot trace"
+        wrong = LoweringError("onnx: ONNX Runtime gives different results from the graph on the example inputs")
+        assert bench_corpus.classify(wrong)[0] == "wrong"
+        assert bench_corpus.classify(VerificationError("broke its contract"))[0] == "wrong"
+        assert bench_corpus.classify(ValueError("boom")) == ("crash", "ValueError: boom")
+
+    def test_a_missing_family_is_not_run_with_the_install_hint(self, monkeypatch):
+        import importlib
+
+        from benchmarks import bench_corpus
+
+        def no_timm(name):
+            raise ImportError(f"No module named {name!r}")
+
+        monkeypatch.setattr(importlib, "import_module", no_timm)
+        reason = bench_corpus.family_available("timm")
+        assert reason.startswith("not run: timm does not import") and "pip install timm" in reason
+
+    def test_goals_use_the_medians_of_the_time_ratios(self):
+        from benchmarks import bench_corpus
+
+        def record(name, capture, fp32, export, onnx, dynamo, int8="ok"):
+            stages = {s: {"status": "ok", "seconds": 1.0} for s in bench_corpus.STAGES}
+            stages["capture"]["seconds"], stages["mobile-fp32"]["seconds"] = capture, fp32
+            stages["onnx"]["seconds"], stages["int8-onnx"]["status"] = onnx, int8
+            return {"name": name, "stages": stages, "peers": {"torch.export": {"status": "ok", "seconds": export},
+                                                              "onnx dynamo": {"status": "ok", "seconds": dynamo}}}
+
+        models = {"a": record("a", 1.0, 1.0, 1.0, 1.0, 2.0), "b": record("b", 3.0, 1.0, 1.0, 3.0, 2.0, "declined"),
+                  "c": record("c", 5.0, 1.0, 1.0, 2.0, 1.0, "crash")}
+        summary = bench_corpus.summarize({"models": models})
+        assert summary["median_capture_fp32_vs_export"] == 4.0  # ratios 2, 4, 6
+        assert summary["median_onnx_vs_dynamo"] == 1.5  # ratios 0.5, 1.5, 2
+        met = {g["goal"].split(" ")[0]: g["met"] for g in summary["goals"]}
+        assert met == {"100%": True, "int8": False, "0": False, "capture": False, "ONNX": False}
+        assert summary["rates"]["int8-onnx"] == {"ok": 1, "declined": 1, "crash": 1, "wrong": 0, "not run": 0,
+                                                 "ran": 3, "ok_rate": 1 / 3}
