@@ -78,10 +78,40 @@ def test_keyword_inputs_as_hugging_face_models_are_called(tmp_path):
         result.module(input_ids=torch.randint(0, 100, (3, 9)), attention_mask=torch.ones(3, 9, dtype=torch.long))
     artifact = graphopt.lower(result.module, example, backend="onnx", path=tmp_path / "bert", reference=model)
     assert set(artifact.report["verification"]) == {"example inputs", "inputs at batch=1"}
-    with pytest.raises(graphopt.InputError, match="leading parameters"):
+    # input_ids skipped takes its default (None), and the model itself says what it lacks
+    with pytest.raises(graphopt.InputError, match="You must specify exactly one of input_ids or inputs_embeds"):
         graphopt.capture(model, {"attention_mask": mask})
     with pytest.raises(graphopt.InputError, match="'labels_typo'"):
         graphopt.capture(model, {"input_ids": ids, "labels_typo": ids})
+
+
+def test_keyword_inputs_may_skip_an_optional_parameter_as_gpt2_is_called():
+    # GPT2LMHeadModel.forward(input_ids, past_key_values / cache, ..., attention_mask, ...): users pass
+    # input_ids= and attention_mask=, leaving the cache between them at its default
+    torch.manual_seed(0)
+    model = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                                           use_cache=False)).eval()
+    ids, mask = torch.randint(0, 100, (2, 8)), torch.ones(2, 8, dtype=torch.long)
+    mask[1, -3:] = 0  # a right-padded row: the mask matters
+    example = {"input_ids": ids, "attention_mask": mask}
+    result = graphopt.optimize(model, example, "mobile-fp32")
+    assert result.report.final_verdict.ok and not result.report.failed
+    placeholders = [n.name for n in result.module.graph.nodes if n.op == "placeholder"]
+    assert placeholders == ["input_ids", "attention_mask"]
+    out = result.module(input_ids=ids, attention_mask=mask)  # called as the model is, the cache left out
+    assert type(out) is T.modeling_outputs.CausalLMOutputWithCrossAttentions
+    torch.testing.assert_close(out.logits, model(input_ids=ids, attention_mask=mask).logits)
+    with pytest.raises(graphopt.InputError, match="the graph was captured with None there"):
+        result.module(ids, torch.zeros(1), mask)  # a cache given where the capture had none
+
+
+def test_keyword_inputs_that_skip_a_required_parameter_are_refused_by_name():
+    class TwoRequired(torch.nn.Module):
+        def forward(self, x, scale, bias=None):
+            return x * scale if bias is None else x * scale + bias
+
+    with pytest.raises(graphopt.InputError, match="skip scale, which forward needs \\(no default\\)"):
+        graphopt.capture(TwoRequired(), {"x": torch.ones(2), "bias": torch.ones(2)})
 
 
 def test_a_decoder_returning_a_cache_is_captured_with_use_cache_off_and_the_report_says_so(tmp_path):

@@ -34,7 +34,8 @@ from graphopt.ir.lazy import has_code
 def as_input_tuple(example_inputs: Any, module: Any = None) -> tuple[torch.Tensor, ...]:
     """Normalize example inputs: a tensor becomes a 1-tuple; lists become tuples; a dict of
     keyword inputs (``{"input_ids": ..., "attention_mask": ...}``) becomes the positional tuple
-    ``module``'s forward takes them in, when they are its leading parameters."""
+    ``module``'s forward takes them in, parameters skipped before the last one given set to their
+    default, which must be None (GPT-2's cache between ``input_ids`` and ``attention_mask``)."""
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
     if isinstance(example_inputs, (list, tuple)):
@@ -60,14 +61,22 @@ def _keyword_inputs(given: dict[str, Any], module: Any) -> tuple[Any, ...]:
     if unknown:
         raise InputError(f"example inputs name {', '.join(map(repr, unknown))}, which forward does not take "
                          f"positionally (its parameters: {', '.join(names) or 'none'})")
-    leading = names[:len(given)]
-    if set(leading) != set(given):
-        missing = [n for n in leading if n not in given]
+    # forward's parameters up to the last one given; those skipped take their defaults (None for
+    # GPT-2's cache between input_ids and attention_mask), which capture fixes like any non-tensor
+    leading = names[:max(names.index(k) for k in given) + 1]
+    missing = [p.name for p in params[:len(leading)] if p.name not in given and p.default is p.empty]
+    if missing:
         raise InputError(
-            f"keyword example inputs must be forward's leading parameters ({', '.join(leading)}); "
-            f"{', '.join(missing)} is missing: pass it too, or pass a tuple in forward's order"
+            f"keyword example inputs skip {', '.join(missing)}, which forward needs (no default): pass "
+            f"{'it' if len(missing) == 1 else 'them'} too, or pass a tuple in forward's order"
         )
-    return tuple(given[n] for n in leading)
+    if any(p.name not in given and p.default is not None for p in params[:len(leading)]):
+        skipped = [p.name for p in params[:len(leading)] if p.name not in given and p.default is not None]
+        raise InputError(
+            f"keyword example inputs skip {', '.join(skipped)}, whose default is not None: pass "
+            f"{'it' if len(skipped) == 1 else 'them'} too, or pass a tuple in forward's order"
+        )
+    return tuple(given.get(p.name) for p in params[:len(leading)])
 
 
 

@@ -158,6 +158,9 @@ class InputLayout:
     tensor_leaves: list[int]
     names: list[str]
     fixed: dict[int, Any]
+    #: parameters the example left at None (keyword inputs that skip an optional parameter, GPT-2's
+    #: cache): a call may leave them out too
+    omittable: frozenset[str] = frozenset()
 
     @property
     def identifiers(self) -> list[str]:
@@ -188,13 +191,13 @@ class InputLayout:
         if not kwargs and len(args) == len(self.tensor_leaves) and all(isinstance(a, torch.Tensor) for a in args):
             return tuple(args)
         unknown = [k for k in kwargs if k not in self.params[len(args):]]
-        missing = [p for p in self.params[len(args):] if p not in kwargs]
+        missing = [p for p in self.params[len(args):] if p not in kwargs and p not in self.omittable]
         if len(args) > len(self.params) or unknown or missing:
             raise InputError(
                 f"the graph takes {', '.join(self.params)} (as the model was captured), structured as "
                 f"{_shown(self.spec)}; got {len(args)} positional and {sorted(kwargs) or 'no'} keyword "
                 "argument(s). Pass them as the example inputs were passed")
-        bound = tuple(args) + tuple(kwargs[p] for p in self.params[len(args):])
+        bound = tuple(args) + tuple(kwargs.get(p) for p in self.params[len(args):])
         leaves, spec = pytree.tree_flatten(bound)
         if spec != self.spec:
             raise InputError(f"inputs are structured as {_shown(spec)}, but the graph was captured with "
@@ -242,7 +245,7 @@ def input_layout(model: torch.nn.Module, args: tuple[Any, ...], notes: list[str]
     (``torch.export.register_dataclass``), with a note, so its fields become inputs."""
     if all(isinstance(a, torch.Tensor) for a in args):
         return None
-    if not any(dataclasses.is_dataclass(a) or isinstance(a, (dict, list, tuple)) for a in args):
+    if not any(dataclasses.is_dataclass(a) or isinstance(a, (dict, list, tuple)) or a is None for a in args):
         return None
     for cls in _unregistered_dataclasses(args):
         torch.export.register_dataclass(cls)
@@ -258,7 +261,8 @@ def input_layout(model: torch.nn.Module, args: tuple[Any, ...], notes: list[str]
         return None
     names = _leaf_paths(params, args)
     return InputLayout(params[:len(args)], spec, tensors, [names[i] for i in tensors],
-                       {i: leaf for i, leaf in enumerate(leaves) if i not in set(tensors)})
+                       {i: leaf for i, leaf in enumerate(leaves) if i not in set(tensors)},
+                       frozenset(params[i] for i, a in enumerate(args) if a is None))
 
 
 def _positional_parameters(model: torch.nn.Module) -> list[str]:
