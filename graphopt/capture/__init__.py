@@ -81,8 +81,9 @@ def capture(
     says which one ran and why. ``"symbolic"`` or ``"export"`` use one front end only.
     ``example_inputs`` is a tensor or a tuple of forward's positional arguments, or a dict of
     its parameters by name (those skipped before the last one given must default to None).
-    Arguments may be containers (dicts, lists, tuples, named tuples, dataclasses) of tensors: each tensor becomes one graph input named by its path
-    (``inputs.image``, :mod:`graphopt.ir.structure`), other values in them are fixed, and the
+    Arguments may be containers (dicts, lists, tuples, named tuples, dataclasses) of tensors:
+    each tensor becomes one graph input named by its path (``inputs.image``,
+    :mod:`graphopt.ir.structure`), other values in them are fixed, and the
     graph module is called with the same containers (or with the tensors flat). ``leaf_modules``
     (symbolic mode) lists module types (instances of them and of their subclasses) or qualified
     names to keep as opaque calls. ``concrete_args`` (symbolic mode) maps forward parameter
