@@ -63,7 +63,7 @@ def _keyword_inputs(given: dict[str, Any], module: Any) -> tuple[Any, ...]:
                          f"positionally (its parameters: {', '.join(names) or 'none'})")
     # forward's parameters up to the last one given; those skipped take their defaults (None for
     # GPT-2's cache between input_ids and attention_mask), which capture fixes like any non-tensor
-    leading = names[:max(names.index(k) for k in given) + 1]
+    leading = names[:max((names.index(k) for k in given), default=-1) + 1]
     missing = [p.name for p in params[:len(leading)] if p.name not in given and p.default is p.empty]
     if missing:
         raise InputError(
