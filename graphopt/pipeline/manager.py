@@ -24,7 +24,7 @@ from graphopt.ir import graph as G
 from graphopt.ir import shapes, structure
 from graphopt.view import diff as graph_diff
 from graphopt.errors import CalibrationDataError, GraphoptError, OptionError, PassError, PipelineError, VerificationError
-from graphopt.errors import TrainingModeError, exception_summary
+from graphopt.errors import TrainingModeError
 from graphopt.pipeline.hooks import Hook
 from graphopt.pipeline.passes import PassContext, RewriteBudget
 from graphopt.pipeline.report import PassRecord, Report
@@ -39,6 +39,7 @@ from graphopt.pipeline.snapshot import (
     _Unchanged,
 )
 from graphopt.pipeline.spec import build_pipeline, inference_presets
+from graphopt.verify.history import RunHistory
 
 VerifyMode = Literal["each", "final", "none"]
 
@@ -254,7 +255,7 @@ class PassManager:
 
         lossy = False
         seen = graph_diff.view(gm) if self.keep_graphs else None
-        history = _History([check_inputs[i] for i, label in enumerate(labels) if _in_distribution(label)]) \
+        history = RunHistory([check_inputs[i] for i, label in enumerate(labels) if _in_distribution(label)]) \
             if self.numeric_history else None
         for iteration in range(self.max_iterations if self.fixed_point else 1):
             any_change = False
@@ -433,40 +434,6 @@ class PassManager:
                     "The shared tensor is now changed and cannot be restored: re-capture the model.",
                     pass_name=name,
                 )
-
-
-class _History:
-    """The numeric history of one run: the original graph's values, recorded once (on the first
-    pass that changes values: until then the state before a pass is the original), and each
-    changed state's per-node error against them."""
-
-    def __init__(self, inputs_list: list[tuple]):
-        self.inputs_list = inputs_list
-        self.original: Any = None  # the state before the first pass that changed the graph
-        self.values: Any = None
-        self.stopped: str | None = None  # why recording stopped, for the report's notes
-
-    def after(self, before: Any, gm: fx.GraphModule, record: PassRecord, contract: Any) -> dict | None:
-        """Per-node errors after a pass, or None when it changed nothing (or was rolled back),
-        or is exact and its outputs were bit-equal to the graph's before it."""
-        if not record.changed or not self.inputs_list:
-            return None
-        if self.values is None and self.original is None:
-            self.original = before
-        if not contract.lossy and record.max_abs_error == 0:
-            return None
-        from graphopt.verify import history
-
-        try:
-            if self.values is None:
-                self.values = history.record(self.original.module(), self.inputs_list)
-                self.original = None  # its values are kept: the state itself is no longer needed
-            return history.node_errors(self.values, gm, self.inputs_list)
-        except Exception as exc:  # a diagnosis must not fail a run its checks passed: say so, stop it
-            self.stopped = (f"numeric history stopped at pass {record.name!r}: running the graph node by node "
-                            f"raised {exception_summary(exc)}")
-            self.inputs_list = []
-            return None
 
 
 def _check_word(error: BaseException | None, changed: bool, contract: Any, verdict: Any) -> str | None:

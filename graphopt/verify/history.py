@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 
+from graphopt.errors import exception_summary
 from graphopt.ir import graph as G
 from graphopt.verify.comparison import _as_float64, sqnr_from_powers
 from graphopt.verify.localization import _COMPUTE_OPS, _NodeByNodeInterpreter, _tensor_leaves
@@ -161,3 +162,35 @@ def node_errors(original: RecordedValues, gm: fx.GraphModule,
         worst = {key: (min(figures[0], now[key][0]), max(figures[1], now[key][1]))
                  for key, figures in worst.items() if key in now}
     return {key: NodeError(*worst[key]) for key in original.order if key in worst}
+
+
+class RunHistory:
+    """The numeric history of one run: the original graph's values, recorded once (on the first
+    pass that changes values: until then the state before a pass is the original), and each
+    changed state's per-node error against them."""
+
+    def __init__(self, inputs_list: list[tuple]):
+        self.inputs_list = inputs_list
+        self.original: Any = None  # the state before the first pass that changed the graph
+        self.values: Any = None
+        self.stopped: str | None = None  # why recording stopped, for the report's notes
+
+    def after(self, before: Any, gm: fx.GraphModule, pass_record: Any, contract: Any) -> dict[str, NodeError] | None:
+        """Per-node errors after a pass, or None when it changed nothing (or was rolled back),
+        or is exact and its outputs were bit-equal to the graph's before it."""
+        if not pass_record.changed or not self.inputs_list:
+            return None
+        if self.values is None and self.original is None:
+            self.original = before
+        if not contract.lossy and pass_record.max_abs_error == 0:
+            return None
+        try:
+            if self.values is None:
+                self.values = record(self.original.module(), self.inputs_list)
+                self.original = None  # its values are kept: the state itself is no longer needed
+            return node_errors(self.values, gm, self.inputs_list)
+        except Exception as exc:  # a diagnosis must not fail a run its checks passed: say so, stop it
+            self.stopped = (f"numeric history stopped at pass {pass_record.name!r}: running the graph node by node "
+                            f"raised {exception_summary(exc)}")
+            self.inputs_list = []
+            return None
