@@ -177,6 +177,37 @@ def test_dict_and_list_inputs_round_trip_through_capture_pipeline_and_onnx(mode,
     close(back["z"], model(*other)["z"])
 
 
+def test_calibration_batches_come_as_the_model_is_called():
+    """Keyword inputs, or the model's own containers, per calibration batch: read as the graph's
+    flat inputs by quantize, and a batch of another structure is refused by number."""
+    torch.manual_seed(4)
+
+    class Keywords(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 2, 1)
+
+        def forward(self, image, mask=None, scale=None):
+            return self.head(torch.relu(self.conv(image)) * mask)
+
+    def batch(n=2):
+        return {"image": torch.randn(n, 3, 8, 8), "mask": torch.rand(n, 4, 6, 6)}
+
+    model = Keywords().eval()
+    result = graphopt.optimize(model, batch(), "mobile-int8", calibration_data=[batch() for _ in range(4)])
+    assert any(r.name == "quantize" and r.status == "changed" for r in result.report.records)
+    assert not any(r.name == "quantize" and "synthesized" in " ".join(r.notes) for r in result.report.records)
+
+    model, example = DictAndListInputs().eval(), dict_and_list_example()
+    gm = graphopt.capture(model, example)
+    good = graphopt.optimize(gm, example, "mobile-int8", calibration_data=[dict_and_list_example() for _ in range(3)])
+    assert any(r.name == "quantize" and r.status == "changed" for r in good.report.records)
+    short = [dict_and_list_example(), ({"image": example[0]["image"], "mask": example[0]["mask"], "flip": True},
+                                       [example[1][0]])]
+    with pytest.raises(graphopt.CalibrationDataError, match="calibration batch #1: inputs are structured as"):
+        graphopt.optimize(gm, example, "mobile-int8", calibration_data=short, on_failure="raise")
+
+
 def test_structured_inputs_are_refused_when_their_structure_or_a_fixed_value_differs():
     torch.manual_seed(3)
     model, example = DictAndListInputs().eval(), dict_and_list_example()

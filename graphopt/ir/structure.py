@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from graphopt.errors import InputError
+from graphopt.errors import CalibrationDataError, InputError
 from graphopt.ir.lazy import INPUT_LAYOUT_KEY, OUTPUT_SPEC_KEY, graph_module
 
 #: placeholder meta: the input's pytree path name (``inputs.image``) where it is not the
@@ -329,3 +329,29 @@ def graph_inputs(gm: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None =
     if layout is None:
         return tuple(args)
     return layout.flat(tuple(args), dict(kwargs or {}))
+
+
+class StructuredBatches:
+    """Calibration data given as the model is called (a dict of keyword inputs per batch, or
+    the model's containers), read as the graph's flat input tuples. Iterable as often as the
+    data is: a list stays reusable, a generator is read once.
+
+    A batch that does not fit raises :class:`CalibrationDataError` naming the batch; a batch that is
+    already flat passes through, so the arity check downstream keeps its own message."""
+
+    def __init__(self, gm: Any, model: Any, batches: Any):
+        self.gm, self.model, self.batches = gm, model, batches
+
+    def __iter__(self) -> Any:
+        from graphopt.ir.graph import as_input_tuple
+
+        for index, item in enumerate(self.batches):
+            try:
+                if isinstance(item, dict):
+                    item = graph_inputs(self.gm, (), item) if layout_of(self.gm.graph) is not None \
+                        else as_input_tuple(item, self.model)
+                elif isinstance(item, (tuple, list)) and layout_of(self.gm.graph) is not None:
+                    item = graph_inputs(self.gm, tuple(item))
+            except InputError as exc:
+                raise CalibrationDataError(f"calibration batch #{index}: {exc}") from None
+            yield item

@@ -239,6 +239,8 @@ class PassManager:
                              f"({captured['symbolic_failure']})")
         notes.extend(capture_notes(gm))
         inputs = structure.graph_inputs(gm, inputs)  # containers (dicts, lists, ...) as the graph's flat inputs
+        if calibration_data is not None and not isinstance(calibration_data, torch.Tensor):
+            calibration_data = structure.StructuredBatches(gm, model, calibration_data)  # batches as the model takes them
         budget = budget or RewriteBudget()
         report = Report(self.pipeline_string, notes=notes, shapes=shapes.describe(gm), checked_at=shapes.sizes_for(gm),
                         graphs_kept=self.keep_graphs)

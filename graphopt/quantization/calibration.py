@@ -49,7 +49,8 @@ def _as_batch(item: Any, arity: int, index: int) -> tuple[Any, ...]:
         got = "a " + type(item).__name__ if batch is None else f"{len(batch)} value(s)"
         raise CalibrationDataError(
             f"calibration batch #{index} holds {got} but the model takes {arity} input(s); "
-            "calibration_data must yield input tuples (drop labels: e.g. (x,) for x, y in loader)"
+            "calibration_data must yield input tuples, or dicts of keyword inputs as the example inputs "
+            "were given (drop labels: e.g. (x,) for x, y in loader)"
         )
     return batch
 

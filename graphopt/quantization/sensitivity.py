@@ -281,6 +281,8 @@ def analyze(model: Any, example_inputs: Any, calibration_data: Iterable[Any] | N
 
     cfg = get_config(options["config"])
     inputs = structure.graph_inputs(gm, G.as_input_tuple(example_inputs, model))
+    if calibration_data is not None and not isinstance(calibration_data, torch.Tensor):
+        calibration_data = structure.StructuredBatches(gm, model, calibration_data)
     data = calib.collect(inputs, calibration_data, max_batches=options["max_calibration_batches"],
                          held_out=options["held_out_batches"], dynamic=shapes.dynamic_dims_of_inputs(gm))
     calibrator = Calibrator(gm, cfg, options["calibration"], options["bins"], options["percentile"], data.batches)
