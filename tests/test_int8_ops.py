@@ -128,16 +128,17 @@ class TestOpsAroundConvs:
 
 
 class Branches(nn.Module):
-    """Two branches ten times apart in range, joined by cat and by add (requantizing both)."""
+    """Two branches ten times apart in range, joined by cat and by add (requantizing both), then
+    added and read by a conv (an add no int8 op reads stays float: see placement)."""
 
     def __init__(self):
         super().__init__()
         self.a, self.b = conv_bn(3, 8), conv_bn(3, 8)
-        self.after_cat, self.after_add = nn.Conv2d(16, 4, 1), nn.Conv2d(8, 4, 1)
+        self.after_cat, self.after_add, self.head = nn.Conv2d(16, 4, 1), nn.Conv2d(8, 4, 1), nn.Conv2d(4, 2, 1)
 
     def forward(self, x):
         a, b = self.a(x), 10 * self.b(x)
-        return self.after_cat(torch.cat([a, b], 1)) + self.after_add(a + b)
+        return self.head(self.after_cat(torch.cat([a, b], 1)) + self.after_add(a + b))
 
 
 @pytest.fixture(scope="module")

@@ -94,12 +94,12 @@ class TestMinSqnr:
 
     def test_a_graph_without_convs_or_linears_is_judged_as_it_is(self):
         class Adds(torch.nn.Module):
-            def forward(self, x):
-                return torch.relu(x) + x * 0.5
+            def forward(self, x):  # flattened: an add no int8 op reads would stay float
+                return torch.flatten(torch.relu(x) + x * 0.5, 1)
 
         result, record = run("quantize{min_sqnr=25}", model=Adds().eval())
         assert record.figures["mixed_precision"]["layers"] == 0
-        assert record.figures["units_by_op"] == {"add": 1}
+        assert record.figures["units_by_op"] == {"add": 1, "flatten": 1}
         with pytest.raises(QuantizationError, match="with 0 of 0 layers float"):
             run("quantize{min_sqnr=80}", model=Adds().eval())
 

@@ -70,11 +70,11 @@ class Residual(nn.Module):
     def __init__(self):
         super().__init__()
         self.stem, self.body = conv_bn_relu(3, 8), conv_bn_relu(8, 8)
-        self.proj = nn.Conv2d(8, 8, 1)
+        self.proj, self.head = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 4, 1)
 
     def forward(self, x):
         x = self.stem(x)
-        return torch.relu(self.proj(self.body(x)) + x)
+        return self.head(torch.relu(self.proj(self.body(x)) + x))
 
 
 def batches(shape, n: int = 6, scale: float = 1.0, seed: int = 0) -> list[tuple[torch.Tensor]]:
@@ -152,7 +152,28 @@ class TestPlacement:
         assert all(qdq.is_dequantize(a) for a in add.args)
         (relu,) = add.users
         assert ops.is_op(relu, "relu") and [u.target for u in relu.users] == [qdq.QUANTIZE_PER_TENSOR]
-        assert records["quantize"].figures["units_by_op"] == {"conv2d": 3, "add": 1}
+        assert records["quantize"].figures["units_by_op"] == {"conv2d": 4, "add": 1}
+
+    def test_an_add_no_int8_op_reads_stays_float_and_says_why(self):
+        """A residual stream read only by layer norms (a transformer's) stays float: int8 there
+        saves nothing and rounds a small token (ViT's class token) that the norm scales back up."""
+        class Block(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc1, self.fc2, self.norm = nn.Linear(8, 8), nn.Linear(8, 8), nn.LayerNorm(8)
+
+            def forward(self, x):
+                h = x + self.fc1(x)
+                h = h + self.fc2(self.norm(h))
+                return self.norm(h)
+
+        x = torch.randn(2, 5, 8)
+        gm, records = run(Block(), x, pipeline="quantize")
+        adds = nodes_of(gm, "add")
+        assert len(adds) == 2 and not any(qdq.is_quantize(u) for a in adds for u in a.users)
+        why = [r for n, r in records["quantize"].declines if n.startswith("add")]
+        assert len(why) == 2 and all("no int8 op reads its output" in r for r in why)
+        assert records["quantize"].figures["units_by_op"] == {"linear": 2}
 
     @pytest.mark.parametrize("example", [None, "mobilenet_cnn"])
     def test_in_place_unit_activations_quantize_exactly_as_out_of_place_ones(self, example, monkeypatch):
@@ -257,9 +278,11 @@ class TestSharedAndFixedParameters:
                 with torch.no_grad():
                     self.conv.weight.mul_(5)  # a wide input range: fixed parameters must not follow it
 
-            def forward(self, x):
+                self.head = nn.Conv2d(4, 2, 1)
+
+            def forward(self, x):  # read by int8 ops: at the outputs they would stay float
                 y = self.conv(x)
-                return torch.sigmoid(y), torch.tanh(y)
+                return self.head(torch.sigmoid(y)), self.head(torch.tanh(y))
 
         gm, _ = run(Heads(), X, config=config)
         (sig,) = [n for n in gm.graph.nodes if ops.is_op(n, "sigmoid")]

@@ -259,10 +259,11 @@ class TestLiteInterpreter:
             def __init__(self):
                 super().__init__()
                 self.a, self.b, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(8, 4, 1)
+                self.tail = nn.Conv2d(4, 2, 1)
 
-            def forward(self, x):
+            def forward(self, x):  # the sigmoid read by a conv: int8 (at the output it would stay float)
                 y = torch.cat([self.a(x), F.max_pool2d(F.max_pool2d(self.b(x), 1), 1)], 1)
-                return torch.sigmoid(self.head(y))
+                return self.tail(torch.sigmoid(self.head(y)))
 
         gm = quantized(Mixed())
         converted = convert_for_torchscript(gm, (X,))

@@ -115,8 +115,12 @@ class TestStaticInt8:
                      or "scaled_dot_product_attention" in str(n.target)]
         assert len(float_ops) >= 4
         for node in float_ops:
-            assert qdq.is_dequantize(_through_layout(node.args[0])), f"{node.name} does not read a dequantize"
+            # a dequantize, or a residual add kept float: no int8 op reads it, so int8 would only round it
+            source = _through_layout(node.args[0])
+            assert qdq.is_dequantize(source) or ops.op_name(source) == "add", f"{node.name} reads {source.name}"
             assert node.meta["tensor_meta"].dtype == torch.float32
+        residual = [n for n in graph.nodes if ops.op_name(n) == "add" and any(ops.op_name(u) == "layer_norm" for u in n.users)]
+        assert residual and not any(qdq.is_quantize(u) for n in residual for u in n.users)
         # and what they compute is quantized again for the next int8 op (the last norm feeds the output)
         requantized = [n for n in float_ops if any(qdq.is_quantize(u) for u in _users_through_layout(n))]
         assert len(requantized) >= len(float_ops) - 1

@@ -306,8 +306,40 @@ def plan_quantization(gm: fx.GraphModule, config: BackendConfig, veto: Veto, dec
 
     ``veto(unit)`` returns why a candidate unit stays float (skip list, rewrite budget, worst
     layers kept float) or None; ``decline(node, reason)`` records candidates left float.
+
+    An add, mul, cat or fixed-range op (sigmoid) stays float when no int8 unit reads its output:
+    every reader would dequantize it at once, so its own output rounding would buy nothing. A
+    transformer's residual adds, read by layer norms, are the common case: rounding the residual
+    stream per tensor drowns a small token (ViT's class token) that the norm scales back up.
+    Shared-parameter ops (pooling, reshapes, interpolate) add no rounding of their own and stay
+    int8. Planning repeats until no such unit is left, since keeping one float can leave its
+    producers without int8 readers in turn.
     """
-    return _Planner(gm, config, veto, decline).run()
+    idle: dict[fx.Node, str] = {}
+
+    def vetoed(unit: Unit) -> str | None:
+        return idle.get(unit.node) or veto(unit)
+
+    while True:
+        declined: list[tuple[fx.Node, str]] = []
+        plan = _Planner(gm, config, vetoed, lambda node, why: declined.append((node, why))).run()
+        read_as_int8 = {value for unit in plan.units for value in unit.inputs}
+        new = {unit.node: _idle_reason(unit) for unit in plan.units
+               if unit.kind in _ROUNDING and unit.output not in read_as_int8}
+        if not new:
+            for node, why in declined:
+                decline(node, why)
+            return plan
+        idle.update(new)
+
+
+#: units without weights whose output is rounded to a range of its own
+_ROUNDING = ("binary", "cat", "fixed")
+
+
+def _idle_reason(unit: Unit) -> str:
+    readers = ", ".join(sorted(n.name for n in unit.output.users)[:3]) or "none"
+    return f"kept float: no int8 op reads its output (readers: {readers}), so int8 would only add rounding"
 
 
 def plan_dynamic_quantization(gm: fx.GraphModule, config: BackendConfig, veto: Veto, decline: Decline) -> Plan:
