@@ -443,7 +443,10 @@ def _opaque_models() -> dict[str, nn.Module]:
     parametrize.register_parametrization(param, "weight", Double())
     with pytest.warns(FutureWarning):
         old_weight_norm = torch.nn.utils.weight_norm(nn.Conv2d(3, 3, 1))
-    return {"subclass overriding forward": _LoudConv(3, 3, 1), "forward hook": hooked, "parametrized": param,
+    class CheckedNorm(nn.BatchNorm2d):  # torch's BatchNorm2d.forward branches on the input's rank
+        pass
+
+    return {"subclass whose forward does not trace": CheckedNorm(3), "forward hook": hooked, "parametrized": param,
             "weight_norm pre-hook": old_weight_norm, "softmax with dim=None": nn.Softmax()}
 
 
@@ -455,6 +458,23 @@ def test_layers_whose_forward_differs_from_the_table_stay_opaque_calls(name) -> 
     gm = capture(model, (x,))
     assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["inner"]
     assert torch.equal(gm(x), model(x))
+
+
+def test_a_subclassed_layer_whose_forward_traces_is_traced_through() -> None:
+    """Only exact standard types are inlined from the table; a subclass computes what its own
+    forward says (timm's BatchNormAct2d: the batch norm and its activation)."""
+    class NormAct(nn.BatchNorm2d):
+        def forward(self, x):
+            return torch.relu(F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                           False, 0.0, self.eps))
+
+    for inner in (_LoudConv(3, 3, 1), NormAct(3)):
+        model = _Wrap(inner).eval()
+        x = torch.randn(1, 3, 4, 4)
+        gm = capture(model, (x,))
+        assert not [n for n in gm.graph.nodes if n.op == "call_module"]
+        assert {"conv2d", "batch_norm"} & {ops.op_name(n) for n in gm.graph.nodes}
+        assert torch.allclose(gm(x), model(x), atol=1e-6)
 
 
 def test_module_called_twice_is_inlined_at_each_site_with_its_own_getters() -> None:

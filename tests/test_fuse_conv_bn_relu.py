@@ -248,16 +248,21 @@ def test_batch_norm_after_a_nonlinearity_is_declined():
     assert_declined(model, (torch.randn(1, 3, 6, 6),), "not a canonical conv", fuse_activations=False)
 
 
-@pytest.mark.parametrize("make_conv", [
-    lambda: SubclassedConv(3, 4, 3),
-    lambda: nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 4, 3)),
-], ids=["subclass", "weight_norm"])
-def test_opaque_conv_modules_are_not_matched(make_conv):
-    # capture keeps subclassed and parametrized layers as opaque call_module nodes
+def test_opaque_conv_modules_are_not_matched():
+    # capture keeps parametrized layers as opaque call_module nodes
     torch.manual_seed(11)
-    model = Seq(make_conv(), randomize(nn.BatchNorm2d(4))).eval()
+    model = Seq(nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 4, 3)), randomize(nn.BatchNorm2d(4))).eval()
     gm, _ = assert_declined(model, (torch.randn(1, 3, 6, 6),), "not a canonical conv")
     assert any(n.op == "call_module" for n in gm.graph.nodes)
+
+
+def test_a_subclassed_conv_whose_forward_traces_is_inlined_and_fused():
+    torch.manual_seed(11)
+    model = Seq(SubclassedConv(3, 4, 3), randomize(nn.BatchNorm2d(4))).eval()
+    x = (torch.randn(1, 3, 6, 6),)
+    gm, record = run_pass(model, x)
+    assert record.rewrites == 1 and not any(n.op == "call_module" for n in gm.graph.nodes)
+    assert torch.allclose(gm(*x), model(*x), atol=1e-5)
 
 
 def test_zero_variance_with_zero_eps_is_declined_as_non_finite():

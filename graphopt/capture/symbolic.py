@@ -34,6 +34,7 @@ class _CaptureTracer(fx.Tracer):
         self.lowerings: dict[str, tuple[lowerings.Step, ...]] = {}  # path -> steps, for layers to inline
         self.lowered: list[str] = []  # paths of the layers inlined while tracing
         self.stack_texts: dict[tuple[tuple[str, int, str], ...], str] = {}
+        self.opaque_subclasses: frozenset[str] = frozenset()  # see _opaque_subclasses
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None) -> fx.Node:  # noqa: ANN001
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
@@ -68,8 +69,10 @@ class _CaptureTracer(fx.Tracer):
         if module_qualified_name in self.leaf_names or isinstance(m, self.leaf_types):
             self.user_leaves.add(module_qualified_name)
             return True
-        if isinstance(m, lowerings.LOWERABLE_TYPES) or lowerings.is_opaque(m):
+        if type(m) in lowerings.MODULE_LOWERINGS or lowerings.is_opaque(m):
             return True
+        if isinstance(m, lowerings.LOWERABLE_TYPES):  # a subclass of a standard layer: see _opaque_subclasses
+            return module_qualified_name in self.opaque_subclasses
         return super().is_leaf_module(m, module_qualified_name)
 
 
@@ -86,6 +89,7 @@ def _trace_symbolic(
     # attribute reads (a parameter read scans all parameters and records a get_attr node).
     tracer.lowerings = {path: steps for path, m in root.named_modules()
                         if type(m) in lowerings.MODULE_LOWERINGS and (steps := lowerings.lowering_for(m)) is not None}
+    tracer.opaque_subclasses = _opaque_subclasses(root, leaf_types, leaf_names)
     try:
         graph = tracer.trace(root, concrete_args=concrete_args)
     except Exception as exc:  # noqa: BLE001 - fx raises many kinds
@@ -104,6 +108,31 @@ def _trace_symbolic(
             node.meta["keep_module"] = True
     _drop_specialized_arguments(graph, root, fixed_kwargs)
     return graph, state["lowered"]
+
+
+def _opaque_subclasses(root: nn.Module, leaf_types: tuple[type[nn.Module], ...], leaf_names: frozenset[str]) -> frozenset[str]:
+    """Paths of the layers that subclass a standard layer and cannot be traced into.
+
+    Only exact standard types are inlined (a subclass may compute something else). The others
+    are traced through like any user module when their forward traces on its own: timm's
+    ``BatchNormAct2d`` (a ``BatchNorm2d`` whose forward adds the activation) becomes a batch
+    norm and a ReLU that fusion folds and pruning reads. One that does not trace (torch's own
+    ``BatchNorm2d.forward`` branches on the input's rank) stays an opaque call, as before."""
+    opaque = []
+    for path, module in root.named_modules():
+        if not path or type(module) in lowerings.MODULE_LOWERINGS or not isinstance(module, lowerings.LOWERABLE_TYPES):
+            continue
+        if path in leaf_names or isinstance(module, leaf_types) or lowerings.is_opaque(module):
+            continue
+        probe = _CaptureTracer(leaf_types, frozenset())
+        probe.proxy_buffer_attributes = True
+        try:
+            probe.trace(module)
+        except Exception:  # noqa: BLE001 - fx raises many kinds; the layer stays one call
+            opaque.append(path)
+        finally:
+            vars(probe).clear()  # fx's trace leaves the tracer in a reference cycle (see _trace_symbolic)
+    return frozenset(opaque)
 
 
 def _drop_specialized_arguments(graph: fx.Graph, root: nn.Module, fixed: dict[str, Any]) -> None:

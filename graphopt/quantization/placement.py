@@ -13,6 +13,8 @@ a concatenation, a pooling...) and the *values* that are stored as integers, eac
   The same holds for ``add``/``mul`` whose only user is a ``binary_activations`` op.
 - Shared and fixed-parameter ops are int8 only when their input is output-quantized: they join
   their input's group (shared) or take the fixed parameters.
+- An add, mul, cat or fixed-range op whose output no int8 unit reads stays float (see
+  :func:`plan_quantization`): rounding it would buy nothing, and before a layer norm it costs.
 - Observation is per value, i.e. per call site: a module called twice (two conv nodes reading
   one weight) gets separate activation parameters at each site.
 
