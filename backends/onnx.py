@@ -13,6 +13,9 @@ the forward parameters (``input_ids``, ``inputs.image``), outputs after the fiel
 the model's output (``logits``, ``hidden_states.0``; ``output_0``, ... for plain tensors), one
 output per tensor; ``artifact.run`` puts them back in the model's container.
 
+Attention with a boolean mask that leaves a query row no key (left padding under a causal mask)
+is written so that row is zero, as torch computes it (:mod:`graphopt.backends._attention_onnx`).
+
 A ``model.half()`` is written in float16 and verified at float16's tolerance. A bfloat16 graph
 is written in float32, since ONNX Runtime has no bfloat16 kernels on CPU; the runner casts at
 the boundaries and the report's notes say so (:mod:`graphopt.backends._bfloat16_onnx`).
@@ -53,6 +56,8 @@ import torch.utils._pytree as pytree
 
 from graphopt.ir import graph as G
 from graphopt.ir import shapes, structure
+from graphopt.backends._attention_onnx import NOTE as ATTENTION_NOTE
+from graphopt.backends._attention_onnx import zero_fully_masked_rows
 from graphopt.backends._bfloat16_onnx import NOTE as BFLOAT16_NOTE
 from graphopt.backends._bfloat16_onnx import has_bfloat16, in_float32
 from graphopt.backends._quantized_onnx import DYNAMO_TRANSLATIONS, float_between_qdq, integer_linears
@@ -123,6 +128,9 @@ class Onnx(Backend):
             report["output_dtypes"] = [str(t.dtype).removeprefix("torch.") for t in outputs]
             gm, example_inputs = in_float32(gm, example_inputs)
             report.setdefault("notes", []).append(BFLOAT16_NOTE)
+        gm, masked = zero_fully_masked_rows(gm)
+        if masked:
+            report.setdefault("notes", []).append(ATTENTION_NOTE)
         graphs = {"torchscript": gm, "dynamo": gm}
         if has_qdq(gm):
             _refuse_saturating_weights(gm)

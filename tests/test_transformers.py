@@ -105,6 +105,25 @@ def test_keyword_inputs_may_skip_an_optional_parameter_as_gpt2_is_called():
         result.module(ids, torch.zeros(1), mask)  # a cache given where the capture had none
 
 
+def test_left_padded_gpt2_lowers_to_onnx_with_the_padding_rows_as_torch_computes_them(tmp_path):
+    """Left padding under the causal mask leaves each padding position no key to attend to:
+    torch gives those rows zeros, ONNX's softmax the mean of the values. The file must agree
+    with the model everywhere, padding positions included."""
+    torch.manual_seed(0)
+    model = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                                           use_cache=False)).eval()
+    ids, mask = torch.randint(0, 100, (2, 8)), torch.ones(2, 8, dtype=torch.long)
+    mask[0, :3] = 0
+    example = {"input_ids": ids, "attention_mask": mask}
+    result = graphopt.optimize(model, example, "mobile-fp32")
+    artifact = graphopt.lower(result.module, example, backend="onnx", path=tmp_path / "gpt2", reference=model)
+    assert artifact.verdict.ok
+    assert any("allows no key" in n for n in artifact.report["notes"])
+    got = artifact.run(input_ids=ids, attention_mask=mask)
+    torch.testing.assert_close(got.logits, model(input_ids=ids, attention_mask=mask).logits, atol=1e-5, rtol=1e-4)
+    assert not any(n.target is torch.where for n in result.module.graph.nodes)  # the graph module is untouched
+
+
 def test_keyword_inputs_that_skip_a_required_parameter_are_refused_by_name():
     class TwoRequired(torch.nn.Module):
         def forward(self, x, scale, bias=None):
