@@ -18,7 +18,7 @@ import pytest
 
 import graphopt
 from graphopt.app import examples
-from graphopt.view import diff as graph_diff
+from graphopt.ir import diff as graph_diff
 
 pytest.importorskip("model_explorer", reason="Model Explorer is an optional extra (pip install ai-edge-model-explorer)")
 

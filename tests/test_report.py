@@ -12,7 +12,7 @@ import torch.nn as nn
 
 import graphopt
 from graphopt.app import examples
-from graphopt.view import diff as graph_diff
+from graphopt.ir import diff as graph_diff
 from graphopt.errors import ReportError
 
 needs_dot = pytest.mark.skipif(shutil.which("dot") is None,

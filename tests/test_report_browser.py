@@ -19,7 +19,7 @@ import torch
 
 import graphopt
 from graphopt.app import examples
-from graphopt.view import diff as graph_diff
+from graphopt.ir import diff as graph_diff
 from graphopt.view import browser as report_browser
 
 pytestmark = [

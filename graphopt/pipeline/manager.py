@@ -22,7 +22,7 @@ import torch.fx as fx
 
 from graphopt.ir import graph as G
 from graphopt.ir import shapes, structure
-from graphopt.view import diff as graph_diff
+from graphopt.ir import diff as graph_diff
 from graphopt.errors import CalibrationDataError, GraphoptError, OptionError, PassError, PipelineError, VerificationError
 from graphopt.errors import TrainingModeError
 from graphopt.pipeline.hooks import Hook

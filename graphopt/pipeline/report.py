@@ -77,7 +77,7 @@ class Report:
     shapes: list[str] = field(default_factory=list)
     checked_at: dict[str, int] = field(default_factory=dict)
     #: the graph before and after each pass that changed it or declined somewhere, by index into
-    #: ``records`` (:class:`graphopt.view.diff.GraphView`); consecutive passes share a view.
+    #: ``records`` (:class:`graphopt.ir.diff.GraphView`); consecutive passes share a view.
     #: Kept only when the run was asked to (``keep_graphs=True``; ``graphs_kept`` says so)
     graphs: dict[int, tuple[Any, Any]] = field(default_factory=dict, repr=False)
     graphs_kept: bool = True

@@ -17,7 +17,7 @@ import math
 from typing import Any
 
 from graphopt.errors import ReportError
-from graphopt.view.diff import GraphView, diff
+from graphopt.ir.diff import GraphView, diff
 
 
 #: the overlay of per-node error against the original graph (runs with a numeric history)

@@ -4,7 +4,7 @@ opens offline, from the file).
 It shows the pass table (the same cells as the text report, :meth:`Report.rows`), the detail
 lines (declines with their reasons, rollbacks with the check that failed), and for every pass
 that changed the graph or declined somewhere, the graph before and after it: nodes added,
-removed and changed coloured (by fx node name, :mod:`graphopt.view.diff`), fusion units boxed,
+removed and changed coloured (by fx node name, :mod:`graphopt.ir.diff`), fusion units boxed,
 int8 regions and float islands marked, layers whose channels shrank outlined, decline reasons
 on the nodes they name. Graphs are laid out by Graphviz ``dot`` (:mod:`graphopt.view.layout`);
 each state of the graph is laid out once and shared by the two passes it sits between.
@@ -32,7 +32,7 @@ from typing import Any
 from graphopt.view import charts
 from graphopt.view import layout as graph_layout
 from graphopt.errors import ReportError
-from graphopt.view.diff import GraphView, diff
+from graphopt.ir.diff import GraphView, diff
 
 #: reports whose graphs hold at most this many nodes in all fill every picture when opened;
 #: larger ones fill a pass's pictures when its section is opened

@@ -1,4 +1,4 @@
-"""Graph pictures: :class:`~graphopt.view.diff.GraphView` laid out by Graphviz ``dot`` as SVG.
+"""Graph pictures: :class:`~graphopt.ir.diff.GraphView` laid out by Graphviz ``dot`` as SVG.
 
 A graph of a few hundred nodes is one picture. A larger one is collapsed by module path: its
 nodes are grouped by the module they came from (split deeper, then in runs of consecutive
@@ -18,7 +18,7 @@ import subprocess
 from dataclasses import dataclass
 
 from graphopt.errors import ReportError
-from graphopt.view.diff import GraphView, NodeView
+from graphopt.ir.diff import GraphView, NodeView
 
 #: graphs up to this size are one picture; larger ones are collapsed by module path
 SINGLE_PICTURE_NODES = 400
