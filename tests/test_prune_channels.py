@@ -137,6 +137,23 @@ class TestTopologies:
         assert weight(gm, "2").shape == (4, 4, 3, 3) and weight(gm, "0").shape[0] == 8
         assert_same_shapes(gm, model, inputs)
 
+    def test_a_conv_whose_weight_is_standardized_per_call_keeps_its_channels(self):
+        """NF-ResNet's ScaledStdConv2d: the weight is computed per call from a reshape of fixed
+        shape, so its output channels cannot be cut; the convs after it still can."""
+        class StdConv(nn.Conv2d):
+            def forward(self, x):
+                w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True,
+                                 momentum=0.0, eps=1e-5).reshape_as(self.weight)
+                return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+        model = randomized(nn.Sequential(StdConv(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+                                         nn.Conv2d(8, 2, 1)))
+        inputs = (torch.randn(1, 3, 9, 9),)
+        gm, ctx = prune(model, inputs, ratio=0.5)
+        assert weight(gm, "0").shape == (8, 3, 3, 3) and weight(gm, "2").shape == (4, 8, 3, 3)
+        assert ctx.declines == [("conv2d_2", "channels of 4 (2) left whole: graph output: its shape must not change (at output)")]
+        assert_same_shapes(gm, model, inputs)
+
     def test_view_sizes_and_linear_features_follow(self):
         class View(nn.Module):
             def __init__(self):

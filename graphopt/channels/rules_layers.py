@@ -18,6 +18,8 @@ def _conv(p: _Propagation, node: fx.Node) -> None:
     x, w = p.labels(x_node), p.labels(w_node)
     if x is None or w is None:
         return p.unknown(node)
+    if not isinstance(w[0], np.ndarray):
+        return _fixed_outputs(p, node, w[0])
     spatial = len(w) - 2
     cdim = len(x) - spatial - 1
     for row in w[2:]:
@@ -41,6 +43,14 @@ def _conv(p: _Propagation, node: fx.Node) -> None:
     name = layer_name(w_node, node)
     p.layers.append(Layer(node, "conv", name, w_node, 0, 1, out_row, in_row, x_node, cdim, groups))
     p.set(node, list(x[:cdim]) + [out_row] + [Fixed("spatial extent")] * spatial)
+
+
+def _fixed_outputs(p: _Propagation, node: fx.Node, row: Fixed) -> None:
+    """A layer whose weight's output-channel dim cannot change (a weight computed from a fixed
+    shape, e.g. standardized per call as NF-ResNet's ``ScaledStdConv2d`` does): it is not a
+    layer pruning can cut, and what it reads and writes stays whole."""
+    p.freeze_inputs(node, f"output channels of {node.name}'s weight cannot change ({row.why})")
+    p.set(node, p.fixed_value(node, f"output of {node.name}, whose weight's channels cannot change"))
 
 
 def _couple_conv_groups(p: _Propagation, node: fx.Node, in_row: Any, out_row: np.ndarray, groups: int) -> None:
@@ -69,6 +79,8 @@ def _conv_transpose(p: _Propagation, node: fx.Node) -> None:
         return p.unknown(node)
     if ops.arg(node, "groups") != 1:
         return p.unknown(node)
+    if not isinstance(w[1], np.ndarray):
+        return _fixed_outputs(p, node, w[1])
     spatial = len(w) - 2
     cdim = len(x) - spatial - 1
     for row in w[2:]:
@@ -89,6 +101,8 @@ def _linear(p: _Propagation, node: fx.Node) -> None:
     x, w = p.labels(x_node), p.labels(w_node)
     if x is None or w is None or len(w) != 2:
         return p.unknown(node)
+    if not isinstance(w[0], np.ndarray):
+        return _fixed_outputs(p, node, w[0])
     p.unify(x[-1], w[1], node)
     b = p.labels(b_node)
     if b is not None:
@@ -104,6 +118,8 @@ def _addmm(p: _Propagation, node: fx.Node) -> None:
     x, w, b = p.labels(x_node), p.labels(w_node), p.labels(b_node)
     if x is None or w is None or b is None or len(x) != 2 or len(w) != 2 or not b:
         return p.unknown(node)
+    if not isinstance(w[1], np.ndarray):
+        return _fixed_outputs(p, node, w[1])
     p.unify(x[1], w[0], node)
     p.unify(w[1], b[-1], node)
     if len(b) == 2:
