@@ -450,10 +450,20 @@ def run_corpus(names: list[str], results: dict[str, Any], path: Path, timeout: f
                 record = {"name": name, "load_error": f"timed out after {timeout:.0f} s", "stages": {}, "peers": {}}
         record["wall_s"] = round(time.perf_counter() - started, 1)
         record["finished_at"] = time.time()
-        record["environment"] = {"torch": torch.__version__, "python": platform.python_version()}
+        record["environment"] = {"torch": torch.__version__, "python": platform.python_version(), "commit": _commit()}
         models[name] = record
         save(results, path)
         show(f"    {summary_line(record)}")
+
+
+def _commit() -> str | None:
+    """The checkout's commit, so a results file that several runs filled says what ran each row."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO_ROOT,
+                              timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() or None
 
 
 def save(results: dict[str, Any], path: Path) -> None:
