@@ -561,6 +561,11 @@ def markdown(results: dict[str, Any]) -> str:
              "one thread, each model in its own process after a warm-up.", ""]
     for family, reason in results.get("not_run", {}).items():
         lines.append(f"- `{family}`: {reason}")
+    runs = collections.Counter((r.get("environment", {}).get("commit") or "unrecorded",
+                                r.get("environment", {}).get("torch", "?")) for r in results.get("models", {}).values())
+    if runs:
+        lines += ["", "Rows by the commit and torch that ran them: " + "; ".join(
+            f"{commit} (torch {version}): {n}" for (commit, version), n in sorted(runs.items())) + "."]
     lines += ["", "## Goals", "", "| goal | figure | met |", "| --- | --- | --- |"]
     lines += [f"| {g['goal']} | {g['figure']} | {'yes' if g['met'] else 'no'} |" for g in summary["goals"]]
     lines += ["", "## Pass rates per stage", "", "| stage | ok | declined | crash | wrong | not run | ok rate |",
