@@ -680,6 +680,38 @@ def test_a_model_neither_front_end_captures_gets_both_reasons() -> None:
     assert "torch.cond" in str(info.value)
 
 
+class _Regions(nn.Module):
+    """Attention kept in float32 under a disabled autocast (timm's EfficientViT), and a
+    no-grad block: torch.export wraps both in higher-order ops on submodules."""
+
+    def __init__(self, enabled: bool = False):
+        super().__init__()
+        self.proj, self.out, self.enabled = nn.Linear(8, 8), nn.Linear(8, 4), enabled
+
+    def forward(self, x):
+        q = self.proj(x)
+        with torch.autocast("cpu", enabled=self.enabled):
+            a = torch.softmax(q @ q.transpose(-1, -2), -1) @ q
+        with torch.no_grad():
+            b = a * 2
+        return self.out(b + q)
+
+
+def test_export_inlines_disabled_autocast_and_no_grad_regions() -> None:
+    model, x = _Regions().eval(), torch.randn(2, 5, 8)
+    gm = capture(model, (x,), mode="export")
+    assert not any(n.op == "get_attr" and str(n.target).startswith("submod") for n in gm.graph.nodes)
+    assert not any(isinstance(n.target, torch._ops.HigherOrderOperator) for n in gm.graph.nodes)
+    torch.testing.assert_close(gm(x), model(x))
+    result = graphopt.optimize(gm, (x,), "mobile-fp32")
+    assert result.report.final_verdict.ok and not result.report.failed
+
+
+def test_export_refuses_an_enabled_autocast_region_with_the_way_out() -> None:
+    with pytest.raises(CaptureError, match=r"torch.autocast\(enabled=True\).*mode=\"symbolic\""):
+        capture(_Regions(enabled=True).eval(), (torch.randn(2, 5, 8),), mode="export")
+
+
 def test_export_mode_refuses_symbolic_only_options() -> None:
     with pytest.raises(CaptureError, match="symbolic"):
         capture(_ConvBnRelu(), (torch.randn(1, 3, 4, 4),), mode="export", leaf_modules=(nn.Conv2d,))

@@ -14,6 +14,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 from graphopt.ir import lowerings, shapes
 from graphopt.errors import CaptureError, first_line
 from graphopt.ir.graph import execute, fresh_copies, get_attr_value, unique_attr_name
+from graphopt.capture import regions
 from graphopt.capture.isolation import _Isolation
 from graphopt.capture.messages import _user_frames, _where
 from graphopt.capture.reproduction import _reproduction_problem
@@ -152,6 +153,7 @@ def _unlift(program: torch.export.ExportedProgram, root: nn.Module) -> fx.Graph:
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     getters: dict[str, fx.Node] = {}
+    inlined: dict[fx.Node, tuple[Any, ...]] = {}  # regions (see graphopt.capture.regions) -> what they return
     for node in program.graph.nodes:
         if node.op == "placeholder":
             spec = input_specs[node.name]
@@ -166,18 +168,27 @@ def _unlift(program: torch.export.ExportedProgram, root: nn.Module) -> fx.Graph:
                                    'not support; use mode="symbolic".')
         elif node.op == "output":
             graph.output(_outputs(program, graph, node, env, getters))
+        elif regions.is_region_body(program.graph_module, node):
+            continue  # a region's submodule: its nodes are copied where the region is called
+        elif regions.is_region(node):
+            inlined[node] = regions.inline_region(program.graph_module, graph, node, env, _copy_meta)
+        elif (value := regions.read_of_region(node, inlined)) is not None:
+            env[node] = value
         else:
-            new = graph.node_copy(node, env.__getitem__)
-            new.meta = {"provenance": _export_provenance(node)}
-            if "nn_module_stack" in node.meta:
-                new.meta["nn_module_stack"] = node.meta["nn_module_stack"]
-            if node.meta.get("stack_trace"):
-                new.meta["stack_trace"] = _user_frames(node.meta["stack_trace"])
-            env[node] = new
+            env[node] = graph.node_copy(node, env.__getitem__)
+            _copy_meta(node, env[node])
     for getter in getters.values():
         if not getter.users:  # export lists every buffer, used or not
             graph.erase_node(getter)
     return graph
+
+
+def _copy_meta(node: fx.Node, new: fx.Node) -> None:
+    new.meta = {"provenance": _export_provenance(node)}
+    if "nn_module_stack" in node.meta:
+        new.meta["nn_module_stack"] = node.meta["nn_module_stack"]
+    if node.meta.get("stack_trace"):
+        new.meta["stack_trace"] = _user_frames(node.meta["stack_trace"])
 
 
 def _constant_target(root: nn.Module, name: str, program: torch.export.ExportedProgram) -> str:
