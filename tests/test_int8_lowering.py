@@ -139,3 +139,38 @@ def test_float_graphs_lower_as_before(tmp_path):
     assert verified_atol(ptl) == Tolerance.for_dtype(torch.float32).atol
     onnx_artifact = graphopt.lower(model, inputs, backend="onnx", path=tmp_path / "m.onnx")
     assert "QuantizeLinear" not in onnx_artifact.report["op_counts"] and "quantized" not in onnx_artifact.report
+
+
+class TestToleranceWhereGainsAreUnknown:
+    """A layer norm between int8 values and an output scales one-step differences by the inverse
+    of its input's spread, which the graph does not tell: the tolerance is measured there."""
+
+    class NormHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.norm, self.fc2 = nn.Linear(16, 16), nn.LayerNorm(16), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.fc2(self.norm(self.fc1(x)))
+
+    def test_the_nudged_run_widens_the_graph_bound_and_the_report_says_so(self, tmp_path):
+        torch.manual_seed(0)
+        x = torch.randn(4, 16)
+        x[0] *= 0.01  # a row far narrower than the range it is quantized in (ViT's class token): the norm scales it up
+        x = (x,)
+        gm = mobile_int8(self.NormHead().eval(), x)
+        from graphopt.quantization.error_bounds import assumed_ops, simulated_spread
+
+        assert any("layer_norm" in op for op in assumed_ops(gm))
+        spread = simulated_spread(gm, [x])
+        assert spread > lowering_tolerance(gm).atol
+        measured, note = kernels.measured_for_unknown_gains(gm, lowering_tolerance(gm), [x])
+        assert measured.atol == spread and "one step off" in note
+        artifact = graphopt.lower(gm, x, backend="onnx", path=tmp_path / "m.onnx")
+        assert artifact.verdict.ok and verified_atol(artifact) == pytest.approx(spread)
+        assert any("one step off" in n for n in artifact.report["notes"])
+
+    def test_graphs_whose_gains_are_known_keep_the_bound_from_the_graph(self, int8_example):
+        gm, inputs = int8_example
+        tolerance = lowering_tolerance(gm)
+        assert kernels.measured_for_unknown_gains(gm, tolerance, [inputs]) == (tolerance, None)

@@ -22,6 +22,7 @@ from graphopt.lowering.artifact import Artifact
 from graphopt.lowering.backend import Backend, _instantiate, get_backend
 from graphopt.lowering.probe import _failure
 from graphopt.lowering.support import collect_warnings
+from graphopt.quantization.kernels import measured_for_unknown_gains
 
 if TYPE_CHECKING:
     from graphopt.verify import Tolerance, Verdict
@@ -144,7 +145,9 @@ def _lower(module, example_inputs, backend, path, verify, tolerance, reference, 
             if verify:
                 step("verify")
                 if tolerance is None:
-                    tolerance = lowering.default_tolerance(gm)
+                    tolerance, note = measured_for_unknown_gains(gm, lowering.default_tolerance(gm), [inputs])
+                    if note:
+                        report.setdefault("notes", []).append(note)
                 verdict = _verify(lowering, gm, runner, inputs, tolerance, report, reference, reference_tolerance)
             else:
                 verdict = None

@@ -202,3 +202,34 @@ def _averaged(node: fx.Node, source: fx.Node) -> float:
         return 1.0
     n_out, n_in = math.prod(out.shape), math.prod(inp.shape)
     return math.sqrt(n_out / n_in) if 0 < n_out <= n_in else 1.0
+
+
+def simulated_spread(gm: fx.GraphModule, batches: list[tuple[Any, ...]], seed: int = 0) -> float:
+    """The largest output difference when every value the graph quantizes (graph inputs aside)
+    comes out a random step in {-1, 0, +1} away, run on ``batches``.
+
+    For graphs where :func:`assumed_ops` is not empty: a layer norm or a division by a norm
+    on the way to an output (ConvNeXt's head, ConvNeXt-V2's response normalization) scales
+    differences by the inverse of its input's spread, which the graph alone does not tell.
+    Running the graph with every int8 value nudged measures what those ops do to one-step
+    differences on real values."""
+    generator = torch.Generator().manual_seed(seed)
+
+    class Nudged(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            out = super().run_node(n)
+            if qdq.is_quantize(n) and n.args[0].op != "placeholder":
+                qp = qdq.tensor_qparams(n)
+                step = torch.randint(-1, 2, out.shape, generator=generator, dtype=torch.int32)
+                out = (out.to(torch.int32) + step).clamp(qp.qmin, qp.qmax).to(out.dtype)
+            return out
+
+    spread = 0.0
+    with torch.no_grad():
+        for batch in batches:
+            plain = [t for t in pytree.tree_leaves(gm(*batch)) if isinstance(t, torch.Tensor)]
+            nudged = [t for t in pytree.tree_leaves(Nudged(gm).run(*batch)) if isinstance(t, torch.Tensor)]
+            for a, b in zip(plain, nudged):
+                if a.is_floating_point() and a.numel():
+                    spread = max(spread, float((a - b).abs().max()))
+    return spread
