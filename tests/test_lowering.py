@@ -412,6 +412,10 @@ class TestOnnxExporters:
         artifact = lower(gm, inputs, backend="onnx", path=tmp_path / "r.onnx", reference=model)
         assert set(artifact.report["against_reference"]) == {"example inputs", "inputs at batch=1"}
         assert all(v["ok"] for v in artifact.report["against_reference"].values())
+        # two checked steps, runtime to graph and graph to model: their allowances add
+        graph_check = artifact.report["verification"]["example inputs"]["outputs"][0]["tolerance"]
+        model_check = artifact.report["against_reference"]["example inputs"]["outputs"][0]["tolerance"]
+        assert model_check == {"rtol": 2 * graph_check["rtol"], "atol": 2 * graph_check["atol"]}
 
         class Other(nn.Module):  # a "reference" that computes something else is a failed lowering
             def forward(self, x):
