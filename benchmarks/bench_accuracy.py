@@ -76,7 +76,7 @@ from benchmarks.bench_quantize import (
     sqnr_db,
     torch_ao_fx,
 )
-from benchmarks.report import _jsonable
+from benchmarks.report import _jsonable, package_versions
 
 TASKS = ("mnist1d", "shapes")
 MNIST1D_INSTALL = "pip install mnist1d (or pip install -e \".[bench]\")"
@@ -575,18 +575,6 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _versions() -> dict[str, str | None]:
-    from importlib import metadata
-
-    found = {}
-    for name in ("torch", "onnxruntime", "executorch", "torchao", "mnist1d"):
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = None
-    return found
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_accuracy", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small data sets and few epochs (CI)")
@@ -605,7 +593,8 @@ def main(argv: list[str] | None = None) -> int:
     def show(what: str) -> None:
         print(what, file=sys.stderr, flush=True)
 
-    report: dict[str, Any] = {"quick": args.quick, "versions": _versions(), "tasks": [],
+    versions = package_versions(("torch", "onnxruntime", "executorch", "torchao", "mnist1d"))
+    report: dict[str, Any] = {"quick": args.quick, "versions": versions, "tasks": [],
                               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"}
     with tempfile.TemporaryDirectory(prefix="graphopt-accuracy-") as tmp:
         for name in tasks:

@@ -78,7 +78,7 @@ import torch.nn as nn
 
 from benchmarks import bench_fp32, peers
 from benchmarks.bench_quantize import CALIBRATION_BATCH_SIZE, CALIBRATION_BATCHES, digits_data, sqnr_db, train_digits
-from benchmarks.report import _bytes, _err, _jsonable, _ms, _table
+from benchmarks.report import _bytes, _err, _jsonable, _ms, _table, package_versions
 
 #: graphopt's int8 pipeline for XNNPACK: mobile-int8 with the xnnpack quantization config
 INT8_XNNPACK = "mobile-fp32,quantize{config=xnnpack},fold-weight-quantization,eliminate-dead-code"
@@ -497,18 +497,6 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _versions() -> dict[str, str | None]:
-    from importlib import metadata
-
-    found = {}
-    for name in ("torch", "executorch", "torchao"):
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = None
-    return found
-
-
 # -------------------------------------------------------------------------------------- CLI
 
 
@@ -536,7 +524,8 @@ def main(argv: list[str] | None = None) -> int:
         print(what, file=sys.stderr, flush=True)
 
     report: dict[str, Any] = {"quick": args.quick, "threads": threads, "runs": runs, "models": [],
-                              "versions": _versions(), "unavailable": unavailable_reason(),
+                              "versions": package_versions(("torch", "executorch", "torchao")),
+                              "unavailable": unavailable_reason(),
                               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"}
     with tempfile.TemporaryDirectory(prefix="graphopt-executorch-") as tmp:
         work = Path(tmp)

@@ -21,7 +21,7 @@ import platform
 import subprocess
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 #: packages whose versions the figures depend on
 _PACKAGES = ("torch", "torchvision", "onnx", "onnxruntime", "onnxscript", "onnxslim", "onnxsim",
@@ -31,17 +31,23 @@ _PACKAGES = ("torch", "torchvision", "onnx", "onnxruntime", "onnxscript", "onnxs
 # ----------------------------------------------------------------------------- environment
 
 
+def package_versions(names: Iterable[str]) -> dict[str, str | None]:
+    """Installed version of each package, None where it is missing."""
+    found: dict[str, str | None] = {}
+    for name in names:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
 def environment(threads: list[int]) -> dict[str, Any]:
     """The machine and software the figures were measured on."""
     import torch
     import torch.backends.xnnpack
 
-    versions = {}
-    for name in _PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
+    versions = package_versions(_PACKAGES)
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu": _cpu_model(),
